@@ -1,0 +1,53 @@
+"""The slow, obviously-correct grouped SwiGLU expert computation (the oracle).
+
+Legend (shape suffixes):
+    M  rows of x (tokens as they arrived at this worker)
+    N  (token, slot) rows to compute, N <= M (usually N == M)
+    S  local expert slots on this worker
+    D  hidden size
+    F  expert ffn width;  H = 2F (gate rows [0, F) then up rows [F, 2F))
+
+Every fast path in this package is tested against ``expert_mlp_reference``.
+It is a python loop over slots with plain torch matmuls, in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_mlp_reference(
+    x_MD: torch.Tensor,
+    w13_SHD: torch.Tensor,
+    w2_SDF: torch.Tensor,
+    slot_offsets_S1: torch.Tensor,
+    order_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y_MD[order[n]] = down(silu(gate(x)) * up(x)) of x_MD[order[n]] for the slot owning n.
+
+    Rows of x not listed in ``order_N`` stay 0 in the result.
+    """
+    M, D = x_MD.shape
+    S, H, D_w = w13_SHD.shape
+    assert D_w == D and H % 2 == 0, (w13_SHD.shape, x_MD.shape)
+    F_ = H // 2
+    assert w2_SDF.shape == (S, D, F_), (w2_SDF.shape, (S, D, F_))
+    assert slot_offsets_S1.numel() == S + 1
+
+    y_MD = torch.zeros_like(x_MD)
+    # host sync: the reference slices per slot on the host; it is the oracle, not a hot path.
+    offsets = slot_offsets_S1.tolist()
+    if order_N is None:
+        order_N = torch.arange(M, device=x_MD.device)
+    for s in range(S):
+        lo, hi = offsets[s], offsets[s + 1]
+        if hi == lo:
+            continue  # empty slot: nothing routed here
+        rows_n = order_N[lo:hi]
+        xs_nD = x_MD.index_select(0, rows_n)
+        gate_nF = xs_nD @ w13_SHD[s, :F_].T
+        up_nF = xs_nD @ w13_SHD[s, F_:].T
+        h_nF = F.silu(gate_nF) * up_nF
+        y_MD.index_copy_(0, rows_n, h_nF @ w2_SDF[s].T)
+    return y_MD

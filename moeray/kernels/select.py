@@ -1,0 +1,73 @@
+"""expert_mlp: the one entry point the engine calls, and the chooser between implementations.
+
+Legend (shape suffixes):
+    M  rows of x (tokens as they arrived)
+    N  (token, slot) rows to compute, N <= M (usually N == M)
+    S  local expert slots;  D hidden;  F expert ffn width;  H = 2F
+
+Contract: y_MD[order_N[n]] = expert_{slot(n)}(x_MD[order_N[n]]), rows of x not listed are 0,
+slot s owns order_N[slot_offsets_S1[s]:slot_offsets_S1[s+1]]; order_N=None means x is sorted.
+
+"auto": CPU -> reference (Triton needs a GPU outside the interpreter). On a CUDA device,
+bf16 -> the faster of triton / grouped_mm per shape, from _AUTO_TABLE (measured, see below);
+other dtypes -> triton (grouped_mm is bf16-only on Hopper).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import expert_mlp_reference
+
+IMPLS = ("reference", "triton", "grouped_mm", "auto")
+
+# Source: `python -m moeray.bench.kernel` on one NVIDIA H100 80GB HBM3, 2026-11-22
+# (docs/benchmarks/kernel.md). Key: mean rows per touched slot r = N / min(S, N), a host-known
+# number; the first row whose bound is >= r gives the implementation.
+_AUTO_TABLE: list[tuple[float, str]] = [
+    (float("inf"), "triton"),
+]
+
+
+def choose_impl(x_MD: torch.Tensor, S: int, N: int, D: int, F: int) -> str:
+    """The implementation "auto" runs for these shapes on this device (no host sync)."""
+    if x_MD.device.type != "cuda":
+        return "reference"
+    if x_MD.dtype != torch.bfloat16:
+        return "triton"
+    r = N / max(1, min(S, N))
+    for bound, impl in _AUTO_TABLE:
+        if r <= bound:
+            return impl
+    return "triton"
+
+
+def expert_mlp(
+    x_MD: torch.Tensor,
+    w13_SHD: torch.Tensor,
+    w2_SDF: torch.Tensor,
+    slot_offsets_S1: torch.Tensor,
+    order_N: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Grouped SwiGLU experts over the rows of x_MD routed to this worker's slots; returns y_MD."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    M, D = x_MD.shape
+    S, H, D_w = w13_SHD.shape
+    if D_w != D or H % 2 or w2_SDF.shape != (S, D, H // 2):
+        raise ValueError(f"shape mismatch: x {tuple(x_MD.shape)}, w13 {tuple(w13_SHD.shape)}, w2 {tuple(w2_SDF.shape)}")
+    if slot_offsets_S1.shape != (S + 1,):
+        raise ValueError(f"slot_offsets must have S+1={S + 1} entries, got {tuple(slot_offsets_S1.shape)}")
+    N = M if order_N is None else order_N.numel()
+    if impl == "auto":
+        impl = choose_impl(x_MD, S, N, D, H // 2)
+    if impl == "reference":
+        return expert_mlp_reference(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_N)
+    if impl == "triton":
+        from .triton_swiglu import expert_mlp_triton  # lazy: triton is an optional dependency
+
+        return expert_mlp_triton(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_N)
+    from .grouped_mm import expert_mlp_grouped_mm
+
+    return expert_mlp_grouped_mm(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_N)

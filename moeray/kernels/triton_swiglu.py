@@ -1,0 +1,253 @@
+"""Grouped SwiGLU experts in Triton, with the gather and the scatter fused into the GEMMs.
+
+Legend (shape suffixes):
+    M  rows of x (tokens as they arrived)
+    N  (token, slot) rows to compute, sorted by slot through order_N
+    S  local expert slots;  D hidden;  F expert ffn width;  H = 2F
+    BM, BN, BK  tile sizes (rows, output columns, reduction) of one program
+
+The ScatterMoE idea: never materialise a padded or sorted copy of x or y.
+  kernel 1 (_gate_up_kernel): h_NF[n] = silu(x[order[n]] @ gate_s.T) * (x[order[n]] @ up_s.T)
+            rows of x are gathered by index inside the GEMM's A-tile loads; gate and up are two
+            accumulators of the same program, so the SwiGLU is its epilogue (no N x 2F tensor).
+  kernel 2 (_down_kernel):    y_MD[order[n]] = h_NF[n] @ down_s.T
+            the result rows are scattered by the same index in the store.
+h_NF is in slot-sorted order, so kernel 2 reads contiguous rows.
+
+Work decomposition without a host sync: the grid covers an upper bound of M-blocks,
+N//BM + min(S, N) (each slot adds at most one partial block). Each program finds its slot
+on the device from slot_offsets (a cumulative count of per-slot blocks, in registers);
+programs past the real number of blocks exit at once, and empty slots own no block.
+Each listed row belongs to exactly one block, so every row of h and every listed row of y
+is written exactly once; no atomics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+# Read once at import, as triton does: the CPU interpreter (tests) needs the bf16 upcast below.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BM: int
+    BN: int
+    BK: int
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _find_block(offs_ptr, S, b, BLOCK_M: tl.constexpr, S_POW2: tl.constexpr):
+    """Map flat M-block index b to (slot, first row, end row of the slot); slot >= S: no work."""
+    i = tl.arange(0, S_POW2)
+    lo = tl.load(offs_ptr + i, mask=i < S, other=0).to(tl.int32)
+    hi = tl.load(offs_ptr + i + 1, mask=i < S, other=0).to(tl.int32)
+    nb = (hi - lo + BLOCK_M - 1) // BLOCK_M  # blocks per slot; 0 for empty and padded slots
+    cum = tl.cumsum(nb, 0)  # inclusive prefix sum
+    slot = tl.sum((cum <= b).to(tl.int32), 0)  # first slot whose inclusive sum exceeds b
+    sel = i == slot
+    first_blk = tl.sum(tl.where(sel, cum - nb, 0), 0)
+    row_start = tl.sum(tl.where(sel, lo, 0), 0) + (b - first_blk) * BLOCK_M
+    row_end = tl.sum(tl.where(sel, hi, 0), 0)
+    return slot, row_start, row_end
+
+
+@triton.jit
+def _tile_ids(num_m_ub, num_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M consecutive M-blocks (mostly one slot) share each weight tile in L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m_ub - first_m, GROUP_M)
+    b = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    return b, pid_n
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w13_ptr, h_ptr, order_ptr, offs_ptr,
+    S, D, F, num_m_ub,
+    stride_xm, stride_ws, stride_wh, stride_hn,
+    HAS_ORDER: tl.constexpr, EVEN_K: tl.constexpr, S_POW2: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    b, pid_n = _tile_ids(num_m_ub, tl.cdiv(F, BLOCK_N), GROUP_M)
+    slot, row_start, row_end = _find_block(offs_ptr, S, b, BLOCK_M, S_POW2)
+    if slot >= S:
+        return  # beyond the real number of blocks
+    rows = row_start + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    if HAS_ORDER:
+        src = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)  # the gather index
+    else:
+        src = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + src[:, None] * stride_xm + ks[None, :]
+    # B tiles are read as (BK, BN) views of the (out x in) Linear weights: no transposed copy.
+    wg_ptrs = w13_ptr + slot.to(tl.int64) * stride_ws + cols[None, :].to(tl.int64) * stride_wh + ks[:, None]
+    wu_ptrs = wg_ptrs + F * stride_wh
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
+            bg = tl.load(wg_ptrs, mask=cmask[None, :], other=0.0)
+            bu = tl.load(wu_ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            kmask = ks < D - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            bg = tl.load(wg_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            bu = tl.load(wu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:  # interpreter only: its bf16 tl.dot is wrong (triton 3.9), fp32 products are exact
+            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    # SwiGLU epilogue in fp32, rounded once to the activation dtype.
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hn + cols[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, w2_ptr, y_ptr, order_ptr, offs_ptr,
+    S, D, F, num_m_ub,
+    stride_hn, stride_ws, stride_wd, stride_ym,
+    HAS_ORDER: tl.constexpr, EVEN_K: tl.constexpr, S_POW2: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    b, pid_n = _tile_ids(num_m_ub, tl.cdiv(D, BLOCK_N), GROUP_M)
+    slot, row_start, row_end = _find_block(offs_ptr, S, b, BLOCK_M, S_POW2)
+    if slot >= S:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < D
+    ks = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hn + ks[None, :]
+    w_ptrs = w2_ptr + slot.to(tl.int64) * stride_ws + cols[None, :].to(tl.int64) * stride_wd + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(F, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(h_ptrs, mask=rmask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            kmask = ks < F - k * BLOCK_K
+            a = tl.load(h_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_ORDER:
+        dst = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)  # the scatter index
+    else:
+        dst = rows.to(tl.int64)
+    y_ptrs = y_ptr + dst[:, None] * stride_ym + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+# Tile tables. Keyed by the mean rows per touched slot, r = N / min(S, N), a host-known number
+# (no sync). Filled from the sweep in moeray/bench/kernel.py on one H100 (docs/benchmarks/kernel-notes.md);
+# the interpreter only needs them to be valid.
+#                      r upper bound, gate_up config, down config
+_TABLE: list[tuple[float, TileConfig, TileConfig]] = [
+    (16, TileConfig(16, 64, 128, 8, 4, 4), TileConfig(16, 64, 128, 8, 4, 4)),
+    (48, TileConfig(32, 64, 128, 8, 4, 4), TileConfig(32, 64, 128, 8, 4, 4)),
+    (96, TileConfig(64, 128, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 4, 4)),
+    (float("inf"), TileConfig(128, 128, 64, 8, 8, 3), TileConfig(128, 128, 64, 8, 8, 4)),
+]
+
+
+def pick_configs(N: int, S: int, D: int, F: int) -> tuple[TileConfig, TileConfig]:
+    r = N / max(1, min(S, N))
+    for bound, up_cfg, down_cfg in _TABLE:
+        if r <= bound:
+            return up_cfg, down_cfg
+    raise AssertionError("unreachable: last bound is inf")
+
+
+def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Every buffer the kernels must fully write comes from here (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _launch(kernel, cfg: TileConfig, n_cols: int, N: int, S: int, *args, **constexprs):
+    num_m_ub = N // cfg.BM + min(S, N)  # upper bound on real M-blocks (see module docstring)
+    grid = (num_m_ub * triton.cdiv(n_cols, cfg.BN),)
+    kernel[grid](
+        *args[:5], S, args[5], args[6], num_m_ub, *args[7:],
+        **constexprs, BLOCK_M=cfg.BM, BLOCK_N=cfg.BN, BLOCK_K=cfg.BK, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def expert_mlp_triton(
+    x_MD: torch.Tensor,
+    w13_SHD: torch.Tensor,
+    w2_SDF: torch.Tensor,
+    slot_offsets_S1: torch.Tensor,
+    order_N: torch.Tensor | None = None,
+    cfg_up: TileConfig | None = None,
+    cfg_down: TileConfig | None = None,
+) -> torch.Tensor:
+    """Two launches, no host sync: gate/up + SwiGLU into h_NF, then down + scatter into y_MD."""
+    M, D = x_MD.shape
+    S, H, _ = w13_SHD.shape
+    F_ = H // 2
+    N = M if order_N is None else order_N.numel()
+    assert slot_offsets_S1.numel() == S + 1 and w2_SDF.shape == (S, D, F_)
+    x_MD = x_MD.contiguous()
+    w13_SHD = w13_SHD.contiguous()
+    w2_SDF = w2_SDF.contiguous()
+    # A permutation (N == M, each row once) writes every row of y; otherwise unlisted rows must be 0.
+    y_MD = _empty((M, D), x_MD) if N == M else torch.zeros_like(x_MD)
+    if N == 0:
+        return y_MD
+    if cfg_up is None or cfg_down is None:
+        up_default, down_default = pick_configs(N, S, D, F_)
+        cfg_up = cfg_up or up_default
+        cfg_down = cfg_down or down_default
+    h_NF = _empty((N, F_), x_MD)
+    has_order = order_N is not None
+    order = order_N if has_order else slot_offsets_S1  # dummy pointer, never read when HAS_ORDER=False
+    common = dict(
+        HAS_ORDER=has_order,
+        S_POW2=max(16, triton.next_power_of_2(S + 1)),
+        PRECISION="ieee" if x_MD.dtype == torch.float32 or _INTERPRET else "tf32",
+        UPCAST=_INTERPRET and x_MD.dtype != torch.float32,
+    )
+    _launch(
+        _gate_up_kernel, cfg_up, F_, N, S,
+        x_MD, w13_SHD, h_NF, order, slot_offsets_S1, D, F_,
+        x_MD.stride(0), w13_SHD.stride(0), w13_SHD.stride(1), h_NF.stride(0),
+        EVEN_K=D % cfg_up.BK == 0, **common,
+    )
+    _launch(
+        _down_kernel, cfg_down, D, N, S,
+        h_NF, w2_SDF, y_MD, order, slot_offsets_S1, D, F_,
+        h_NF.stride(0), w2_SDF.stride(0), w2_SDF.stride(1), y_MD.stride(0),
+        EVEN_K=F_ % cfg_down.BK == 0, **common,
+    )
+    return y_MD

@@ -1,0 +1,163 @@
+"""Expert kernels vs a float64 dense computation, on awkward sizes (CPU).
+
+Legend: M rows of x, N listed (token, slot) rows, S slots, D hidden, F ffn width, H = 2F.
+
+The Triton kernels run under TRITON_INTERPRET=1 in a subprocess: the flag must be set before
+triton compiles anything, and setting it in this process would leak into GPU tests run in the
+same pytest session. Outputs the kernels must fully write are poisoned with NaN first, so a
+row that was skipped shows up as NaN and fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+# name: (M, S, D, F, counts per slot, order kind). order kind: "perm" = unsorted order, listing
+# the first N rows of a random permutation (missing rows when N < M); "none" = x already sorted.
+CASES = {
+    "one_row": (1, 1, 24, 40, [1], "perm"),
+    "one_row_many_slots": (1, 4, 24, 40, [0, 0, 1, 0], "perm"),
+    "empty_slots_missing_rows": (13, 5, 24, 40, [0, 3, 0, 6, 0], "perm"),
+    "sorted_multiblock": (37, 3, 24, 40, [20, 0, 17], "none"),
+    "zero_rows": (4, 3, 24, 40, [0, 0, 0], "perm"),
+    "many_slots": (50, 20, 40, 24, [0, 5, 1, 0, 9, 2, 0, 3, 4, 0, 1, 7, 0, 0, 6, 2, 3, 0, 5, 2], "perm"),
+}
+# Tile configs for the Triton runs: None = the default table; "tiny" forces many M-blocks and
+# N-tiles per slot and GROUP_M swizzle groups; BK=16 leaves a partial K tile for D or F = 24, 40.
+TINY = dict(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=1, num_stages=1)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build(name: str, dtype: torch.dtype, seed: int = 0):
+    M, S, D, F, counts, kind = CASES[name]
+    g = torch.Generator().manual_seed(seed + len(name))
+    x_MD = torch.randn(M, D, generator=g).to(dtype)
+    w13_SHD = (torch.randn(S, 2 * F, D, generator=g) / D**0.5).to(dtype)
+    w2_SDF = (torch.randn(S, D, F, generator=g) / F**0.5).to(dtype)
+    offs_S1 = torch.tensor([0] + counts).cumsum(0)
+    N = sum(counts)
+    order_N = None if kind == "none" else torch.randperm(M, generator=g)[:N]
+    if kind == "none":
+        assert N == M
+    return x_MD, w13_SHD, w2_SDF, offs_S1, order_N
+
+
+def dense_f64(x_MD, w13_SHD, w2_SDF, offs_S1, order_N):
+    """Independent of the slot loop: every listed row gets its slot's weights gathered, in float64."""
+    M, _ = x_MD.shape
+    S, H, _ = w13_SHD.shape
+    F = H // 2
+    N = int(offs_S1[-1])
+    order_N = torch.arange(M) if order_N is None else order_N
+    slot_N = torch.searchsorted(offs_S1, torch.arange(N), right=True) - 1
+    x_ND = x_MD.double()[order_N]
+    h13_NH = torch.einsum("nd,nhd->nh", x_ND, w13_SHD.double()[slot_N])
+    h_NF = torch.nn.functional.silu(h13_NH[:, :F]) * h13_NH[:, F:]
+    y_MD = torch.zeros(M, x_MD.shape[1], dtype=torch.float64)
+    y_MD[order_N] = torch.einsum("nf,ndf->nd", h_NF, w2_SDF.double()[slot_N])
+    return y_MD
+
+
+def rel_err(y, ref) -> float:
+    if not torch.isfinite(y).all():
+        return float("nan")  # a poisoned (unwritten) element survived
+    denom = ref.norm().item()
+    diff = (y.double() - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def poison(module) -> None:
+    orig = module._empty
+    module._empty = lambda shape, like: orig(shape, like).fill_(float("nan"))
+
+
+def run_triton_cases() -> dict[str, float]:
+    """Runs in the interpreter subprocess; returns {case-dtype-config: relative error}."""
+    from moeray.kernels import triton_swiglu as ts
+
+    poison(ts)
+    out = {}
+    for name in CASES:
+        for dname, dtype in DTYPES.items():
+            for cname, cfg in (("default", None), ("tiny", ts.TileConfig(**TINY))):
+                args = build(name, dtype)
+                y = ts.expert_mlp_triton(*args, cfg_up=cfg, cfg_down=cfg)
+                out[f"{name}-{dname}-{cname}"] = rel_err(y, dense_f64(*args))
+    return out
+
+
+@pytest.fixture(scope="module")
+def triton_results() -> dict[str, float]:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("cfg", ["default", "tiny"])
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_interpreter(triton_results, name, dname, cfg):
+    err = triton_results[f"{name}-{dname}-{cfg}"]
+    assert err < TOL[DTYPES[dname]], err  # NaN (unwritten row) fails too
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_reference(name, dname):
+    from moeray.kernels import expert_mlp
+
+    dtype = DTYPES[dname]
+    args = build(name, dtype, seed=1)
+    assert rel_err(expert_mlp(*args, impl="reference"), dense_f64(*args)) < TOL[dtype]
+    # "auto" on CPU is the reference
+    assert torch.equal(expert_mlp(*args, impl="auto"), expert_mlp(*args, impl="reference"))
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_grouped_mm_cpu(name, dname, monkeypatch):
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch has no _grouped_mm")
+    from moeray.kernels import expert_mlp
+    from moeray.kernels import grouped_mm as gm
+
+    orig = gm._empty
+    monkeypatch.setattr(gm, "_empty", lambda shape, like: orig(shape, like).fill_(float("nan")))
+    dtype = DTYPES[dname]
+    args = build(name, dtype, seed=2)
+    try:
+        y = expert_mlp(*args, impl="grouped_mm")
+    except (RuntimeError, NotImplementedError) as e:  # older torch: no CPU fallback
+        pytest.skip(f"torch._grouped_mm on CPU: {e}")
+    assert rel_err(y, dense_f64(*args)) < TOL[dtype]
+
+
+def test_rejects_bad_arguments():
+    from moeray.kernels import expert_mlp
+
+    x, w13, w2, offs, order = build("empty_slots_missing_rows", torch.float32)
+    with pytest.raises(ValueError, match="impl"):
+        expert_mlp(x, w13, w2, offs, order, impl="fast")
+    with pytest.raises(ValueError, match="slot_offsets"):
+        expert_mlp(x, w13, w2, offs[:-1], order)
+    with pytest.raises(ValueError, match="shape"):
+        expert_mlp(x, w13, w2[:, :, :-1], offs, order)
+
+
+if __name__ == "__main__":  # the interpreter worker (TRITON_INTERPRET=1 set by the fixture)
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    print(json.dumps(run_triton_cases()))
