@@ -168,24 +168,30 @@ def _down_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-# Tile tables. Keyed by the mean rows per touched slot, r = N / min(S, N), a host-known number
-# (no sync). Filled from the sweep in moeray/bench/kernel.py on one H100 (docs/benchmarks/kernel-notes.md);
-# the interpreter only needs them to be valid.
-#                      r upper bound, gate_up config, down config
-_TABLE: list[tuple[float, TileConfig, TileConfig]] = [
-    (16, TileConfig(16, 64, 128, 8, 4, 4), TileConfig(16, 64, 128, 8, 4, 4)),
-    (48, TileConfig(32, 64, 128, 8, 4, 4), TileConfig(32, 64, 128, 8, 4, 4)),
-    (96, TileConfig(64, 128, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 4, 4)),
-    (float("inf"), TileConfig(128, 128, 64, 8, 8, 3), TileConfig(128, 128, 64, 8, 8, 4)),
+# Tile table. Key: the mean rows per touched slot r = N / min(S, N) and the ffn width F, both
+# host-known (no sync). Values: the winners of the tile sweep (`python -m moeray.bench.kernel
+# --sweep`) on one NVIDIA H100 80GB HBM3, 2026-11-22 (docs/benchmarks/kernel-notes.md, run 1).
+# The first row with r <= r_max and F >= F_min applies. BM = 16 rows is the smallest tl.dot tile:
+# decode is weight streaming, so small BM wastes no bandwidth; prefill wants 128 x (2 x 128) tiles.
+C = TileConfig
+_TABLE: list[tuple[float, int, TileConfig, TileConfig]] = [
+    # r_max, F_min, gate_up tiles,          down tiles
+    (16, 8192, C(16, 128, 128, 8, 4, 3), C(16, 64, 256, 8, 4, 3)),  # Mixtral decode
+    (16, 0, C(16, 64, 256, 8, 4, 3), C(16, 64, 128, 8, 4, 4)),  # OLMoE / Qwen3 decode
+    (48, 0, C(32, 64, 128, 8, 4, 4), C(32, 128, 128, 8, 4, 3)),  # Qwen3 T=512 (r=32)
+    (96, 0, C(64, 64, 128, 8, 4, 4), C(64, 128, 64, 8, 8, 3)),  # OLMoE T=512 (r=64)
+    (256, 0, C(128, 128, 64, 8, 8, 3), C(128, 128, 64, 8, 8, 3)),  # Mixtral T=512, Qwen3 T=4096
+    (float("inf"), 0, C(128, 128, 64, 8, 8, 4), C(128, 256, 64, 8, 8, 3)),  # prefill
 ]
+del C
 
 
 def pick_configs(N: int, S: int, D: int, F: int) -> tuple[TileConfig, TileConfig]:
     r = N / max(1, min(S, N))
-    for bound, up_cfg, down_cfg in _TABLE:
-        if r <= bound:
+    for r_max, f_min, up_cfg, down_cfg in _TABLE:
+        if r <= r_max and F >= f_min:
             return up_cfg, down_cfg
-    raise AssertionError("unreachable: last bound is inf")
+    raise AssertionError("unreachable: the last row matches everything")
 
 
 def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

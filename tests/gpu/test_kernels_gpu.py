@@ -21,7 +21,8 @@ def make(M, N, S, D, F, dtype, seed=0, sorted_x=False):
     w2_SDF = (torch.randn(S, D, F, device="cuda", generator=g) / F**0.5).to(dtype)
     # skewed counts with some empty slots
     p = torch.rand(S, device="cuda", generator=g) ** 3
-    p[:: max(2, S // 3)] = 0
+    if S > 1:
+        p[:: max(2, S // 3)] = 0  # leaves index 1 (and others) non-zero
     slot_N = torch.multinomial(p / p.sum(), N, replacement=True, generator=g).sort().values
     offs_S1 = torch.cat([slot_N.new_zeros(1), torch.bincount(slot_N, minlength=S).cumsum(0)])
     order_N = None if sorted_x else torch.randperm(M, device="cuda", generator=g)[:N]
