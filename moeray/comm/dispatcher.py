@@ -1,0 +1,120 @@
+"""The Dispatcher seam: move routed tokens to the slots that hold their experts, and back.
+
+    dispatch(x_TD, slot_ids_TK) -> Dispatched (rows to compute here, grouped by local slot)
+    combine(y_MD, dispatched)   -> y_TKD (each (token, k) pair's expert output, in the caller's order)
+
+Expert math runs on plain local tensors between the two calls. `LocalDispatcher` moves nothing
+(one worker owns every slot); `AllToAllDispatcher` exchanges over a collective group. Both must give
+the same y_TKD for the same slot_ids_TK; tests hold them to that.
+
+Legend: T local tokens, K top-k, D hidden, N = T*K pairs, W workers, S_w slots per worker,
+S = W * S_w slots in the group, M rows received by this worker.
+Slots of worker w are [w * S_w, (w + 1) * S_w), so sorting pairs by slot also sorts them by worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """What a worker computes: rows `tokens_MD[order_M[o[s]:o[s+1]]]` belong to local slot s
+    (o = slot_offsets_S1), exactly the layout `moeray.kernels.expert_mlp` takes."""
+
+    tokens_MD: torch.Tensor
+    order_M: torch.Tensor
+    slot_offsets_S1: torch.Tensor
+    # What combine needs to undo the exchange.
+    send_order_N: torch.Tensor
+    num_tokens: int
+    top_k: int
+    send_splits: tuple[int, ...] = ()
+    recv_splits: tuple[int, ...] = ()
+
+
+class Dispatcher(Protocol):
+    slots_per_worker: int
+
+    def dispatch(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor) -> Dispatched: ...
+
+    def combine(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor: ...
+
+
+def _sort_pairs_by_slot(slot_ids_TK: torch.Tensor) -> torch.Tensor:
+    """send_order_N: pair indices (token * K + k) in ascending slot order, stable."""
+    return torch.sort(slot_ids_TK.reshape(-1), stable=True).indices
+
+
+def _offsets(count_S: torch.Tensor) -> torch.Tensor:
+    return torch.cat([count_S.new_zeros(1), torch.cumsum(count_S, 0)])
+
+
+class LocalDispatcher:
+    """One worker holds every slot: group pairs by slot, no communication."""
+
+    def __init__(self, num_slots: int):
+        self.slots_per_worker = num_slots
+
+    def dispatch(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor) -> Dispatched:
+        num_tokens, top_k = slot_ids_TK.shape
+        send_order_N = _sort_pairs_by_slot(slot_ids_TK)
+        tokens_MD = x_TD.index_select(0, send_order_N // top_k)  # already grouped by slot
+        count_S = torch.bincount(slot_ids_TK.reshape(-1), minlength=self.slots_per_worker)
+        order_M = torch.arange(tokens_MD.shape[0], device=x_TD.device)
+        return Dispatched(tokens_MD, order_M, _offsets(count_S), send_order_N, num_tokens, top_k)
+
+    def combine(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        y_ND = torch.empty_like(y_MD)
+        y_ND[dispatched.send_order_N] = y_MD
+        return y_ND.view(dispatched.num_tokens, dispatched.top_k, y_MD.shape[-1])
+
+
+class AllToAllDispatcher:
+    """Expert parallelism over a collective group with an uneven-split all_to_all.
+
+    Two exchanges per dispatch: the per-slot counts (fixed size), then the rows. The row split
+    sizes must be host ints, so there is exactly one device-to-host sync per dispatch (the counts).
+    An idle worker (T = 0) still takes part in both exchanges so the group stays in lockstep.
+    """
+
+    def __init__(self, group, slots_per_worker: int):
+        self.group = group
+        self.world_size = group.world_size
+        self.slots_per_worker = slots_per_worker
+
+    def dispatch(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor) -> Dispatched:
+        num_tokens, top_k = slot_ids_TK.shape
+        W, S_w = self.world_size, self.slots_per_worker
+        send_order_N = _sort_pairs_by_slot(slot_ids_TK)
+        send_x_ND = x_TD.index_select(0, send_order_N // top_k)
+
+        send_count_WS = torch.bincount(slot_ids_TK.reshape(-1), minlength=W * S_w).view(W, S_w)
+        recv_count_WS = torch.empty_like(send_count_WS)
+        self.group.all_to_all(recv_count_WS, send_count_WS)
+
+        # host sync: row split sizes for the uneven all_to_all.
+        send_splits = tuple(send_count_WS.sum(1).tolist())
+        recv_splits = tuple(recv_count_WS.sum(1).tolist())
+        tokens_MD = x_TD.new_empty((sum(recv_splits), x_TD.shape[1]))
+        self.group.all_to_all(tokens_MD, send_x_ND, list(recv_splits), list(send_splits))
+
+        # Rows arrive grouped by (source worker, local slot); group them by local slot only.
+        local_slot_M = torch.repeat_interleave(
+            torch.arange(S_w, device=x_TD.device).repeat(W), recv_count_WS.reshape(-1)
+        )
+        order_M = torch.sort(local_slot_M, stable=True).indices
+        slot_offsets_S1 = _offsets(recv_count_WS.sum(0))
+        return Dispatched(
+            tokens_MD, order_M, slot_offsets_S1, send_order_N, num_tokens, top_k, send_splits, recv_splits
+        )
+
+    def combine(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        back_ND = y_MD.new_empty((dispatched.num_tokens * dispatched.top_k, y_MD.shape[1]))
+        self.group.all_to_all(back_ND, y_MD, list(dispatched.send_splits), list(dispatched.recv_splits))
+        y_ND = torch.empty_like(back_ND)
+        y_ND[dispatched.send_order_N] = back_ND
+        return y_ND.view(dispatched.num_tokens, dispatched.top_k, y_MD.shape[-1])

@@ -1,0 +1,314 @@
+"""Our Ray collective backend: a torch c10d process group with all-to-all and bounded timeouts.
+
+Ray 2.60's `ray.util.collective` has no all-to-all, its NCCL group has no timeout or abort, and its
+Gloo group lives in the per-process default group (one per process, 30-minute timeout). This module
+registers `MOERAY_GLOO` (and, on GPUs, `MOERAY_NCCL`) with
+`ray.util.collective.backend_registry.register_collective_backend`; each group owns a private
+c10d process group built on its own TCPStore, so:
+
+- every epoch gets a fresh group name and a fresh communicator (NCCL cannot change membership,
+  and a name reused after a crash would meet stale state);
+- every collective is bounded by the group's timeout: a dead peer makes the survivors raise
+  `CollectiveError` (Gloo: the peer's socket closes or the op times out), never hang.
+
+Set-up is two calls per group, driven by the engine (the rendezvous needs rank 0's address):
+    addr = rank0: open_rendezvous(group_name)            -> "host:port"
+    every rank:   join_group(spec) with that address      -> registers + ray.util.collective.init
+Registration must happen in the driver and in every actor: `register_backends()` is idempotent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from ray.util import collective as ray_collective
+from ray.util.collective.backend_registry import _global_registry, register_collective_backend
+from ray.util.collective.collective_group.base_collective_group import BaseGroup
+from ray.util.collective.types import ReduceOp
+
+from moeray.errors import CollectiveError
+
+GLOO_BACKEND = "MOERAY_GLOO"
+NCCL_BACKEND = "MOERAY_NCCL"
+
+_REDUCE_OPS = {
+    ReduceOp.SUM: dist.ReduceOp.SUM,
+    ReduceOp.PRODUCT: dist.ReduceOp.PRODUCT,
+    ReduceOp.MIN: dist.ReduceOp.MIN,
+    ReduceOp.MAX: dist.ReduceOp.MAX,
+}
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Everything a rank needs to join one epoch's group."""
+
+    group_name: str
+    world_size: int
+    rank: int
+    master_addr: str  # "host:port" of rank 0's TCPStore
+    timeout_s: float
+    backend: str = GLOO_BACKEND
+
+
+# Process-local state. Ray constructs a backend class with (world_size, rank, group_name) only, so
+# the rest of the spec (address, timeout) is handed over through this table, keyed by group name.
+_pending_specs: dict[str, GroupSpec] = {}
+_master_stores: dict[str, dist.TCPStore] = {}
+_lock = threading.Lock()
+
+
+def register_backends() -> None:
+    """Register our backends with Ray in this process (driver and every actor). Idempotent."""
+    with _lock:
+        for name, cls in ((GLOO_BACKEND, GlooGroup), (NCCL_BACKEND, NcclGroup)):
+            if not _global_registry.is_registered(name):
+                register_collective_backend(name, cls)
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside a Ray process (unit tests): loopback is enough
+        return "127.0.0.1"
+
+
+def open_rendezvous(group_name: str, timeout_s: float) -> str:
+    """On rank 0: start the group's TCPStore on a free port and return its "host:port"."""
+    host = _node_ip()
+    store = dist.TCPStore(
+        host,
+        0,  # port 0: the OS picks a free port, no race with other groups on this host
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        use_libuv=True,
+    )
+    with _lock:
+        _master_stores[group_name] = store
+    return f"{host}:{store.port}"
+
+
+def join_group(spec: GroupSpec) -> None:
+    """In each actor: create this rank's member of the group (blocks until all ranks joined)."""
+    register_backends()
+    with _lock:
+        _pending_specs[spec.group_name] = spec
+    try:
+        ray_collective.init_collective_group(
+            spec.world_size, spec.rank, backend=spec.backend, group_name=spec.group_name
+        )
+    finally:
+        with _lock:
+            _pending_specs.pop(spec.group_name, None)
+
+
+def get_group(group_name: str) -> TorchCollectiveGroup:
+    from ray.util.collective.collective import _group_mgr
+
+    group = _group_mgr.get_group_by_name(group_name)
+    if group is None:
+        raise CollectiveError(f"collective group {group_name!r} is not initialized in this process")
+    return group
+
+
+def leave_group(group_name: str) -> None:
+    """Destroy this process's member of the group (safe to call on a broken group)."""
+    if ray_collective.is_group_initialized(group_name):
+        ray_collective.destroy_collective_group(group_name)
+    with _lock:
+        store = _master_stores.pop(group_name, None)
+    del store
+
+
+class TorchCollectiveGroup(BaseGroup):
+    """A Ray collective group backed by a private c10d ProcessGroup.
+
+    Tensors may be passed bare or wrapped in a one-element list (Ray's API wraps them).
+    All ops are synchronous: they return when this rank's part is complete, or raise
+    `CollectiveError` within the group's timeout.
+    """
+
+    DEVICE = "cpu"
+
+    def __init__(self, world_size: int, rank: int, group_name: str):
+        super().__init__(world_size, rank, group_name)
+        with _lock:
+            spec = _pending_specs.get(group_name)
+            master = _master_stores.get(group_name)
+        if spec is None:
+            raise CollectiveError(
+                f"group {group_name!r}: no GroupSpec in this process; create it with moeray.comm.group.join_group"
+            )
+        self.timeout_s = spec.timeout_s
+        timeout = datetime.timedelta(seconds=spec.timeout_s)
+        host, port = spec.master_addr.rsplit(":", 1)
+        if master is None:
+            try:
+                store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout, use_libuv=True)
+            except Exception as exc:
+                raise CollectiveError(f"group {group_name!r} rank {rank}: cannot reach rendezvous {spec.master_addr}: {exc}") from exc
+        else:
+            store = master
+        self._store = store
+        self._pg = self._make_process_group(dist.PrefixStore(group_name, store), rank, world_size, timeout)
+        # The first collective completes the connection set-up of all ranks, so a rank that never
+        # arrives surfaces here, within the timeout, rather than in the first model step.
+        self.barrier()
+
+    # ---- backend plumbing ----------------------------------------------------------------------
+    def _make_process_group(self, store, rank, world_size, timeout):
+        raise NotImplementedError
+
+    @classmethod
+    def check_backend_availability(cls) -> bool:
+        return dist.is_available()
+
+    def destroy_group(self) -> None:
+        try:
+            self._pg.shutdown()
+        except Exception:  # a group broken by a dead peer may refuse a clean shutdown
+            pass
+
+    def _run(self, op_name: str, launch) -> None:
+        """Launch a c10d op and wait for it; every failure becomes a CollectiveError naming the op."""
+        try:
+            work = launch()
+            work.wait(datetime.timedelta(seconds=self.timeout_s))
+        except Exception as exc:  # c10d raises RuntimeError/DistBackendError for timeouts and lost peers
+            raise CollectiveError(
+                f"{op_name} failed in group {self.group_name!r} (rank {self.rank}/{self.world_size}, "
+                f"timeout {self.timeout_s:g}s): {exc}"
+            ) from exc
+
+    @staticmethod
+    def _unwrap(tensor):
+        if isinstance(tensor, (list, tuple)):
+            if len(tensor) != 1:
+                raise ValueError(f"expected one tensor, got a list of {len(tensor)}")
+            tensor = tensor[0]
+        if not isinstance(tensor, torch.Tensor):
+            tensor = torch.as_tensor(tensor)
+        return tensor
+
+    # ---- collectives ---------------------------------------------------------------------------
+    def all_to_all(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: list[int] | None = None,
+        input_split_sizes: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Uneven-split all-to-all along dim 0. Split sizes are host ints (one host sync upstream)."""
+        out_splits = list(output_split_sizes) if output_split_sizes is not None else []
+        in_splits = list(input_split_sizes) if input_split_sizes is not None else []
+        self._run(
+            "all_to_all",
+            lambda: self._pg.alltoall_base(output, input, out_splits, in_splits, dist.AllToAllOptions()),
+        )
+        return output
+
+    def allreduce(self, tensor, allreduce_options=None):
+        tensor = self._unwrap(tensor)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = _REDUCE_OPS[getattr(allreduce_options, "reduceOp", ReduceOp.SUM)]
+        self._run("allreduce", lambda: self._pg.allreduce([tensor], opts))
+        return tensor
+
+    def barrier(self, barrier_options=None):
+        # A tiny allreduce, not c10d's barrier: Gloo's barrier ignores the per-op timeout on some
+        # versions, and NCCL's barrier needs a device id.
+        token = torch.zeros(1, device=self.DEVICE)
+        self.allreduce(token)
+
+    def reduce(self, tensor, reduce_options=None):
+        tensor = self._unwrap(tensor)
+        opts = dist.ReduceOptions()
+        opts.reduceOp = _REDUCE_OPS[getattr(reduce_options, "reduceOp", ReduceOp.SUM)]
+        opts.rootRank = getattr(reduce_options, "root_rank", 0)
+        self._run("reduce", lambda: self._pg.reduce([tensor], opts))
+        return tensor
+
+    def allgather(self, tensor_list, tensor, allgather_options=None):
+        tensor = self._unwrap(tensor)
+        if tensor_list and isinstance(tensor_list[0], (list, tuple)):
+            tensor_list = tensor_list[0]
+        self._run("allgather", lambda: self._pg.allgather([list(tensor_list)], [tensor]))
+        return tensor_list
+
+    def broadcast(self, tensor, broadcast_options=None):
+        tensor = self._unwrap(tensor)
+        opts = dist.BroadcastOptions()
+        opts.rootRank = getattr(broadcast_options, "root_rank", 0)
+        self._run("broadcast", lambda: self._pg.broadcast([tensor], opts))
+        return tensor
+
+    def reducescatter(self, tensor, tensor_list, reducescatter_options=None):
+        tensor = self._unwrap(tensor)
+        if tensor_list and isinstance(tensor_list[0], (list, tuple)):
+            tensor_list = tensor_list[0]
+        # Gloo has no reduce_scatter: reduce everything, keep this rank's chunk.
+        stacked = torch.stack(list(tensor_list))
+        self.allreduce(stacked, reducescatter_options)
+        tensor.copy_(stacked[self.rank])
+        return tensor
+
+    def send(self, tensor, send_options):
+        tensor = self._unwrap(tensor)
+        self._run("send", lambda: self._pg.send([tensor], send_options.dst_rank, 0))
+
+    def recv(self, tensor, recv_options):
+        tensor = self._unwrap(tensor)
+        self._run("recv", lambda: self._pg.recv([tensor], recv_options.src_rank, 0))
+
+
+class GlooGroup(TorchCollectiveGroup):
+    """CPU tensors over Gloo."""
+
+    DEVICE = "cpu"
+
+    @classmethod
+    def backend(cls):
+        return GLOO_BACKEND
+
+    def _make_process_group(self, store, rank, world_size, timeout):
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=socket.gethostname())]
+        try:
+            return dist.ProcessGroupGloo(store, rank, world_size, opts)
+        except Exception:
+            # Hosts whose hostname does not resolve: fall back to the loopback-capable default.
+            return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+class NcclGroup(TorchCollectiveGroup):
+    """CUDA tensors over NCCL (torch's ProcessGroupNCCL: per-op timeouts and abort)."""
+
+    DEVICE = "cuda"
+
+    @classmethod
+    def backend(cls):
+        return NCCL_BACKEND
+
+    @classmethod
+    def check_backend_availability(cls) -> bool:
+        return dist.is_available() and dist.is_nccl_available() and torch.cuda.is_available()
+
+    def _make_process_group(self, store, rank, world_size, timeout):
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+
+    def destroy_group(self) -> None:
+        try:
+            self._pg.abort()  # never block on a communicator a dead peer left half-finished
+        except Exception:
+            pass

@@ -1,0 +1,171 @@
+"""The driver-side API: start a worker group on Ray, run lockstep steps, shut down.
+
+    engine = Engine(config, checkpoint_dir)        # starts Ray locally if it is not running
+    logits_TV = engine.step(input_ids_T)            # every worker takes its share, in lockstep
+    engine.load()                                   # [L, E] routed pairs per expert so far
+    engine.shutdown()
+
+Legend: T tokens in the batch, V vocab, L layers, E experts, S slots, N workers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from moeray.comm.group import GroupSpec, register_backends
+from moeray.config import EngineConfig
+from moeray.errors import WorkerLost
+from moeray.worker import Worker
+from placement import Placement
+from placement.metrics import imbalance, worker_loads
+
+# How long the driver waits for a step beyond the collective timeout: a step on a live group ends
+# (or raises) within the collective timeout, so anything past this margin means a lost worker.
+_STEP_MARGIN_S = 30.0
+
+
+# Logical CPUs of the embedded local cluster. Workers run one torch thread each and spend much of
+# a step waiting on collectives, so declaring more logical CPUs than cores is safe and lets a
+# 2-core machine host a 4-worker group plus the coordinator.
+LOCAL_CLUSTER_CPUS = 16
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Start a local Ray cluster unless this process is already connected to one."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        num_cpus=num_cpus or max(os.cpu_count() or 1, LOCAL_CLUSTER_CPUS),
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=True,
+        configure_logging=True,
+    )
+
+
+def split_batch(num_tokens: int, num_workers: int) -> list[slice]:
+    """Contiguous, near-equal shares; with fewer tokens than workers the last ones get none."""
+    bounds = np.linspace(0, num_tokens, num_workers + 1).round().astype(int)
+    if num_tokens < num_workers:
+        bounds = np.minimum(np.arange(num_workers + 1), num_tokens)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, checkpoint_dir: str, placement: Placement | None = None):
+        self.config = config
+        self.checkpoint_dir = str(checkpoint_dir)
+        par = config.parallel
+        model = config.model
+        self.placement = (placement or Placement.contiguous(
+            model.num_layers, model.num_experts, par.num_workers, config.slots_per_worker
+        )).validate()
+        if self.placement.num_workers != par.num_workers or self.placement.slots_per_worker != config.slots_per_worker:
+            raise ValueError(
+                f"placement has {self.placement.num_workers} workers x {self.placement.slots_per_worker} slots, "
+                f"config asks for {par.num_workers} x {config.slots_per_worker}"
+            )
+        ensure_ray()
+        register_backends()
+        self.epoch = 0
+        self._uid = uuid.uuid4().hex[:8]
+        bundle = {"CPU": par.cpus_per_worker, **({"GPU": 1} if par.device == "cuda" else {})}
+        self._pg = placement_group([bundle] * par.num_workers, strategy="PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=120)
+        except GetTimeoutError:
+            remove_placement_group(self._pg)
+            raise RuntimeError(
+                f"cannot place {par.num_workers} workers x {bundle} within 120 s; "
+                f"the cluster has {ray.available_resources()} available"
+            ) from None
+        actor_cls = ray.remote(Worker)
+        self.workers = [
+            actor_cls.options(
+                num_cpus=par.cpus_per_worker,
+                num_gpus=1 if par.device == "cuda" else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+            ).remote(i, config, self.checkpoint_dir, self.placement.phy2log, self.placement.version)
+            for i in range(par.num_workers)
+        ]
+        self._get([w.ping.remote() for w in self.workers], timeout=300, what="worker start-up")
+        if par.num_workers > 1:
+            self._form_group()
+        self.steps = 0
+
+    # ---- membership --------------------------------------------------------------------------
+    @property
+    def group_name(self) -> str:
+        return f"moeray-{self._uid}-epoch{self.epoch}"
+
+    def _form_group(self) -> None:
+        """A fresh group name per epoch: NCCL communicators cannot change membership, and a name
+        reused after a crash would meet the dead group's state."""
+        timeout = self.config.parallel.collective_timeout_s
+        backend = "MOERAY_NCCL" if self.config.parallel.device == "cuda" else "MOERAY_GLOO"
+        addr = self._get(self.workers[0].open_rendezvous.remote(self.group_name), timeout, "rendezvous")
+        specs = [GroupSpec(self.group_name, len(self.workers), rank, addr, timeout, backend) for rank in range(len(self.workers))]
+        self._get([w.join_group.remote(s) for w, s in zip(self.workers, specs)], timeout + _STEP_MARGIN_S, "group join")
+
+    # ---- serving -----------------------------------------------------------------------------
+    def step(self, input_ids_T) -> np.ndarray:
+        """Run one lockstep forward over the batch; returns logits [T, V] in input order."""
+        ids_T = np.asarray(input_ids_T, dtype=np.int64).reshape(-1)
+        vocab = self.config.model.vocab_size
+        if ids_T.size and (ids_T.min() < 0 or ids_T.max() >= vocab):
+            bad = ids_T[(ids_T < 0) | (ids_T >= vocab)][0]
+            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
+        shares = split_batch(len(ids_T), len(self.workers))
+        refs = [w.step.remote(ids_T[s]) for w, s in zip(self.workers, shares)]
+        outs = self._get(refs, self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "step")
+        self.steps += 1
+        return np.concatenate(outs, axis=0)
+
+    def load(self, reset: bool = False) -> np.ndarray:
+        """[L, E] routed (token, k) pairs per logical expert, summed over workers."""
+        counts = self._get([w.load_counts.remote(reset) for w in self.workers], 60, "load counts")
+        return np.sum(counts, axis=0)
+
+    def worker_load(self, load_LE: np.ndarray | None = None) -> np.ndarray:
+        """[L, N] pairs each worker computes under the current placement (replicas split evenly)."""
+        p = self.placement
+        return worker_loads(self.load() if load_LE is None else load_LE, p.phy2log, p.slots_per_worker)
+
+    def imbalance(self, load_LE: np.ndarray | None = None) -> np.ndarray:
+        """[L] max/mean worker load per layer under the current placement."""
+        return imbalance(self.load() if load_LE is None else load_LE, self.placement)
+
+    # ---- plumbing ----------------------------------------------------------------------------
+    def _get(self, refs, timeout: float, what: str):
+        try:
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError as exc:
+            raise WorkerLost(f"{what}: no answer from the workers within {timeout:g}s") from exc
+        except RayActorError as exc:
+            raise WorkerLost(f"{what}: a worker died ({exc.__class__.__name__}: {str(exc)[:200]})") from exc
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:
+                pass
+        self.workers = []
+        try:
+            remove_placement_group(self._pg)
+        except Exception:
+            pass
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

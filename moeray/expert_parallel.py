@@ -1,0 +1,48 @@
+"""Expert parallelism applied after model construction: each MoE layer's `experts` module is
+replaced by `SlotExperts`, which holds only this worker's slots and talks through a Dispatcher.
+
+Legend: T local tokens, K top-k, D hidden, F expert FFN width, H = 2F, E experts,
+S_w local slots, R max replicas.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeray.comm.dispatcher import Dispatcher
+from moeray.comm.slot_map import DeviceSlotMap, pairs_to_slots
+from moeray.kernels import expert_mlp
+
+
+class SlotExperts(nn.Module):
+    """This worker's expert slots for one layer.
+
+    Invariant: `w13_SHD[s]` / `w2_SDF[s]` hold the weights of the logical expert that the current
+    placement puts in local slot s (zeros for a free slot, which no token is ever routed to).
+    `load_E` accumulates routed pairs per logical expert on the device: no host sync per step.
+    """
+
+    def __init__(self, w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, slot_map: DeviceSlotMap,
+                 dispatcher: Dispatcher, num_experts: int, kernel_impl: str = "auto"):
+        super().__init__()
+        self.w13_SHD = nn.Parameter(w13_SHD, requires_grad=False)
+        self.w2_SDF = nn.Parameter(w2_SDF, requires_grad=False)
+        self.slot_map = slot_map
+        self.dispatcher = dispatcher
+        self.kernel_impl = kernel_impl
+        self.record_load = True
+        self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.int64, device=w13_SHD.device))
+
+    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        if self.record_load:
+            self.load_E += torch.bincount(topk_ids_TK.reshape(-1), minlength=self.load_E.numel())
+        slot_ids_TK = pairs_to_slots(topk_ids_TK, self.slot_map)
+        dispatched = self.dispatcher.dispatch(x_TD, slot_ids_TK)
+        y_MD = expert_mlp(
+            dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1, dispatched.order_M,
+            impl=self.kernel_impl,
+        )
+        y_TKD = self.dispatcher.combine(y_MD, dispatched)
+        out_TD = (y_TKD.float() * topk_weights_TK.unsqueeze(-1)).sum(dim=1)
+        return out_TD.to(x_TD.dtype)
