@@ -25,7 +25,7 @@ is written exactly once; no atomics.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -186,10 +186,16 @@ _TABLE: list[tuple[float, int, TileConfig, TileConfig]] = [
 del C
 
 
-def pick_configs(N: int, S: int, D: int, F: int) -> tuple[TileConfig, TileConfig]:
+def pick_configs(N: int, S: int, D: int, F: int, itemsize: int = 2) -> tuple[TileConfig, TileConfig]:
+    """Tiles for this shape; 4-byte (fp32) elements halve BK so shared memory per stage stays as
+    measured for bf16 (the bf16 tiles overflow the 227 KB limit in fp32, seen on the H100)."""
     r = N / max(1, min(S, N))
     for r_max, f_min, up_cfg, down_cfg in _TABLE:
         if r <= r_max and F >= f_min:
+            if itemsize > 2:
+                shrink = itemsize // 2
+                up_cfg = replace(up_cfg, BK=max(16, up_cfg.BK // shrink))
+                down_cfg = replace(down_cfg, BK=max(16, down_cfg.BK // shrink))
             return up_cfg, down_cfg
     raise AssertionError("unreachable: the last row matches everything")
 
@@ -232,7 +238,7 @@ def expert_mlp_triton(
     if N == 0:
         return y_MD
     if cfg_up is None or cfg_down is None:
-        up_default, down_default = pick_configs(N, S, D, F_)
+        up_default, down_default = pick_configs(N, S, D, F_, x_MD.element_size())
         cfg_up = cfg_up or up_default
         cfg_down = cfg_down or down_default
     h_NF = _empty((N, F_), x_MD)

@@ -146,6 +146,21 @@ def test_grouped_mm_cpu(name, dname, monkeypatch):
     assert rel_err(y, dense_f64(*args)) < TOL[dtype]
 
 
+def test_tile_shared_memory_fits_hopper():
+    """Every tile in the table fits the H100/H200 227 KB of shared memory per block, fp32 included
+    (A tile + the B tiles, times the pipeline stages; gate/up loads two B tiles)."""
+    pytest.importorskip("triton")
+    from moeray.kernels.triton_swiglu import _TABLE, pick_configs
+
+    for r_max, f_min, _, _ in _TABLE:
+        N = int(min(r_max, 4096)) * 8
+        for itemsize in (2, 4):
+            up, down = pick_configs(N, 8, 4096, max(f_min, 768), itemsize)
+            for cfg, n_b in ((up, 2), (down, 1)):
+                smem = cfg.num_stages * (cfg.BM + n_b * cfg.BN) * cfg.BK * itemsize
+                assert smem <= 227 * 1024, (cfg, itemsize, smem)
+
+
 def test_rejects_bad_arguments():
     from moeray.kernels import expert_mlp
 
