@@ -205,11 +205,13 @@ def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _launch(kernel, cfg: TileConfig, n_cols: int, N: int, S: int, *args, **constexprs):
+def _launch(kernel, cfg: TileConfig, n_cols: int, N: int, S: int, D: int, F: int,
+            ptrs: tuple, strides: tuple, **constexprs) -> None:
+    """One program per (M-block upper bound) x (tile of n_cols output columns)."""
     num_m_ub = N // cfg.BM + min(S, N)  # upper bound on real M-blocks (see module docstring)
     grid = (num_m_ub * triton.cdiv(n_cols, cfg.BN),)
     kernel[grid](
-        *args[:5], S, args[5], args[6], num_m_ub, *args[7:],
+        *ptrs, S, D, F, num_m_ub, *strides,
         **constexprs, BLOCK_M=cfg.BM, BLOCK_N=cfg.BN, BLOCK_K=cfg.BK, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -251,15 +253,15 @@ def expert_mlp_triton(
         UPCAST=_INTERPRET and x_MD.dtype != torch.float32,
     )
     _launch(
-        _gate_up_kernel, cfg_up, F_, N, S,
-        x_MD, w13_SHD, h_NF, order, slot_offsets_S1, D, F_,
-        x_MD.stride(0), w13_SHD.stride(0), w13_SHD.stride(1), h_NF.stride(0),
+        _gate_up_kernel, cfg_up, F_, N, S, D, F_,
+        (x_MD, w13_SHD, h_NF, order, slot_offsets_S1),
+        (x_MD.stride(0), w13_SHD.stride(0), w13_SHD.stride(1), h_NF.stride(0)),
         EVEN_K=D % cfg_up.BK == 0, **common,
     )
     _launch(
-        _down_kernel, cfg_down, D, N, S,
-        h_NF, w2_SDF, y_MD, order, slot_offsets_S1, D, F_,
-        h_NF.stride(0), w2_SDF.stride(0), w2_SDF.stride(1), y_MD.stride(0),
+        _down_kernel, cfg_down, D, N, S, D, F_,
+        (h_NF, w2_SDF, y_MD, order, slot_offsets_S1),
+        (h_NF.stride(0), w2_SDF.stride(0), w2_SDF.stride(1), y_MD.stride(0)),
         EVEN_K=F_ % cfg_down.BK == 0, **common,
     )
     return y_MD
