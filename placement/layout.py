@@ -110,15 +110,13 @@ class Placement:
         """[L, E, R] slots of each expert in ascending order, -1 padded."""
         max_rep = max(1, int(self.logcnt.max(initial=0)))
         out = np.full((self.num_layers, self.num_experts, max_rep), -1, dtype=np.int64)
-        for layer in range(self.num_layers):
-            row = self.phy2log[layer]
-            slots = np.nonzero(row >= 0)[0]
-            experts = row[slots]
-            order = np.lexsort((slots, experts))  # by expert, then slot
-            experts, slots = experts[order], slots[order]
-            starts = np.searchsorted(experts, experts, side="left")
-            rank = np.arange(len(experts)) - starts
-            out[layer, experts, rank] = slots
+        layer_idx, slot_idx = np.nonzero(self.phy2log >= 0)
+        experts = self.phy2log[layer_idx, slot_idx]
+        order = np.lexsort((slot_idx, experts, layer_idx))  # by layer, expert, then slot
+        layer_idx, slot_idx, experts = layer_idx[order], slot_idx[order], experts[order]
+        key = layer_idx * self.num_experts + experts
+        rank = np.arange(len(key)) - np.searchsorted(key, key, side="left")
+        out[layer_idx, experts, rank] = slot_idx
         out.setflags(write=False)
         return out
 
@@ -215,16 +213,15 @@ def migration_between(old: Placement, new: Placement, topology: Topology | None 
     changed = (new.phy2log != old.phy2log) & (new.phy2log >= 0)
     layers, dst = np.nonzero(changed)
     experts = new.phy2log[layers, dst]
-    src = np.empty_like(dst)
-    for i, (layer, slot, expert) in enumerate(zip(layers, dst, experts)):
-        candidates = old.log2phy[layer, expert]
-        candidates = candidates[candidates >= 0]
-        if len(candidates) == 0:
-            raise ValueError(f"layer {layer}: expert {expert} has no slot in the old placement to copy from")
-        dst_worker = slot // spw
-        cand_worker = candidates // spw
-        cost = (cand_worker != dst_worker).astype(np.int64) + (
-            topology.node_of_worker(cand_worker) != topology.node_of_worker(dst_worker)
-        ).astype(np.int64)
-        src[i] = candidates[np.argmin(cost)]
+    candidates_NR = old.log2phy[layers, np.maximum(experts, 0)]  # [N, R] old slots of each copied expert
+    if len(dst) and (candidates_NR[:, 0] < 0).any():
+        i = int(np.nonzero(candidates_NR[:, 0] < 0)[0][0])
+        raise ValueError(f"layer {layers[i]}: expert {experts[i]} has no slot in the old placement to copy from")
+    dst_worker_N = dst // spw
+    cand_worker_NR = np.maximum(candidates_NR, 0) // spw
+    cost_NR = (cand_worker_NR != dst_worker_N[:, None]).astype(np.int64) + (
+        topology.node_of_worker(cand_worker_NR) != topology.node_of_worker(dst_worker_N)[:, None]
+    )
+    cost_NR[candidates_NR < 0] = 3  # padding: never chosen (the first entry always exists)
+    src = np.take_along_axis(candidates_NR, np.argmin(cost_NR, axis=1)[:, None], axis=1)[:, 0]
     return Migration(layers.astype(np.int64), dst.astype(np.int64), experts.astype(np.int64), src.astype(np.int64))

@@ -10,14 +10,15 @@ Three pieces, each a pure function:
                      at most one replica per worker);
   `greedy_pack`      heaviest replicas first, one per worker per round, the heaviest of a round
                      to the lightest worker (longest-processing-time with equal slot counts);
-  `refine_by_swaps`  local search: swap one item of the busiest worker with one item of a light
-                     worker while that lowers the pair's maximum (until a target is met). Free
-                     slots are items of weight 0, so a swap with one is a plain move.
+  `repair_duplicates` swaps away any second copy of an expert on one worker.
+The swap local search that follows the packing lives in `placement.swaps`.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from placement.swaps import refine_by_swaps  # noqa: F401  (re-exported: it used to live here)
 
 _EPS = 1e-9
 
@@ -33,13 +34,27 @@ def replica_counts(load_LE: np.ndarray, num_slots: int, max_replicas: int) -> np
         raise ValueError(f"{num_slots} slots cannot hold {num_experts} experts")
     count_LE = np.ones((num_layers, num_experts), dtype=np.int64)
     extra = min(num_slots, num_experts * max_replicas) - num_experts
-    rows = np.arange(num_layers)
+    if extra <= 0:
+        return count_LE
     # Tiny tie-breaker so zero-load layers still spread their replicas over experts.
     tie_LE = load_LE + 1e-12 * (num_experts - np.arange(num_experts))
-    for _ in range(extra):
-        per_replica_LE = np.where(count_LE < max_replicas, tie_LE / count_LE, -np.inf)
-        hottest_L = np.argmax(per_replica_LE, axis=1)
-        count_LE[rows, hottest_L] += 1
+    # Handing each extra slot to the largest load per replica = taking the `extra` largest
+    # quotients load / k (the (k+1)-th replica, k = 1 .. max_replicas - 1); only the `extra`
+    # heaviest experts can win one.
+    top = min(num_experts, extra)
+    hot_LH = np.argpartition(-tie_LE, top - 1, axis=1)[:, :top] if top < num_experts else np.broadcast_to(
+        np.arange(num_experts), (num_layers, num_experts))
+    hot_load_LH = np.take_along_axis(tie_LE, hot_LH, axis=1)
+    # The `extra` quotients load / 1 of the hot experts bound the threshold from below by the
+    # smallest hot load, so no expert wins more than max load / that replicas.
+    most = min(max_replicas - 1, extra)
+    if top == extra:
+        ratio = float((hot_load_LH.max(axis=1) / np.maximum(hot_load_LH.min(axis=1), 1e-300)).max())
+        most = int(min(most, np.floor(ratio) + 1))
+    divisors_K = np.arange(1, most + 1, dtype=np.float64)
+    quotient_LX = (hot_load_LH[:, :, None] / divisors_K).reshape(num_layers, -1)
+    winners_LX = np.argpartition(-quotient_LX, extra - 1, axis=1)[:, :extra]
+    np.add.at(count_LE, (np.arange(num_layers)[:, None], np.take_along_axis(hot_LH, winners_LX // len(divisors_K), axis=1)), 1)
     return count_LE
 
 
@@ -50,13 +65,16 @@ def replica_items(load_LE: np.ndarray, count_LE: np.ndarray, num_slots: int) -> 
     """
     num_layers, num_experts = load_LE.shape
     per_replica_LE = load_LE / count_LE
-    order_LE = np.lexsort((np.broadcast_to(np.arange(num_experts), load_LE.shape), -per_replica_LE), axis=1)
+    order_LE = np.argsort(-per_replica_LE, axis=1, kind="stable")
+    count_sorted_LE = np.take_along_axis(count_LE, order_LE, axis=1)
+    layer_of = np.repeat(np.arange(num_layers), count_sorted_LE.sum(axis=1))
+    experts = np.repeat(order_LE.ravel(), count_sorted_LE.ravel())
+    layer_start = np.r_[0, np.cumsum(count_sorted_LE.sum(axis=1))[:-1]]
+    position = np.arange(len(experts)) - layer_start[layer_of]
     expert_LS = np.full((num_layers, num_slots), -1, dtype=np.int64)
     weight_LS = np.zeros((num_layers, num_slots))
-    for layer in range(num_layers):
-        experts = np.repeat(order_LE[layer], count_LE[layer, order_LE[layer]])
-        expert_LS[layer, : len(experts)] = experts
-        weight_LS[layer, : len(experts)] = per_replica_LE[layer, experts]
+    expert_LS[layer_of, position] = experts
+    weight_LS[layer_of, position] = per_replica_LE[layer_of, experts]
     return expert_LS, weight_LS
 
 
@@ -129,98 +147,3 @@ def repair_duplicates(phy2log_LS: np.ndarray, slots_per_worker: int, num_experts
                 else:
                     raise ValueError(f"layer {layer}: cannot place expert {expert} without a duplicate")
     return phy2log_LS
-
-
-def refine_by_swaps(
-    phy2log_LS: np.ndarray,
-    slot_weight_LS: np.ndarray,
-    slots_per_worker: int,
-    num_experts: int,
-    target_LAYERS: np.ndarray | None = None,
-    max_swaps: int = 200,
-    num_partners: int = 8,
-    active_LAYERS: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Local search on the busiest worker of each layer; returns (phy2log_LS, slot_weight_LS, swaps_L).
-
-    Each round swaps one slot of the busiest worker `a` with one slot of one of the
-    `num_partners` lightest workers `b`, choosing the swap with the smallest max(new a, new b)
-    that is below a's load and breaks no invariant (no expert twice on one worker). A layer
-    stops when its busiest worker is at or below `target_LAYERS` (tokens; default 0 = keep going
-    while it improves), when no swap improves, or after `max_swaps` swaps. Items keep their
-    weight when they move (a slot's weight is its share of its expert's tokens).
-    """
-    phy2log_LS = phy2log_LS.copy()
-    slot_weight_LS = np.asarray(slot_weight_LS, dtype=np.float64).copy()
-    num_layers, num_slots = phy2log_LS.shape
-    num_workers = num_slots // slots_per_worker
-    C = slots_per_worker
-    K = min(num_partners, num_workers - 1)
-    swaps_L = np.zeros(num_layers, dtype=np.int64)
-    if K < 1 or num_layers == 0:
-        return phy2log_LS, slot_weight_LS, swaps_L
-    target_L = np.zeros(num_layers) if target_LAYERS is None else np.asarray(target_LAYERS, dtype=np.float64)
-    # holds_LWE[l, w, e]: worker w holds expert e; column E is the free slot (never "held").
-    holds_LWE = np.zeros((num_layers, num_workers, num_experts + 1), dtype=bool)
-    layer_idx, slot_idx = np.nonzero(phy2log_LS >= 0)
-    holds_LWE[layer_idx, slot_idx // C, phy2log_LS[layer_idx, slot_idx]] = True
-    worker_load_LW = slot_weight_LS.reshape(num_layers, num_workers, C).sum(axis=2)
-    active = np.arange(num_layers) if active_LAYERS is None else np.nonzero(active_LAYERS)[0]
-    for _ in range(max_swaps):
-        if len(active) == 0:
-            break
-        load_AW = worker_load_LW[active]
-        busiest_A = np.argmax(load_AW, axis=1)
-        busiest_load_A = load_AW[np.arange(len(active)), busiest_A]
-        keep = busiest_load_A > target_L[active] * (1 + _EPS)
-        active, load_AW, busiest_A, busiest_load_A = active[keep], load_AW[keep], busiest_A[keep], busiest_load_A[keep]
-        if len(active) == 0:
-            break
-        n_act = len(active)
-        ar = np.arange(n_act)
-        others_AW = load_AW.copy()
-        others_AW[ar, busiest_A] = np.inf  # never partner with itself
-        if K < num_workers - 1:
-            partners_AK = np.argpartition(others_AW, K - 1, axis=1)[:, :K]
-        else:
-            partners_AK = np.argsort(others_AW, axis=1)[:, :K]
-        expert_LWC = phy2log_LS.reshape(num_layers, num_workers, C)  # views: writes go through
-        weight_LWC = slot_weight_LS.reshape(num_layers, num_workers, C)
-        weight_a_AC = weight_LWC[active, busiest_A]
-        weight_b_AKC = weight_LWC[active[:, None], partners_AK]
-        expert_a_AC = expert_LWC[active, busiest_A]
-        expert_b_AKC = expert_LWC[active[:, None], partners_AK]
-        col_a_AC = np.where(expert_a_AC >= 0, expert_a_AC, num_experts)
-        col_b_AKC = np.where(expert_b_AKC >= 0, expert_b_AKC, num_experts)
-        a_on_b_AKC = holds_LWE[active[:, None, None], partners_AK[:, :, None], col_a_AC[:, None, :]]
-        b_on_a_AKC = holds_LWE[active[:, None, None], busiest_A[:, None, None], col_b_AKC]
-        load_b_AK = load_AW[ar[:, None], partners_AK]
-        delta_AKCC = weight_a_AC[:, None, :, None] - weight_b_AKC[:, :, None, :]
-        new_max_AKCC = np.maximum(busiest_load_A[:, None, None, None] - delta_AKCC, load_b_AK[:, :, None, None] + delta_AKCC)
-        legal = (delta_AKCC > _EPS) & ~a_on_b_AKC[:, :, :, None] & ~b_on_a_AKC[:, :, None, :]
-        new_max_AKCC = np.where(legal, new_max_AKCC, np.inf)
-        flat = new_max_AKCC.reshape(n_act, -1)
-        best = np.argmin(flat, axis=1)
-        improves = flat[ar, best] < busiest_load_A * (1 - _EPS)
-        if not improves.any():
-            break
-        best_k, best_ca, best_cb = np.unravel_index(best, (K, C, C))
-        sel = np.nonzero(improves)[0]
-        layers = active[sel]
-        worker_a, worker_b = busiest_A[sel], partners_AK[sel, best_k[sel]]
-        slot_a, slot_b = worker_a * C + best_ca[sel], worker_b * C + best_cb[sel]
-        expert_a, expert_b = phy2log_LS[layers, slot_a], phy2log_LS[layers, slot_b]
-        weight_a, weight_b = slot_weight_LS[layers, slot_a], slot_weight_LS[layers, slot_b]
-        phy2log_LS[layers, slot_a], phy2log_LS[layers, slot_b] = expert_b, expert_a
-        slot_weight_LS[layers, slot_a], slot_weight_LS[layers, slot_b] = weight_b, weight_a
-        col_a = np.where(expert_a >= 0, expert_a, num_experts)
-        col_b = np.where(expert_b >= 0, expert_b, num_experts)
-        holds_LWE[layers, worker_a, col_a] = False
-        holds_LWE[layers, worker_b, col_b] = False
-        holds_LWE[layers, worker_a, col_b] = expert_b >= 0
-        holds_LWE[layers, worker_b, col_a] = expert_a >= 0
-        worker_load_LW[layers, worker_a] += weight_b - weight_a
-        worker_load_LW[layers, worker_b] += weight_a - weight_b
-        swaps_L[layers] += 1
-        active = layers
-    return phy2log_LS, slot_weight_LS, swaps_L

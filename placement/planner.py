@@ -35,9 +35,10 @@ import numpy as np
 
 from placement.layout import Migration, Placement, Topology, migration_between
 from placement.metrics import equal_replica_weights, imbalance_of_worker_loads, slot_loads, worker_loads
-from placement.packing import greedy_pack, refine_by_swaps, repair_duplicates, replica_counts, replica_items
+from placement.packing import greedy_pack, repair_duplicates, replica_counts, replica_items
 from placement.reassign import match_to_current, reassign_replicas
 from placement.replica_weights import balance_replica_weights
+from placement.swaps import balance_pairs, refine_by_swaps
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class PlannerOptions:
     max_swaps: int = 256  # per layer, per local search
     fresh_slack: float = 1e-3  # fresh plan's swap search stops within this of perfect balance
     num_partners: int = 8  # light workers tried as swap partners of the busiest one
-    weight_sweeps: int = 16  # damped water-filling iterations over replicated experts
+    pair_rounds: int = 4  # fresh plan: rounds of parallel heaviest/lightest pair balancing
+    weight_sweeps: int = 8  # damped water-filling iterations over replicated experts (early exit)
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,21 +85,20 @@ def _fresh_flat(load_LE: np.ndarray, num_workers: int, slots_per_worker: int, op
     expert_LI, weight_LI = replica_items(load_LE, count_LE, num_slots)
     phy2log_LS = greedy_pack(expert_LI, weight_LI, num_workers, slots_per_worker)
     phy2log_LS = repair_duplicates(phy2log_LS, slots_per_worker, num_experts)
-    weights_LS = equal_replica_weights(phy2log_LS, num_experts)
+    tokens_LS = slot_loads(load_LE, phy2log_LS)
     # Good enough: within `fresh_slack` of perfect (split weights even out the rest).
     target_L = load_LE.sum(axis=1) / num_workers * (1 + options.fresh_slack)
+    phy2log_LS, tokens_LS = balance_pairs(phy2log_LS, tokens_LS, slots_per_worker, num_experts, target_L, options.pair_rounds)
     for partners in (options.num_partners, num_workers - 1):
         phy2log_LS, tokens_LS, _ = refine_by_swaps(
-            phy2log_LS,
-            slot_loads(load_LE, phy2log_LS, weights_LS),
-            slots_per_worker,
-            num_experts,
-            target_LAYERS=target_L,
-            max_swaps=options.max_swaps,
-            num_partners=partners,
+            phy2log_LS, tokens_LS, slots_per_worker, num_experts,
+            target_LAYERS=target_L, max_swaps=options.max_swaps, num_partners=partners,
         )
-        weights_LS = equal_replica_weights(phy2log_LS, num_experts)
-    weights_LS = balance_replica_weights(load_LE, phy2log_LS, slots_per_worker, sweeps=options.weight_sweeps)
+    weights_LS = equal_replica_weights(phy2log_LS, num_experts)
+    # Split weights only where the swaps left the layer above its target (moves no bytes).
+    busy = np.nonzero(tokens_LS.reshape(len(load_LE), num_workers, slots_per_worker).sum(axis=2).max(axis=1) > target_L)[0]
+    if len(busy):
+        weights_LS[busy] = balance_replica_weights(load_LE[busy], phy2log_LS[busy], slots_per_worker, sweeps=options.weight_sweeps)
     return phy2log_LS, weights_LS
 
 
@@ -204,20 +205,27 @@ def plan(
                 f"load/topology need ({num_layers}, {topology.num_slots}) with E={num_experts}"
             )
         current_LS = np.asarray(current.phy2log)
-        matched_LS = match_to_current(fresh_LS, current_LS, spw)
-        matched_weights_LS = _permute_weights(fresh_LS, fresh_weights_LS, matched_LS)
-        phy2log_LS, weights_LS = matched_LS.copy(), matched_weights_LS.copy()
+        phy2log_LS, weights_LS = current_LS.copy(), np.zeros_like(fresh_weights_LS)
         kept_L = np.zeros(num_layers, dtype=bool)
+        fallback_L = np.ones(num_layers, dtype=bool)
         if options.migration_aware:
             keep_weights_LS = balance_replica_weights(load_LE, current_LS, spw, sweeps=options.weight_sweeps)
             keep_imb_L = imbalance_of_worker_loads(worker_loads(load_LE, current_LS, spw, keep_weights_LS))
             kept_L = keep_imb_L <= fresh_imb_L * (1 + options.keep_tolerance)
-            phy2log_LS[kept_L], weights_LS[kept_L] = current_LS[kept_L], keep_weights_LS[kept_L]
+            weights_LS[kept_L] = keep_weights_LS[kept_L]
+            fallback_L = ~kept_L
             redo = np.nonzero(~kept_L)[0]
             if len(redo):
                 inc_LS, inc_w_LS, inc_imb_L = _incremental(load_LE[redo], current_LS[redo], fresh_imb_L[redo], topology, options)
                 good = inc_imb_L <= fresh_imb_L[redo] * (1 + options.target_tolerance) * (1 + 1e-9)
                 phy2log_LS[redo[good]], weights_LS[redo[good]] = inc_LS[good], inc_w_LS[good]
+                fallback_L[redo[good]] = False
+        # The rest take the fresh plan, its packs matched to the current workers and slots.
+        redo = np.nonzero(fallback_L)[0]
+        if len(redo):
+            matched_LS = match_to_current(fresh_LS[redo], current_LS[redo], spw)
+            phy2log_LS[redo] = matched_LS
+            weights_LS[redo] = _permute_weights(fresh_LS[redo], fresh_weights_LS[redo], matched_LS)
 
     phy2log_LS = np.asarray(phy2log_LS, dtype=np.int64)
     if current is None:
@@ -245,9 +253,9 @@ def _permute_weights(from_LS: np.ndarray, weights_LS: np.ndarray, to_LS: np.ndar
     Replicas of one expert are interchangeable, so the k-th slot of expert e in `to` takes the
     weight of the k-th slot of e in `from`.
     """
+    num_slots = from_LS.shape[1]
+    src_order_LS = np.argsort(from_LS * num_slots + np.arange(num_slots), axis=1)  # by expert, then slot
+    dst_order_LS = np.argsort(to_LS * num_slots + np.arange(num_slots), axis=1)
     out_LS = np.zeros_like(weights_LS)
-    for layer in range(from_LS.shape[0]):
-        src_order = np.lexsort((np.arange(from_LS.shape[1]), from_LS[layer]))
-        dst_order = np.lexsort((np.arange(to_LS.shape[1]), to_LS[layer]))
-        out_LS[layer, dst_order] = weights_LS[layer, src_order]
+    np.put_along_axis(out_LS, dst_order_LS, np.take_along_axis(weights_LS, src_order_LS, axis=1), axis=1)
     return out_LS

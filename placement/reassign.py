@@ -79,18 +79,25 @@ def match_to_current(new_LS: np.ndarray, current_LS: np.ndarray, slots_per_worke
     num_layers, num_slots = new_LS.shape
     C = slots_per_worker
     W = num_slots // C
+    if num_layers == 0:
+        return new_LS.copy()
     num_experts = int(max(new_LS.max(initial=-1), current_LS.max(initial=-1))) + 1
-    layer_rows = np.arange(num_layers)[:, None]
-
-    def presence(phy2log_LS):
-        out = np.zeros((num_layers, W, num_experts + 1), dtype=np.float32)
-        worker = np.broadcast_to(np.arange(num_slots) // C, phy2log_LS.shape)
-        out[np.broadcast_to(layer_rows, phy2log_LS.shape), worker, np.where(phy2log_LS >= 0, phy2log_LS, num_experts)] = 1
-        out[:, :, num_experts] = 0  # free slots carry no overlap
-        return out
-
-    overlap_LWW = presence(new_LS) @ presence(current_LS).transpose(0, 2, 1)  # [L, new pack, old worker]
-    overlap_LWW += 1e-3 * (np.arange(W)[:, None] == np.arange(W)[None, :])  # ties: keep the same worker
+    # overlap_LWW[l, p, w] = experts of new pack p that old worker w holds: one count per
+    # (new slot, old slot) pair with the same expert, found by sorting both rows by expert.
+    old_order_LS = np.argsort(np.where(current_LS >= 0, current_LS, num_experts), axis=1, kind="stable")
+    old_sorted_LS = np.take_along_axis(current_LS, old_order_LS, axis=1)
+    layer_idx, slot_idx = np.nonzero(new_LS >= 0)
+    experts = new_LS[layer_idx, slot_idx]
+    flat_old = np.where(old_sorted_LS >= 0, old_sorted_LS, num_experts) + (np.arange(num_layers) * (num_experts + 1))[:, None]
+    key = layer_idx * (num_experts + 1) + experts
+    lo, hi = np.searchsorted(flat_old.ravel(), key, side="left"), np.searchsorted(flat_old.ravel(), key, side="right")
+    reps = hi - lo
+    pair_new = np.repeat(np.arange(len(key)), reps)
+    pair_old = np.repeat(lo, reps) + (np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps))
+    old_slot = old_order_LS.ravel()[pair_old]
+    cell = (layer_idx[pair_new] * W + slot_idx[pair_new] // C) * W + old_slot // C
+    overlap_LWW = np.bincount(cell, minlength=num_layers * W * W).reshape(num_layers, W, W).astype(np.float64)
+    overlap_LWW += 1e-3 * np.eye(W)  # ties: keep the same worker
     pack_of_worker_LW = np.zeros((num_layers, W), dtype=np.int64)
     rows = np.arange(num_layers)
     for _ in range(W):

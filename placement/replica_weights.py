@@ -72,9 +72,12 @@ def balance_replica_weights(
     slots_per_worker: int,
     initial_weights_LS: np.ndarray | None = None,
     sweeps: int = 16,
+    min_gain: float = 1e-4,
 ) -> np.ndarray:
     """[L, S] split weights (sum to 1 over an expert's slots, 0 on free slots) that even out
-    worker loads. Starts from `initial_weights_LS` (equal split when None)."""
+    worker loads. Starts from `initial_weights_LS` (equal split when None). Stops after `sweeps`
+    sweeps, or earlier once a sweep lowers the sum over layers of the busiest worker's load by
+    less than `min_gain` of it."""
     load_LE = np.asarray(load_LE, dtype=np.float64)
     phy2log_LS = np.asarray(phy2log_LS)
     num_layers, num_experts = load_LE.shape
@@ -103,13 +106,19 @@ def balance_replica_weights(
     ).reshape(num_layers, num_workers)  # load of unreplicated slots
     best_share_LKR = share_LKR.copy()
     best_max_L = worker_load_LW.max(axis=1)
-    for _ in range(sweeps):
-        load_LW = fixed_LW + np.bincount(
-            flat_worker_LKR.ravel(), share_LKR.ravel(), minlength=num_layers * num_workers
-        ).reshape(num_layers, num_workers)
+    flat_worker_X = flat_worker_LKR.ravel()
+    previous_total = np.inf
+    for sweep in range(sweeps):
+        load_LW = fixed_LW + np.bincount(flat_worker_X, share_LKR.ravel(), minlength=num_layers * num_workers).reshape(
+            num_layers, num_workers
+        )
         max_L = load_LW.max(axis=1)
         better_L = max_L < best_max_L
         best_share_LKR[better_L], best_max_L[better_L] = share_LKR[better_L], max_L[better_L]
+        total = best_max_L.sum()
+        if sweep >= 2 and previous_total - total <= min_gain * total:
+            break
+        previous_total = total
         base_LKR = np.where(present_LKR, load_LW.ravel()[flat_worker_LKR] - share_LKR, np.inf)
         fill_LKR = water_fill(base_LKR.reshape(-1, num_r), total_LK.ravel()).reshape(slots_LKR.shape)
         share_LKR += _DAMPING * (fill_LKR - share_LKR)

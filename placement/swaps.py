@@ -1,0 +1,197 @@
+"""Swap local search on slot maps, vectorised over layers (and over worker pairs).
+
+Shapes:
+    L  MoE layers      E  logical experts       S  slots (= W * C)
+    W  workers         C  slots per worker      A  layers still searching
+    K  candidate partner workers of the busiest one   P  disjoint worker pairs of one round
+    X  (layer, worker pair) rows evaluated together
+
+A swap exchanges one slot of worker a with one slot of worker b; it is legal when neither
+worker ends up with two copies of one expert. Free slots are items of weight 0 (expert -1), so a
+swap with one is a plain move. Items keep their tokens when they move (a slot's tokens are its
+share of its expert's load).
+
+`balance_pairs`    fresh plans (bytes do not matter): every round pairs the i-th heaviest worker
+                   with the i-th lightest and applies each pair's best balancing swap at once, so
+                   a round fixes W / 2 pairs for the cost of one numpy pass.
+`refine_by_swaps`  migration-aware (every swap is 2 copies): one swap per layer per round, on the
+                   busiest worker, with the best of its K lightest peers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_EPS = 1e-9
+
+
+def holds_map(phy2log_LS: np.ndarray, slots_per_worker: int, num_experts: int) -> np.ndarray:
+    """[L, W, E + 1] bool: worker w holds expert e; column E (free slot) is never held."""
+    num_layers, num_slots = phy2log_LS.shape
+    holds_LWE = np.zeros((num_layers, num_slots // slots_per_worker, num_experts + 1), dtype=bool)
+    layer_idx, slot_idx = np.nonzero(phy2log_LS >= 0)
+    holds_LWE[layer_idx, slot_idx // slots_per_worker, phy2log_LS[layer_idx, slot_idx]] = True
+    return holds_LWE
+
+
+def best_pair_swaps(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_b_X, col_a_XC, weight_a_XC, col_b_XC, weight_b_XC):
+    """(best_X, score_XQ): for each pair (layer, a, b) the flat index i * C + j of the legal swap of
+    a's slot i with b's slot j that leaves the pair closest to even, by score |delta - gap / 2|
+    (delta = tokens a gives b, gap = load a - load b; inf when illegal). The swap lowers the pair
+    maximum iff score < gap / 2. `col_*` are expert ids with free slots as E."""
+    num_x, C = col_a_XC.shape
+    a_on_b_XC = holds_LWE[layer_X[:, None], worker_b_X[:, None], col_a_XC]
+    b_on_a_XC = holds_LWE[layer_X[:, None], worker_a_X[:, None], col_b_XC]
+    give_XC = np.where(a_on_b_XC, np.inf, weight_a_XC)
+    take_XC = np.where(b_on_a_XC, -np.inf, weight_b_XC + ((load_a_X - load_b_X) / 2)[:, None])
+    score_XQ = np.abs(give_XC[:, :, None] - take_XC[:, None, :]).reshape(num_x, C * C)
+    return np.argmin(score_XQ, axis=1), score_XQ
+
+
+def _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b):
+    """Swap slot_a <-> slot_b in the given layers (in place; pairs must be disjoint per layer)."""
+    expert_a, expert_b = phy2log_LS[layers, slot_a], phy2log_LS[layers, slot_b]
+    weight_a, weight_b = slot_weight_LS[layers, slot_a], slot_weight_LS[layers, slot_b]
+    phy2log_LS[layers, slot_a], phy2log_LS[layers, slot_b] = expert_b, expert_a
+    slot_weight_LS[layers, slot_a], slot_weight_LS[layers, slot_b] = weight_b, weight_a
+    worker_load_LW[layers, worker_a] += weight_b - weight_a
+    worker_load_LW[layers, worker_b] += weight_a - weight_b
+    col_a = np.where(expert_a >= 0, expert_a, num_experts)
+    col_b = np.where(expert_b >= 0, expert_b, num_experts)
+    holds_LWE[layers, worker_a, col_a] = False
+    holds_LWE[layers, worker_b, col_b] = False
+    holds_LWE[layers, worker_a, col_b] = expert_b >= 0
+    holds_LWE[layers, worker_b, col_a] = expert_a >= 0
+
+
+def _gather(arr_LS, layer_X, worker_X, C):
+    """[X, C] values of the C slots of worker_X in layer_X."""
+    return arr_LS.reshape(arr_LS.shape[0], -1, C)[layer_X, worker_X]
+
+
+def balance_pairs(
+    phy2log_LS: np.ndarray,
+    slot_weight_LS: np.ndarray,
+    slots_per_worker: int,
+    num_experts: int,
+    target_LAYERS: np.ndarray,
+    rounds: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rounds of parallel pair balancing; returns (phy2log_LS, slot_weight_LS) copies.
+
+    Round: sort each layer's workers by load; pair the i-th heaviest with the i-th lightest
+    (i < W / 2); in every pair apply the legal swap that leaves the pair closest to even when it
+    lowers the pair's maximum. The busiest worker never gets busier, so the layer maximum never
+    rises. A layer stops once its busiest worker is at or below `target_LAYERS` (tokens) or
+    when no pair improves.
+    """
+    phy2log_LS = phy2log_LS.copy()
+    slot_weight_LS = np.asarray(slot_weight_LS, dtype=np.float64).copy()
+    num_layers, num_slots = phy2log_LS.shape
+    C = slots_per_worker
+    W = num_slots // C
+    P = W // 2
+    if P < 1:
+        return phy2log_LS, slot_weight_LS
+    holds_LWE = holds_map(phy2log_LS, C, num_experts)
+    col_LS = np.where(phy2log_LS >= 0, phy2log_LS, num_experts)
+    worker_load_LW = slot_weight_LS.reshape(num_layers, W, C).sum(axis=2)
+    active = np.arange(num_layers)
+    for _ in range(rounds):
+        active = active[worker_load_LW[active].max(axis=1) > target_LAYERS[active] * (1 + _EPS)]
+        if len(active) == 0:
+            break
+        order_AW = np.argsort(worker_load_LW[active], axis=1)
+        heavy_X, light_X = order_AW[:, ::-1][:, :P].ravel(), order_AW[:, :P].ravel()
+        layer_X = np.repeat(active, P)
+        load_a_X, load_b_X = worker_load_LW[layer_X, heavy_X], worker_load_LW[layer_X, light_X]
+        best_X, score_XQ = best_pair_swaps(
+            holds_LWE, layer_X, heavy_X, light_X, load_a_X, load_b_X,
+            _gather(col_LS, layer_X, heavy_X, C), _gather(slot_weight_LS, layer_X, heavy_X, C),
+            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C),
+        )
+        gap_X = (load_a_X - load_b_X) / 2
+        sel = np.nonzero(score_XQ[np.arange(len(best_X)), best_X] < gap_X * (1 - 1e-6))[0]
+        if len(sel) == 0:
+            break
+        ca, cb = np.divmod(best_X[sel], C)
+        layers, worker_a, worker_b = layer_X[sel], heavy_X[sel], light_X[sel]
+        slot_a, slot_b = worker_a * C + ca, worker_b * C + cb
+        _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b)
+        col_LS[layers, slot_a], col_LS[layers, slot_b] = col_LS[layers, slot_b], col_LS[layers, slot_a]
+        active = np.unique(layers)
+    return phy2log_LS, slot_weight_LS
+
+
+def refine_by_swaps(
+    phy2log_LS: np.ndarray,
+    slot_weight_LS: np.ndarray,
+    slots_per_worker: int,
+    num_experts: int,
+    target_LAYERS: np.ndarray | None = None,
+    max_swaps: int = 200,
+    num_partners: int = 8,
+    active_LAYERS: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local search on the busiest worker of each layer; returns (phy2log_LS, slot_weight_LS, swaps_L).
+
+    Each round swaps one slot of the busiest worker `a` with one slot of one of the
+    `num_partners` lightest workers `b`, choosing the swap with the smallest max(new a, new b)
+    that is below a's load and breaks no invariant (no expert twice on one worker). A layer
+    stops when its busiest worker is at or below `target_LAYERS` (tokens; default 0 = keep going
+    while it improves), when no swap improves, or after `max_swaps` swaps.
+    """
+    phy2log_LS = phy2log_LS.copy()
+    slot_weight_LS = np.asarray(slot_weight_LS, dtype=np.float64).copy()
+    num_layers, num_slots = phy2log_LS.shape
+    C = slots_per_worker
+    W = num_slots // C
+    K = min(num_partners, W - 1)
+    swaps_L = np.zeros(num_layers, dtype=np.int64)
+    if K < 1 or num_layers == 0:
+        return phy2log_LS, slot_weight_LS, swaps_L
+    target_L = np.zeros(num_layers) if target_LAYERS is None else np.asarray(target_LAYERS, dtype=np.float64)
+    holds_LWE = holds_map(phy2log_LS, C, num_experts)
+    col_LS = np.where(phy2log_LS >= 0, phy2log_LS, num_experts)
+    worker_load_LW = slot_weight_LS.reshape(num_layers, W, C).sum(axis=2)
+    active = np.arange(num_layers) if active_LAYERS is None else np.nonzero(active_LAYERS)[0]
+    for _ in range(max_swaps):
+        if len(active) == 0:
+            break
+        load_AW = worker_load_LW[active]
+        busiest_A = np.argmax(load_AW, axis=1)
+        busiest_load_A = load_AW[np.arange(len(active)), busiest_A]
+        keep = busiest_load_A > target_L[active] * (1 + _EPS)
+        if not keep.all():
+            active, load_AW, busiest_A, busiest_load_A = active[keep], load_AW[keep], busiest_A[keep], busiest_load_A[keep]
+            if len(active) == 0:
+                break
+        ar = np.arange(len(active))
+        load_AW[ar, busiest_A] = np.inf  # never partner with itself
+        if K < W - 1:
+            partners_AK = np.argpartition(load_AW, K - 1, axis=1)[:, :K]
+        else:
+            partners_AK = np.argsort(load_AW, axis=1)[:, :K]
+        layer_X, heavy_X, light_X = np.repeat(active, K), np.repeat(busiest_A, K), partners_AK.ravel()
+        load_a_X, load_b_X = np.repeat(busiest_load_A, K), load_AW[ar[:, None], partners_AK].ravel()
+        _, score_XQ = best_pair_swaps(
+            holds_LWE, layer_X, heavy_X, light_X, load_a_X, load_b_X,
+            np.repeat(_gather(col_LS, active, busiest_A, C), K, axis=0),
+            np.repeat(_gather(slot_weight_LS, active, busiest_A, C), K, axis=0),
+            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C),
+        )
+        # pair maximum after a swap = (load a + load b) / 2 + score: compare across partners
+        new_max_AQ = (((load_a_X + load_b_X) / 2)[:, None] + score_XQ).reshape(len(active), K * C * C)
+        best_A = np.argmin(new_max_AQ, axis=1)
+        sel = np.nonzero(new_max_AQ[ar, best_A] < busiest_load_A * (1 - _EPS))[0]
+        if len(sel) == 0:
+            break
+        best_k, best_q = np.divmod(best_A[sel], C * C)
+        ca, cb = np.divmod(best_q, C)
+        layers, worker_a, worker_b = active[sel], busiest_A[sel], partners_AK[sel, best_k]
+        slot_a, slot_b = worker_a * C + ca, worker_b * C + cb
+        _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b)
+        col_LS[layers, slot_a], col_LS[layers, slot_b] = col_LS[layers, slot_b], col_LS[layers, slot_a]
+        swaps_L[layers] += 1
+        active = layers
+    return phy2log_LS, slot_weight_LS, swaps_L
