@@ -46,7 +46,7 @@ class PlannerOptions:
     """Knobs of `plan`. Tolerances are relative to the fresh plan's imbalance of each layer."""
 
     keep_tolerance: float = 0.01  # keep a layer's slots if within this of the fresh plan
-    target_tolerance: float = 0.01  # incremental re-plan stops once within this of the fresh plan
+    target_tolerance: float = 0.02  # incremental re-plan stops once within this of the fresh plan
     migration_aware: bool = True  # False: always take the fresh plan (matched to current slots)
     hierarchical: bool = False  # pack expert groups to nodes first, then plan inside each node
     num_groups: int | None = None  # expert groups for hierarchical (default: one per node)
@@ -94,12 +94,30 @@ def _fresh_flat(load_LE: np.ndarray, num_workers: int, slots_per_worker: int, op
             phy2log_LS, tokens_LS, slots_per_worker, num_experts,
             target_LAYERS=target_L, max_swaps=options.max_swaps, num_partners=partners,
         )
+    if num_slots == num_experts:  # one slot per expert: also try EPLB's packing, keep the better layer
+        phy2log_LS, tokens_LS = _better_of_eplb_packing(load_LE, phy2log_LS, tokens_LS, num_workers, slots_per_worker)
     weights_LS = equal_replica_weights(phy2log_LS, num_experts)
     # Split weights only where the swaps left the layer above its target (moves no bytes).
     busy = np.nonzero(tokens_LS.reshape(len(load_LE), num_workers, slots_per_worker).sum(axis=2).max(axis=1) > target_L)[0]
     if len(busy):
         weights_LS[busy] = balance_replica_weights(load_LE[busy], phy2log_LS[busy], slots_per_worker, sweeps=options.weight_sweeps)
     return phy2log_LS, weights_LS
+
+
+def _better_of_eplb_packing(load_LE, phy2log_LS, tokens_LS, num_workers, slots_per_worker):
+    """Without replicas a layer is a pure partition; per layer keep ours or EPLB's balanced
+    packing (heaviest expert to the lightest pack with room), whichever has the lower maximum."""
+    from placement.eplb import balanced_packing
+
+    num_layers, num_experts = load_LE.shape
+    pack_LE, rank_LE = balanced_packing(load_LE, num_workers)
+    eplb_LS = np.empty_like(phy2log_LS)
+    np.put_along_axis(eplb_LS, pack_LE * slots_per_worker + rank_LE, np.broadcast_to(np.arange(num_experts), load_LE.shape), axis=1)
+    eplb_tokens_LS = slot_loads(load_LE, eplb_LS)
+    ours_max_L = tokens_LS.reshape(num_layers, num_workers, slots_per_worker).sum(axis=2).max(axis=1)
+    eplb_max_L = eplb_tokens_LS.reshape(num_layers, num_workers, slots_per_worker).sum(axis=2).max(axis=1)
+    take = eplb_max_L < ours_max_L
+    return np.where(take[:, None], eplb_LS, phy2log_LS), np.where(take[:, None], eplb_tokens_LS, tokens_LS)
 
 
 def _group_to_node_maps(load_LE: np.ndarray, topology: Topology, num_groups: int) -> np.ndarray:
@@ -147,12 +165,24 @@ def _weights_from_slot_tokens(load_LE, phy2log_LS, slot_tokens_LS, fallback_LS):
         return np.where(held, np.where(expert_load_LS > 0, slot_tokens_LS / expert_load_LS, fallback_LS), 0.0)
 
 
-def _incremental(load_LE, current_LS, fresh_imb_L, topology: Topology, options: PlannerOptions):
+def _warm_weights(current_LS, current_weights_LS, phy2log_LS, num_experts):
+    """Weights of the current slots carried over where an expert kept exactly its slots; equal
+    split for experts whose slots changed."""
+    num_layers = phy2log_LS.shape[0]
+    changed_LE = np.zeros((num_layers, num_experts + 1), dtype=bool)
+    layer_idx, slot_idx = np.nonzero(phy2log_LS != current_LS)
+    changed_LE[layer_idx, np.where(phy2log_LS[layer_idx, slot_idx] >= 0, phy2log_LS[layer_idx, slot_idx], num_experts)] = True
+    changed_LE[layer_idx, np.where(current_LS[layer_idx, slot_idx] >= 0, current_LS[layer_idx, slot_idx], num_experts)] = True
+    col_LS = np.where(phy2log_LS >= 0, phy2log_LS, num_experts)
+    return np.where(np.take_along_axis(changed_LE, col_LS, axis=1), equal_replica_weights(phy2log_LS, num_experts), current_weights_LS)
+
+
+def _incremental(load_LE, current_LS, current_weights_LS, fresh_imb_L, topology: Topology, options: PlannerOptions):
     """Re-plan rows of `current_LS` with few copies: (phy2log_LS, weights_LS, imbalance_L)."""
     spw = topology.slots_per_worker
     num_experts = load_LE.shape[1]
     phy2log_LS = reassign_replicas(load_LE, current_LS, spw, options.target_tolerance)
-    weights_LS = balance_replica_weights(load_LE, phy2log_LS, spw, sweeps=options.weight_sweeps)
+    weights_LS = _warm_weights(current_LS, current_weights_LS, phy2log_LS, num_experts)
     mean_L = load_LE.sum(axis=1) / topology.num_workers
     target_L = fresh_imb_L * (1 + options.target_tolerance) * mean_L
     phy2log_LS, tokens_LS, _ = refine_by_swaps(
@@ -216,7 +246,9 @@ def plan(
             fallback_L = ~kept_L
             redo = np.nonzero(~kept_L)[0]
             if len(redo):
-                inc_LS, inc_w_LS, inc_imb_L = _incremental(load_LE[redo], current_LS[redo], fresh_imb_L[redo], topology, options)
+                inc_LS, inc_w_LS, inc_imb_L = _incremental(
+                    load_LE[redo], current_LS[redo], keep_weights_LS[redo], fresh_imb_L[redo], topology, options
+                )
                 good = inc_imb_L <= fresh_imb_L[redo] * (1 + options.target_tolerance) * (1 + 1e-9)
                 phy2log_LS[redo[good]], weights_LS[redo[good]] = inc_LS[good], inc_w_LS[good]
                 fallback_L[redo[good]] = False
