@@ -57,8 +57,8 @@ class GroupSpec:
 
 
 # Process-local state. Ray constructs a backend class with (world_size, rank, group_name) only, so
-# the rest of the spec (address, timeout) is handed over through this table, keyed by group name.
-_pending_specs: dict[str, GroupSpec] = {}
+# the rest of the spec (address, timeout) is handed over through this table, keyed by (group, rank).
+_pending_specs: dict[tuple[str, int], GroupSpec] = {}
 _master_stores: dict[str, dist.TCPStore] = {}
 _lock = threading.Lock()
 
@@ -100,14 +100,27 @@ def join_group(spec: GroupSpec) -> None:
     """In each actor: create this rank's member of the group (blocks until all ranks joined)."""
     register_backends()
     with _lock:
-        _pending_specs[spec.group_name] = spec
+        _pending_specs[(spec.group_name, spec.rank)] = spec
     try:
         ray_collective.init_collective_group(
             spec.world_size, spec.rank, backend=spec.backend, group_name=spec.group_name
         )
     finally:
         with _lock:
-            _pending_specs.pop(spec.group_name, None)
+            _pending_specs.pop((spec.group_name, spec.rank), None)
+
+
+def create_group(spec: GroupSpec) -> TorchCollectiveGroup:
+    """Build this rank's member directly, outside Ray's group manager (threads in one process,
+    plain subprocesses). `join_group` is the path for Ray actors."""
+    with _lock:
+        _pending_specs[(spec.group_name, spec.rank)] = spec
+    try:
+        cls = {GLOO_BACKEND: GlooGroup, NCCL_BACKEND: NcclGroup}[spec.backend]
+        return cls(spec.world_size, spec.rank, spec.group_name)
+    finally:
+        with _lock:
+            _pending_specs.pop((spec.group_name, spec.rank), None)
 
 
 def get_group(group_name: str) -> TorchCollectiveGroup:
@@ -141,7 +154,7 @@ class TorchCollectiveGroup(BaseGroup):
     def __init__(self, world_size: int, rank: int, group_name: str):
         super().__init__(world_size, rank, group_name)
         with _lock:
-            spec = _pending_specs.get(group_name)
+            spec = _pending_specs.get((group_name, rank))
             master = _master_stores.get(group_name)
         if spec is None:
             raise CollectiveError(

@@ -1,0 +1,45 @@
+import pytest
+from pydantic import ValidationError
+
+from moeray.config import EngineConfig, ParallelConfig, tiny_model_config
+
+
+def test_top_k_above_experts_is_rejected_naming_both_values():
+    with pytest.raises(ValidationError, match=r"top_k=9 > num_experts=8"):
+        tiny_model_config(num_experts=8, top_k=9)
+
+
+def test_fewer_slots_than_experts_is_rejected_naming_the_numbers():
+    with pytest.raises(ValidationError, match=r"num_workers=2 x slots_per_worker=3 = 6 slots < num_experts=8"):
+        EngineConfig(model=tiny_model_config(num_experts=8), parallel=ParallelConfig(num_workers=2, slots_per_worker=3))
+
+
+def test_zero_workers_is_rejected():
+    with pytest.raises(ValidationError, match=r"num_workers"):
+        ParallelConfig(num_workers=0)
+
+
+def test_group_limited_routing_must_divide_experts():
+    with pytest.raises(ValidationError, match=r"num_experts=10 is not divisible by n_group=4"):
+        tiny_model_config(num_experts=10, n_group=4, topk_group=2)
+    with pytest.raises(ValidationError, match=r"top_k=5 > topk_group=1 x 4 experts per group"):
+        tiny_model_config(num_experts=8, top_k=5, n_group=2, topk_group=1)
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ValidationError, match="num_expert"):
+        EngineConfig.model_validate({"model": {**tiny_model_config().model_dump(), "num_expert": 3}})
+
+
+def test_default_slots_cover_experts_not_divisible_by_workers():
+    cfg = EngineConfig(model=tiny_model_config(num_experts=7), parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=1))
+    assert cfg.slots_per_worker == 4  # ceil(7 / 3) + 1
+
+
+def test_yaml_round_trip(tmp_path):
+    import yaml
+
+    cfg = EngineConfig(model=tiny_model_config(), parallel=ParallelConfig(num_workers=2))
+    path = tmp_path / "engine.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    assert EngineConfig.from_yaml(path) == cfg
