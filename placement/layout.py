@@ -23,6 +23,13 @@ import numpy as np
 FREE_SLOT = -1
 
 
+def expert_counts(phy2log_LS: np.ndarray, num_experts: int) -> np.ndarray:
+    """[L, E] int64 number of slots holding each expert (free slots, -1, are not counted)."""
+    num_layers = phy2log_LS.shape[0]
+    flat_LS = np.where(phy2log_LS >= 0, phy2log_LS + (np.arange(num_layers) * (num_experts + 1))[:, None], num_experts)
+    return np.bincount(flat_LS.ravel(), minlength=num_layers * (num_experts + 1)).reshape(num_layers, num_experts + 1)[:, :num_experts]
+
+
 @dataclass(frozen=True)
 class Topology:
     """Workers grouped into nodes; every worker has the same number of expert slots."""
@@ -99,9 +106,7 @@ class Placement:
     @cached_property
     def logcnt(self) -> np.ndarray:
         """[L, E] number of slots holding each expert."""
-        counts = np.zeros((self.num_layers, self.num_experts), dtype=np.int64)
-        layer_idx, slot_idx = np.nonzero(self.phy2log >= 0)
-        np.add.at(counts, (layer_idx, self.phy2log[layer_idx, slot_idx]), 1)
+        counts = expert_counts(self.phy2log, self.num_experts)
         counts.setflags(write=False)
         return counts
 
@@ -112,7 +117,7 @@ class Placement:
         out = np.full((self.num_layers, self.num_experts, max_rep), -1, dtype=np.int64)
         layer_idx, slot_idx = np.nonzero(self.phy2log >= 0)
         experts = self.phy2log[layer_idx, slot_idx]
-        order = np.lexsort((slot_idx, experts, layer_idx))  # by layer, expert, then slot
+        order = np.argsort((layer_idx * self.num_experts + experts) * self.num_slots + slot_idx)  # unique keys
         layer_idx, slot_idx, experts = layer_idx[order], slot_idx[order], experts[order]
         key = layer_idx * self.num_experts + experts
         rank = np.arange(len(key)) - np.searchsorted(key, key, side="left")

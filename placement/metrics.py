@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.layout import Placement
+from placement.layout import Placement, expert_counts
 
 
 def equal_replica_weights(phy2log_LS: np.ndarray, num_experts: int) -> np.ndarray:
     """[L, S] float: 1 / (number of slots of the slot's expert); 0 for free slots."""
     phy2log_LS = np.asarray(phy2log_LS)
-    num_layers = phy2log_LS.shape[0]
     held = phy2log_LS >= 0
-    logcnt_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
-    layer_idx, slot_idx = np.nonzero(held)
-    np.add.at(logcnt_LE, (layer_idx, phy2log_LS[layer_idx, slot_idx]), 1)
+    logcnt_LE = expert_counts(phy2log_LS, num_experts)
     count_LS = np.take_along_axis(logcnt_LE, np.where(held, phy2log_LS, 0), axis=1)
     return np.where(held, 1.0 / np.maximum(count_LS, 1), 0.0)
 

@@ -54,7 +54,8 @@ def replica_counts(load_LE: np.ndarray, num_slots: int, max_replicas: int) -> np
     divisors_K = np.arange(1, most + 1, dtype=np.float64)
     quotient_LX = (hot_load_LH[:, :, None] / divisors_K).reshape(num_layers, -1)
     winners_LX = np.argpartition(-quotient_LX, extra - 1, axis=1)[:, :extra]
-    np.add.at(count_LE, (np.arange(num_layers)[:, None], np.take_along_axis(hot_LH, winners_LX // len(divisors_K), axis=1)), 1)
+    won_LX = np.take_along_axis(hot_LH, winners_LX // len(divisors_K), axis=1) + (np.arange(num_layers) * num_experts)[:, None]
+    count_LE += np.bincount(won_LX.ravel(), minlength=num_layers * num_experts).reshape(num_layers, num_experts)
     return count_LE
 
 

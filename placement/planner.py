@@ -16,14 +16,12 @@ Fresh plan (no current placement, or a layer that must change a lot):
   Hierarchical (options.hierarchical): expert groups are first packed onto nodes (balanced,
   equal number of groups per node) and steps 1-4 run inside every node.
 
-Re-plan from a current placement (migration-aware), per layer:
-  - re-balance the split weights of the current slots (free); if that imbalance is within
-    `keep_tolerance` of the fresh plan's, keep the layer's slots untouched;
-  - otherwise start from the current slots: move surplus replicas (1 copy each) to experts
-    whose load per replica exceeds the fresh plan's largest item, then swap slots of the
-    busiest worker (2 copies each) until it is within `target_tolerance` of the fresh plan;
-  - if that still misses the target, take the fresh plan with its packs matched to workers
-    (and experts to slot indices) to maximise overlap with the current slots.
+Re-plan from a current placement (migration-aware): `placement.replan`. Per layer, re-balance
+the split weights of the current slots (free) and keep the slots when that is within
+`keep_tolerance` of the fresh plan; else edit the current slots (surplus replicas to needy
+experts, then swaps off the busiest worker) until within `target_tolerance`; else take the fresh
+plan matched to the current slots. The fresh plan runs lazily, only for the layers a cheap lower
+bound of its imbalance cannot decide.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ import numpy as np
 from placement.layout import Migration, Placement, Topology, migration_between
 from placement.metrics import equal_replica_weights, imbalance_of_worker_loads, slot_loads, worker_loads
 from placement.packing import greedy_pack, repair_duplicates, replica_counts, replica_items
-from placement.reassign import match_to_current, reassign_replicas
+from placement.replan import replan_layers
 from placement.replica_weights import balance_replica_weights
 from placement.swaps import balance_pairs, refine_by_swaps
 
@@ -53,6 +51,7 @@ class PlannerOptions:
     max_swaps: int = 256  # per layer, per local search
     fresh_slack: float = 1e-3  # fresh plan's swap search stops within this of perfect balance
     num_partners: int = 8  # light workers tried as swap partners of the busiest one
+    swap_parallel: int = 4  # re-plan: busiest workers per layer searching swaps at once (disjoint partners)
     pair_rounds: int = 4  # fresh plan: rounds of parallel heaviest/lightest pair balancing
     weight_sweeps: int = 8  # damped water-filling iterations over replicated experts (early exit)
 
@@ -158,48 +157,6 @@ def fresh_plan(load_LE: np.ndarray, topology: Topology, options: PlannerOptions)
     return phy2log_LS, weights.reshape(num_layers, -1)
 
 
-def _weights_from_slot_tokens(load_LE, phy2log_LS, slot_tokens_LS, fallback_LS):
-    held = phy2log_LS >= 0
-    expert_load_LS = np.where(held, np.take_along_axis(load_LE, np.where(held, phy2log_LS, 0), axis=1), 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(held, np.where(expert_load_LS > 0, slot_tokens_LS / expert_load_LS, fallback_LS), 0.0)
-
-
-def _warm_weights(current_LS, current_weights_LS, phy2log_LS, num_experts):
-    """Weights of the current slots carried over where an expert kept exactly its slots; equal
-    split for experts whose slots changed."""
-    num_layers = phy2log_LS.shape[0]
-    changed_LE = np.zeros((num_layers, num_experts + 1), dtype=bool)
-    layer_idx, slot_idx = np.nonzero(phy2log_LS != current_LS)
-    changed_LE[layer_idx, np.where(phy2log_LS[layer_idx, slot_idx] >= 0, phy2log_LS[layer_idx, slot_idx], num_experts)] = True
-    changed_LE[layer_idx, np.where(current_LS[layer_idx, slot_idx] >= 0, current_LS[layer_idx, slot_idx], num_experts)] = True
-    col_LS = np.where(phy2log_LS >= 0, phy2log_LS, num_experts)
-    return np.where(np.take_along_axis(changed_LE, col_LS, axis=1), equal_replica_weights(phy2log_LS, num_experts), current_weights_LS)
-
-
-def _incremental(load_LE, current_LS, current_weights_LS, fresh_imb_L, topology: Topology, options: PlannerOptions):
-    """Re-plan rows of `current_LS` with few copies: (phy2log_LS, weights_LS, imbalance_L)."""
-    spw = topology.slots_per_worker
-    num_experts = load_LE.shape[1]
-    phy2log_LS = reassign_replicas(load_LE, current_LS, spw, options.target_tolerance)
-    weights_LS = _warm_weights(current_LS, current_weights_LS, phy2log_LS, num_experts)
-    mean_L = load_LE.sum(axis=1) / topology.num_workers
-    target_L = fresh_imb_L * (1 + options.target_tolerance) * mean_L
-    phy2log_LS, tokens_LS, _ = refine_by_swaps(
-        phy2log_LS,
-        slot_loads(load_LE, phy2log_LS, weights_LS),
-        spw,
-        num_experts,
-        target_LAYERS=target_L,
-        max_swaps=options.max_swaps,
-        num_partners=options.num_partners,
-    )
-    weights_LS = _weights_from_slot_tokens(load_LE, phy2log_LS, tokens_LS, equal_replica_weights(phy2log_LS, num_experts))
-    weights_LS = balance_replica_weights(load_LE, phy2log_LS, spw, weights_LS, sweeps=options.weight_sweeps)
-    imb_L = imbalance_of_worker_loads(worker_loads(load_LE, phy2log_LS, spw, weights_LS))
-    return phy2log_LS, weights_LS, imb_L
-
-
 def plan(
     load_LE: np.ndarray,
     topology: Topology,
@@ -223,41 +180,19 @@ def plan(
         raise ValueError(f"{topology.num_slots} slots cannot hold {num_experts} experts")
     spw = topology.slots_per_worker
 
-    fresh_LS, fresh_weights_LS = fresh_plan(load_LE, topology, options)
-    fresh_imb_L = imbalance_of_worker_loads(worker_loads(load_LE, fresh_LS, spw, fresh_weights_LS))
-
     if current is None:
-        phy2log_LS, weights_LS, kept_L = fresh_LS, fresh_weights_LS, np.zeros(num_layers, dtype=bool)
+        phy2log_LS, weights_LS = fresh_plan(load_LE, topology, options)
+        kept_L = np.zeros(num_layers, dtype=bool)
+        fresh_imb_L = imbalance_of_worker_loads(worker_loads(load_LE, phy2log_LS, spw, weights_LS))
     else:
         if current.phy2log.shape != (num_layers, topology.num_slots) or current.num_experts != num_experts:
             raise ValueError(
                 f"current placement is {current.phy2log.shape} with E={current.num_experts}; "
                 f"load/topology need ({num_layers}, {topology.num_slots}) with E={num_experts}"
             )
-        current_LS = np.asarray(current.phy2log)
-        phy2log_LS, weights_LS = current_LS.copy(), np.zeros_like(fresh_weights_LS)
-        kept_L = np.zeros(num_layers, dtype=bool)
-        fallback_L = np.ones(num_layers, dtype=bool)
-        if options.migration_aware:
-            keep_weights_LS = balance_replica_weights(load_LE, current_LS, spw, sweeps=options.weight_sweeps)
-            keep_imb_L = imbalance_of_worker_loads(worker_loads(load_LE, current_LS, spw, keep_weights_LS))
-            kept_L = keep_imb_L <= fresh_imb_L * (1 + options.keep_tolerance)
-            weights_LS[kept_L] = keep_weights_LS[kept_L]
-            fallback_L = ~kept_L
-            redo = np.nonzero(~kept_L)[0]
-            if len(redo):
-                inc_LS, inc_w_LS, inc_imb_L = _incremental(
-                    load_LE[redo], current_LS[redo], keep_weights_LS[redo], fresh_imb_L[redo], topology, options
-                )
-                good = inc_imb_L <= fresh_imb_L[redo] * (1 + options.target_tolerance) * (1 + 1e-9)
-                phy2log_LS[redo[good]], weights_LS[redo[good]] = inc_LS[good], inc_w_LS[good]
-                fallback_L[redo[good]] = False
-        # The rest take the fresh plan, its packs matched to the current workers and slots.
-        redo = np.nonzero(fallback_L)[0]
-        if len(redo):
-            matched_LS = match_to_current(fresh_LS[redo], current_LS[redo], spw)
-            phy2log_LS[redo] = matched_LS
-            weights_LS[redo] = _permute_weights(fresh_LS[redo], fresh_weights_LS[redo], matched_LS)
+        phy2log_LS, weights_LS, kept_L, fresh_imb_L = replan_layers(
+            load_LE, np.asarray(current.phy2log), topology, options, lambda rows_LE: fresh_plan(rows_LE, topology, options)
+        )
 
     phy2log_LS = np.asarray(phy2log_LS, dtype=np.int64)
     if current is None:
@@ -277,17 +212,3 @@ def plan(
         kept_LAYERS=kept_L,
         fresh_imbalance_LAYERS=fresh_imb_L,
     )
-
-
-def _permute_weights(from_LS: np.ndarray, weights_LS: np.ndarray, to_LS: np.ndarray) -> np.ndarray:
-    """Weights of `from_LS` carried to `to_LS`, a per-layer permutation of the same (expert) multiset.
-
-    Replicas of one expert are interchangeable, so the k-th slot of expert e in `to` takes the
-    weight of the k-th slot of e in `from`.
-    """
-    num_slots = from_LS.shape[1]
-    src_order_LS = np.argsort(from_LS * num_slots + np.arange(num_slots), axis=1)  # by expert, then slot
-    dst_order_LS = np.argsort(to_LS * num_slots + np.arange(num_slots), axis=1)
-    out_LS = np.zeros_like(weights_LS)
-    np.put_along_axis(out_LS, dst_order_LS, np.take_along_axis(weights_LS, src_order_LS, axis=1), axis=1)
-    return out_LS

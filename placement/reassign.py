@@ -4,7 +4,8 @@ Shapes:
     L  MoE layers    E  logical experts    S  slots (= W * C)    W  workers    C  slots per worker
 
 `reassign_replicas`  gives slots of surplus replicas (or free slots) to experts whose load per
-                     replica is above what a fresh plan would allow; one copy per change.
+                     replica is above what a fresh plan would allow; one copy per change, up to
+                     `per_round` changes per layer per numpy round.
 `match_to_current`   lays a freshly planned slot map over the current one: each new pack goes to
                      the worker holding most of its experts (greedy max-overlap matching), and
                      an expert that stays on a worker keeps its slot index.
@@ -14,62 +15,89 @@ from __future__ import annotations
 
 import numpy as np
 
+from placement.layout import expert_counts
 from placement.metrics import slot_loads
 from placement.packing import replica_counts
 
 
 def reassign_replicas(
-    load_LE: np.ndarray, phy2log_LS: np.ndarray, slots_per_worker: int, tolerance: float = 0.0
+    load_LE: np.ndarray,
+    phy2log_LS: np.ndarray,
+    slots_per_worker: int,
+    tolerance: float = 0.0,
+    fresh_count_LE: np.ndarray | None = None,
+    per_round: int = 8,
 ) -> np.ndarray:
     """Return a copy of `phy2log_LS` where, layer by layer, the expert f with the largest load per
     replica gets one more slot while that load exceeds the largest load per replica of a fresh
     replica allocation by more than `tolerance`. The slot comes from a free slot, else from the
     expert g with >= 2 replicas that loses least (smallest load_g / (count_g - 1), which must stay
     below f's load per replica); it is taken on the lightest worker that does not hold f.
+    `fresh_count_LE` (the fresh allocation's replica counts) is computed when not given.
+
+    Vectorised: each round hands out up to `per_round` replicas per layer at once, the i-th
+    neediest expert taking from the i-th cheapest donor (distinct experts and donors, so the
+    edits never collide); a pair waits for a later round when its donor would lose too much.
     """
     load_LE = np.asarray(load_LE, dtype=np.float64)
     phy2log_LS = np.array(phy2log_LS, dtype=np.int64, copy=True)
     num_layers, num_experts = load_LE.shape
     num_slots = phy2log_LS.shape[1]
     num_workers = num_slots // slots_per_worker
-    fresh_count_LE = replica_counts(load_LE, num_slots, max_replicas=num_workers)
+    if fresh_count_LE is None:
+        fresh_count_LE = replica_counts(load_LE, num_slots, max_replicas=num_workers)
     limit_L = (load_LE / fresh_count_LE).max(axis=1) * (1 + tolerance)
-    count_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
-    layer_idx, slot_idx = np.nonzero(phy2log_LS >= 0)
-    np.add.at(count_LE, (layer_idx, phy2log_LS[layer_idx, slot_idx]), 1)
+    count_LE = np.ascontiguousarray(expert_counts(phy2log_LS, num_experts))
     active = np.arange(num_layers)
+    m = max(1, min(per_round, num_experts))
     for _ in range(num_slots - num_experts):
         if len(active) == 0:
             break
-        ar = np.arange(len(active))
+        ar = np.arange(len(active))[:, None]
         load_AE, count_AE, row_AS = load_LE[active], count_LE[active], phy2log_LS[active]
         per_replica_AE = np.where(count_AE < num_workers, load_AE / np.maximum(count_AE, 1), -np.inf)
-        needy_A = np.argmax(per_replica_AE, axis=1)
-        needy_load_A = per_replica_AE[ar, needy_A]
+        needy_AM = _top(-per_replica_AE, m)
+        needy_load_AM = per_replica_AE[ar, needy_AM]
         loss_AE = np.where(count_AE >= 2, load_AE / np.maximum(count_AE - 1, 1), np.inf)
-        loss_AE[ar, needy_A] = np.inf
-        donor_A = np.argmin(loss_AE, axis=1)
-        donor_ok_A = loss_AE[ar, donor_A] < needy_load_A
-        holds_needy_AW = (row_AS == needy_A[:, None]).reshape(len(active), num_workers, slots_per_worker).any(axis=2)
-        open_AS = ~np.repeat(holds_needy_AW, slots_per_worker, axis=1)
-        free_AS = (row_AS < 0) & open_AS
+        loss_AE[ar, needy_AM] = np.inf
+        donor_AM = _top(loss_AE, m)  # the i-th neediest expert takes from the i-th cheapest donor
+        donor_ok_AM = loss_AE[ar, donor_AM] < needy_load_AM
+        open_AMS = ~np.repeat(
+            (row_AS[:, None, :] == needy_AM[:, :, None]).reshape(len(active), m, num_workers, slots_per_worker).any(axis=3),
+            slots_per_worker, axis=2,
+        )
+        free_AS = row_AS < 0
         has_free_A = free_AS.any(axis=1)
-        donor_AS = (row_AS == donor_A[:, None]) & open_AS
-        candidate_AS = np.where(has_free_A[:, None], free_AS, donor_AS & donor_ok_A[:, None])
+        # free slots go to the neediest expert only (so two experts never pick the same free slot)
+        candidate_AMS = np.where(
+            has_free_A[:, None, None],
+            free_AS[:, None, :] & open_AMS & (np.arange(m) == 0)[None, :, None],
+            (row_AS[:, None, :] == donor_AM[:, :, None]) & open_AMS & donor_ok_AM[:, :, None],
+        )
         worker_load_AW = slot_loads(load_AE, row_AS).reshape(len(active), num_workers, slots_per_worker).sum(axis=2)
-        score_AS = np.where(candidate_AS, np.repeat(worker_load_AW, slots_per_worker, axis=1), np.inf)
-        slot_A = np.argmin(score_AS, axis=1)
-        go_A = (needy_load_A > limit_L[active]) & candidate_AS[ar, slot_A]
-        if not go_A.any():
+        score_AMS = np.where(candidate_AMS, np.repeat(worker_load_AW, slots_per_worker, axis=1)[:, None, :], np.inf)
+        slot_AM = np.argmin(score_AMS, axis=2)
+        go_AM = (needy_load_AM > limit_L[active][:, None]) & np.take_along_axis(candidate_AMS, slot_AM[..., None], axis=2)[..., 0]
+        if not go_AM.any():
             break
-        layers, slots = active[go_A], slot_A[go_A]
+        a_idx, m_idx = np.nonzero(go_AM)
+        layers, slots, needy = active[a_idx], slot_AM[a_idx, m_idx], needy_AM[a_idx, m_idx]
         old = phy2log_LS[layers, slots]
         donated = old >= 0
-        count_LE[layers[donated], old[donated]] -= 1
-        count_LE[layers, needy_A[go_A]] += 1
-        phy2log_LS[layers, slots] = needy_A[go_A]
-        active = layers
+        count_LE[layers[donated], old[donated]] -= 1  # distinct donors per layer
+        count_LE[layers, needy] += 1  # distinct (layer, expert) pairs
+        phy2log_LS[layers, slots] = needy
+        active = np.unique(layers)
     return phy2log_LS
+
+
+def _top(key_AE: np.ndarray, m: int) -> np.ndarray:
+    """[A, m] column indices of the m smallest keys of each row, ascending."""
+    if m < key_AE.shape[1]:
+        idx_AM = np.argpartition(key_AE, m - 1, axis=1)[:, :m]
+    else:
+        idx_AM = np.broadcast_to(np.arange(key_AE.shape[1]), key_AE.shape)
+    return np.take_along_axis(idx_AM, np.argsort(np.take_along_axis(key_AE, idx_AM, axis=1), axis=1, kind="stable"), axis=1)
 
 
 def match_to_current(new_LS: np.ndarray, current_LS: np.ndarray, slots_per_worker: int) -> np.ndarray:
@@ -84,7 +112,7 @@ def match_to_current(new_LS: np.ndarray, current_LS: np.ndarray, slots_per_worke
     num_experts = int(max(new_LS.max(initial=-1), current_LS.max(initial=-1))) + 1
     # overlap_LWW[l, p, w] = experts of new pack p that old worker w holds: one count per
     # (new slot, old slot) pair with the same expert, found by sorting both rows by expert.
-    old_order_LS = np.argsort(np.where(current_LS >= 0, current_LS, num_experts), axis=1, kind="stable")
+    old_order_LS = np.argsort(np.where(current_LS >= 0, current_LS, num_experts) * num_slots + np.arange(num_slots), axis=1)
     old_sorted_LS = np.take_along_axis(current_LS, old_order_LS, axis=1)
     layer_idx, slot_idx = np.nonzero(new_LS >= 0)
     experts = new_LS[layer_idx, slot_idx]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from placement.layout import expert_counts
 from placement.metrics import equal_replica_weights
 
 _DAMPING = 0.5
@@ -26,15 +27,14 @@ def replicated_slots(phy2log_LS: np.ndarray, num_experts: int) -> tuple[np.ndarr
     """(slots_LKR, expert_LK): slots of every expert with >= 2 replicas, ascending; -1 padded."""
     num_layers = phy2log_LS.shape[0]
     held = phy2log_LS >= 0
-    logcnt_LE = np.zeros((num_layers, num_experts), dtype=np.int64)
+    logcnt_LE = expert_counts(phy2log_LS, num_experts)
     layer_idx, slot_idx = np.nonzero(held)
-    np.add.at(logcnt_LE, (layer_idx, phy2log_LS[layer_idx, slot_idx]), 1)
     experts = phy2log_LS[layer_idx, slot_idx]
     keep = logcnt_LE[layer_idx, experts] >= 2
     layer_idx, slot_idx, experts = layer_idx[keep], slot_idx[keep], experts[keep]
     if len(layer_idx) == 0:
         return np.full((num_layers, 0, 0), -1, dtype=np.int64), np.full((num_layers, 0), -1, dtype=np.int64)
-    order = np.lexsort((slot_idx, experts, layer_idx))
+    order = np.argsort((layer_idx * num_experts + experts) * phy2log_LS.shape[1] + slot_idx)  # unique keys
     layer_idx, slot_idx, experts = layer_idx[order], slot_idx[order], experts[order]
     key = layer_idx * num_experts + experts
     new_expert = np.r_[True, key[1:] != key[:-1]]

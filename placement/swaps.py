@@ -15,7 +15,8 @@ share of its expert's load).
                    with the i-th lightest and applies each pair's best balancing swap at once, so
                    a round fixes W / 2 pairs for the cost of one numpy pass.
 `refine_by_swaps`  migration-aware (every swap is 2 copies): one swap per layer per round, on the
-                   busiest worker, with the best of its K lightest peers.
+                   busiest worker, with the best of its K lightest peers (or, with `parallel`,
+                   one swap on each of the P busiest workers, with disjoint partners).
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def refine_by_swaps(
     max_swaps: int = 200,
     num_partners: int = 8,
     active_LAYERS: np.ndarray | None = None,
+    parallel: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Local search on the busiest worker of each layer; returns (phy2log_LS, slot_weight_LS, swaps_L).
 
@@ -139,7 +141,12 @@ def refine_by_swaps(
     `num_partners` lightest workers `b`, choosing the swap with the smallest max(new a, new b)
     that is below a's load and breaks no invariant (no expert twice on one worker). A layer
     stops when its busiest worker is at or below `target_LAYERS` (tokens; default 0 = keep going
-    while it improves), when no swap improves, or after `max_swaps` swaps.
+    while it improves), when no swap improves, or after `max_swaps` rounds.
+
+    `parallel` > 1: each round also works on the next busiest workers, up to `parallel` per layer
+    (only those above the target): busy worker i (i-th busiest) gets the lightest workers of rank
+    i, i + P, i + 2P, ... as its K partners, so the pairs are disjoint and all their best swaps
+    apply at once. P = min(parallel, W // (K + 1)).
     """
     phy2log_LS = phy2log_LS.copy()
     slot_weight_LS = np.asarray(slot_weight_LS, dtype=np.float64).copy()
@@ -155,6 +162,10 @@ def refine_by_swaps(
     col_LS = np.where(phy2log_LS >= 0, phy2log_LS, num_experts)
     worker_load_LW = slot_weight_LS.reshape(num_layers, W, C).sum(axis=2)
     active = np.arange(num_layers) if active_LAYERS is None else np.nonzero(active_LAYERS)[0]
+    P = max(1, min(parallel, W // (K + 1)))
+    if P > 1:
+        _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, C, K, P, target_L, active, max_swaps)
+        return phy2log_LS, slot_weight_LS, swaps_L
     for _ in range(max_swaps):
         if len(active) == 0:
             break
@@ -195,3 +206,47 @@ def refine_by_swaps(
         swaps_L[layers] += 1
         active = layers
     return phy2log_LS, slot_weight_LS, swaps_L
+
+
+def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, C, K, P, target_L, active, rounds):
+    """`refine_by_swaps` with the P busiest workers of each layer searching at once (in place)."""
+    for _ in range(rounds):
+        if len(active) == 0:
+            break
+        active = active[worker_load_LW[active].max(axis=1) > target_L[active] * (1 + _EPS)]
+        if len(active) == 0:
+            break
+        load_AW = worker_load_LW[active]
+        order_AW = np.argsort(load_AW, axis=1)
+        busy_AP = order_AW[:, ::-1][:, :P]
+        partners_APK = order_AW[:, : P * K].reshape(len(active), K, P).transpose(0, 2, 1)
+        ar = np.arange(len(active))[:, None]
+        busy_load_AP = load_AW[ar, busy_AP]
+        layer_X = np.repeat(active, P * K)
+        heavy_X, light_X = np.repeat(busy_AP.ravel(), K), partners_APK.ravel()
+        load_a_X, load_b_X = np.repeat(busy_load_AP.ravel(), K), load_AW[ar[:, :, None], partners_APK].ravel()
+        layer_B = np.repeat(active, P)
+        _, score_XQ = best_pair_swaps(
+            holds_LWE, layer_X, heavy_X, light_X, load_a_X, load_b_X,
+            np.repeat(_gather(col_LS, layer_B, busy_AP.ravel(), C), K, axis=0),
+            np.repeat(_gather(slot_weight_LS, layer_B, busy_AP.ravel(), C), K, axis=0),
+            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C),
+        )
+        new_max_BQ = (((load_a_X + load_b_X) / 2)[:, None] + score_XQ).reshape(len(layer_B), K * C * C)
+        best_B = np.argmin(new_max_BQ, axis=1)
+        busy_load_B = busy_load_AP.ravel()
+        sel = np.nonzero(
+            (new_max_BQ[np.arange(len(best_B)), best_B] < busy_load_B * (1 - _EPS))
+            & (busy_load_B > target_L[layer_B] * (1 + _EPS))
+        )[0]
+        if len(sel) == 0:
+            break
+        best_k, best_q = np.divmod(best_B[sel], C * C)
+        ca, cb = np.divmod(best_q, C)
+        layers, worker_a = layer_B[sel], busy_AP.ravel()[sel]
+        worker_b = partners_APK.reshape(-1, K)[sel, best_k]
+        slot_a, slot_b = worker_a * C + ca, worker_b * C + cb
+        _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b)
+        col_LS[layers, slot_a], col_LS[layers, slot_b] = col_LS[layers, slot_b], col_LS[layers, slot_a]
+        swaps_L += np.bincount(layers, minlength=len(swaps_L))
+        active = np.unique(layers)
