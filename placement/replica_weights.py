@@ -21,6 +21,7 @@ from placement.layout import expert_counts
 from placement.metrics import equal_replica_weights
 
 _DAMPING = 0.5
+_ABSENT = 1e300  # base of a padding replica: never filled (R * 1e300 stays finite)
 
 
 def replicated_slots(phy2log_LS: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,16 +55,20 @@ def replicated_slots(phy2log_LS: np.ndarray, num_experts: int) -> tuple[np.ndarr
 
 
 def water_fill(base_LR: np.ndarray, total_L: np.ndarray) -> np.ndarray:
-    """[L, R] shares >= 0 summing to total_L that minimise sum((base + share)^2); inf base = absent."""
-    num_rows, num_r = base_LR.shape
-    order_LR = np.argsort(base_LR, axis=1)
-    sorted_LR = np.take_along_axis(base_LR, order_LR, axis=1)
-    present_LR = np.isfinite(sorted_LR)
-    cumsum_LR = np.cumsum(np.where(present_LR, sorted_LR, 0.0), axis=1)
-    level_LR = (total_L[:, None] + cumsum_LR) / np.arange(1, num_r + 1)
-    filled_L = np.maximum(((level_LR > sorted_LR) & present_LR).sum(axis=1), 1)
-    level_L = level_LR[np.arange(num_rows), filled_L - 1]
-    return np.where(np.isfinite(base_LR), np.maximum(level_L[:, None] - base_LR, 0.0), 0.0)
+    """[L, R] shares >= 0 summing to total_L that minimise sum((base + share)^2); inf base = absent.
+
+    The level is lambda = min over k of (total + sum of the k smallest bases) / k (every k gives
+    an upper bound, the filled set gives equality), so one sort of the values is all it takes.
+    Absent entries count as _ABSENT (finite, so the sums stay finite and their levels huge).
+    """
+    padded_LR = np.minimum(base_LR, _ABSENT)
+    sorted_RL = np.ascontiguousarray(np.sort(padded_LR, axis=1).T)  # rows of R: short reductions are slow
+    running_L = np.asarray(total_L, dtype=np.float64).copy()
+    level_L = np.full(len(running_L), np.inf)
+    for k in range(len(sorted_RL)):
+        running_L += sorted_RL[k]
+        np.minimum(level_L, running_L / (k + 1), out=level_L)
+    return np.maximum(level_L[:, None] - padded_LR, 0.0)
 
 
 def balance_replica_weights(
@@ -104,6 +109,7 @@ def balance_replica_weights(
     fixed_LW = worker_load_LW - np.bincount(
         flat_worker_LKR.ravel(), share_LKR.ravel(), minlength=num_layers * num_workers
     ).reshape(num_layers, num_workers)  # load of unreplicated slots
+    absent_LKR = np.where(present_LKR, 0.0, _ABSENT)
     best_share_LKR = share_LKR.copy()
     best_max_L = worker_load_LW.max(axis=1)
     flat_worker_X = flat_worker_LKR.ravel()
@@ -119,7 +125,7 @@ def balance_replica_weights(
         if sweep >= 2 and previous_total - total <= min_gain * total:
             break
         previous_total = total
-        base_LKR = np.where(present_LKR, load_LW.ravel()[flat_worker_LKR] - share_LKR, np.inf)
+        base_LKR = load_LW.ravel()[flat_worker_LKR] - share_LKR + absent_LKR
         fill_LKR = water_fill(base_LKR.reshape(-1, num_r), total_LK.ravel()).reshape(slots_LKR.shape)
         share_LKR += _DAMPING * (fill_LKR - share_LKR)
     load_LW = fixed_LW + np.bincount(
