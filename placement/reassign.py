@@ -49,13 +49,21 @@ def reassign_replicas(
     limit_L = (load_LE / fresh_count_LE).max(axis=1) * (1 + tolerance)
     count_LE = np.ascontiguousarray(expert_counts(phy2log_LS, num_experts))
     active = np.arange(num_layers)
-    m = max(1, min(per_round, num_experts))
     for _ in range(num_slots - num_experts):
         if len(active) == 0:
             break
-        ar = np.arange(len(active))[:, None]
-        load_AE, count_AE, row_AS = load_LE[active], count_LE[active], phy2log_LS[active]
+        load_AE, count_AE = load_LE[active], count_LE[active]
         per_replica_AE = np.where(count_AE < num_workers, load_AE / np.maximum(count_AE, 1), -np.inf)
+        wanted_A = (per_replica_AE > limit_L[active][:, None]).sum(axis=1)
+        some = wanted_A > 0
+        if not some.all():
+            active, load_AE, count_AE, per_replica_AE, wanted_A = (
+                active[some], load_AE[some], count_AE[some], per_replica_AE[some], wanted_A[some])
+            if len(active) == 0:
+                break
+        m = int(min(per_round, wanted_A.max()))
+        ar = np.arange(len(active))[:, None]
+        row_AS = phy2log_LS[active]
         needy_AM = _top(-per_replica_AE, m)
         needy_load_AM = per_replica_AE[ar, needy_AM]
         loss_AE = np.where(count_AE >= 2, load_AE / np.maximum(count_AE - 1, 1), np.inf)

@@ -41,8 +41,10 @@ def best_pair_swaps(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_b
     (delta = tokens a gives b, gap = load a - load b; inf when illegal). The swap lowers the pair
     maximum iff score < gap / 2. `col_*` are expert ids with free slots as E."""
     num_x, C = col_a_XC.shape
-    a_on_b_XC = holds_LWE[layer_X[:, None], worker_b_X[:, None], col_a_XC]
-    b_on_a_XC = holds_LWE[layer_X[:, None], worker_a_X[:, None], col_b_XC]
+    _, W, E1 = holds_LWE.shape
+    flat_holds = holds_LWE.reshape(-1)  # a view: one 1-D take is ~3x faster than 3 index arrays
+    a_on_b_XC = flat_holds.take(((layer_X * W + worker_b_X) * E1)[:, None] + col_a_XC)
+    b_on_a_XC = flat_holds.take(((layer_X * W + worker_a_X) * E1)[:, None] + col_b_XC)
     give_XC = np.where(a_on_b_XC, np.inf, weight_a_XC)
     take_XC = np.where(b_on_a_XC, -np.inf, weight_b_XC + ((load_a_X - load_b_X) / 2)[:, None])
     score_XQ = np.abs(give_XC[:, :, None] - take_XC[:, None, :]).reshape(num_x, C * C)
