@@ -51,7 +51,7 @@ class PlannerOptions:
     max_swaps: int = 256  # per layer, per local search
     fresh_slack: float = 1e-3  # fresh plan's swap search stops within this of perfect balance
     num_partners: int = 8  # light workers tried as swap partners of the busiest one
-    swap_parallel: int = 8  # re-plan: busiest workers per layer searching swaps at once (disjoint partners)
+    swap_parallel: int = 4  # re-plan: busiest workers per layer searching swaps at once (disjoint partners)
     pair_rounds: int = 4  # fresh plan: rounds of parallel heaviest/lightest pair balancing
     weight_sweeps: int = 8  # damped water-filling iterations over replicated experts (early exit)
 
@@ -67,7 +67,7 @@ class Plan:
     planning_ms: float
     bytes_moved: int = 0
     kept_LAYERS: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # [L] slots unchanged
-    fresh_imbalance_LAYERS: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [L] of a from-scratch plan
+    fresh_imbalance_LAYERS: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [L] of a from-scratch plan (re-plan: its lower bound where the fresh plan did not run)
 
     def replica_weights_LER(self) -> np.ndarray:
         """[L, E, R] split weights in log2phy order (0 padded), as dispatch wants them."""

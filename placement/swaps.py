@@ -147,8 +147,8 @@ def refine_by_swaps(
 
     `parallel` > 1: each round also works on the next busiest workers, up to `parallel` per layer
     (only those above the target): busy worker i (i-th busiest) gets the lightest workers of rank
-    i, i + P, i + 2P, ... as its partners, so the pairs are disjoint and all their best swaps
-    apply at once. P = min(parallel, W / 2); partners per busy worker min(K, W / P - 1).
+    i, i + P, i + 2P, ... as its K partners, so the pairs are disjoint and all their best swaps
+    apply at once. P = min(parallel, W // (K + 1)).
     """
     phy2log_LS = phy2log_LS.copy()
     slot_weight_LS = np.asarray(slot_weight_LS, dtype=np.float64).copy()
@@ -164,9 +164,8 @@ def refine_by_swaps(
     col_LS = np.where(phy2log_LS >= 0, phy2log_LS, num_experts)
     worker_load_LW = slot_weight_LS.reshape(num_layers, W, C).sum(axis=2)
     active = np.arange(num_layers) if active_LAYERS is None else np.nonzero(active_LAYERS)[0]
-    P = max(1, min(parallel, W // 2))
+    P = max(1, min(parallel, W // (K + 1)))
     if P > 1:
-        K = max(1, min(K, W // P - 1))  # disjoint: P busy workers and P * K partners
         _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, C, K, P, target_L, active, max_swaps)
         return phy2log_LS, slot_weight_LS, swaps_L
     for _ in range(max_swaps):
