@@ -35,11 +35,12 @@ def holds_map(phy2log_LS: np.ndarray, slots_per_worker: int, num_experts: int) -
     return holds_LWE
 
 
-def best_pair_swaps(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_b_X, col_a_XC, weight_a_XC, col_b_XC, weight_b_XC):
+def best_pair_swaps(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_b_X, col_a_XC, weight_a_XC, col_b_XC, weight_b_XC, want_best=True):
     """(best_X, score_XQ): for each pair (layer, a, b) the flat index i * C + j of the legal swap of
     a's slot i with b's slot j that leaves the pair closest to even, by score |delta - gap / 2|
     (delta = tokens a gives b, gap = load a - load b; inf when illegal). The swap lowers the pair
-    maximum iff score < gap / 2. `col_*` are expert ids with free slots as E."""
+    maximum iff score < gap / 2. `col_*` are expert ids with free slots as E. best_X is None
+    unless `want_best`."""
     num_x, C = col_a_XC.shape
     _, W, E1 = holds_LWE.shape
     flat_holds = holds_LWE.reshape(-1)  # a view: one 1-D take is ~3x faster than 3 index arrays
@@ -48,7 +49,7 @@ def best_pair_swaps(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_b
     give_XC = np.where(a_on_b_XC, np.inf, weight_a_XC)
     take_XC = np.where(b_on_a_XC, -np.inf, weight_b_XC + ((load_a_X - load_b_X) / 2)[:, None])
     score_XQ = np.abs(give_XC[:, :, None] - take_XC[:, None, :]).reshape(num_x, C * C)
-    return np.argmin(score_XQ, axis=1), score_XQ
+    return (np.argmin(score_XQ, axis=1) if want_best else None), score_XQ
 
 
 def _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b):
@@ -191,7 +192,7 @@ def refine_by_swaps(
             holds_LWE, layer_X, heavy_X, light_X, load_a_X, load_b_X,
             np.repeat(_gather(col_LS, active, busiest_A, C), K, axis=0),
             np.repeat(_gather(slot_weight_LS, active, busiest_A, C), K, axis=0),
-            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C),
+            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C), want_best=False,
         )
         # pair maximum after a swap = (load a + load b) / 2 + score: compare across partners
         new_max_AQ = (((load_a_X + load_b_X) / 2)[:, None] + score_XQ).reshape(len(active), K * C * C)
@@ -232,7 +233,7 @@ def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_
             holds_LWE, layer_X, heavy_X, light_X, load_a_X, load_b_X,
             np.repeat(_gather(col_LS, layer_B, busy_AP.ravel(), C), K, axis=0),
             np.repeat(_gather(slot_weight_LS, layer_B, busy_AP.ravel(), C), K, axis=0),
-            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C),
+            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C), want_best=False,
         )
         new_max_BQ = (((load_a_X + load_b_X) / 2)[:, None] + score_XQ).reshape(len(layer_B), K * C * C)
         best_B = np.argmin(new_max_BQ, axis=1)
