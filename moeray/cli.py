@@ -17,6 +17,7 @@ from pydantic import ValidationError
 # `moeray bench NAME` -> moeray.bench.NAME, which provides add_arguments(parser) and run(args).
 BENCHMARKS = {
     "kernel": "grouped SwiGLU expert kernel vs per-expert loop vs torch._grouped_mm",
+    "rebalance": "live rebalancing on local CPU workers: drift recovery, stall, stats overhead",
 }
 
 

@@ -93,10 +93,23 @@ class StatsConfig(_Frozen):
     snapshot_interval_steps: int = Field(default=8, ge=1)
 
 
+class RebalanceConfig(_Frozen):
+    """When and how the coordinator re-plans (see placement.policy for the hysteresis)."""
+
+    enabled: bool = True
+    window_steps: int = Field(default=64, ge=1, description="steps of load the planner sees")
+    check_interval_steps: int = Field(default=16, ge=1, description="steps between policy checks")
+    min_gain: float = Field(default=1.05, ge=1.0, description="current / predicted imbalance needed to act")
+    cooldown_s: float = Field(default=10.0, ge=0)
+    min_tokens: int = Field(default=1000, ge=0, description="routed pairs in the window before any decision")
+    confirmations: int = Field(default=1, ge=1)
+
+
 class EngineConfig(_Frozen):
     model: ModelConfig
     parallel: ParallelConfig = ParallelConfig()
     stats: StatsConfig = StatsConfig()
+    rebalance: RebalanceConfig = RebalanceConfig()
     seed: int = 0
 
     @model_validator(mode="after")
@@ -104,6 +117,8 @@ class EngineConfig(_Frozen):
         experts = self.model.num_experts
         workers = self.parallel.num_workers
         spw = self.parallel.resolve_slots_per_worker(experts)
+        if self.rebalance.enabled and not self.stats.enabled:
+            raise ValueError("rebalance.enabled=True needs stats.enabled=True: the coordinator plans from routing stats")
         if workers * spw < experts:
             raise ValueError(
                 f"num_workers={workers} x slots_per_worker={spw} = {workers * spw} slots < "

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from moeray.config import EngineConfig, ParallelConfig, tiny_model_config
 from moeray.engine import Engine
+from moeray.streams import zipf_tokens
 from moeray.models.checkpoint import load_reference_model, save_checkpoint
 from moeray.models.moe_model import MoEModel, init_random_
 
@@ -34,12 +35,6 @@ class DemoOptions(BaseModel):
     zipf: float = Field(default=1.2, gt=1.0, description="token-id skew; larger is more skewed")
     redundant_slots: int = Field(default=0, ge=0)
     seed: int = 0
-
-
-def skewed_token_stream(vocab: int, tokens: int, zipf: float, rng: np.random.Generator) -> np.ndarray:
-    """Token ids drawn from a Zipf law over a fixed random permutation of the vocabulary."""
-    perm = np.random.default_rng(1234).permutation(vocab)
-    return perm[(rng.zipf(zipf, size=tokens) - 1) % vocab]
 
 
 def _bar(value: float, peak: float, width: int = 30) -> str:
@@ -64,7 +59,7 @@ def run_demo(opts: DemoOptions) -> dict:
             print(f"started {opts.workers} workers ({config.slots_per_worker} slots each) in {startup_s:.1f}s")
             step_ms = []
             for step in tqdm(range(opts.steps), desc="serving", unit="step"):
-                ids = skewed_token_stream(model_cfg.vocab_size, opts.tokens_per_step, opts.zipf, rng)
+                ids = zipf_tokens(model_cfg.vocab_size, opts.tokens_per_step, opts.zipf, rng)
                 t = time.perf_counter()
                 logits = engine.step(ids)
                 step_ms.append(1e3 * (time.perf_counter() - t))

@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moeray.comm.group import GroupSpec, register_backends
 from moeray.config import EngineConfig
+from moeray.coordinator import Coordinator
 from moeray.errors import WorkerLost
 from moeray.worker import Worker
 from placement import Placement
@@ -91,6 +92,7 @@ class Engine:
         self.workers = [
             actor_cls.options(
                 num_cpus=par.cpus_per_worker,
+                max_concurrency=4,  # steps on one thread; migration staging / exports on others
                 num_gpus=1 if par.device == "cuda" else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
             ).remote(i, config, self.checkpoint_dir, self.placement.phy2log, self.placement.version)
@@ -100,6 +102,21 @@ class Engine:
         if par.num_workers > 1:
             self._form_group()
         self.steps = 0
+        self.coordinator = None
+        self._tick_ref = None
+        self._staged: dict | None = None  # placement staged on every worker, committed at the next step
+        self.rebalance_errors: list[str] = []
+        if config.stats.enabled:
+            self._start_coordinator()
+
+    def _start_coordinator(self) -> None:
+        coordinator_cls = ray.remote(Coordinator)
+        self.coordinator = coordinator_cls.options(num_cpus=0).remote(
+            self.placement.phy2log, self.placement.version, self.config.model.num_experts,
+            self.config.slots_per_worker, self.config.model.expert_bytes, self.config.rebalance.model_dump(),
+            self.workers, self.epoch, self.config.parallel.collective_timeout_s)
+        self._get(self.coordinator.ping.remote(), 120, "coordinator start-up")
+        self._get([w.attach_coordinator.remote(self.coordinator, self.epoch) for w in self.workers], 60, "attach coordinator")
 
     # ---- membership --------------------------------------------------------------------------
     @property
@@ -124,10 +141,62 @@ class Engine:
             bad = ids_T[(ids_T < 0) | (ids_T >= vocab)][0]
             raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
         shares = split_batch(len(ids_T), len(self.workers))
-        refs = [w.step.remote(ids_T[s]) for w, s in zip(self.workers, shares)]
+        staged, self._staged = self._staged, None
+        version = staged["version"] if staged else self.placement.version
+        refs = [w.step.remote(ids_T[s], version) for w, s in zip(self.workers, shares)]
         outs = self._get(refs, self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "step")
         self.steps += 1
+        if staged:  # every worker ran this step with the new version: it is committed
+            self.placement = Placement(staged["phy2log"], self.config.model.num_experts, self.config.slots_per_worker, version)
+            self.coordinator.committed.remote(version, self.steps - 1)
+        if self.coordinator is not None and self.config.rebalance.enabled:
+            self._poll_rebalance()
         return np.concatenate(outs, axis=0)
+
+    # ---- rebalancing -------------------------------------------------------------------------
+    def _poll_rebalance(self) -> None:
+        """Start a policy check every check_interval steps; pick up a staged placement when the
+        coordinator has one. Never blocks the step loop."""
+        if self._tick_ref is None:
+            if self.steps % self.config.rebalance.check_interval_steps == 0:
+                self._tick_ref = self.coordinator.tick.remote()
+            return
+        ready, _ = ray.wait([self._tick_ref], timeout=0)
+        if ready:
+            ref, self._tick_ref = self._tick_ref, None
+            try:
+                self._staged = ray.get(ref)
+            except Exception as exc:  # the migration was abandoned; serving goes on with the current version
+                self.rebalance_errors.append(f"{type(exc).__name__}: {exc}")
+
+    def rebalance(self, force: bool = True) -> int | None:
+        """Plan and stage a new placement now; it is committed at the next step. Returns its version."""
+        if self.coordinator is None:
+            raise RuntimeError("rebalancing needs stats.enabled=True")
+        if self._tick_ref is not None:
+            self._staged = self._get(self._tick_ref, self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "rebalance")
+            self._tick_ref = None
+        if self._staged is None:
+            self._staged = self._get(self.coordinator.tick.remote(None, force),
+                                     self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "rebalance")
+        return None if self._staged is None else self._staged["version"]
+
+    def stats(self, flush: bool = True) -> dict:
+        """Coordinator view: windowed load [L, E], per-worker load [L, W], imbalance mean/worst,
+        placement version and the log of every rebalance. `flush` ships the workers' pending
+        counts first and waits until the coordinator has them."""
+        if self.coordinator is None:
+            raise RuntimeError("stats need stats.enabled=True")
+        if flush:
+            boxes = self._get([w.flush_stats.remote() for w in self.workers], 60, "flush stats")
+            self._get([ref for box in boxes for ref in box], 60, "flush stats")
+        summary = self._get(self.coordinator.summary.remote(), 60, "stats")
+        p = self.placement
+        summary["worker_load_LW"] = worker_loads(summary["load_LE"], p.phy2log, p.slots_per_worker)
+        return summary
+
+    def current_placement(self) -> Placement:
+        return self.placement
 
     def load(self, reset: bool = False) -> np.ndarray:
         """[L, E] routed (token, k) pairs per logical expert, summed over workers."""
@@ -153,7 +222,7 @@ class Engine:
             raise WorkerLost(f"{what}: a worker died ({exc.__class__.__name__}: {str(exc)[:200]})") from exc
 
     def shutdown(self) -> None:
-        for w in self.workers:
+        for w in self.workers + ([self.coordinator] if self.coordinator is not None else []):
             try:
                 ray.kill(w)
             except Exception:

@@ -20,7 +20,8 @@ class SlotExperts(nn.Module):
 
     Invariant: `w13_SHD[s]` / `w2_SDF[s]` hold the weights of the logical expert that the current
     placement puts in local slot s (zeros for a free slot, which no token is ever routed to).
-    `load_E` accumulates routed pairs per logical expert on the device: no host sync per step.
+    `load_E` accumulates routed pairs per logical expert and `rows_S` the rows each local slot
+    computed, both on the device: no host sync per step (they are read every N steps).
     """
 
     def __init__(self, w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, slot_map: DeviceSlotMap,
@@ -33,12 +34,15 @@ class SlotExperts(nn.Module):
         self.kernel_impl = kernel_impl
         self.record_load = True
         self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.int64, device=w13_SHD.device))
+        self.register_buffer("rows_S", torch.zeros(w13_SHD.shape[0], dtype=torch.int64, device=w13_SHD.device))
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         if self.record_load:
             self.load_E += torch.bincount(topk_ids_TK.reshape(-1), minlength=self.load_E.numel())
         slot_ids_TK = pairs_to_slots(topk_ids_TK, self.slot_map)
         dispatched = self.dispatcher.dispatch(x_TD, slot_ids_TK)
+        if self.record_load:
+            self.rows_S += dispatched.slot_offsets_S1.diff()
         y_MD = expert_mlp(
             dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1, dispatched.order_M,
             impl=self.kernel_impl,

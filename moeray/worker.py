@@ -6,7 +6,11 @@ Legend: T local tokens, V vocab, L layers, E experts, S slots in the group, S_w 
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
+import ray
 import torch
 
 from moeray.comm import group as collective
@@ -16,7 +20,10 @@ from moeray.config import EngineConfig
 from moeray.expert_parallel import SlotExperts
 from moeray.models.checkpoint import CheckpointReader
 from moeray.models.moe_model import MoEModel
+from moeray.slot_transfer import SlotStaging, StagedVersion, export_slot_weights
+from moeray.stats_wire import LoadSnapshot
 from placement import Placement
+from placement.dispatch import replica_weights_by_expert
 
 
 class Worker:
@@ -33,8 +40,21 @@ class Worker:
         self.placement = Placement(phy2log_LS, config.model.num_experts, config.slots_per_worker, version).validate()
         self.group_name: str | None = None
         self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
+        self.replica_weights_LS: np.ndarray | None = None
         self.model = self._build_model()
         self.steps = 0
+        self.staging = SlotStaging()
+        # Steps run one at a time; migrations stage on other actor threads meanwhile.
+        self._step_lock = threading.Lock()
+        self.coordinator = None
+        self.epoch = 0
+        self.snapshot_interval = config.stats.snapshot_interval_steps
+        self._shipped_step = 0
+        self._shipped_load_LE = np.zeros((config.model.num_layers, config.model.num_experts), dtype=np.int64)
+        self._shipped_rows_LS = np.zeros((config.model.num_layers, config.slots_per_worker), dtype=np.int64)
+        self._commit_ms: float | None = None
+        for experts in self._slot_experts():
+            experts.record_load = config.stats.enabled
 
     # ---- construction ------------------------------------------------------------------------
     def _build_model(self) -> MoEModel:
@@ -56,7 +76,10 @@ class Worker:
         return model.eval()
 
     def _slot_map(self, layer: int) -> DeviceSlotMap:
-        return DeviceSlotMap.from_numpy(self.placement.log2phy[layer], self.placement.num_slots, device=self.device)
+        weights_ER = None
+        if self.replica_weights_LS is not None:
+            weights_ER = replica_weights_by_expert(self.replica_weights_LS[layer : layer + 1], self.placement.log2phy[layer : layer + 1])[0]
+        return DeviceSlotMap.from_numpy(self.placement.log2phy[layer], self.placement.num_slots, weights_ER, device=self.device)
 
     def _slot_experts(self) -> list[SlotExperts]:
         return [layer.experts for layer in self.model.layers]
@@ -82,14 +105,96 @@ class Worker:
 
     # ---- serving -----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, input_ids_T: np.ndarray) -> np.ndarray:
-        """One lockstep forward of this worker's share of the batch (may be empty) -> logits [T, V]."""
+    def step(self, input_ids_T: np.ndarray, version: int | None = None) -> np.ndarray:
+        """One lockstep forward of this worker's share of the batch (may be empty) -> logits [T, V].
+
+        `version` is the placement version every worker runs this step with; a newer one than the
+        current commits the staged migration first, so a step never mixes versions.
+        """
         if self.dispatcher is None:
             raise RuntimeError(f"worker {self.rank}: no collective group joined yet")
-        ids_T = torch.as_tensor(np.array(input_ids_T, dtype=np.int64), device=self.device)  # writable copy
-        logits_TV = self.model(ids_T)
-        self.steps += 1
-        return logits_TV.cpu().numpy()
+        with self._step_lock:
+            if version is not None and version != self.placement.version:
+                self._commit(version)
+            ids_T = torch.as_tensor(np.array(input_ids_T, dtype=np.int64), device=self.device)  # writable copy
+            logits_TV = self.model(ids_T)
+            self.steps += 1
+            if self.coordinator is not None and self.steps - self._shipped_step >= self.snapshot_interval:
+                self._ship_snapshot()
+            return logits_TV.cpu().numpy()
+
+    # ---- statistics ------------------------------------------------------------------------------
+    def attach_coordinator(self, coordinator, epoch: int) -> None:
+        # One blocking call opens this worker's connection to the coordinator: without it, the
+        # first reports queue here until the connection forms and then arrive in a burst.
+        ray.get(coordinator.ping.remote(), timeout=60)
+        self.coordinator = coordinator
+        self.epoch = epoch
+
+    def _ship_snapshot(self) -> None:
+        """Send the counts since the last snapshot to the coordinator, fire-and-forget.
+
+        host sync: one device-to-host copy of the [L, E] and [L, S_w] counters every N steps.
+        """
+        if self.steps == self._shipped_step or not self.config.stats.enabled:
+            return None
+        experts = self._slot_experts()
+        load_LE = torch.stack([e.load_E for e in experts]).cpu().numpy()
+        rows_LS = torch.stack([e.rows_S for e in experts]).cpu().numpy()
+        snapshot = LoadSnapshot(self.rank, self.epoch, self._shipped_step, self.steps, self.placement.version,
+                                load_LE - self._shipped_load_LE, rows_LS - self._shipped_rows_LS, self._commit_ms)
+        ref = self.coordinator.report.remote(snapshot.encode())  # not awaited: never on the hot path
+        self._shipped_step, self._shipped_load_LE, self._shipped_rows_LS = self.steps, load_LE, rows_LS
+        self._commit_ms = None
+        return ref
+
+    def flush_stats(self) -> list:
+        """Ship the counts not yet shipped; returns [ref] of the report (empty if nothing was due),
+        boxed so the caller can wait for the coordinator to ingest it."""
+        with self._step_lock:
+            ref = self._ship_snapshot() if self.coordinator is not None else None
+        return [] if ref is None else [ref]
+
+    # ---- migration -------------------------------------------------------------------------------
+    def export_slots(self, entries: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Host copies of (layer, local slot) weights of the current version, for other workers."""
+        experts = self._slot_experts()
+        return [export_slot_weights(experts[layer].w13_SHD, experts[layer].w2_SDF, [slot])[0] for layer, slot in entries]
+
+    def stage(self, version: int, phy2log_LS: np.ndarray, replica_weights_LS: np.ndarray | None,
+              entries: list[tuple[int, int]], sources: list[tuple]) -> float:
+        """Receive the slots this worker gains in `version`; runs while steps continue.
+
+        sources[i] = ([ref], index): entry i's weights are item `index` of the export behind `ref`
+        (wrapped in a list so Ray hands over the reference instead of resolving it here).
+        Returns the transfer time in ms.
+        """
+        start = time.perf_counter()
+        refs = list({id(src[0][0]): src[0][0] for src in sources}.values())
+        fetched = dict(zip([id(r) for r in refs], ray.get(refs, timeout=self.config.parallel.collective_timeout_s)))
+        staged = StagedVersion(version, np.asarray(phy2log_LS), None if replica_weights_LS is None else np.asarray(replica_weights_LS))
+        for (layer, slot), (ref_box, index) in zip(entries, sources):
+            w13, w2 = fetched[id(ref_box[0])][index]
+            # torch.tensor copies: ray.get hands out read-only views of the object store.
+            staged.slots[(layer, slot)] = (
+                torch.tensor(w13, device=self.device, dtype=self.dtype), torch.tensor(w2, device=self.device, dtype=self.dtype))
+        self.staging.stage(staged)
+        return 1e3 * (time.perf_counter() - start)
+
+    def _commit(self, version: int) -> None:
+        """Switch to the staged version (called at a step boundary, under the step lock)."""
+        self._ship_snapshot()  # counts of the old version go out under the old version
+        start = time.perf_counter()
+        staged = self.staging.take(version)
+        experts = self._slot_experts()
+        for (layer, slot), (w13_HD, w2_DF) in staged.slots.items():
+            experts[layer].w13_SHD.data[slot].copy_(w13_HD)
+            experts[layer].w2_SDF.data[slot].copy_(w2_DF)
+        self.placement = Placement(staged.phy2log_LS, self.config.model.num_experts, self.config.slots_per_worker, version)
+        self.replica_weights_LS = staged.replica_weights_LS
+        for layer, layer_experts in enumerate(experts):
+            layer_experts.slot_map = self._slot_map(layer)
+        self._commit_ms = 1e3 * (time.perf_counter() - start)
 
     def load_counts(self, reset: bool = False) -> np.ndarray:
         """[L, E] pairs routed by this worker's tokens since the last reset (one host sync)."""

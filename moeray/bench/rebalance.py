@@ -1,0 +1,196 @@
+"""`moeray bench rebalance`: live rebalancing in the local CPU mode, measured.
+
+1. Drift: a stream whose hot experts move every `phase_steps` steps. For each drift: the realised
+   imbalance (rows each worker actually computed) right after it, and how many steps until it is
+   <= the target again, next to the rebalance log (predicted before/after, realised, slots and
+   bytes moved, planning / transfer / stall ms).
+2. Stall: step wall times while a migration is staged (between the coordinator's decision and the
+   commit) and at the commit step, against the median step.
+3. Stats overhead: median step time with routing statistics on vs off, alternating runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+
+import numpy as np
+
+from moeray.config import EngineConfig, ParallelConfig, RebalanceConfig, StatsConfig, tiny_model_config
+from moeray.engine import Engine
+from moeray.models.checkpoint import save_checkpoint
+from moeray.models.moe_model import MoEModel, init_random_
+from moeray.streams import DriftingStream
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--redundant-slots", type=int, default=2)
+    p.add_argument("--tokens-per-step", type=int, default=512)
+    p.add_argument("--phase-steps", type=int, default=60)
+    p.add_argument("--phases", type=int, default=4)
+    p.add_argument("--window-steps", type=int, default=16)
+    p.add_argument("--check-interval", type=int, default=4)
+    p.add_argument("--snapshot-interval", type=int, default=4)
+    p.add_argument("--target", type=float, default=1.15)
+    p.add_argument("--overhead-steps", type=int, default=120)
+    p.add_argument("--overhead-rounds", type=int, default=3)
+    p.add_argument("--json", default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _config(args, stats: bool, rebalance: bool) -> EngineConfig:
+    model = tiny_model_config(num_experts=args.experts, top_k=2, num_layers=args.layers,
+                              hidden_size=args.hidden, moe_intermediate_size=args.ffn)
+    return EngineConfig(
+        model=model,
+        parallel=ParallelConfig(num_workers=args.workers, redundant_slots_per_worker=args.redundant_slots),
+        stats=StatsConfig(enabled=stats, snapshot_interval_steps=args.snapshot_interval),
+        rebalance=RebalanceConfig(enabled=rebalance, window_steps=args.window_steps,
+                                  check_interval_steps=args.check_interval, min_gain=1.05, cooldown_s=0.0,
+                                  min_tokens=1000, confirmations=1),
+    )
+
+
+def run_drift(args, ckpt: str) -> dict:
+    config = _config(args, stats=True, rebalance=True)
+    stream = DriftingStream(config.model.vocab_size, args.tokens_per_step, args.phase_steps, seed=args.seed)
+    step_wall_ms, step_start = [], []
+    with Engine(config, ckpt) as engine:
+        engine.step(stream.next_batch())  # warm-up outside the record
+        stream.step = 0
+        for _ in range(args.phase_steps * args.phases):
+            ids = stream.next_batch()
+            step_start.append(time.time())
+            t = time.perf_counter()
+            engine.step(ids)
+            step_wall_ms.append(1e3 * (time.perf_counter() - t))
+        time.sleep(0.5)  # let the last fire-and-forget snapshots land before reading the log
+        stats = engine.stats()
+        errors = list(engine.rebalance_errors)
+    timeline = windowed_imbalance(stats["history"], args.window_steps)
+    drifts = []
+    for phase in range(1, args.phases):
+        drift_step = phase * args.phase_steps + 1  # engine steps count the warm-up step
+        after = [t for t in timeline if drift_step <= t["step"] < drift_step + args.phase_steps]
+        # the first window that lies wholly after the drift shows the old placement on the new load
+        first = next((t for t in after if t["step"] - args.window_steps >= drift_step), None)
+        if first is None:
+            continue
+        recovered = next((t for t in after if t["step"] > first["step"] and t["worst"] <= args.target), None)
+        drifts.append({
+            "drift_at_step": drift_step,
+            "realised_worst_right_after": first["worst"], "realised_mean_right_after": first["mean"],
+            "steps_to_target": None if recovered is None else recovered["step"] - drift_step,
+            "realised_worst_end_of_phase": after[-1]["worst"], "realised_mean_end_of_phase": after[-1]["mean"],
+        })
+    records = stats["rebalances"]
+    walls = np.asarray(step_wall_ms)
+    during = np.zeros(len(walls), dtype=bool)
+    commit_steps = []
+    for r in records:
+        if r["committed_at_step"] is None:
+            continue
+        commit_index = r["committed_at_step"] - 1  # engine steps count the warm-up
+        commit_steps.append(commit_index)
+        first = int(np.searchsorted(step_start, r["started_at"]))
+        during[first:commit_index + 1] = True
+    quiet = walls[~during] if (~during).any() else walls
+    median = float(np.median(quiet))
+    return {
+        "timeline": timeline,
+        "drifts": drifts,
+        "rebalances": records,
+        "errors": errors,
+        "median_step_ms": median,
+        "max_step_during_migration_ms": float(walls[during].max()) if during.any() else None,
+        "max_commit_step_ms": float(walls[commit_steps].max()) if commit_steps else None,
+        "max_during_over_median": float(walls[during].max() / median) if during.any() else None,
+        "steps_during_migration": int(during.sum()),
+    }
+
+
+def windowed_imbalance(history: list, window_steps: int) -> list[dict]:
+    """Realised imbalance over a sliding window of `window_steps` steps, from the rows each worker
+    computed (history entries: step_lo, step_hi, version, rows_LW). One point per step range end."""
+    out = []
+    history = sorted(history, key=lambda h: h[0])  # ranges complete out of order across workers
+    for i, (_, step_hi, version, _) in enumerate(history):
+        rows_LW, steps, j = 0, 0, i
+        while j >= 0 and steps < window_steps:
+            rows_LW = rows_LW + np.asarray(history[j][3], dtype=np.float64)
+            steps += history[j][1] - history[j][0]
+            j -= 1
+        per_layer = rows_LW.max(axis=1) / np.maximum(rows_LW.mean(axis=1), 1e-9)
+        out.append({"step": step_hi, "version": version, "mean": float(per_layer.mean()), "worst": float(per_layer.max())})
+    return out
+
+
+def run_overhead(args, ckpt: str) -> dict:
+    medians = {"on": [], "off": []}
+    for _ in range(args.overhead_rounds):
+        for label in ("off", "on"):
+            config = _config(args, stats=label == "on", rebalance=False)
+            stream = DriftingStream(config.model.vocab_size, args.tokens_per_step, 10**9, hot_fraction=0.0, seed=args.seed)
+            walls = []
+            with Engine(config, ckpt) as engine:
+                for i in range(args.overhead_steps + 10):
+                    ids = stream.next_batch()
+                    t = time.perf_counter()
+                    engine.step(ids)
+                    if i >= 10:
+                        walls.append(1e3 * (time.perf_counter() - t))
+            medians[label].append(float(np.median(walls)))
+    on, off = np.median(medians["on"]), np.median(medians["off"])
+    return {"median_step_ms_on": float(on), "median_step_ms_off": float(off),
+            "overhead_pct": float(100 * (on / off - 1)), "rounds": medians}
+
+
+def run(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="moeray-bench-") as ckpt:
+        model = _config(args, True, True).model
+        save_checkpoint(init_random_(MoEModel(model), args.seed), ckpt)
+        out = {"machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores", "args": vars(args) | {"func": None},
+               "drift": run_drift(args, ckpt), "stats_overhead": run_overhead(args, ckpt)}
+    print_report(out, args.target)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+    return out
+
+
+def print_report(out: dict, target: float) -> None:
+    d = out["drift"]
+    print(f"\nrebalances ({len(d['rebalances'])}):")
+    print(" ver  step  pred_before  pred_after  realised(mean/worst)  slots  bytes      plan_ms  transfer_ms  stall_ms")
+    for r in d["rebalances"]:
+        realised = "-" if r["realised_after"] is None else f"{r['realised_after']:.3f}/{r['realised_after_worst']:.3f}"
+        print(f" {r['version']:3d}  {r['committed_at_step'] or -1:4d}  {r['predicted_before']:11.3f}  {r['predicted_after']:10.3f}"
+              f"  {realised:>20}  {r['slots_moved']:5d}  {r['bytes_moved']:9d}  {r['planning_ms']:7.1f}"
+              f"  {(r['transfer_ms'] or 0):11.1f}  {(r['stall_ms'] or 0):8.2f}")
+    print(f"\ndrifts (target: worst-layer realised imbalance <= {target}):")
+    for x in d["drifts"]:
+        print(f"  step {x['drift_at_step']:4d}: right after worst {x['realised_worst_right_after']:.2f} "
+              f"(mean {x['realised_mean_right_after']:.2f}) -> target reached after {x['steps_to_target']} steps; "
+              f"end of phase worst {x['realised_worst_end_of_phase']:.3f}")
+    print(f"\nsteps: median {d['median_step_ms']:.1f} ms; during migrations ({d['steps_during_migration']} steps) max "
+          f"{d['max_step_during_migration_ms']} ms = {d['max_during_over_median']}x median; commit steps max {d['max_commit_step_ms']} ms")
+    o = out["stats_overhead"]
+    print(f"stats overhead: on {o['median_step_ms_on']:.2f} ms vs off {o['median_step_ms_off']:.2f} ms -> {o['overhead_pct']:+.2f}%")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="moeray bench rebalance", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The coordinator actor: routing snapshots in, placements out, migrations driven.
+
+A thin async Ray actor around `CoordinatorCore` (all decisions live there and are unit-tested
+without a cluster). Async so that snapshot reports keep arriving while a migration's transfers
+are awaited.
+
+Migration (prepare phase): for placement v+1 every source worker exports the slots it gives
+(host copies of version v), every worker stages what it gains for v+1 (fetching through the
+object store) on a spare actor thread while steps continue. When all have staged, `tick` returns
+and the engine commits v+1 at its next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from moeray.coordinator_core import CoordinatorCore
+from moeray.stats_wire import LoadSnapshot
+from placement import Placement, Topology
+from placement.planner import Plan
+from placement.policy import PolicyConfig
+
+
+class Coordinator:
+    def __init__(self, phy2log_LS: np.ndarray, version: int, num_experts: int, slots_per_worker: int,
+                 bytes_per_expert: int, rebalance: dict, workers: list, epoch: int, timeout_s: float):
+        placement = Placement(phy2log_LS, num_experts, slots_per_worker, version)
+        self.core = CoordinatorCore(
+            placement=placement,
+            topology=Topology.flat(placement.num_workers, slots_per_worker),
+            bytes_per_expert=bytes_per_expert,
+            window_steps=rebalance["window_steps"],
+            policy_config=PolicyConfig(
+                min_gain=rebalance["min_gain"], cooldown_s=rebalance["cooldown_s"],
+                min_tokens=rebalance["min_tokens"], confirmations=rebalance["confirmations"]),
+            epoch=epoch,
+        )
+        self.workers = workers
+        self.timeout_s = timeout_s
+        self.reports = 0
+
+    def ping(self) -> int:
+        return self.reports
+
+    async def report(self, payload: bytes) -> None:
+        self.reports += 1
+        self.core.ingest(LoadSnapshot.decode(payload))
+
+    async def tick(self, now: float | None = None, force: bool = False) -> dict | None:
+        """Policy check; on a rebalance, plan and stage v+1 on every worker. Returns the staged
+        placement for the engine to commit, or None."""
+        new_plan = self.core.maybe_plan(time.time() if now is None else now, force=force)
+        if new_plan is None:
+            return None
+        version = new_plan.placement.version
+        try:
+            transfer_ms = await self._prepare(new_plan)
+        except Exception as exc:
+            self.core.abandoned(version, f"{type(exc).__name__}: {exc}")
+            raise
+        self.core.staged(version, transfer_ms)
+        return {"version": version, "phy2log": new_plan.placement.phy2log, "replica_weights": new_plan.replica_weights}
+
+    async def _prepare(self, new_plan: Plan) -> float:
+        start = time.perf_counter()
+        spw = new_plan.placement.slots_per_worker
+        mig = new_plan.migration
+        exports: dict[int, list[tuple[int, int]]] = defaultdict(list)  # src worker -> [(layer, local slot)]
+        gains: dict[int, list[tuple[tuple[int, int], int, int]]] = defaultdict(list)  # dst -> [((l, slot), src, idx)]
+        for layer, dst, src in zip(mig.layer.tolist(), mig.dst_slot.tolist(), mig.src_slot.tolist()):
+            src_worker = src // spw
+            exports[src_worker].append((layer, src % spw))
+            gains[dst // spw].append(((layer, dst % spw), src_worker, len(exports[src_worker]) - 1))
+        export_refs = {w: self.workers[w].export_slots.remote(entries) for w, entries in exports.items()}
+        stage_refs = []
+        for rank, worker in enumerate(self.workers):
+            entries = [e for e, _, _ in gains[rank]]
+            sources = [([export_refs[src]], idx) for _, src, idx in gains[rank]]
+            stage_refs.append(worker.stage.remote(
+                new_plan.placement.version, new_plan.placement.phy2log, new_plan.replica_weights, entries, sources))
+        await asyncio.wait_for(asyncio.gather(*stage_refs), timeout=self.timeout_s)
+        return 1e3 * (time.perf_counter() - start)
+
+    def committed(self, version: int, step: int) -> None:
+        self.core.committed(version, step)
+
+    def summary(self) -> dict:
+        out = self.core.summary()
+        out["reports"] = self.reports
+        return out

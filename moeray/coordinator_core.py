@@ -1,0 +1,204 @@
+"""The coordinator's logic: snapshots in, rebalance plans and a log out. No Ray here, so it is
+unit-tested without a cluster; `moeray/coordinator.py` wraps it in an actor.
+
+Legend: L layers, E experts, S slots, W workers, S_w slots per worker.
+
+Snapshots from all W workers for the same step range are summed, then pushed into a sliding
+`placement.stats.LoadWindow`. Workers run in lockstep and flush at the same steps (every N steps
+and at each commit), so their ranges line up exactly and a range never mixes placement versions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from placement import Placement, Topology
+from placement.metrics import imbalance, imbalance_of_worker_loads
+from placement.planner import Plan, plan
+from placement.policy import Decision, PolicyConfig, PolicyState, PolicyStats, decide
+from placement.stats import LoadWindow
+
+from moeray.stats_wire import LoadSnapshot
+
+_HISTORY_LIMIT = 4096  # step ranges kept for stats(); older ones are dropped
+
+
+@dataclass
+class RebalanceRecord:
+    """One rebalance, as logged. Imbalances are means over layers (worst layer in *_worst)."""
+
+    version: int
+    started_at: float
+    reason: str
+    predicted_before: float
+    predicted_after: float
+    predicted_after_worst: float
+    slots_moved: int
+    bytes_moved: int
+    planning_ms: float
+    transfer_ms: float | None = None
+    committed_at_step: int | None = None
+    stall_ms: float | None = None          # longest commit pause of any worker
+    realised_after: float | None = None    # rows each worker computed over the first window after commit
+    realised_after_worst: float | None = None
+    realised_steps: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CoordinatorCore:
+    placement: Placement
+    topology: Topology
+    bytes_per_expert: int
+    window_steps: int
+    policy_config: PolicyConfig
+    replica_weights_LS: np.ndarray | None = None
+    epoch: int = 0
+    window: LoadWindow = field(init=False)
+    policy_state: PolicyState = field(default_factory=PolicyState)
+    records: list[RebalanceRecord] = field(default_factory=list)
+    pending: dict = field(default_factory=dict)       # (step_lo, step_hi) -> {worker: snapshot}
+    realised_rows: dict = field(default_factory=dict)  # version -> (rows_LW sum, steps)
+    history: list = field(default_factory=list)      # per completed range: (step_lo, step_hi, version, rows_LW)
+    last_decision: Decision | None = None
+    in_flight: Plan | None = None
+
+    def __post_init__(self) -> None:
+        self.window = LoadWindow(self.window_steps)
+
+    # ---- statistics ----------------------------------------------------------------------------
+    def ingest(self, snapshot: LoadSnapshot) -> bool:
+        """Add one worker's snapshot; returns True when it completed a step range."""
+        if snapshot.epoch != self.epoch:
+            return False  # a snapshot from a group that no longer exists
+        key = (snapshot.step_lo, snapshot.step_hi)
+        by_worker = self.pending.setdefault(key, {})
+        by_worker[snapshot.worker] = snapshot
+        if len(by_worker) < self.topology.num_workers:
+            return False
+        del self.pending[key]
+        snaps = list(by_worker.values())
+        steps = snapshot.step_hi - snapshot.step_lo
+        self.window = self.window.update(np.sum([s.counts_LE for s in snaps], axis=0), steps=steps)
+        self._record_realised(snaps, steps)
+        return True
+
+    def _record_realised(self, snaps: list[LoadSnapshot], steps: int) -> None:
+        version = snaps[0].version
+        rows_LW = np.stack([s.rows_LS.sum(axis=1) for s in sorted(snaps, key=lambda s: s.worker)], axis=1)
+        self.history.append((snaps[0].step_lo, snaps[0].step_hi, version, rows_LW))
+        del self.history[:-_HISTORY_LIMIT]
+        total, seen = self.realised_rows.get(version, (np.zeros_like(rows_LW), 0))
+        if seen >= self.window_steps:
+            return  # the realised figure of a version covers its first window only
+        self.realised_rows[version] = (total + rows_LW, seen + steps)
+        commit_ms = [s.commit_ms for s in snaps if s.commit_ms is not None]
+        for record in self.records:
+            if record.version == version:
+                per_layer = imbalance_of_worker_loads(self.realised_rows[version][0].astype(np.float64))
+                record.realised_after = float(per_layer.mean())
+                record.realised_after_worst = float(per_layer.max())
+                record.realised_steps = self.realised_rows[version][1]
+                if commit_ms:
+                    record.stall_ms = max(record.stall_ms or 0.0, *commit_ms)
+
+    @property
+    def load_LE(self) -> np.ndarray:
+        """[L, E] routed pairs over the window (zeros before the first complete step range)."""
+        if not self.window.chunks:
+            return np.zeros((self.placement.num_layers, self.placement.num_experts), dtype=np.int64)
+        return self.window.load_LE
+
+    def current_imbalance(self) -> np.ndarray:
+        """[L] imbalance the current placement gives the windowed load."""
+        return imbalance(self.load_LE, self.placement, self.replica_weights_LS)
+
+    # ---- decisions -----------------------------------------------------------------------------
+    def maybe_plan(self, now: float, force: bool = False) -> Plan | None:
+        """Ask the policy (or skip it when forced); return the plan for version + 1, or None."""
+        if self.in_flight is not None:
+            self.last_decision = Decision(False, f"migration to v{self.in_flight.placement.version} in flight")
+            return None
+        load_LE = self.load_LE
+        tokens = float(load_LE.sum())
+        if tokens == 0:
+            self.last_decision = Decision(False, "no load observed yet")
+            return None
+        cache: dict[str, Plan] = {}
+
+        def planned() -> Plan:
+            if "plan" not in cache:
+                cache["plan"] = plan(load_LE, self.topology, self.placement, self.bytes_per_expert)
+            return cache["plan"]
+
+        current = self.current_imbalance()
+        if force:
+            decision = Decision(True, "forced")
+            self.policy_state = PolicyState(last_rebalance_s=now)
+        else:
+            stats = PolicyStats(current, lambda: planned().predicted_imbalance_LAYERS, tokens)
+            decision, self.policy_state = decide(self.policy_state, stats, now, self.policy_config)
+        self.last_decision = decision
+        if not decision.rebalance:
+            return None
+        new_plan = planned()
+        same_slots = np.array_equal(new_plan.placement.phy2log, self.placement.phy2log)
+        same_weights = self.replica_weights_LS is not None and np.allclose(new_plan.replica_weights, self.replica_weights_LS)
+        if same_slots and same_weights and not force:
+            self.last_decision = Decision(False, "planner kept every slot and split weight", decision.gain)
+            return None
+        # Zero slot copies with new split weights is still a rebalance: it moves no bytes.
+        self.in_flight = new_plan
+        self.records.append(RebalanceRecord(
+            version=new_plan.placement.version, started_at=now, reason=decision.reason,
+            predicted_before=float(current.mean()),
+            predicted_after=float(new_plan.predicted_imbalance_LAYERS.mean()),
+            predicted_after_worst=float(new_plan.predicted_imbalance_LAYERS.max()),
+            slots_moved=new_plan.migration.num_copies,
+            bytes_moved=new_plan.migration.bytes_moved(self.bytes_per_expert),
+            planning_ms=float(new_plan.planning_ms),
+        ))
+        return new_plan
+
+    def staged(self, version: int, transfer_ms: float) -> None:
+        for record in self.records:
+            if record.version == version:
+                record.transfer_ms = transfer_ms
+
+    def committed(self, version: int, step: int) -> None:
+        """The engine switched every worker to `version` at `step`."""
+        if self.in_flight is None or self.in_flight.placement.version != version:
+            raise ValueError(f"commit of v{version} but v{self.in_flight.placement.version if self.in_flight else None} is in flight")
+        self.placement = self.in_flight.placement
+        self.replica_weights_LS = self.in_flight.replica_weights
+        self.in_flight = None
+        for record in self.records:
+            if record.version == version:
+                record.committed_at_step = step
+
+    def abandoned(self, version: int, reason: str) -> None:
+        """A migration failed before commit: serving stays on the current version."""
+        if self.in_flight is not None and self.in_flight.placement.version == version:
+            self.in_flight = None
+        self.records = [r if r.version != version else replace(r, reason=f"{r.reason}; abandoned: {reason}")
+                        for r in self.records]
+
+    def summary(self) -> dict:
+        current = self.current_imbalance() if self.load_LE.sum() else np.ones(self.placement.num_layers)
+        return {
+            "placement_version": self.placement.version,
+            "window_steps": self.window.steps,
+            "load_LE": self.load_LE,
+            "imbalance_mean": float(current.mean()),
+            "imbalance_worst": float(current.max()),
+            "imbalance_per_layer": current,
+            "last_decision": None if self.last_decision is None else self.last_decision.reason,
+            "rebalances": [r.as_dict() for r in self.records],
+            "history": list(self.history),
+            "time": time.time(),
+        }

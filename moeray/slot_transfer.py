@@ -1,0 +1,59 @@
+"""Worker-side migration state: weights for the next placement version, staged while serving.
+
+Prepare (concurrent with steps, on another actor thread): the coordinator asks source workers to
+export slots of the *current* version and destination workers to `stage` them for version v+1.
+Staged weights live beside the live slots, never in them, so a step running meanwhile reads only
+version v. Commit (at a step boundary, inside `Worker.step`): the staged slots are copied into
+the live slot tensors and the slot maps switch to v+1 together on every worker.
+
+On CPU the bytes travel through the Ray object store; exporting takes host copies, so a source
+slot that is overwritten at commit has already been read.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StagedVersion:
+    version: int
+    phy2log_LS: np.ndarray
+    replica_weights_LS: np.ndarray | None
+    # (layer, local slot) -> (w13_HD, w2_DF) for every slot whose expert changes
+    slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class SlotStaging:
+    """Holds at most one staged version; thread-safe between the stage and step threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._staged: StagedVersion | None = None
+
+    def stage(self, staged: StagedVersion) -> None:
+        with self._lock:
+            if self._staged is not None and self._staged.version > staged.version:
+                raise ValueError(f"cannot stage v{staged.version}: v{self._staged.version} is already staged")
+            self._staged = staged
+
+    def take(self, version: int) -> StagedVersion:
+        with self._lock:
+            staged, self._staged = self._staged, None
+        if staged is None or staged.version != version:
+            have = None if staged is None else staged.version
+            raise RuntimeError(f"commit of placement v{version} but v{have} is staged")
+        return staged
+
+    def discard(self) -> None:
+        with self._lock:
+            self._staged = None
+
+
+def export_slot_weights(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, local_slots: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Host copies of the given local slots' weights (one device-to-host copy per slot on GPU)."""
+    return [(w13_SHD[s].detach().cpu().numpy().copy(), w2_SDF[s].detach().cpu().numpy().copy()) for s in local_slots]

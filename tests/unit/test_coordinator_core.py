@@ -1,0 +1,105 @@
+"""Coordinator logic without a cluster: snapshot aggregation, policy, plan, commit, the log."""
+
+import numpy as np
+import pytest
+
+from moeray.coordinator_core import CoordinatorCore
+from moeray.stats_wire import LoadSnapshot
+from placement import Placement, Topology
+from placement.policy import PolicyConfig
+
+L, E, W, SPW = 2, 8, 4, 3
+
+
+def make_core(**policy):
+    placement = Placement.contiguous(L, E, W, SPW)
+    return CoordinatorCore(placement=placement, topology=Topology.flat(W, SPW), bytes_per_expert=100,
+                           window_steps=8, policy_config=PolicyConfig(**{"min_gain": 1.05, "cooldown_s": 5,
+                                                                        "min_tokens": 10, "confirmations": 1, **policy}))
+
+
+def hot_load(hot_expert=0, scale=50):
+    load = np.full((L, E), 10, dtype=np.int64)
+    load[:, hot_expert] = 10 * scale
+    return load
+
+
+def feed(core, load_LE, step_lo, step_hi, version=0, workers=range(W)):
+    """Split a load over workers as snapshots; rows follow the core's current placement."""
+    done = False
+    for w in workers:
+        rows = np.zeros((L, SPW), dtype=np.int64)
+        done = core.ingest(LoadSnapshot(w, core.epoch, step_lo, step_hi, version, load_LE // W, rows)) or done
+    return done
+
+
+def test_a_range_counts_only_when_every_worker_reported():
+    core = make_core()
+    assert not feed(core, hot_load(), 0, 4, workers=range(W - 1))
+    assert core.load_LE.sum() == 0
+    assert feed(core, hot_load(), 0, 4, workers=[W - 1])
+    np.testing.assert_array_equal(core.load_LE, (hot_load() // W) * W)
+
+
+def test_stale_epoch_snapshots_are_ignored():
+    core = make_core()
+    snap = LoadSnapshot(0, 7, 0, 4, 0, hot_load(), np.zeros((L, SPW), dtype=np.int64))
+    assert not core.ingest(snap)
+
+
+def test_skewed_load_triggers_a_plan_that_replicates_the_hot_expert_then_cooldown():
+    core = make_core()
+    feed(core, hot_load(), 0, 4)
+    before = core.current_imbalance().mean()
+    assert before > 2.0
+    new_plan = core.maybe_plan(now=100.0)
+    assert new_plan is not None and new_plan.placement.version == 1
+    assert (new_plan.placement.logcnt[:, 0] > 1).all(), "the hot expert gets replicas"
+    assert new_plan.predicted_imbalance_LAYERS.mean() < before
+    record = core.records[-1]
+    assert record.slots_moved == new_plan.migration.num_copies > 0
+    assert record.bytes_moved == 100 * record.slots_moved
+    assert core.maybe_plan(now=100.5) is None and "in flight" in core.last_decision.reason
+    core.committed(1, step=4)
+    assert core.placement.version == 1
+    assert core.maybe_plan(now=101.0) is None and "cooldown" in core.last_decision.reason
+
+
+def test_balanced_load_does_not_rebalance():
+    core = make_core()
+    feed(core, np.full((L, E), 100, dtype=np.int64), 0, 4)
+    assert core.maybe_plan(now=0.0) is None
+    assert core.last_decision is not None and not core.last_decision.rebalance
+
+
+def test_realised_imbalance_is_measured_from_rows_after_commit():
+    core = make_core()
+    feed(core, hot_load(), 0, 4)
+    core.maybe_plan(now=0.0)
+    core.committed(1, step=4)
+    rows = np.zeros((L, SPW), dtype=np.int64)
+    for w in range(W):
+        rows[:, 0] = 100 if w else 150  # worker 0 computed 1.5x the others
+        core.ingest(LoadSnapshot(w, 0, 4, 8, 1, hot_load() // W, rows.copy(), commit_ms=2.0 + w))
+    record = core.records[-1]
+    assert record.realised_after == pytest.approx(150 / 112.5)
+    assert record.stall_ms == 5.0 and record.realised_steps == 4
+
+
+def test_commit_of_an_unknown_version_is_refused():
+    core = make_core()
+    with pytest.raises(ValueError, match="commit of v3"):
+        core.committed(3, step=0)
+
+
+def test_snapshot_wire_round_trip_and_schema_check():
+    snap = LoadSnapshot(2, 1, 8, 16, 3, np.arange(L * E).reshape(L, E), np.ones((L, SPW), dtype=np.int64), 1.25)
+    back = LoadSnapshot.decode(snap.encode())
+    np.testing.assert_array_equal(back.counts_LE, snap.counts_LE)
+    assert (back.worker, back.epoch, back.step_lo, back.step_hi, back.version, back.commit_ms) == (2, 1, 8, 16, 3, 1.25)
+    import msgpack
+
+    bad = msgpack.unpackb(snap.encode())
+    bad["schema"] = 99
+    with pytest.raises(ValueError, match="unsupported snapshot schema 99"):
+        LoadSnapshot.decode(msgpack.packb(bad))
