@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ def bench_config(trace: Trace, workers: int, redundant: int, bytes_per_expert: i
     topo = topology_for(num_experts, workers, redundant)
     rng = np.random.default_rng(seed)
     rows = {k: [] for k in ("static", "eplb_global", "eplb_hier", "ours")}
-    violations, ours_ms, eplb_ms, replan_ms = 0, [], [], []
+    violations, ours_ms, eplb_ms, replan_ms, noise_ms = 0, [], [], [], []
     drift = {"ours_copies": 0, "eplb_copies": 0, "ours_imb": [], "eplb_imb": []}
     noise = {"ours_copies": 0, "eplb_copies": 0, "slots": 0}
     static = static_placement(num_layers, num_experts, topo)
@@ -78,6 +79,7 @@ def bench_config(trace: Trace, workers: int, redundant: int, bytes_per_expert: i
         # 1% multiplicative noise on the same workload
         jitter = noisy(load, 0.01, rng)
         again = plan(jitter, topo, current=ours.placement, bytes_per_expert=bytes_per_expert)
+        noise_ms.append(again.planning_ms)
         noise["ours_copies"] += again.migration.num_copies
         noise["eplb_copies"] += migration_between(eg, eplb_placement(jitter, topo), topo).num_copies
         noise["slots"] += num_layers * topo.num_slots
@@ -117,6 +119,7 @@ def bench_config(trace: Trace, workers: int, redundant: int, bytes_per_expert: i
         "ms": {
             "ours_fresh_median": float(np.median(ours_ms)),
             "ours_replan_median": float(np.median(replan_ms)) if replan_ms else None,
+            "ours_noise_replan_median": float(np.median(noise_ms)),
             "eplb_median": float(np.median(eplb_ms)),
         },
     }
@@ -148,7 +151,7 @@ def bench_dispatch(trace: Trace, workers: int, redundant: int, steps: int, token
 
 
 def format_markdown(report: dict) -> str:
-    out = ["| trace | W | slots | static | EPLB global | EPLB hier | ours | drift bytes ours/EPLB | drift imb ours / EPLB | noise slots ours / EPLB | plan ms ours fresh / replan / EPLB |", "|" + "---|" * 11]
+    out = ["| trace | W | slots | static | EPLB global | EPLB hier | ours | drift bytes ours/EPLB | drift imb ours / EPLB | noise slots ours / EPLB | plan ms ours fresh / drift re-plan / noise re-plan / EPLB |", "|" + "---|" * 11]
     for r in report["configs"]:
         imb = r["imbalance_mean_worst"]
         cell = lambda k: f"{imb[k][0]:.3f} / {imb[k][1]:.2f}"  # noqa: E731
@@ -159,7 +162,7 @@ def format_markdown(report: dict) -> str:
         out.append(
             f"| {r['trace']} | {r['workers']} | {r['slots']} | {cell('static')} | {cell('eplb_global')} | {cell('eplb_hier')} "
             f"| {cell('ours')} | {drift_bytes} | {drift_imb} | {n['ours_slot_fraction']:.2%} / {n['eplb_slot_fraction']:.1%} "
-            f"| {ms['ours_fresh_median']:.1f} / {replan} / {ms['eplb_median']:.1f} |"
+            f"| {ms['ours_fresh_median']:.1f} / {replan} / {ms['ours_noise_replan_median']:.1f} / {ms['eplb_median']:.1f} |"
         )
     out += ["", "Dispatch split, mean per-step imbalance (multinomial batches):", "",
             "| trace | W | slots | tokens/step | planned | weighted split (ours) | position mod replicas |", "|---|---|---|---|---|---|---|"]
@@ -178,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer workloads and configurations")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--machine", default=None, help="machine description for the report (default: platform)")
+    parser.add_argument("--date", default=None, help="date for the report (default: today)")
     args = parser.parse_args(argv)
 
     traces = real_traces(args.traces)
@@ -212,8 +217,9 @@ def main(argv=None) -> int:
         )
         hier.append({"inter_node_gbps": gbps, **verdict.__dict__})
     report = {
-        "command": "python -m placement.bench" + (" --quick" if args.quick else ""),
-        "machine": f"{platform.machine()} {platform.system()}, numpy {np.__version__}",
+        "command": shlex.join(["python", "-m", "placement.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{args.machine + ' (' if args.machine else ''}{platform.machine()} {platform.system()}, Python {platform.python_version()}, numpy {np.__version__}{')' if args.machine else ''}",
+        "date": args.date or time.strftime("%Y-%m-%d"),
         "trace_shapes": {t.name: measure(t).__dict__ for t in traces},
         "configs": configs,
         "dispatch": dispatch,
