@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from moeray.config import EngineConfig, ParallelConfig, tiny_model_config
+from moeray.config import EngineConfig, ParallelConfig, RebalanceConfig, StatsConfig, tiny_model_config
 from moeray.engine import Engine
 from moeray.streams import zipf_tokens
 from moeray.models.checkpoint import load_reference_model, save_checkpoint
@@ -33,7 +33,8 @@ class DemoOptions(BaseModel):
     steps: int = Field(default=40, ge=1)
     tokens_per_step: int = Field(default=256, ge=1)
     zipf: float = Field(default=1.2, gt=1.0, description="token-id skew; larger is more skewed")
-    redundant_slots: int = Field(default=0, ge=0)
+    redundant_slots: int = Field(default=1, ge=0)
+    rebalance: bool = Field(default=True, description="live rebalancing by the coordinator")
     seed: int = 0
 
 
@@ -47,6 +48,8 @@ def run_demo(opts: DemoOptions) -> dict:
     config = EngineConfig(
         model=model_cfg,
         parallel=ParallelConfig(num_workers=opts.workers, redundant_slots_per_worker=opts.redundant_slots),
+        stats=StatsConfig(snapshot_interval_steps=4),
+        rebalance=RebalanceConfig(enabled=opts.rebalance, window_steps=16, check_interval_steps=4, cooldown_s=1.0),
         seed=opts.seed,
     )
     rng = np.random.default_rng(opts.seed)
@@ -71,6 +74,7 @@ def run_demo(opts: DemoOptions) -> dict:
             load_LE = engine.load()
             worker_load_LW = engine.worker_load(load_LE)
             imbalance_L = engine.imbalance(load_LE)
+            stats = engine.stats()
 
     total = load_LE.sum(axis=0)
     print(f"\nfirst batch vs single-process reference: max relative error {err:.1e}")
@@ -83,12 +87,21 @@ def run_demo(opts: DemoOptions) -> dict:
     print("\nper-expert load (routed pairs, all layers):")
     for e, value in enumerate(total):
         print(f"  expert {e:3d} {_bar(value, total.max())} {int(value):8d}")
-    print(f"\nimbalance (max/mean worker load) per layer: {np.round(imbalance_L, 2).tolist()}  "
-          f"mean {imbalance_L.mean():.2f}, worst {imbalance_L.max():.2f}")
+    print(f"\nimbalance of the final placement (v{stats['placement_version']}) on the whole run's load, per layer: "
+          f"{np.round(imbalance_L, 2).tolist()}  mean {imbalance_L.mean():.2f}, worst {imbalance_L.max():.2f}")
+    if stats["rebalances"]:
+        print("\nlive rebalances (imbalance predicted on the coordinator's window; realised = rows computed):")
+        for r in stats["rebalances"]:
+            realised = "-" if r["realised_after"] is None else f"{r['realised_after']:.2f}"
+            print(f"  v{r['version']} at step {r['committed_at_step']}: {r['predicted_before']:.2f} -> predicted "
+                  f"{r['predicted_after']:.2f}, realised {realised}; {r['slots_moved']} slots / "
+                  f"{r['bytes_moved'] / 1e6:.1f} MB moved; plan {r['planning_ms']:.0f} ms, transfer "
+                  f"{(r['transfer_ms'] or 0):.0f} ms, stall {(r['stall_ms'] or 0):.1f} ms")
     return {
         "max_rel_error": err,
         "imbalance_mean": float(imbalance_L.mean()),
         "imbalance_worst": float(imbalance_L.max()),
         "median_step_ms": float(np.median(step_ms)),
         "load_LE": load_LE,
+        "rebalances": stats["rebalances"],
     }

@@ -105,6 +105,7 @@ class Engine:
         self.coordinator = None
         self._tick_ref = None
         self._staged: dict | None = None  # placement staged on every worker, committed at the next step
+        self.replica_weights_LS = None  # split of replicated experts' tokens; None = equal
         self.rebalance_errors: list[str] = []
         if config.stats.enabled:
             self._start_coordinator()
@@ -148,6 +149,7 @@ class Engine:
         self.steps += 1
         if staged:  # every worker ran this step with the new version: it is committed
             self.placement = Placement(staged["phy2log"], self.config.model.num_experts, self.config.slots_per_worker, version)
+            self.replica_weights_LS = staged["replica_weights"]
             self.coordinator.committed.remote(version, self.steps - 1)
         if self.coordinator is not None and self.config.rebalance.enabled:
             self._poll_rebalance()
@@ -192,7 +194,7 @@ class Engine:
             self._get([ref for box in boxes for ref in box], 60, "flush stats")
         summary = self._get(self.coordinator.summary.remote(), 60, "stats")
         p = self.placement
-        summary["worker_load_LW"] = worker_loads(summary["load_LE"], p.phy2log, p.slots_per_worker)
+        summary["worker_load_LW"] = worker_loads(summary["load_LE"], p.phy2log, p.slots_per_worker, self.replica_weights_LS)
         return summary
 
     def current_placement(self) -> Placement:
@@ -206,11 +208,11 @@ class Engine:
     def worker_load(self, load_LE: np.ndarray | None = None) -> np.ndarray:
         """[L, N] pairs each worker computes under the current placement (replicas split evenly)."""
         p = self.placement
-        return worker_loads(self.load() if load_LE is None else load_LE, p.phy2log, p.slots_per_worker)
+        return worker_loads(self.load() if load_LE is None else load_LE, p.phy2log, p.slots_per_worker, self.replica_weights_LS)
 
     def imbalance(self, load_LE: np.ndarray | None = None) -> np.ndarray:
         """[L] max/mean worker load per layer under the current placement."""
-        return imbalance(self.load() if load_LE is None else load_LE, self.placement)
+        return imbalance(self.load() if load_LE is None else load_LE, self.placement, self.replica_weights_LS)
 
     # ---- plumbing ----------------------------------------------------------------------------
     def _get(self, refs, timeout: float, what: str):
