@@ -20,7 +20,7 @@ Registration must happen in the driver and in every actor: `register_backends()`
 from __future__ import annotations
 
 import datetime
-import socket
+import os
 import threading
 from dataclasses import dataclass
 
@@ -294,16 +294,24 @@ class GlooGroup(TorchCollectiveGroup):
     def _make_process_group(self, store, rank, world_size, timeout):
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timeout
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=socket.gethostname())]
-        try:
-            return dist.ProcessGroupGloo(store, rank, world_size, opts)
-        except Exception:
-            # Hosts whose hostname does not resolve: fall back to the loopback-capable default.
-            return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        # Bind to the address Ray knows this node by: the hostname may not resolve, and a second
+        # construction attempt on the same store keys would wedge the rendezvous.
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_node_ip())]
+        return dist.ProcessGroupGloo(store, rank, world_size, opts)
 
 
 class NcclGroup(TorchCollectiveGroup):
-    """CUDA tensors over NCCL (torch's ProcessGroupNCCL: per-op timeouts and abort)."""
+    """CUDA tensors over NCCL (torch's ProcessGroupNCCL: per-op timeouts, watchdog, abort).
+
+    Waiting is stream-ordered: `work.wait()` makes the caller's current CUDA stream wait for the
+    NCCL stream and returns at once; the host blocks only where it reads a result (the dispatcher's
+    split-size `.tolist()`). Passing a timeout to `wait` would instead block the host, polling, until
+    the op completes, which costs more than a small exchange takes, so the bound on a dead or silent peer comes from
+    the process group instead: its watchdog thread sees an op older than `timeout_s`, aborts the
+    communicator (the hung kernel then exits) and, with TORCH_NCCL_ASYNC_ERROR_HANDLING=3, ends
+    the process. A Ray worker therefore dies within about timeout_s (+ the watchdog's poll period)
+    and the engine reports `WorkerLost`; it never hangs.
+    """
 
     DEVICE = "cuda"
 
@@ -316,9 +324,50 @@ class NcclGroup(TorchCollectiveGroup):
         return dist.is_available() and dist.is_nccl_available() and torch.cuda.is_available()
 
     def _make_process_group(self, store, rank, world_size, timeout):
+        # Read by NCCL / ProcessGroupNCCL when the communicator is created, so set them before.
+        # NVLink multicast (NVLS) stays off: it can take a shared host's GPUs out of service.
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # abort + end the process
+        # On a timeout the watchdog otherwise waits ~60 s for a debug dump before ending the process
+        # (seen on 2 H200: detected at 5.05 s, process ended at 69 s).
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")
+        if not torch.cuda.is_available():
+            raise CollectiveError(f"group {self.group_name!r}: NCCL needs a CUDA device, none is visible")
+        # The communicator binds to the current device: the caller (Worker) set it already; this
+        # makes the binding explicit for plain processes too.
+        torch.cuda.set_device(torch.cuda.current_device())
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+
+    def __init__(self, world_size: int, rank: int, group_name: str):
+        super().__init__(world_size, rank, group_name)  # ends with a barrier (an allreduce)
+        # NCCL connects the peer-to-peer channels an all-to-all uses lazily, at its first call; a
+        # peer that died before then surfaced only after NCCL's own connect timeout (~60 s seen on
+        # 2 H200). One tiny all-to-all here connects them while every rank is known to be alive.
+        probe_W = torch.zeros(world_size, device=self.DEVICE)
+        self.all_to_all(torch.empty_like(probe_W), probe_W)
+        probe_W.sum().item()  # host sync: formation ends only when the exchange has completed
+
+    def _run(self, op_name: str, launch) -> None:
+        try:
+            launch().wait()  # stream-ordered: no host wait here (see the class docstring)
+        except Exception as exc:
+            raise CollectiveError(
+                f"{op_name} failed in group {self.group_name!r} (rank {self.rank}/{self.world_size}, "
+                f"timeout {self.timeout_s:g}s): {exc}"
+            ) from exc
+
+    def barrier(self, barrier_options=None):
+        # host sync: a real barrier (group formation relies on it); the watchdog bounds it.
+        token = torch.zeros(1, device=self.DEVICE)
+        self.allreduce(token)
+        token.item()
+
+    @property
+    def process_group(self):
+        """The c10d ProcessGroupNCCL (for moeray.comm.p2p and the benchmarks)."""
+        return self._pg
 
     def destroy_group(self) -> None:
         try:
