@@ -18,6 +18,8 @@ from pydantic import ValidationError
 BENCHMARKS = {
     "kernel": "grouped SwiGLU expert kernel vs per-expert loop vs torch._grouped_mm",
     "rebalance": "live rebalancing on local CPU workers: drift recovery, stall, stats overhead",
+    "exchange": "NCCL all-to-all: ours (NcclGroup) vs raw all_to_all_single, 64 KiB .. 512 MiB (GPUs)",
+    "layer": "one EP MoE layer on GPUs: static vs our placement under DeepSeek-V3 skew vs uniform routing",
 }
 
 

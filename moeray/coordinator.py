@@ -27,7 +27,8 @@ from placement.policy import PolicyConfig
 
 class Coordinator:
     def __init__(self, phy2log_LS: np.ndarray, version: int, num_experts: int, slots_per_worker: int,
-                 bytes_per_expert: int, rebalance: dict, workers: list, epoch: int, timeout_s: float):
+                 bytes_per_expert: int, rebalance: dict, workers: list, epoch: int, timeout_s: float,
+                 device: str = "cpu"):
         placement = Placement(phy2log_LS, num_experts, slots_per_worker, version)
         self.core = CoordinatorCore(
             placement=placement,
@@ -41,6 +42,7 @@ class Coordinator:
         )
         self.workers = workers
         self.timeout_s = timeout_s
+        self.device = device  # "cuda": slots move by NCCL p2p (Worker.stage_p2p), not the object store
         self.reports = 0
 
     def ping(self) -> int:
@@ -69,6 +71,14 @@ class Coordinator:
         start = time.perf_counter()
         spw = new_plan.placement.slots_per_worker
         mig = new_plan.migration
+        if self.device == "cuda":
+            # Every worker gets the same global list (p2p chunks must line up across ranks).
+            copies = [(layer, src // spw, src % spw, dst // spw, dst % spw)
+                      for layer, dst, src in zip(mig.layer.tolist(), mig.dst_slot.tolist(), mig.src_slot.tolist())]
+            refs = [w.stage_p2p.remote(new_plan.placement.version, new_plan.placement.phy2log,
+                                       new_plan.replica_weights, copies) for w in self.workers]
+            await asyncio.wait_for(asyncio.gather(*refs), timeout=self.timeout_s)
+            return 1e3 * (time.perf_counter() - start)
         exports: dict[int, list[tuple[int, int]]] = defaultdict(list)  # src worker -> [(layer, local slot)]
         gains: dict[int, list[tuple[tuple[int, int], int, int]]] = defaultdict(list)  # dst -> [((l, slot), src, idx)]
         for layer, dst, src in zip(mig.layer.tolist(), mig.dst_slot.tolist(), mig.src_slot.tolist()):

@@ -115,7 +115,7 @@ class Engine:
         self.coordinator = coordinator_cls.options(num_cpus=0).remote(
             self.placement.phy2log, self.placement.version, self.config.model.num_experts,
             self.config.slots_per_worker, self.config.model.expert_bytes, self.config.rebalance.model_dump(),
-            self.workers, self.epoch, self.config.parallel.collective_timeout_s)
+            self.workers, self.epoch, self.config.parallel.collective_timeout_s, self.config.parallel.device)
         self._get(self.coordinator.ping.remote(), 120, "coordinator start-up")
         self._get([w.attach_coordinator.remote(self.coordinator, self.epoch) for w in self.workers], 60, "attach coordinator")
 

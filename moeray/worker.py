@@ -6,6 +6,7 @@ Legend: T local tokens, V vocab, L layers, E experts, S slots in the group, S_w 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -14,6 +15,7 @@ import ray
 import torch
 
 from moeray.comm import group as collective
+from moeray.comm import p2p
 from moeray.comm.dispatcher import AllToAllDispatcher, LocalDispatcher
 from moeray.comm.slot_map import DeviceSlotMap
 from moeray.config import EngineConfig
@@ -33,6 +35,10 @@ class Worker:
         self.rank = rank
         self.config = config
         self.device = torch.device("cuda", torch.cuda.current_device()) if config.parallel.device == "cuda" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # before any NCCL communicator binds to a device
+        self._xfer_stream = None
+        self.xfer_group = None  # cuda: a second NCCL group per epoch for migration p2p
         self.reader = CheckpointReader(checkpoint_dir)
         if self.reader.cfg != config.model:
             raise ValueError(f"checkpoint {checkpoint_dir} holds model {self.reader.cfg}, config asks for {config.model}")
@@ -95,10 +101,17 @@ class Worker:
         collective.join_group(spec)
         self.group_name = spec.group_name
         self.dispatcher = AllToAllDispatcher(collective.get_group(spec.group_name), self.config.slots_per_worker)
+        if self.device.type == "cuda":
+            # Same rendezvous store, own communicator: migrations never interleave with the steps'
+            # all-to-alls on one communicator (see moeray/comm/p2p.py).
+            self.xfer_group = collective.create_group(dataclasses.replace(spec, group_name=spec.group_name + "-xfer"))
         for experts in self._slot_experts():
             experts.dispatcher = self.dispatcher
 
     def leave_group(self) -> None:
+        if self.xfer_group is not None:
+            self.xfer_group.destroy_group()
+            self.xfer_group = None
         if self.group_name is not None:
             collective.leave_group(self.group_name)
             self.group_name = None
@@ -121,7 +134,7 @@ class Worker:
             self.steps += 1
             if self.coordinator is not None and self.steps - self._shipped_step >= self.snapshot_interval:
                 self._ship_snapshot()
-            return logits_TV.cpu().numpy()
+            return logits_TV.float().cpu().numpy()  # numpy has no bfloat16
 
     # ---- statistics ------------------------------------------------------------------------------
     def attach_coordinator(self, coordinator, epoch: int) -> None:
@@ -178,6 +191,31 @@ class Worker:
             # torch.tensor copies: ray.get hands out read-only views of the object store.
             staged.slots[(layer, slot)] = (
                 torch.tensor(w13, device=self.device, dtype=self.dtype), torch.tensor(w2, device=self.device, dtype=self.dtype))
+        self.staging.stage(staged)
+        return 1e3 * (time.perf_counter() - start)
+
+    def stage_p2p(self, version: int, phy2log_LS: np.ndarray, replica_weights_LS: np.ndarray | None,
+                  copies: list[tuple[int, int, int, int, int]]) -> float:
+        """GPU migration: every worker calls this with the same global copy list
+        [(layer, src rank, src local slot, dst rank, dst local slot)]; slots move by chunked NCCL
+        send/recv on the epoch's transfer group and a side stream while steps continue.
+        Returns the transfer time in ms (host sync at the end: the weights are complete when staged)."""
+        start = time.perf_counter()
+        experts = self._slot_experts()
+        slot_copies = [p2p.SlotCopy(*c) for c in copies]
+        if self._xfer_stream is None:
+            self._xfer_stream = torch.cuda.Stream(self.device)
+        # Reading live slots while a step runs is safe: steps only read them and commit (the only
+        # writer) waits for this version to be staged everywhere.
+        self._xfer_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._xfer_stream):
+            received = p2p.transfer_slots(
+                None if self.xfer_group is None else self.xfer_group.process_group, self.rank, self.placement.num_workers, slot_copies,
+                read=lambda layer, slot: (experts[layer].w13_SHD[slot], experts[layer].w2_SDF[slot]),
+                alloc=lambda layer: (torch.empty_like(experts[layer].w13_SHD[0]), torch.empty_like(experts[layer].w2_SDF[0])))
+        self._xfer_stream.synchronize()  # host sync: off the step path (transfer thread)
+        staged = StagedVersion(version, np.asarray(phy2log_LS), None if replica_weights_LS is None else np.asarray(replica_weights_LS))
+        staged.slots.update(received)
         self.staging.stage(staged)
         return 1e3 * (time.perf_counter() - start)
 
