@@ -4,7 +4,9 @@ unit-tested without a cluster; `moeray/coordinator.py` wraps it in an actor.
 Legend: L layers, E experts, S slots, W workers, S_w slots per worker.
 
 Snapshots from all W workers for the same step range are summed, then pushed into a sliding
-`placement.stats.LoadWindow`. Workers run in lockstep and flush at the same steps (every N steps
+`placement.stats.LoadWindow` (what `stats()` reports) and an exponentially decayed load with a
+half-life of a quarter window (what the policy and planner see: after a drift the new traffic
+outweighs the old within two half-lives, so a re-plan does not wait for the window to turn over). Workers run in lockstep and flush at the same steps (every N steps
 and at each commit), so their ranges line up exactly and a range never mixes placement versions.
 """
 
@@ -19,11 +21,16 @@ from placement import Placement, Topology
 from placement.metrics import imbalance, imbalance_of_worker_loads
 from placement.planner import Plan, plan
 from placement.policy import Decision, PolicyConfig, PolicyState, PolicyStats, decide
-from placement.stats import LoadWindow
+from placement.stats import DecayedLoad, LoadWindow
 
 from moeray.stats_wire import LoadSnapshot
 
 _HISTORY_LIMIT = 4096  # step ranges kept for stats(); older ones are dropped
+
+
+def decision_metric(imbalance_L: np.ndarray) -> float:
+    """What the policy's gain compares: (mean over layers + worst layer) / 2."""
+    return 0.5 * (float(np.mean(imbalance_L)) + float(np.max(imbalance_L)))
 
 
 @dataclass
@@ -60,6 +67,7 @@ class CoordinatorCore:
     replica_weights_LS: np.ndarray | None = None
     epoch: int = 0
     window: LoadWindow = field(init=False)
+    recent: DecayedLoad = field(init=False)
     policy_state: PolicyState = field(default_factory=PolicyState)
     records: list[RebalanceRecord] = field(default_factory=list)
     pending: dict = field(default_factory=dict)       # (step_lo, step_hi) -> {worker: snapshot}
@@ -70,6 +78,7 @@ class CoordinatorCore:
 
     def __post_init__(self) -> None:
         self.window = LoadWindow(self.window_steps)
+        self.recent = DecayedLoad(max(self.window_steps / 4, 1.0))
 
     # ---- statistics ----------------------------------------------------------------------------
     def ingest(self, snapshot: LoadSnapshot) -> bool:
@@ -84,7 +93,9 @@ class CoordinatorCore:
         del self.pending[key]
         snaps = list(by_worker.values())
         steps = snapshot.step_hi - snapshot.step_lo
-        self.window = self.window.update(np.sum([s.counts_LE for s in snaps], axis=0), steps=steps)
+        counts_LE = np.sum([s.counts_LE for s in snaps], axis=0)
+        self.window = self.window.update(counts_LE, steps=steps)
+        self.recent = self.recent.update(counts_LE, steps=steps)
         self._record_realised(snaps, steps)
         return True
 
@@ -114,9 +125,16 @@ class CoordinatorCore:
             return np.zeros((self.placement.num_layers, self.placement.num_experts), dtype=np.int64)
         return self.window.load_LE
 
-    def current_imbalance(self) -> np.ndarray:
-        """[L] imbalance the current placement gives the windowed load."""
-        return imbalance(self.load_LE, self.placement, self.replica_weights_LS)
+    @property
+    def planning_load_LE(self) -> np.ndarray:
+        """[L, E] recency-weighted load the policy and planner act on."""
+        if self.recent.load is None:
+            return np.zeros((self.placement.num_layers, self.placement.num_experts))
+        return self.recent.load_LE
+
+    def current_imbalance(self, load_LE: np.ndarray | None = None) -> np.ndarray:
+        """[L] imbalance the current placement gives `load_LE` (default: the windowed load)."""
+        return imbalance(self.load_LE if load_LE is None else load_LE, self.placement, self.replica_weights_LS)
 
     # ---- decisions -----------------------------------------------------------------------------
     def maybe_plan(self, now: float, force: bool = False) -> Plan | None:
@@ -124,8 +142,8 @@ class CoordinatorCore:
         if self.in_flight is not None:
             self.last_decision = Decision(False, f"migration to v{self.in_flight.placement.version} in flight")
             return None
-        load_LE = self.load_LE
-        tokens = float(load_LE.sum())
+        load_LE = self.planning_load_LE
+        tokens = float(self.load_LE.sum())
         if tokens == 0:
             self.last_decision = Decision(False, "no load observed yet")
             return None
@@ -136,12 +154,14 @@ class CoordinatorCore:
                 cache["plan"] = plan(load_LE, self.topology, self.placement, self.bytes_per_expert)
             return cache["plan"]
 
-        current = self.current_imbalance()
+        current = self.current_imbalance(load_LE)
         if force:
             decision = Decision(True, "forced")
             self.policy_state = PolicyState(last_rebalance_s=now)
         else:
-            stats = PolicyStats(current, lambda: planned().predicted_imbalance_LAYERS, tokens)
+            # The policy compares one number: the average of the mean and the worst layer, so one
+            # badly balanced layer triggers a re-plan (often a weights-only one that moves no bytes).
+            stats = PolicyStats(decision_metric(current), lambda: decision_metric(planned().predicted_imbalance_LAYERS), tokens)
             decision, self.policy_state = decide(self.policy_state, stats, now, self.policy_config)
         self.last_decision = decision
         if not decision.rebalance:

@@ -66,12 +66,12 @@ class Engine:
         self.checkpoint_dir = str(checkpoint_dir)
         par = config.parallel
         model = config.model
-        self.placement = (placement or Placement.contiguous(
+        self._placement = (placement or Placement.contiguous(
             model.num_layers, model.num_experts, par.num_workers, config.slots_per_worker
         )).validate()
-        if self.placement.num_workers != par.num_workers or self.placement.slots_per_worker != config.slots_per_worker:
+        if self._placement.num_workers != par.num_workers or self._placement.slots_per_worker != config.slots_per_worker:
             raise ValueError(
-                f"placement has {self.placement.num_workers} workers x {self.placement.slots_per_worker} slots, "
+                f"placement has {self._placement.num_workers} workers x {self._placement.slots_per_worker} slots, "
                 f"config asks for {par.num_workers} x {config.slots_per_worker}"
             )
         ensure_ray()
@@ -95,7 +95,7 @@ class Engine:
                 max_concurrency=4,  # steps on one thread; migration staging / exports on others
                 num_gpus=1 if par.device == "cuda" else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
-            ).remote(i, config, self.checkpoint_dir, self.placement.phy2log, self.placement.version)
+            ).remote(i, config, self.checkpoint_dir, self._placement.phy2log, self._placement.version)
             for i in range(par.num_workers)
         ]
         self._get([w.ping.remote() for w in self.workers], timeout=300, what="worker start-up")
@@ -113,7 +113,7 @@ class Engine:
     def _start_coordinator(self) -> None:
         coordinator_cls = ray.remote(Coordinator)
         self.coordinator = coordinator_cls.options(num_cpus=0).remote(
-            self.placement.phy2log, self.placement.version, self.config.model.num_experts,
+            self._placement.phy2log, self._placement.version, self.config.model.num_experts,
             self.config.slots_per_worker, self.config.model.expert_bytes, self.config.rebalance.model_dump(),
             self.workers, self.epoch, self.config.parallel.collective_timeout_s, self.config.parallel.device)
         self._get(self.coordinator.ping.remote(), 120, "coordinator start-up")
@@ -143,12 +143,12 @@ class Engine:
             raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
         shares = split_batch(len(ids_T), len(self.workers))
         staged, self._staged = self._staged, None
-        version = staged["version"] if staged else self.placement.version
+        version = staged["version"] if staged else self._placement.version
         refs = [w.step.remote(ids_T[s], version) for w, s in zip(self.workers, shares)]
         outs = self._get(refs, self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "step")
         self.steps += 1
         if staged:  # every worker ran this step with the new version: it is committed
-            self.placement = Placement(staged["phy2log"], self.config.model.num_experts, self.config.slots_per_worker, version)
+            self._placement = Placement(staged["phy2log"], self.config.model.num_experts, self.config.slots_per_worker, version)
             self.replica_weights_LS = staged["replica_weights"]
             self.coordinator.committed.remote(version, self.steps - 1)
         if self.coordinator is not None and self.config.rebalance.enabled:
@@ -193,12 +193,19 @@ class Engine:
             boxes = self._get([w.flush_stats.remote() for w in self.workers], 60, "flush stats")
             self._get([ref for box in boxes for ref in box], 60, "flush stats")
         summary = self._get(self.coordinator.summary.remote(), 60, "stats")
-        p = self.placement
+        p = self._placement
         summary["worker_load_LW"] = worker_loads(summary["load_LE"], p.phy2log, p.slots_per_worker, self.replica_weights_LS)
         return summary
 
-    def current_placement(self) -> Placement:
-        return self.placement
+    def set_stats_recording(self, enabled: bool) -> None:
+        """Switch routing statistics on or off on every worker (e.g. to measure their cost)."""
+        if enabled and self.coordinator is None:
+            raise RuntimeError("stats recording needs stats.enabled=True at start-up")
+        self._get([w.set_stats_recording.remote(enabled) for w in self.workers], 60, "set stats recording")
+
+    def placement(self) -> Placement:
+        """The placement every worker runs now (committed; a staged one is not yet in effect)."""
+        return self._placement
 
     def load(self, reset: bool = False) -> np.ndarray:
         """[L, E] routed (token, k) pairs per logical expert, summed over workers."""
@@ -207,12 +214,12 @@ class Engine:
 
     def worker_load(self, load_LE: np.ndarray | None = None) -> np.ndarray:
         """[L, N] pairs each worker computes under the current placement (replicas split evenly)."""
-        p = self.placement
+        p = self._placement
         return worker_loads(self.load() if load_LE is None else load_LE, p.phy2log, p.slots_per_worker, self.replica_weights_LS)
 
     def imbalance(self, load_LE: np.ndarray | None = None) -> np.ndarray:
         """[L] max/mean worker load per layer under the current placement."""
-        return imbalance(self.load() if load_LE is None else load_LE, self.placement, self.replica_weights_LS)
+        return imbalance(self.load() if load_LE is None else load_LE, self._placement, self.replica_weights_LS)
 
     # ---- plumbing ----------------------------------------------------------------------------
     def _get(self, refs, timeout: float, what: str):

@@ -13,6 +13,7 @@ slot that is overwritten at commit has already been read.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,8 +25,9 @@ class StagedVersion:
     version: int
     phy2log_LS: np.ndarray
     replica_weights_LS: np.ndarray | None
-    # (layer, local slot) -> (w13_HD, w2_DF) for every slot whose expert changes
-    slots: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # (layer, local slot) -> (w13_HD, w2_DF) for every slot whose expert changes: tensors (GPU p2p)
+    # or read-only numpy views of the object store (CPU; copied once, at commit)
+    slots: dict[tuple[int, int], tuple] = field(default_factory=dict)
 
 
 class SlotStaging:
@@ -55,5 +57,19 @@ class SlotStaging:
 
 
 def export_slot_weights(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, local_slots: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Host copies of the given local slots' weights (one device-to-host copy per slot on GPU)."""
-    return [(w13_SHD[s].detach().cpu().numpy().copy(), w2_SDF[s].detach().cpu().numpy().copy()) for s in local_slots]
+    """Host views of the given local slots' weights (on GPU: one device-to-host copy per slot).
+
+    No copy on CPU: Ray serialises the return value into the object store before the call
+    completes, and the live slots change only at a commit, which waits for the migration.
+    """
+    return [(w13_SHD[s].detach().cpu().numpy(), w2_SDF[s].detach().cpu().numpy()) for s in local_slots]
+
+
+def as_source_tensor(weights) -> torch.Tensor:
+    """A tensor to copy from: staged slots are torch tensors (GPU p2p) or read-only numpy views
+    of the object store (CPU), which are only ever read."""
+    if isinstance(weights, torch.Tensor):
+        return weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we never write to it
+        return torch.from_numpy(weights)

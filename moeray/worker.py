@@ -22,7 +22,7 @@ from moeray.config import EngineConfig
 from moeray.expert_parallel import SlotExperts
 from moeray.models.checkpoint import CheckpointReader
 from moeray.models.moe_model import MoEModel
-from moeray.slot_transfer import SlotStaging, StagedVersion, export_slot_weights
+from moeray.slot_transfer import SlotStaging, StagedVersion, as_source_tensor, export_slot_weights
 from moeray.stats_wire import LoadSnapshot
 from placement import Placement
 from placement.dispatch import replica_weights_by_expert
@@ -59,8 +59,8 @@ class Worker:
         self._shipped_load_LE = np.zeros((config.model.num_layers, config.model.num_experts), dtype=np.int64)
         self._shipped_rows_LS = np.zeros((config.model.num_layers, config.slots_per_worker), dtype=np.int64)
         self._commit_ms: float | None = None
-        for experts in self._slot_experts():
-            experts.record_load = config.stats.enabled
+        self.stats_recording = False
+        self.set_stats_recording(config.stats.enabled)
 
     # ---- construction ------------------------------------------------------------------------
     def _build_model(self) -> MoEModel:
@@ -137,6 +137,22 @@ class Worker:
             return logits_TV.float().cpu().numpy()  # numpy has no bfloat16
 
     # ---- statistics ------------------------------------------------------------------------------
+    def set_stats_recording(self, enabled: bool) -> None:
+        """Count routed pairs and ship snapshots (True), or skip both (False; for A/B overhead runs)."""
+        with self._step_lock:
+            if enabled and not self.stats_recording:
+                # Counting resumes from here: the pause must not look like a burst of traffic.
+                self._shipped_step = self.steps
+                self._shipped_load_LE, self._shipped_rows_LS = self._read_counters()
+            self.stats_recording = enabled
+            for experts in self._slot_experts():
+                experts.record_load = enabled
+
+    def _read_counters(self) -> tuple[np.ndarray, np.ndarray]:
+        experts = self._slot_experts()
+        return (torch.stack([e.load_E for e in experts]).cpu().numpy(),
+                torch.stack([e.rows_S for e in experts]).cpu().numpy())
+
     def attach_coordinator(self, coordinator, epoch: int) -> None:
         # One blocking call opens this worker's connection to the coordinator: without it, the
         # first reports queue here until the connection forms and then arrive in a burst.
@@ -149,11 +165,9 @@ class Worker:
 
         host sync: one device-to-host copy of the [L, E] and [L, S_w] counters every N steps.
         """
-        if self.steps == self._shipped_step or not self.config.stats.enabled:
+        if self.steps == self._shipped_step or not self.stats_recording:
             return None
-        experts = self._slot_experts()
-        load_LE = torch.stack([e.load_E for e in experts]).cpu().numpy()
-        rows_LS = torch.stack([e.rows_S for e in experts]).cpu().numpy()
+        load_LE, rows_LS = self._read_counters()
         snapshot = LoadSnapshot(self.rank, self.epoch, self._shipped_step, self.steps, self.placement.version,
                                 load_LE - self._shipped_load_LE, rows_LS - self._shipped_rows_LS, self._commit_ms)
         ref = self.coordinator.report.remote(snapshot.encode())  # not awaited: never on the hot path
@@ -188,9 +202,9 @@ class Worker:
         staged = StagedVersion(version, np.asarray(phy2log_LS), None if replica_weights_LS is None else np.asarray(replica_weights_LS))
         for (layer, slot), (ref_box, index) in zip(entries, sources):
             w13, w2 = fetched[id(ref_box[0])][index]
-            # torch.tensor copies: ray.get hands out read-only views of the object store.
-            staged.slots[(layer, slot)] = (
-                torch.tensor(w13, device=self.device, dtype=self.dtype), torch.tensor(w2, device=self.device, dtype=self.dtype))
+            # Read-only views of the object store (zero-copy; Ray keeps them pinned while referenced):
+            # the one copy happens at commit, straight into the live slot.
+            staged.slots[(layer, slot)] = (w13, w2)
         self.staging.stage(staged)
         return 1e3 * (time.perf_counter() - start)
 
@@ -226,8 +240,8 @@ class Worker:
         staged = self.staging.take(version)
         experts = self._slot_experts()
         for (layer, slot), (w13_HD, w2_DF) in staged.slots.items():
-            experts[layer].w13_SHD.data[slot].copy_(w13_HD)
-            experts[layer].w2_SDF.data[slot].copy_(w2_DF)
+            experts[layer].w13_SHD.data[slot].copy_(as_source_tensor(w13_HD))
+            experts[layer].w2_SDF.data[slot].copy_(as_source_tensor(w2_DF))
         self.placement = Placement(staged.phy2log_LS, self.config.model.num_experts, self.config.slots_per_worker, version)
         self.replica_weights_LS = staged.replica_weights_LS
         for layer, layer_experts in enumerate(experts):

@@ -137,23 +137,27 @@ def windowed_imbalance(history: list, window_steps: int) -> list[dict]:
 
 
 def run_overhead(args, ckpt: str) -> dict:
-    medians = {"on": [], "off": []}
-    for _ in range(args.overhead_rounds):
-        for label in ("off", "on"):
-            config = _config(args, stats=label == "on", rebalance=False)
-            stream = DriftingStream(config.model.vocab_size, args.tokens_per_step, 10**9, hot_fraction=0.0, seed=args.seed)
-            walls = []
-            with Engine(config, ckpt) as engine:
-                for i in range(args.overhead_steps + 10):
-                    ids = stream.next_batch()
+    """Stats on vs off in ONE engine, alternating blocks of steps on the same batches: separate
+    engine runs differ by more than the effect (seen here: medians 155-222 ms between runs)."""
+    config = _config(args, stats=True, rebalance=False)
+    stream = DriftingStream(config.model.vocab_size, args.tokens_per_step, 10**9, hot_fraction=0.0, seed=args.seed)
+    block = 8
+    batches = [stream.next_batch() for _ in range(block)]
+    walls = {"on": [], "off": []}
+    with Engine(config, ckpt) as engine:
+        for ids in batches:  # warm-up
+            engine.step(ids)
+        for _ in range(args.overhead_rounds * max(1, args.overhead_steps // (2 * block))):
+            for label in ("off", "on"):
+                engine.set_stats_recording(label == "on")
+                for ids in batches:
                     t = time.perf_counter()
                     engine.step(ids)
-                    if i >= 10:
-                        walls.append(1e3 * (time.perf_counter() - t))
-            medians[label].append(float(np.median(walls)))
-    on, off = np.median(medians["on"]), np.median(medians["off"])
+                    walls[label].append(1e3 * (time.perf_counter() - t))
+    on, off = np.median(walls["on"]), np.median(walls["off"])
     return {"median_step_ms_on": float(on), "median_step_ms_off": float(off),
-            "overhead_pct": float(100 * (on / off - 1)), "rounds": medians}
+            "overhead_pct": float(100 * (on / off - 1)), "steps_each": len(walls["on"]),
+            "mean_step_ms_on": float(np.mean(walls["on"])), "mean_step_ms_off": float(np.mean(walls["off"]))}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -7,17 +7,34 @@ import torch
 
 from moeray.config import EngineConfig, ParallelConfig, RebalanceConfig, StatsConfig
 from moeray.engine import Engine
-from moeray.models.checkpoint import CheckpointReader
+from safetensors.torch import load_file, save_file
+
+from moeray.models.checkpoint import CheckpointReader, load_reference_model
 from moeray.streams import DriftingStream
 from tests.helpers import make_checkpoint, max_rel_error, reference_logits
 
 
+def encode_layer_expert(ckpt: str, num_layers: int, num_experts: int) -> None:
+    """Write (layer, expert) into each expert's down_proj[0, 0] as (1000 * layer + expert) / 1e6."""
+    path = f"{ckpt}/model.safetensors"
+    tensors = load_file(path)
+    for layer in range(num_layers):
+        for expert in range(num_experts):
+            tensors[f"layers.{layer}.experts.{expert}.down_proj.weight"][0, 0] = (1000 * layer + expert) / 1e6
+    save_file(tensors, path)
+
+
+def decode_layer_expert(w2_DF: np.ndarray) -> tuple[int, int]:
+    code = int(round(float(w2_DF[0, 0]) * 1e6))
+    return code // 1000, code % 1000
+
+
 def assert_every_slot_holds_its_expert(engine, reader):
-    """Each worker's slot s of layer l holds, bit for bit, the checkpoint weights of phy2log[l, s]
-    (so every replica is an exact copy)."""
+    """Each worker's slot s of layer l decodes to (l, phy2log[l, s]) and holds, bit for bit, the
+    checkpoint weights of that expert (so every replica is an exact copy)."""
     import ray
 
-    p = engine.placement
+    p = engine.placement()
     for rank, worker in enumerate(engine.workers):
         for layer in range(p.num_layers):
             w13_SHD, w2_SDF = ray.get(worker.slot_weights.remote(layer))
@@ -25,12 +42,15 @@ def assert_every_slot_holds_its_expert(engine, reader):
             want_w13, want_w2 = reader.read_expert_slots(layer, experts, torch.float32)
             for s, expert in enumerate(experts):
                 if expert >= 0:
+                    assert decode_layer_expert(w2_SDF[s]) == (layer, expert), f"worker {rank} layer {layer} slot {s}"
                     assert np.array_equal(w13_SHD[s], want_w13[s].numpy()), f"worker {rank} layer {layer} slot {s} (expert {expert})"
                     assert np.array_equal(w2_SDF[s], want_w2[s].numpy()), f"worker {rank} layer {layer} slot {s} (expert {expert})"
 
 
 def test_forced_rebalances_move_weights_exactly_and_never_change_outputs(ray_cluster, tmp_path):
-    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=5, num_experts=7, top_k=2, num_layers=3)
+    ckpt, model_cfg, _ = make_checkpoint(tmp_path, seed=5, num_experts=7, top_k=2, num_layers=3)
+    encode_layer_expert(ckpt, model_cfg.num_layers, model_cfg.num_experts)
+    reference = load_reference_model(ckpt)
     config = EngineConfig(
         model=model_cfg,
         parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=2, collective_timeout_s=30),
@@ -48,11 +68,11 @@ def test_forced_rebalances_move_weights_exactly_and_never_change_outputs(ray_clu
             version = engine.rebalance(force=True)
             ids = stream.next_batch()  # this step commits the staged version on every worker
             assert max_rel_error(engine.step(ids), reference_logits(reference, ids)) <= 1e-5
-            assert engine.placement.version == version
+            assert engine.placement().version == version
             versions.append(version)
             assert_every_slot_holds_its_expert(engine, reader)
         assert versions == [1, 2, 3]
-        assert engine.placement.logcnt.max() > 1, "hot experts were replicated"
+        assert engine.placement().logcnt.max() > 1, "hot experts were replicated"
         stats = engine.stats()
         assert stats["placement_version"] == 3
         assert [r["version"] for r in stats["rebalances"]] == [1, 2, 3]
