@@ -19,7 +19,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from moeray.comm.group import GroupSpec, register_backends
+from moeray.comm.group import NCCL_SAFETY_ENV, GroupSpec, register_backends
 from moeray.config import EngineConfig
 from moeray.coordinator import Coordinator
 from moeray.errors import WorkerLost
@@ -94,6 +94,8 @@ class Engine:
                 num_cpus=par.cpus_per_worker,
                 max_concurrency=4,  # steps on one thread; migration staging / exports on others
                 num_gpus=1 if par.device == "cuda" else 0,
+                # NCCL settings must be in the environment before the worker imports torch.
+                runtime_env={"env_vars": dict(NCCL_SAFETY_ENV)} if par.device == "cuda" else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
             ).remote(i, config, self.checkpoint_dir, self._placement.phy2log, self._placement.version)
             for i in range(par.num_workers)

@@ -33,6 +33,19 @@ from ray.util.collective.types import ReduceOp
 
 from moeray.errors import CollectiveError
 
+# Environment every NCCL process needs before torch reads it (set in the worker's runtime_env).
+NCCL_SAFETY_ENV = {
+    # NVLink multicast (NVLS) off: it can take a shared host's GPUs out of service.
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    # A timed-out collective aborts the communicator and ends the process (never a hang).
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+    # Without these the watchdog waits ~60 s for a debug dump before ending the process
+    # (seen on 2 H200: timeout detected at 5.05 s, process ended at 69-71 s).
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+    "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": "1000",
+}
+
 GLOO_BACKEND = "MOERAY_GLOO"
 NCCL_BACKEND = "MOERAY_NCCL"
 
@@ -326,11 +339,10 @@ class NcclGroup(TorchCollectiveGroup):
     def _make_process_group(self, store, rank, world_size, timeout):
         # Read by NCCL / ProcessGroupNCCL when the communicator is created, so set them before.
         # NVLink multicast (NVLS) stays off: it can take a shared host's GPUs out of service.
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # abort + end the process
-        # On a timeout the watchdog otherwise waits ~60 s for a debug dump before ending the process
-        # (seen on 2 H200: detected at 5.05 s, process ended at 69 s).
-        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")
+        # Too late if torch read them already: processes we start get NCCL_SAFETY_ENV up front
+        # (Ray runtime_env for workers); this covers plain processes that import us first.
+        for key, value in NCCL_SAFETY_ENV.items():
+            os.environ.setdefault(key, value)
         if not torch.cuda.is_available():
             raise CollectiveError(f"group {self.group_name!r}: NCCL needs a CUDA device, none is visible")
         # The communicator binds to the current device: the caller (Worker) set it already; this

@@ -7,6 +7,7 @@ one process per GPU (moeray.bench.gpu_ranks), no Ray.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 
 import pytest
@@ -100,6 +101,9 @@ def test_dead_peer_ends_the_survivor_within_the_timeout():
     import torch.distributed as dist
 
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=30))
+    from moeray.comm.group import NCCL_SAFETY_ENV
+
+    os.environ.update(NCCL_SAFETY_ENV)  # spawned ranks inherit it before they import torch
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_dead_peer, args=(r, f"127.0.0.1:{server.port}", queue), daemon=True) for r in range(2)]
