@@ -103,6 +103,8 @@ class RebalanceConfig(_Frozen):
     cooldown_s: float = Field(default=10.0, ge=0)
     min_tokens: int = Field(default=1000, ge=0, description="routed pairs in the window before any decision")
     confirmations: int = Field(default=1, ge=1)
+    drift_threshold: float = Field(default=0.2, gt=0, le=1,
+                                   description="total-variation shift of the expert distribution that counts as a drift")
 
 
 class EngineConfig(_Frozen):

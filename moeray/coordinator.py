@@ -19,6 +19,7 @@ from collections import defaultdict
 import numpy as np
 
 from moeray.coordinator_core import CoordinatorCore
+from moeray.slot_transfer import lower_process_priority
 from moeray.stats_wire import LoadSnapshot
 from placement import Placement, Topology
 from placement.planner import Plan
@@ -39,9 +40,12 @@ class Coordinator:
                 min_gain=rebalance["min_gain"], cooldown_s=rebalance["cooldown_s"],
                 min_tokens=rebalance["min_tokens"], confirmations=rebalance["confirmations"]),
             epoch=epoch,
+            drift_threshold=rebalance["drift_threshold"],
         )
         self.workers = workers
         self.timeout_s = timeout_s
+        # Control plane: planning and snapshot handling yield the CPU to the workers' steps.
+        lower_process_priority()
         self.device = device  # "cuda": slots move by NCCL p2p (Worker.stage_p2p), not the object store
         self.reports = 0
 

@@ -5,8 +5,9 @@ Legend: L layers, E experts, S slots, W workers, S_w slots per worker.
 
 Snapshots from all W workers for the same step range are summed, then pushed into a sliding
 `placement.stats.LoadWindow` (what `stats()` reports) and an exponentially decayed load with a
-half-life of a quarter window (what the policy and planner see: after a drift the new traffic
-outweighs the old within two half-lives, so a re-plan does not wait for the window to turn over). Workers run in lockstep and flush at the same steps (every N steps
+half-life of a quarter window (what the policy and planner see). When a range's expert distribution moves away from that
+estimate by more than `drift_threshold` (total variation), the estimate restarts from the range:
+a re-plan after a drift then sees only the new traffic instead of waiting for the old to decay. Workers run in lockstep and flush at the same steps (every N steps
 and at each commit), so their ranges line up exactly and a range never mixes placement versions.
 """
 
@@ -26,6 +27,14 @@ from placement.stats import DecayedLoad, LoadWindow
 from moeray.stats_wire import LoadSnapshot
 
 _HISTORY_LIMIT = 4096  # step ranges kept for stats(); older ones are dropped
+
+
+def load_shift(a_LE: np.ndarray, b_LE: np.ndarray) -> float:
+    """Mean over layers of the total-variation distance between two loads' expert distributions
+    (0: same shape, 1: disjoint). Per-batch noise keeps it small; a drift of hot experts does not."""
+    a = a_LE / np.maximum(a_LE.sum(axis=1, keepdims=True), 1e-12)
+    b = b_LE / np.maximum(b_LE.sum(axis=1, keepdims=True), 1e-12)
+    return float(0.5 * np.abs(a - b).sum(axis=1).mean())
 
 
 def decision_metric(imbalance_L: np.ndarray) -> float:
@@ -64,6 +73,7 @@ class CoordinatorCore:
     bytes_per_expert: int
     window_steps: int
     policy_config: PolicyConfig
+    drift_threshold: float = 0.2  # load_shift above which the decayed estimate restarts
     replica_weights_LS: np.ndarray | None = None
     epoch: int = 0
     window: LoadWindow = field(init=False)
@@ -73,6 +83,7 @@ class CoordinatorCore:
     pending: dict = field(default_factory=dict)       # (step_lo, step_hi) -> {worker: snapshot}
     realised_rows: dict = field(default_factory=dict)  # version -> (rows_LW sum, steps)
     history: list = field(default_factory=list)      # per completed range: (step_lo, step_hi, version, rows_LW)
+    drifts_detected: list = field(default_factory=list)  # first step of each range that restarted the estimate
     last_decision: Decision | None = None
     in_flight: Plan | None = None
 
@@ -95,6 +106,11 @@ class CoordinatorCore:
         steps = snapshot.step_hi - snapshot.step_lo
         counts_LE = np.sum([s.counts_LE for s in snaps], axis=0)
         self.window = self.window.update(counts_LE, steps=steps)
+        if self.recent.load is not None and load_shift(counts_LE, self.recent.load_LE) > self.drift_threshold:
+            # A drift: the old traffic says nothing about the new, so the estimate restarts from
+            # this range instead of waiting for the old load to decay away.
+            self.recent = DecayedLoad(self.recent.half_life_steps)
+            self.drifts_detected.append(snapshot.step_lo)
         self.recent = self.recent.update(counts_LE, steps=steps)
         self._record_realised(snaps, steps)
         return True
@@ -220,5 +236,6 @@ class CoordinatorCore:
             "last_decision": None if self.last_decision is None else self.last_decision.reason,
             "rebalances": [r.as_dict() for r in self.records],
             "history": list(self.history),
+            "drifts_detected": list(self.drifts_detected),
             "time": time.time(),
         }

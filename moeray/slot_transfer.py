@@ -12,6 +12,7 @@ slot that is overwritten at commit has already been read.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -63,6 +64,28 @@ def export_slot_weights(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, local_slots
     completes, and the live slots change only at a commit, which waits for the migration.
     """
     return [(w13_SHD[s].detach().cpu().numpy(), w2_SDF[s].detach().cpu().numpy()) for s in local_slots]
+
+
+def lower_thread_priority(niceness: int = 10) -> None:
+    """Run the calling thread at a lower CPU priority (Linux: nice is per thread). Migration work
+    then yields to steps on a busy host. Best effort: a no-op where the OS refuses."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
+
+
+def lower_process_priority(niceness: int = 10) -> None:
+    """Lower every current thread of this process (threads started later inherit it)."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [threading.get_native_id()]
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except (AttributeError, OSError):
+            pass
 
 
 def as_source_tensor(weights) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -22,7 +23,8 @@ from moeray.config import EngineConfig
 from moeray.expert_parallel import SlotExperts
 from moeray.models.checkpoint import CheckpointReader
 from moeray.models.moe_model import MoEModel
-from moeray.slot_transfer import SlotStaging, StagedVersion, as_source_tensor, export_slot_weights
+from moeray.slot_transfer import (SlotStaging, StagedVersion, as_source_tensor, export_slot_weights,
+                                  lower_thread_priority)
 from moeray.stats_wire import LoadSnapshot
 from placement import Placement
 from placement.dispatch import replica_weights_by_expert
@@ -50,6 +52,9 @@ class Worker:
         self.model = self._build_model()
         self.steps = 0
         self.staging = SlotStaging()
+        # Migration copies run here, below the step threads' priority (see export_slots).
+        self._transfer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeray-transfer",
+                                                 initializer=lower_thread_priority)
         # Steps run one at a time; migrations stage on other actor threads meanwhile.
         self._step_lock = threading.Lock()
         self.coordinator = None
@@ -183,10 +188,20 @@ class Worker:
         return [] if ref is None else [ref]
 
     # ---- migration -------------------------------------------------------------------------------
-    def export_slots(self, entries: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Host copies of (layer, local slot) weights of the current version, for other workers."""
+    def export_slots(self, entries: list[tuple[int, int]]) -> list:
+        """(layer, local slot) weights of the current version for other workers: returns [ref] of
+        one object-store entry holding the list of (w13_HD, w2_DF).
+
+        The serialisation copy runs on the low-priority transfer thread, so on a busy host it
+        yields to steps instead of stretching them.
+        """
         experts = self._slot_experts()
-        return [export_slot_weights(experts[layer].w13_SHD, experts[layer].w2_SDF, [slot])[0] for layer, slot in entries]
+
+        def put():
+            views = [export_slot_weights(experts[layer].w13_SHD, experts[layer].w2_SDF, [slot])[0] for layer, slot in entries]
+            return [ray.put(views)]
+
+        return self._transfer_pool.submit(put).result()
 
     def stage(self, version: int, phy2log_LS: np.ndarray, replica_weights_LS: np.ndarray | None,
               entries: list[tuple[int, int]], sources: list[tuple]) -> float:
@@ -197,8 +212,10 @@ class Worker:
         Returns the transfer time in ms.
         """
         start = time.perf_counter()
+        timeout = self.config.parallel.collective_timeout_s
         refs = list({id(src[0][0]): src[0][0] for src in sources}.values())
-        fetched = dict(zip([id(r) for r in refs], ray.get(refs, timeout=self.config.parallel.collective_timeout_s)))
+        boxes = ray.get(refs, timeout=timeout)  # each export call returned [ref of its slot list]
+        fetched = dict(zip([id(r) for r in refs], ray.get([box[0] for box in boxes], timeout=timeout)))
         staged = StagedVersion(version, np.asarray(phy2log_LS), None if replica_weights_LS is None else np.asarray(replica_weights_LS))
         for (layer, slot), (ref_box, index) in zip(entries, sources):
             w13, w2 = fetched[id(ref_box[0])][index]

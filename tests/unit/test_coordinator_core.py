@@ -103,3 +103,15 @@ def test_snapshot_wire_round_trip_and_schema_check():
     bad["schema"] = 99
     with pytest.raises(ValueError, match="unsupported snapshot schema 99"):
         LoadSnapshot.decode(msgpack.packb(bad))
+
+
+def test_a_drift_restarts_the_planning_estimate_but_noise_does_not():
+    core = make_core()
+    rng = np.random.default_rng(0)
+    for i in range(6):  # hot expert 0, with multinomial noise
+        feed(core, rng.multinomial(4000, hot_load(0) / hot_load(0).sum(axis=1, keepdims=True)[0]) * np.ones((L, 1), dtype=np.int64), 4 * i, 4 * i + 4)
+    assert core.drifts_detected == []
+    feed(core, hot_load(5), 24, 28)  # the hot expert moves
+    assert core.drifts_detected == [24]
+    share_LE = core.planning_load_LE / core.planning_load_LE.sum(axis=1, keepdims=True)
+    assert (share_LE.argmax(axis=1) == 5).all(), "the estimate holds only the new traffic"
