@@ -8,7 +8,8 @@
    commit step, included) against the median of the steps just before that migration in the same
    phase: same placement, same load, so only the migration's own work can make them differ. (After a
    drift every step is slower until the commit, because the old placement meets the new load.)
-3. Stats overhead: median step time with routing statistics on vs off, alternating runs.
+3. Stats overhead: routing statistics on vs off inside one engine, on the same batches, in
+   alternating ABBA blocks of 8 steps; the median of the per-pair ratios.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def run_drift(args, ckpt: str) -> dict:
     config = _config(args, stats=True, rebalance=True)
     stream = DriftingStream(config.model.vocab_size, args.tokens_per_step, args.phase_steps,
                             hot_fraction=args.hot_fraction, seed=args.seed)
-    step_wall_ms, step_start = [], []
+    step_wall_ms, step_start, step_version = [], [], []
     with Engine(config, ckpt) as engine:
         engine.step(stream.next_batch())  # warm-up outside the record
         stream.step = 0
@@ -76,6 +77,7 @@ def run_drift(args, ckpt: str) -> dict:
             t = time.perf_counter()
             engine.step(ids)
             step_wall_ms.append(1e3 * (time.perf_counter() - t))
+            step_version.append(engine.placement().version)
         time.sleep(0.5)  # let the last fire-and-forget snapshots land before reading the log
         stats = engine.stats()
         errors = list(engine.rebalance_errors)
@@ -109,7 +111,8 @@ def run_drift(args, ckpt: str) -> dict:
         # Baseline: the steps just before this migration with the same placement and the same
         # (post-drift) load, so only the migration's own work can make the steps differ.
         phase_start = max(d for d in drift_index if d <= first)
-        before = walls[max(first - 8, phase_start):first]
+        lo = max(first - 8, phase_start)
+        before = walls[lo:first][np.asarray(step_version[lo:first]) == r["version"] - 1]
         if len(before) < 3 or commit < first:
             continue
         during = walls[first:commit + 1]  # prepare steps and the commit step
@@ -153,20 +156,52 @@ def run_overhead(args, ckpt: str) -> dict:
     block = 8
     batches = [stream.next_batch() for _ in range(block)]
     walls = {"on": [], "off": []}
+    block_ratios = []
     with Engine(config, ckpt) as engine:
         for ids in batches:  # warm-up
             engine.step(ids)
-        for _ in range(args.overhead_rounds * max(1, args.overhead_steps // (2 * block))):
-            for label in ("off", "on"):
+        pairs = args.overhead_rounds * max(1, args.overhead_steps // (2 * block))
+        for pair in range(pairs):
+            order = ("off", "on") if pair % 2 == 0 else ("on", "off")  # ABBA: no order bias
+            block_median = {}
+            for label in order:
                 engine.set_stats_recording(label == "on")
+                times = []
                 for ids in batches:
                     t = time.perf_counter()
                     engine.step(ids)
-                    walls[label].append(1e3 * (time.perf_counter() - t))
+                    times.append(1e3 * (time.perf_counter() - t))
+                walls[label].extend(times)
+                block_median[label] = float(np.median(times))
+            block_ratios.append(block_median["on"] / block_median["off"])
     on, off = np.median(walls["on"]), np.median(walls["off"])
     return {"median_step_ms_on": float(on), "median_step_ms_off": float(off),
-            "overhead_pct": float(100 * (on / off - 1)), "steps_each": len(walls["on"]),
-            "mean_step_ms_on": float(np.mean(walls["on"])), "mean_step_ms_off": float(np.mean(walls["off"]))}
+            "overhead_pct": float(100 * (np.median(block_ratios) - 1)),
+            "overhead_pct_of_medians": float(100 * (on / off - 1)),
+            "block_ratio_p25_p75": [float(np.percentile(block_ratios, 25)), float(np.percentile(block_ratios, 75))],
+            "steps_each": len(walls["on"]), "block_pairs": len(block_ratios)}
+
+
+def run_hot_path_overhead(args, ckpt: str, repeats: int = 60) -> dict:
+    """The statistics' cost on the step path itself, in one process (no Ray, no other workers):
+    the model forward with recording on vs off, alternating, same batch."""
+    from moeray.worker import Worker
+    from placement import Placement
+
+    config = _config(args, stats=True, rebalance=False).model_copy(
+        update={"parallel": ParallelConfig(num_workers=1, redundant_slots_per_worker=0)})
+    placement = Placement.contiguous(config.model.num_layers, config.model.num_experts, 1, config.slots_per_worker)
+    worker = Worker(0, config, ckpt, placement.phy2log)
+    ids = DriftingStream(config.model.vocab_size, args.tokens_per_step, 10**9, seed=args.seed).next_batch()
+    times = {True: [], False: []}
+    for i in range(repeats):
+        for recording in ((True, False) if i % 2 else (False, True)):
+            worker.set_stats_recording(recording)
+            t = time.perf_counter()
+            worker.step(ids)
+            times[recording].append(1e3 * (time.perf_counter() - t))
+    on, off = float(np.median(times[True])), float(np.median(times[False]))
+    return {"median_ms_on": on, "median_ms_off": off, "overhead_pct": 100 * (on / off - 1), "repeats": repeats}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -174,7 +209,8 @@ def run(args: argparse.Namespace) -> dict:
         model = _config(args, True, True).model
         save_checkpoint(init_random_(MoEModel(model), args.seed), ckpt)
         out = {"machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores", "args": vars(args) | {"func": None},
-               "drift": run_drift(args, ckpt), "stats_overhead": run_overhead(args, ckpt)}
+               "drift": run_drift(args, ckpt), "stats_overhead": run_overhead(args, ckpt),
+               "stats_hot_path": run_hot_path_overhead(args, ckpt)}
     print_report(out, args.target)
     if args.json:
         with open(args.json, "w") as fh:
@@ -201,8 +237,14 @@ def print_report(out: dict, target: float) -> None:
         print(f"  v{x['version']}: {x['steps']} steps, longest {x['max_during_ms']:.1f} ms vs {x['baseline_ms']:.1f} ms before "
               f"= {x['ratio']:.2f}x; transfer took {x['transfer_ms']:.0f} ms")
     print(f"  worst: {d['max_stall_ratio']}x (target <= 1.5x)")
+    h = out["stats_hot_path"]
+    print(f"stats on the step path, one process: on {h['median_ms_on']:.2f} ms vs off {h['median_ms_off']:.2f} ms "
+          f"-> {h['overhead_pct']:+.2f}% ({h['repeats']} alternating pairs)")
     o = out["stats_overhead"]
-    print(f"stats overhead: on {o['median_step_ms_on']:.2f} ms vs off {o['median_step_ms_off']:.2f} ms -> {o['overhead_pct']:+.2f}%")
+    lo, hi = o["block_ratio_p25_p75"]
+    print(f"stats overhead (median of {o['block_pairs']} ABBA block pairs, {o['steps_each']} steps each way): "
+          f"{o['overhead_pct']:+.2f}% (interquartile {100 * (lo - 1):+.1f}% .. {100 * (hi - 1):+.1f}%); "
+          f"medians on {o['median_step_ms_on']:.2f} ms vs off {o['median_step_ms_off']:.2f} ms")
 
 
 def main(argv=None) -> dict:
