@@ -1,7 +1,7 @@
 """The NCCL backend on real GPUs: uneven all-to-all, chunked p2p slot transfer, a dead peer.
 
 Legend: W ranks, n rows, D row width, H = 2F, F ffn width. Needs 2 GPUs (skipped otherwise);
-one process per GPU (moeray.bench.gpu_ranks), no Ray.
+one process per GPU (moeray.comm.local_ranks via moeray.bench.gpu_ranks), no Ray.
 """
 
 from __future__ import annotations

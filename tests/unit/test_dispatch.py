@@ -1,22 +1,17 @@
 """Dispatchers and the device slot map against the obviously correct paths.
 
-AllToAllDispatcher runs over real Gloo groups, one thread per rank in this process (no Ray):
-the same exchange code the workers run, on awkward sizes.
+AllToAllDispatcher runs over real Gloo groups, one process per rank (moeray.comm.local_ranks, no
+Ray): the same exchange code the workers run, on awkward sizes.
 """
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing as mp
-import uuid
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
+from moeray.comm import local_ranks
 from moeray.comm.dispatcher import AllToAllDispatcher, LocalDispatcher
-from moeray.comm.group import GroupSpec, create_group
 from moeray.comm.slot_map import DeviceSlotMap, pairs_to_slots
 from moeray.kernels import expert_mlp
 from moeray.models.layers import DenseExperts
@@ -25,46 +20,9 @@ from placement import dispatch as ref_dispatch
 from tests.helpers import random_replicated_placement
 
 
-def _rank_main(fn, name, world_size, rank, addr, timeout_s, args, queue):
-    try:
-        group = create_group(GroupSpec(name, world_size, rank, addr, timeout_s))
-        # numpy, not torch: torch ships tensors through shared-memory files the child removes on exit
-        queue.put((rank, fn(group, rank, *args).numpy(), None))
-    except Exception as exc:  # reported to the parent with the rank
-        queue.put((rank, None, f"{type(exc).__name__}: {exc}"))
-
-
-def run_ranks(world_size: int, fn, args=(), timeout_s: float = 20.0):
-    """Run fn(group, rank, *args) in `world_size` processes sharing one fresh Gloo group.
-
-    Separate processes, like the real workers (threads of one process stall Gloo's set-up), made
-    by a forkserver: forking this test process is unsafe once the session's Ray cluster runs.
-    """
-    name = f"test-{uuid.uuid4().hex[:8]}"
-    # The rendezvous store lives in this (parent) process and is not any rank's master: every
-    # rank connects to it as a client.
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=timeout_s))
-    addr = f"127.0.0.1:{server.port}"
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "moeray.comm.group", "moeray.kernels", "tests.unit.test_dispatch"])
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(fn, name, world_size, r, addr, timeout_s, args, queue), daemon=True)
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(world_size):
-            rank, value, error = queue.get(timeout=timeout_s * 3)
-            assert error is None, f"rank {rank}: {error}"
-            results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world_size)]
+def run_ranks(world_size: int, fn, args=()):
+    """fn(group, rank, *args) on `world_size` Gloo ranks in separate processes."""
+    return local_ranks.run_ranks(world_size, fn, args, timeout_s=20.0, wait_s=60.0, preload=("tests.unit.test_dispatch",))
 
 
 def dense_reference(x_TD, ids_TK, w_TK, w13_EHD, w2_EDF):
@@ -115,7 +73,7 @@ def _case_rank(group, rank, case):
     w13 = torch.where(held, w13_EHD[np.maximum(mine, 0)], 0)
     w2 = torch.where(held, w2_EDF[np.maximum(mine, 0)], 0)
     dispatcher = AllToAllDispatcher(group, spw) if workers > 1 else LocalDispatcher(spw)
-    return ep_forward(dispatcher, *inputs[rank], slot_map, w13, w2)
+    return ep_forward(dispatcher, *inputs[rank], slot_map, w13, w2).numpy()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"W{c[0]}-E{c[1]}-k{c[2]}" for c in CASES])

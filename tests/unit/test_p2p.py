@@ -9,7 +9,7 @@ import torch
 
 from moeray.comm.p2p import SlotCopy, plan_chunks, transfer_slots
 
-from tests.unit.test_dispatch import run_ranks
+from moeray.comm.local_ranks import run_ranks
 
 
 def test_chunks_bound_ops_and_bytes_per_rank():
