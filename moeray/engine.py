@@ -3,7 +3,13 @@
     engine = Engine(config, checkpoint_dir)        # starts Ray locally if it is not running
     logits_TV = engine.step(input_ids_T)            # every worker takes its share, in lockstep
     engine.load()                                   # [L, E] routed pairs per expert so far
+    engine.stats()                                  # coordinator view: window load, imbalance, log
+    engine.rebalance(force=True)                    # stage v+1 now; the next step commits it
+    engine.placement()                              # the placement every worker runs
     engine.shutdown()
+
+The engine is the only sequencer of steps: a staged placement is committed by passing its version
+with the next step to every worker, so all workers switch at the same step boundary.
 
 Legend: T tokens in the batch, V vocab, L layers, E experts, S slots, N workers.
 """
