@@ -215,13 +215,13 @@ class Engine:
         """The placement every worker runs now (committed; a staged one is not yet in effect)."""
         return self._placement
 
-    def load(self, reset: bool = False) -> np.ndarray:
-        """[L, E] routed (token, k) pairs per logical expert, summed over workers."""
-        counts = self._get([w.load_counts.remote(reset) for w in self.workers], 60, "load counts")
+    def load(self) -> np.ndarray:
+        """[L, E] routed (token, k) pairs per logical expert since start-up, summed over workers."""
+        counts = self._get([w.load_counts.remote() for w in self.workers], 60, "load counts")
         return np.sum(counts, axis=0)
 
     def worker_load(self, load_LE: np.ndarray | None = None) -> np.ndarray:
-        """[L, N] pairs each worker computes under the current placement (replicas split evenly)."""
+        """[L, N] pairs each worker computes under the current placement and replica split weights."""
         p = self._placement
         return worker_loads(self.load() if load_LE is None else load_LE, p.phy2log, p.slots_per_worker, self.replica_weights_LS)
 

@@ -37,9 +37,11 @@ class SlotExperts(nn.Module):
         self.register_buffer("rows_S", torch.zeros(w13_SHD.shape[0], dtype=torch.int64, device=w13_SHD.device))
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        count_E = None
         if self.record_load:
-            self.load_E += torch.bincount(topk_ids_TK.reshape(-1), minlength=self.load_E.numel())
-        slot_ids_TK = pairs_to_slots(topk_ids_TK, self.slot_map)
+            count_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.load_E.numel())
+            self.load_E += count_E
+        slot_ids_TK = pairs_to_slots(topk_ids_TK, self.slot_map, count_E)
         dispatched = self.dispatcher.dispatch(x_TD, slot_ids_TK)
         if self.record_load:
             self.rows_S += dispatched.slot_offsets_S1.diff()

@@ -265,14 +265,10 @@ class Worker:
             layer_experts.slot_map = self._slot_map(layer)
         self._commit_ms = 1e3 * (time.perf_counter() - start)
 
-    def load_counts(self, reset: bool = False) -> np.ndarray:
-        """[L, E] pairs routed by this worker's tokens since the last reset (one host sync)."""
-        experts = self._slot_experts()
-        counts_LE = torch.stack([e.load_E for e in experts]).cpu().numpy()
-        if reset:
-            for e in experts:
-                e.load_E.zero_()
-        return counts_LE
+    def load_counts(self) -> np.ndarray:
+        """[L, E] pairs routed by this worker's tokens since start-up (one host sync). The counters
+        are never reset: snapshots ship differences against them."""
+        return self._read_counters()[0]
 
     def slot_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(w13_SHD, w2_SDF) of this worker's slots in one layer, for checks and migrations."""

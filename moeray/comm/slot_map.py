@@ -50,15 +50,18 @@ class DeviceSlotMap:
         return int(self.log2phy_ER.shape[1])
 
 
-def pairs_to_slots(topk_ids_TK: torch.Tensor, slot_map: DeviceSlotMap) -> torch.Tensor:
-    """slot_ids_TK: the slot each (token, k) pair is sent to."""
+def pairs_to_slots(topk_ids_TK: torch.Tensor, slot_map: DeviceSlotMap,
+                   count_E: torch.Tensor | None = None) -> torch.Tensor:
+    """slot_ids_TK: the slot each (token, k) pair is sent to. `count_E` (pairs per expert in this
+    batch) may be passed in by a caller that has it already."""
     ids_N = topk_ids_TK.reshape(-1)
     if slot_map.max_replicas == 1 or ids_N.numel() == 0:
         return slot_map.log2phy_ER[ids_N, 0].view_as(topk_ids_TK)
     num_experts = slot_map.log2phy_ER.shape[0]
     # Occurrence rank of each pair within its expert: stable sort by expert, subtract group start.
     order_N = torch.sort(ids_N, stable=True).indices
-    count_E = torch.bincount(ids_N, minlength=num_experts)
+    if count_E is None:
+        count_E = torch.bincount(ids_N, minlength=num_experts)
     start_E = torch.cumsum(count_E, 0) - count_E
     rank_N = torch.empty_like(ids_N)
     rank_N[order_N] = torch.arange(ids_N.numel(), device=ids_N.device) - start_E[ids_N[order_N]]

@@ -17,6 +17,12 @@ import torch
 import torch.nn.functional as F
 
 
+def swiglu(x_ND: torch.Tensor, w13_HD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
+    """One expert: down(silu(gate(x)) * up(x)). w13 holds gate rows [0, F) then up rows [F, 2F)."""
+    gate_NF, up_NF = (x_ND @ w13_HD.t()).chunk(2, dim=-1)
+    return (F.silu(gate_NF) * up_NF) @ w2_DF.t()
+
+
 def expert_mlp_reference(
     x_MD: torch.Tensor,
     w13_SHD: torch.Tensor,
@@ -46,8 +52,5 @@ def expert_mlp_reference(
             continue  # empty slot: nothing routed here
         rows_n = order_N[lo:hi]
         xs_nD = x_MD.index_select(0, rows_n)
-        gate_nF = xs_nD @ w13_SHD[s, :F_].T
-        up_nF = xs_nD @ w13_SHD[s, F_:].T
-        h_nF = F.silu(gate_nF) * up_nF
-        y_MD.index_copy_(0, rows_n, h_nF @ w2_SDF[s].T)
+        y_MD.index_copy_(0, rows_n, swiglu(xs_nD, w13_SHD[s], w2_SDF[s]))
     return y_MD

@@ -6,14 +6,9 @@ Legend: T tokens, D hidden, F expert FFN width, H = 2F (gate rows then up rows),
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def swiglu(x_ND: torch.Tensor, w13_HD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
-    """One expert: down(silu(gate(x)) * up(x)). w13 holds gate rows [0, F) and up rows [F, 2F)."""
-    gate_NF, up_NF = (x_ND @ w13_HD.t()).chunk(2, dim=-1)
-    return (F.silu(gate_NF) * up_NF) @ w2_DF.t()
+from moeray.kernels.reference import swiglu
 
 
 class RMSNorm(nn.Module):
