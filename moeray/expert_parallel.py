@@ -13,6 +13,7 @@ from torch import nn
 from moeray.comm.dispatcher import Dispatcher
 from moeray.comm.slot_map import DeviceSlotMap, pairs_to_slots
 from moeray.kernels import expert_mlp
+from moeray.kernels.combine import IMPLS as COMBINE_IMPLS
 
 
 class SlotExperts(nn.Module):
@@ -25,23 +26,30 @@ class SlotExperts(nn.Module):
     """
 
     def __init__(self, w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, slot_map: DeviceSlotMap,
-                 dispatcher: Dispatcher, num_experts: int, kernel_impl: str = "auto"):
+                 dispatcher: Dispatcher, num_experts: int, kernel_impl: str = "auto", combine_impl: str = "auto"):
         super().__init__()
         self.w13_SHD = nn.Parameter(w13_SHD, requires_grad=False)
         self.w2_SDF = nn.Parameter(w2_SDF, requires_grad=False)
         self.slot_map = slot_map
         self.dispatcher = dispatcher
+        if combine_impl not in COMBINE_IMPLS:
+            raise ValueError(f"combine_impl must be one of {COMBINE_IMPLS}, got {combine_impl!r}")
         self.kernel_impl = kernel_impl
+        self.combine_impl = combine_impl
+        self.timer = None  # a moeray.bench.phases.PhaseTimer while a benchmark profiles phases
         self.record_load = True
         self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.int64, device=w13_SHD.device))
         self.register_buffer("rows_S", torch.zeros(w13_SHD.shape[0], dtype=torch.int64, device=w13_SHD.device))
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        timer = self.timer
         count_E = None
         if self.record_load:
             count_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.load_E.numel())
             self.load_E += count_E
         slot_ids_TK = pairs_to_slots(topk_ids_TK, self.slot_map, count_E)
+        if timer is not None:
+            timer.mark("route")
         dispatched = self.dispatcher.dispatch(x_TD, slot_ids_TK)
         if self.record_load:
             self.rows_S += dispatched.slot_offsets_S1.diff()
@@ -49,6 +57,9 @@ class SlotExperts(nn.Module):
             dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1, dispatched.order_M,
             impl=self.kernel_impl,
         )
-        y_TKD = self.dispatcher.combine(y_MD, dispatched)
-        out_TD = (y_TKD.float() * topk_weights_TK.unsqueeze(-1)).sum(dim=1)
-        return out_TD.to(x_TD.dtype)
+        if timer is not None:
+            timer.mark("experts")
+        out_TD = self.dispatcher.combine_weighted(y_MD, dispatched, topk_weights_TK, self.combine_impl)
+        if timer is not None:
+            timer.mark("combine")
+        return out_TD

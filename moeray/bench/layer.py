@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="0,10,20,30,40,50", help="MoE layer indices of the trace")
     p.add_argument("--traces", default=None, help="traces directory (default ../shared/traces)")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--kernel-impl", default="auto", help="expert kernel (moeray.kernels.IMPLS)")
+    p.add_argument("--combine-impl", default="auto", help="weighted un-permute (moeray.kernels.combine.IMPLS)")
+    p.add_argument("--phases", action="store_true", help="also time each phase of the step (CUDA events)")
     p.add_argument("--date", default="")
     p.add_argument("--json", default="docs/benchmarks/layer.json")
 
@@ -86,7 +89,7 @@ def _rank(group, rank: int, cfg: dict, loads: dict) -> dict:
         for name, (log2phy_ER, replica_ER, uniform) in configs.items():
             slot_map = DeviceSlotMap.from_numpy(log2phy_ER, W * S_w, replica_ER, device=dev)
             if experts is None:
-                experts = SlotExperts(w13_SHD, w2_SDF, slot_map, dispatcher, E)
+                experts = SlotExperts(w13_SHD, w2_SDF, slot_map, dispatcher, E, cfg["kernel_impl"], cfg["combine_impl"])
                 experts.record_load = False
             experts.slot_map = slot_map
             ids_TK = rng.integers(0, E, size=(T, K)) if uniform else sample_batch_ids(np.asarray(load_E), T, K, rng)
@@ -102,8 +105,41 @@ def _rank(group, rank: int, cfg: dict, loads: dict) -> dict:
                 torch.cuda.synchronize()
                 samples.append(time.perf_counter() - t0)
             times[name] = statistics.median(samples)
+            if cfg["phases"]:
+                times[name + "_phases"] = _phases(experts, dispatcher, group, step)
         out["layers"][layer] = times
     return out
+
+
+def _phases(experts, dispatcher, group, step, repeats: int = 5) -> dict[str, float]:
+    """Median ms per phase over a few instrumented steps (the events cost a few us each)."""
+    from moeray.bench.phases import PhaseTimer
+
+    timer = PhaseTimer()
+    experts.timer = dispatcher.timer = timer
+    runs = []
+    for _ in range(repeats):
+        group.barrier()
+        timer.start()
+        step()
+        runs.append(timer.phases_ms())
+    experts.timer = dispatcher.timer = None
+    return {phase: statistics.median(r[phase] for r in runs) for phase in runs[0]}
+
+
+def _print_phases(per_rank: list, layers) -> dict:
+    """Mean over layers of each phase, per configuration and rank."""
+    summary = {}
+    for name in ("static", "ours", "uniform"):
+        for rank, r in enumerate(per_rank):
+            rows = [r["layers"][layer][name + "_phases"] for layer in layers]
+            mean = {phase: float(np.mean([row[phase] for row in rows])) for phase in rows[0]}
+            summary[f"{name}/rank{rank}"] = mean
+    phases = list(next(iter(summary.values())))
+    print("phases, ms (mean over layers): " + ", ".join(phases))
+    for key, mean in summary.items():
+        print(f"  {key:>14}: " + "  ".join(f"{mean[p]:7.2f}" for p in phases) + f"   total {sum(mean.values()):7.2f}")
+    return summary
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -126,7 +162,8 @@ def run(args: argparse.Namespace) -> dict:
             "ours": (ours.placement.log2phy[0], ours.replica_weights_LER()[0], False),
             "uniform": (static.log2phy[0], None, True),
         })
-    cfg = {k: getattr(args, k) for k in ("tokens", "top_k", "experts", "hidden", "ffn", "spare", "iters")}
+    cfg = {k: getattr(args, k) for k in ("tokens", "top_k", "experts", "hidden", "ffn", "spare", "iters",
+                                         "kernel_impl", "combine_impl", "phases")}
     per_rank = run_on_gpus(W, _rank, (cfg, loads), timeout_s=120, wait_s=900)
     flops = 2 * 3 * args.hidden * args.ffn * args.tokens * args.top_k * W  # the layer's expert FLOPs
     peak = per_rank[0]["matmul_tflops"] * 1e12
@@ -162,6 +199,8 @@ def run(args: argparse.Namespace) -> dict:
           f"   (targets: ours/static >= 1.2, ours/uniform >= 0.9)")
     a = result["all_layers"]
     print(f"all layers as one step: ours/static {a['ours_over_static']:.3f}, ours/uniform {a['ours_over_uniform']:.3f}")
+    if args.phases:
+        result["phases_ms"] = _print_phases(per_rank, list(loads))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -2,6 +2,8 @@
 
     dispatch(x_TD, slot_ids_TK) -> Dispatched (rows to compute here, grouped by local slot)
     combine(y_MD, dispatched)   -> y_TKD (each (token, k) pair's expert output, in the caller's order)
+    combine_weighted(y_MD, dispatched, weights_TK) -> out_TD (the routing-weighted sum over k;
+                                  the serving path: one fused pass, see moeray.kernels.combine)
 
 Expert math runs on plain local tensors between the two calls. `LocalDispatcher` moves nothing
 (one worker owns every slot); `AllToAllDispatcher` exchanges over a collective group. Both must give
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from moeray.kernels.combine import unpermute_weighted
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,9 @@ class Dispatcher(Protocol):
 
     def combine(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor: ...
 
+    def combine_weighted(self, y_MD: torch.Tensor, dispatched: Dispatched, weights_TK: torch.Tensor,
+                         impl: str = "auto") -> torch.Tensor: ...
+
 
 def _sort_pairs_by_slot(slot_ids_TK: torch.Tensor) -> torch.Tensor:
     """send_order_N: pair indices (token * K + k) in ascending slot order, stable."""
@@ -51,6 +58,13 @@ def _sort_pairs_by_slot(slot_ids_TK: torch.Tensor) -> torch.Tensor:
 
 def _offsets(count_S: torch.Tensor) -> torch.Tensor:
     return torch.cat([count_S.new_zeros(1), torch.cumsum(count_S, 0)])
+
+
+def _unsort(rows_ND: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+    """y_TKD from rows in send (slot-sorted) order."""
+    y_ND = torch.empty_like(rows_ND)
+    y_ND[dispatched.send_order_N] = rows_ND
+    return y_ND.view(dispatched.num_tokens, dispatched.top_k, rows_ND.shape[-1])
 
 
 class LocalDispatcher:
@@ -68,9 +82,11 @@ class LocalDispatcher:
         return Dispatched(tokens_MD, order_M, _offsets(count_S), send_order_N, num_tokens, top_k)
 
     def combine(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        y_ND = torch.empty_like(y_MD)
-        y_ND[dispatched.send_order_N] = y_MD
-        return y_ND.view(dispatched.num_tokens, dispatched.top_k, y_MD.shape[-1])
+        return _unsort(y_MD, dispatched)  # y_MD is already in send order: nothing moved
+
+    def combine_weighted(self, y_MD: torch.Tensor, dispatched: Dispatched, weights_TK: torch.Tensor,
+                         impl: str = "auto") -> torch.Tensor:
+        return unpermute_weighted(y_MD, dispatched.send_order_N, weights_TK, impl)
 
 
 class AllToAllDispatcher:
@@ -85,12 +101,18 @@ class AllToAllDispatcher:
         self.group = group
         self.world_size = group.world_size
         self.slots_per_worker = slots_per_worker
+        self.timer = None  # a moeray.bench.phases.PhaseTimer while a benchmark profiles phases
+
+    def _mark(self, phase: str) -> None:
+        if self.timer is not None:
+            self.timer.mark(phase)
 
     def dispatch(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor) -> Dispatched:
         num_tokens, top_k = slot_ids_TK.shape
         W, S_w = self.world_size, self.slots_per_worker
         send_order_N = _sort_pairs_by_slot(slot_ids_TK)
         send_x_ND = x_TD.index_select(0, send_order_N // top_k)
+        self._mark("sort+gather")
 
         send_count_WS = torch.bincount(slot_ids_TK.reshape(-1), minlength=W * S_w).view(W, S_w)
         recv_count_WS = torch.empty_like(send_count_WS)
@@ -99,8 +121,10 @@ class AllToAllDispatcher:
         # host sync: row split sizes for the uneven all_to_all.
         send_splits = tuple(send_count_WS.sum(1).tolist())
         recv_splits = tuple(recv_count_WS.sum(1).tolist())
+        self._mark("counts exchange+sync")
         tokens_MD = x_TD.new_empty((sum(recv_splits), x_TD.shape[1]))
         self.group.all_to_all(tokens_MD, send_x_ND, list(recv_splits), list(send_splits))
+        self._mark("rows exchange")
 
         # Rows arrive grouped by (source worker, local slot); group them by local slot only.
         local_slot_M = torch.repeat_interleave(
@@ -108,13 +132,21 @@ class AllToAllDispatcher:
         )
         order_M = torch.sort(local_slot_M, stable=True).indices
         slot_offsets_S1 = _offsets(recv_count_WS.sum(0))
+        self._mark("arrange")
         return Dispatched(
             tokens_MD, order_M, slot_offsets_S1, send_order_N, num_tokens, top_k, send_splits, recv_splits
         )
 
-    def combine(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+    def _send_back(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        """back_ND: this worker's pairs' expert outputs, in send (slot-sorted) order."""
         back_ND = y_MD.new_empty((dispatched.num_tokens * dispatched.top_k, y_MD.shape[1]))
         self.group.all_to_all(back_ND, y_MD, list(dispatched.send_splits), list(dispatched.recv_splits))
-        y_ND = torch.empty_like(back_ND)
-        y_ND[dispatched.send_order_N] = back_ND
-        return y_ND.view(dispatched.num_tokens, dispatched.top_k, y_MD.shape[-1])
+        self._mark("exchange back")
+        return back_ND
+
+    def combine(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        return _unsort(self._send_back(y_MD, dispatched), dispatched)
+
+    def combine_weighted(self, y_MD: torch.Tensor, dispatched: Dispatched, weights_TK: torch.Tensor,
+                         impl: str = "auto") -> torch.Tensor:
+        return unpermute_weighted(self._send_back(y_MD, dispatched), dispatched.send_order_N, weights_TK, impl)

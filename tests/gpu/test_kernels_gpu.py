@@ -99,3 +99,22 @@ def test_no_host_sync(impl):
         expert_mlp(*args, impl=impl)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("T,K,D", [(1, 1, 7), (1, 8, 7168), (37, 3, 1030), (4096, 8, 7168)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpermute_weighted_triton(T, K, D, dtype):
+    """The fused weighted un-permute equals the float64 scatter-and-sum."""
+    from moeray.kernels.combine import unpermute_weighted
+
+    g = torch.Generator(device="cuda").manual_seed(T + K + D)
+    rows_ND = torch.randn(T * K, D, device="cuda", generator=g).to(dtype)
+    send_order_N = torch.randperm(T * K, device="cuda", generator=g)
+    weights_TK = torch.rand(T, K, device="cuda", generator=g)
+    y_ND = torch.empty(T * K, D, dtype=torch.float64, device="cuda")
+    y_ND[send_order_N] = rows_ND.double()
+    ref_TD = (y_ND.view(T, K, D) * weights_TK.double().unsqueeze(-1)).sum(1)
+    out_TD = unpermute_weighted(rows_ND, send_order_N, weights_TK, impl="triton")
+    assert out_TD.dtype == dtype
+    err = ((out_TD.double() - ref_TD).norm() / ref_TD.norm()).item()
+    assert err < (1e-6 if dtype == torch.float32 else 1e-2), err

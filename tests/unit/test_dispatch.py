@@ -36,7 +36,10 @@ def ep_forward(dispatcher, x_TD, ids_TK, w_TK, slot_map, w13_SHD, w2_SDF):
     dispatched = dispatcher.dispatch(x_TD, pairs_to_slots(ids_TK, slot_map))
     y_MD = expert_mlp(dispatched.tokens_MD, w13_SHD, w2_SDF, dispatched.slot_offsets_S1, dispatched.order_M,
                       impl="reference")
-    return (dispatcher.combine(y_MD, dispatched) * w_TK.unsqueeze(-1)).sum(1)
+    unfused_TD = (dispatcher.combine(y_MD, dispatched) * w_TK.unsqueeze(-1)).sum(1)
+    fused_TD = dispatcher.combine_weighted(y_MD, dispatched, w_TK)  # the serving path; a second exchange
+    torch.testing.assert_close(fused_TD, unfused_TD, rtol=1e-6, atol=1e-6)
+    return fused_TD
 
 
 CASES = [  # (workers, experts, top_k, slots_per_worker, tokens per rank)
