@@ -79,6 +79,10 @@ class ParallelConfig(_Frozen):
     collective_timeout_s: float = Field(default=60.0, gt=0)
     cpus_per_worker: float = Field(default=1.0, gt=0)
     torch_threads_per_worker: int = Field(default=1, ge=1)
+    overlap_chunks: int = Field(
+        default=1, ge=1, le=16,
+        description="token chunks per MoE layer step; > 1 hides each chunk's all-to-all behind another chunk's expert math",
+    )
 
     def resolve_slots_per_worker(self, num_experts: int) -> int:
         if self.slots_per_worker is not None:

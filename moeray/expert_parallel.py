@@ -14,6 +14,7 @@ from moeray.comm.dispatcher import Dispatcher
 from moeray.comm.slot_map import DeviceSlotMap, pairs_to_slots
 from moeray.kernels import expert_mlp
 from moeray.kernels.combine import IMPLS as COMBINE_IMPLS
+from moeray.kernels.combine import unpermute_weighted
 
 
 class SlotExperts(nn.Module):
@@ -26,7 +27,8 @@ class SlotExperts(nn.Module):
     """
 
     def __init__(self, w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, slot_map: DeviceSlotMap,
-                 dispatcher: Dispatcher, num_experts: int, kernel_impl: str = "auto", combine_impl: str = "auto"):
+                 dispatcher: Dispatcher, num_experts: int, kernel_impl: str = "auto", combine_impl: str = "auto",
+                 overlap_chunks: int = 1):
         super().__init__()
         self.w13_SHD = nn.Parameter(w13_SHD, requires_grad=False)
         self.w2_SDF = nn.Parameter(w2_SDF, requires_grad=False)
@@ -34,8 +36,12 @@ class SlotExperts(nn.Module):
         self.dispatcher = dispatcher
         if combine_impl not in COMBINE_IMPLS:
             raise ValueError(f"combine_impl must be one of {COMBINE_IMPLS}, got {combine_impl!r}")
+        if overlap_chunks < 1:
+            raise ValueError(f"overlap_chunks must be >= 1, got {overlap_chunks}")
         self.kernel_impl = kernel_impl
         self.combine_impl = combine_impl
+        # > 1: the layer step is pipelined over token chunks (see _forward_overlapped).
+        self.overlap_chunks = overlap_chunks
         self.timer = None  # a moeray.bench.phases.PhaseTimer while a benchmark profiles phases
         self.record_load = True
         self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.int64, device=w13_SHD.device))
@@ -50,6 +56,8 @@ class SlotExperts(nn.Module):
         slot_ids_TK = pairs_to_slots(topk_ids_TK, self.slot_map, count_E)
         if timer is not None:
             timer.mark("route")
+        if self.overlap_chunks > 1 and hasattr(self.dispatcher, "dispatch_start"):  # else nothing to overlap
+            return self._forward_overlapped(x_TD, slot_ids_TK, topk_weights_TK)
         dispatched = self.dispatcher.dispatch(x_TD, slot_ids_TK)
         if self.record_load:
             self.rows_S += dispatched.slot_offsets_S1.diff()
@@ -63,3 +71,32 @@ class SlotExperts(nn.Module):
         if timer is not None:
             timer.mark("combine")
         return out_TD
+
+    def _forward_overlapped(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor,
+                            topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        """The same result as the plain path, with the exchanges hidden behind the expert math.
+
+        Every chunk's rows exchange is launched up front; chunk c's kernel waits only for chunk
+        c's rows, so it runs while later chunks are in flight, and its results go back while
+        chunk c+1 computes. Collectives of one group complete in launch order, so every rank
+        launches in the same order: all dispatches, then one send-back per chunk. On a GPU the
+        waits are stream-ordered: the host enqueues the whole step without blocking after the
+        dispatch's one counts sync.
+        """
+        pending = self.dispatcher.dispatch_start(x_TD, slot_ids_TK, self.overlap_chunks)
+        returning = []
+        for chunk in pending:
+            dispatched = chunk.wait()
+            if self.record_load:
+                self.rows_S += dispatched.slot_offsets_S1.diff()
+            y_MD = expert_mlp(
+                dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1, dispatched.order_M,
+                impl=self.kernel_impl,
+            )
+            returning.append((self.dispatcher.send_back_start(y_MD, dispatched), dispatched))
+        outs = []
+        for rows, dispatched in returning:
+            first = dispatched.first_token
+            weights_TK = topk_weights_TK[first:first + dispatched.num_tokens]
+            outs.append(unpermute_weighted(rows.wait(), dispatched.send_order_N, weights_TK, self.combine_impl))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]

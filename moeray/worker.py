@@ -75,7 +75,8 @@ class Worker:
         def experts_factory(layer: int) -> SlotExperts:
             w13, w2 = self.reader.read_expert_slots(layer, mine_LS[layer], self.dtype)
             return SlotExperts(
-                w13.to(self.device), w2.to(self.device), self._slot_map(layer), self.dispatcher, cfg.num_experts
+                w13.to(self.device), w2.to(self.device), self._slot_map(layer), self.dispatcher, cfg.num_experts,
+                overlap_chunks=self.config.parallel.overlap_chunks,
             )
 
         model = MoEModel(cfg, experts_factory)

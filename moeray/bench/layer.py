@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--kernel-impl", default="auto", help="expert kernel (moeray.kernels.IMPLS)")
     p.add_argument("--combine-impl", default="auto", help="weighted un-permute (moeray.kernels.combine.IMPLS)")
+    p.add_argument("--overlap-chunks", type=int, default=1, help="token chunks per step (> 1: overlapped exchanges)")
     p.add_argument("--phases", action="store_true", help="also time each phase of the step (CUDA events)")
     p.add_argument("--date", default="")
     p.add_argument("--json", default="docs/benchmarks/layer.json")
@@ -89,7 +90,8 @@ def _rank(group, rank: int, cfg: dict, loads: dict) -> dict:
         for name, (log2phy_ER, replica_ER, uniform) in configs.items():
             slot_map = DeviceSlotMap.from_numpy(log2phy_ER, W * S_w, replica_ER, device=dev)
             if experts is None:
-                experts = SlotExperts(w13_SHD, w2_SDF, slot_map, dispatcher, E, cfg["kernel_impl"], cfg["combine_impl"])
+                experts = SlotExperts(w13_SHD, w2_SDF, slot_map, dispatcher, E, cfg["kernel_impl"], cfg["combine_impl"],
+                                     cfg["overlap_chunks"])
                 experts.record_load = False
             experts.slot_map = slot_map
             ids_TK = rng.integers(0, E, size=(T, K)) if uniform else sample_batch_ids(np.asarray(load_E), T, K, rng)
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace) -> dict:
             "uniform": (static.log2phy[0], None, True),
         })
     cfg = {k: getattr(args, k) for k in ("tokens", "top_k", "experts", "hidden", "ffn", "spare", "iters",
-                                         "kernel_impl", "combine_impl", "phases")}
+                                         "kernel_impl", "combine_impl", "overlap_chunks", "phases")}
     per_rank = run_on_gpus(W, _rank, (cfg, loads), timeout_s=120, wait_s=900)
     flops = 2 * 3 * args.hidden * args.ffn * args.tokens * args.top_k * W  # the layer's expert FLOPs
     peak = per_rank[0]["matmul_tflops"] * 1e12

@@ -38,6 +38,7 @@ class Dispatched:
     top_k: int
     send_splits: tuple[int, ...] = ()
     recv_splits: tuple[int, ...] = ()
+    first_token: int = 0  # where this chunk's tokens start in the caller's batch
 
 
 class Dispatcher(Protocol):
@@ -108,45 +109,101 @@ class AllToAllDispatcher:
             self.timer.mark(phase)
 
     def dispatch(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor) -> Dispatched:
+        return self.dispatch_start(x_TD, slot_ids_TK, num_chunks=1)[0].wait()
+
+    def dispatch_start(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor, num_chunks: int) -> list[PendingDispatch]:
+        """Split the tokens into `num_chunks` contiguous chunks and launch each chunk's rows
+        exchange without waiting: chunk c's expert math can run while chunks c+1.. are in flight.
+
+        One counts exchange serves every chunk, so there is still one host sync per dispatch.
+        Every rank must pass the same `num_chunks` (the exchanges pair up by launch order).
+        """
         num_tokens, top_k = slot_ids_TK.shape
         W, S_w = self.world_size, self.slots_per_worker
-        send_order_N = _sort_pairs_by_slot(slot_ids_TK)
-        send_x_ND = x_TD.index_select(0, send_order_N // top_k)
+        bounds = chunk_bounds(num_tokens, num_chunks)
+        send_orders, sends, counts = [], [], []
+        for first, end in bounds:
+            ids_TK = slot_ids_TK[first:end]
+            send_order_N = _sort_pairs_by_slot(ids_TK)
+            send_orders.append(send_order_N)
+            sends.append(x_TD[first:end].index_select(0, send_order_N // top_k))
+            counts.append(torch.bincount(ids_TK.reshape(-1), minlength=W * S_w).view(W, S_w))
         self._mark("sort+gather")
 
-        send_count_WS = torch.bincount(slot_ids_TK.reshape(-1), minlength=W * S_w).view(W, S_w)
-        recv_count_WS = torch.empty_like(send_count_WS)
-        self.group.all_to_all(recv_count_WS, send_count_WS)
-
-        # host sync: row split sizes for the uneven all_to_all.
-        send_splits = tuple(send_count_WS.sum(1).tolist())
-        recv_splits = tuple(recv_count_WS.sum(1).tolist())
+        send_count_WCS = torch.stack(counts, dim=1)  # peer first: the exchange splits dim 0 by rank
+        recv_count_WCS = torch.empty_like(send_count_WCS)
+        self.group.all_to_all(recv_count_WCS, send_count_WCS)
+        # host sync: row split sizes of every chunk's uneven all_to_all.
+        send_splits_CW = send_count_WCS.sum(2).t().tolist()
+        recv_splits_CW = recv_count_WCS.sum(2).t().tolist()
         self._mark("counts exchange+sync")
-        tokens_MD = x_TD.new_empty((sum(recv_splits), x_TD.shape[1]))
-        self.group.all_to_all(tokens_MD, send_x_ND, list(recv_splits), list(send_splits))
-        self._mark("rows exchange")
 
-        # Rows arrive grouped by (source worker, local slot); group them by local slot only.
-        local_slot_M = torch.repeat_interleave(
-            torch.arange(S_w, device=x_TD.device).repeat(W), recv_count_WS.reshape(-1)
-        )
-        order_M = torch.sort(local_slot_M, stable=True).indices
-        slot_offsets_S1 = _offsets(recv_count_WS.sum(0))
+        # Rows arrive grouped by (source worker, local slot); the kernel wants them by local slot.
+        # Computed before the rows exchange so that on a GPU it overlaps it.
+        local_slot_WS = torch.arange(S_w, device=x_TD.device).repeat(W)
+        arranged = []
+        for c in range(len(bounds)):
+            recv_count_WS = recv_count_WCS[:, c]
+            local_slot_M = torch.repeat_interleave(local_slot_WS, recv_count_WS.reshape(-1))
+            arranged.append((torch.sort(local_slot_M, stable=True).indices, _offsets(recv_count_WS.sum(0))))
         self._mark("arrange")
-        return Dispatched(
-            tokens_MD, order_M, slot_offsets_S1, send_order_N, num_tokens, top_k, send_splits, recv_splits
-        )
 
-    def _send_back(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        """back_ND: this worker's pairs' expert outputs, in send (slot-sorted) order."""
+        pending = []
+        for c, (first, end) in enumerate(bounds):
+            tokens_MD = x_TD.new_empty((sum(recv_splits_CW[c]), x_TD.shape[1]))
+            op = self.group.all_to_all_start(tokens_MD, sends[c], recv_splits_CW[c], send_splits_CW[c])
+            order_M, slot_offsets_S1 = arranged[c]
+            dispatched = Dispatched(tokens_MD, order_M, slot_offsets_S1, send_orders[c], end - first, top_k,
+                                    tuple(send_splits_CW[c]), tuple(recv_splits_CW[c]), first)
+            pending.append(PendingDispatch(op, dispatched, self))
+        return pending
+
+    def send_back_start(self, y_MD: torch.Tensor, dispatched: Dispatched) -> PendingRows:
+        """Launch the exchange that returns computed rows to the workers that sent them."""
         back_ND = y_MD.new_empty((dispatched.num_tokens * dispatched.top_k, y_MD.shape[1]))
-        self.group.all_to_all(back_ND, y_MD, list(dispatched.send_splits), list(dispatched.recv_splits))
-        self._mark("exchange back")
-        return back_ND
+        op = self.group.all_to_all_start(back_ND, y_MD, list(dispatched.send_splits), list(dispatched.recv_splits))
+        return PendingRows(op, back_ND, self)
 
     def combine(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        return _unsort(self._send_back(y_MD, dispatched), dispatched)
+        return _unsort(self.send_back_start(y_MD, dispatched).wait(), dispatched)
 
     def combine_weighted(self, y_MD: torch.Tensor, dispatched: Dispatched, weights_TK: torch.Tensor,
                          impl: str = "auto") -> torch.Tensor:
-        return unpermute_weighted(self._send_back(y_MD, dispatched), dispatched.send_order_N, weights_TK, impl)
+        back_ND = self.send_back_start(y_MD, dispatched).wait()
+        return unpermute_weighted(back_ND, dispatched.send_order_N, weights_TK, impl)
+
+
+@dataclass
+class PendingDispatch:
+    """One chunk's rows in flight; `wait()` gives its Dispatched (stream-ordered on NCCL)."""
+
+    op: object
+    dispatched: Dispatched
+    dispatcher: AllToAllDispatcher
+
+    def wait(self) -> Dispatched:
+        self.op.wait()
+        self.dispatcher._mark("rows exchange")
+        return self.dispatched
+
+
+@dataclass
+class PendingRows:
+    """Computed rows on their way back; `wait()` gives them in send (slot-sorted) order."""
+
+    op: object
+    back_ND: torch.Tensor
+    dispatcher: AllToAllDispatcher
+
+    def wait(self) -> torch.Tensor:
+        self.op.wait()
+        self.dispatcher._mark("exchange back")
+        return self.back_ND
+
+
+def chunk_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:
+    """`num_chunks` contiguous (first, end) token ranges of near-equal size (some may be empty)."""
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+    edges = [num_tokens * c // num_chunks for c in range(num_chunks + 1)]
+    return list(zip(edges[:-1], edges[1:]))

@@ -154,12 +154,30 @@ def leave_group(group_name: str) -> None:
     del store
 
 
+class PendingOp:
+    """A launched collective. `wait()` completes it (host-blocking on Gloo, stream-ordered on NCCL)
+    and raises CollectiveError on failure; waiting twice is harmless."""
+
+    def __init__(self, group: TorchCollectiveGroup, op_name: str, work):
+        self._group, self._op_name, self._work = group, op_name, work
+
+    def wait(self) -> None:
+        if self._work is None:
+            return
+        work, self._work = self._work, None
+        try:
+            self._group._wait(work)
+        except Exception as exc:
+            raise self._group._error(self._op_name, exc) from exc
+
+
 class TorchCollectiveGroup(BaseGroup):
     """A Ray collective group backed by a private c10d ProcessGroup.
 
     Tensors may be passed bare or wrapped in a one-element list (Ray's API wraps them).
     All ops are synchronous: they return when this rank's part is complete, or raise
-    `CollectiveError` within the group's timeout.
+    `CollectiveError` within the group's timeout; `all_to_all_start` launches one without waiting
+    (the overlapped layer step, moeray.expert_parallel).
     """
 
     DEVICE = "cpu"
@@ -203,16 +221,25 @@ class TorchCollectiveGroup(BaseGroup):
         except Exception:  # a group broken by a dead peer may refuse a clean shutdown
             pass
 
-    def _run(self, op_name: str, launch) -> None:
-        """Launch a c10d op and wait for it; every failure becomes a CollectiveError naming the op."""
+    def _error(self, op_name: str, exc: Exception) -> CollectiveError:
+        return CollectiveError(
+            f"{op_name} failed in group {self.group_name!r} (rank {self.rank}/{self.world_size}, "
+            f"timeout {self.timeout_s:g}s): {exc}"
+        )
+
+    def _wait(self, work) -> None:
+        """Complete one launched op (the host blocks, bounded by the group timeout)."""
+        work.wait(datetime.timedelta(seconds=self.timeout_s))
+
+    def _start(self, op_name: str, launch) -> PendingOp:
+        """Launch a c10d op without waiting; every failure becomes a CollectiveError naming the op."""
         try:
-            work = launch()
-            work.wait(datetime.timedelta(seconds=self.timeout_s))
+            return PendingOp(self, op_name, launch())
         except Exception as exc:  # c10d raises RuntimeError/DistBackendError for timeouts and lost peers
-            raise CollectiveError(
-                f"{op_name} failed in group {self.group_name!r} (rank {self.rank}/{self.world_size}, "
-                f"timeout {self.timeout_s:g}s): {exc}"
-            ) from exc
+            raise self._error(op_name, exc) from exc
+
+    def _run(self, op_name: str, launch) -> None:
+        self._start(op_name, launch).wait()
 
     @staticmethod
     def _unwrap(tensor):
@@ -233,13 +260,24 @@ class TorchCollectiveGroup(BaseGroup):
         input_split_sizes: list[int] | None = None,
     ) -> torch.Tensor:
         """Uneven-split all-to-all along dim 0. Split sizes are host ints (one host sync upstream)."""
+        self.all_to_all_start(output, input, output_split_sizes, input_split_sizes).wait()
+        return output
+
+    def all_to_all_start(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: list[int] | None = None,
+        input_split_sizes: list[int] | None = None,
+    ) -> PendingOp:
+        """`all_to_all` without the wait: `output` is valid after the returned op's `wait()`, and
+        `input` must not be written before then. Ops of one group complete in launch order."""
         out_splits = list(output_split_sizes) if output_split_sizes is not None else []
         in_splits = list(input_split_sizes) if input_split_sizes is not None else []
-        self._run(
+        return self._start(
             "all_to_all",
             lambda: self._pg.alltoall_base(output, input, out_splits, in_splits, dist.AllToAllOptions()),
         )
-        return output
 
     def allreduce(self, tensor, allreduce_options=None):
         tensor = self._unwrap(tensor)
@@ -361,14 +399,8 @@ class NcclGroup(TorchCollectiveGroup):
         self.all_to_all(torch.empty_like(probe_W), probe_W)
         probe_W.sum().item()  # host sync: formation ends only when the exchange has completed
 
-    def _run(self, op_name: str, launch) -> None:
-        try:
-            launch().wait()  # stream-ordered: no host wait here (see the class docstring)
-        except Exception as exc:
-            raise CollectiveError(
-                f"{op_name} failed in group {self.group_name!r} (rank {self.rank}/{self.world_size}, "
-                f"timeout {self.timeout_s:g}s): {exc}"
-            ) from exc
+    def _wait(self, work) -> None:
+        work.wait()  # stream-ordered: no host wait here (see the class docstring)
 
     def barrier(self, barrier_options=None):
         # host sync: a real barrier (group formation relies on it); the watchdog bounds it.

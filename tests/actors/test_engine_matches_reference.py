@@ -12,7 +12,7 @@ from moeray.engine import Engine
 from tests.helpers import make_checkpoint, max_rel_error, random_replicated_placement, reference_logits
 
 CASES = {
-    # id: (model overrides, workers, redundant slots per worker, replicated placement?)
+    # id: (model overrides, workers, redundant slots per worker, replicated placement?[, overlap chunks])
     "1w-k2": (dict(num_experts=8, top_k=2), 1, 0, False),
     "2w-k1": (dict(num_experts=8, top_k=1), 2, 0, False),
     "3w-E7-not-divisible": (dict(num_experts=7, top_k=2), 3, 0, False),
@@ -21,15 +21,17 @@ CASES = {
              routed_scaling_factor=2.5, shared_expert_intermediate_size=32, shared_expert_gate=True),
         4, 0, False),
     "4w-replicas": (dict(num_experts=6, top_k=2, num_layers=3), 4, 1, True),
+    "3w-replicas-overlapped": (dict(num_experts=7, top_k=3, num_layers=2), 3, 1, True, 4),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_engine_equals_reference(case, ray_cluster, tmp_path):
-    overrides, workers, redundant, replicated = CASES[case]
+    overrides, workers, redundant, replicated, *overlap = CASES[case]
     ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=3, **overrides)
     config = EngineConfig(model=model_cfg, parallel=ParallelConfig(
-        num_workers=workers, redundant_slots_per_worker=redundant, collective_timeout_s=30))
+        num_workers=workers, redundant_slots_per_worker=redundant, collective_timeout_s=30,
+        overlap_chunks=overlap[0] if overlap else 1))
     placement = None
     if replicated:
         placement = random_replicated_placement(model_cfg.num_layers, model_cfg.num_experts, workers,

@@ -42,9 +42,12 @@ def _reference(model, ids_T):
         return model(torch.as_tensor(ids_T, device="cuda")).float().cpu().numpy()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype,chunks", [("float32", 1), ("bfloat16", 1), ("bfloat16", 3)])
 @pytest.mark.parametrize("gpus", [1, 2])
-def test_engine_matches_reference(ray_cluster, tmp_path, gpus, dtype):
+def test_engine_matches_reference(ray_cluster, tmp_path, gpus, dtype, chunks):
+    """chunks > 1: the overlapped layer step (exchanges in flight under the expert kernels)."""
+    if gpus == 1 and chunks > 1:
+        pytest.skip("one GPU has no exchange to overlap")
     if torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} GPUs")
     from moeray.engine import Engine
@@ -53,7 +56,8 @@ def test_engine_matches_reference(ray_cluster, tmp_path, gpus, dtype):
                                        num_experts=16, top_k=4, num_layers=2)
     ids_T = np.random.default_rng(0).integers(0, cfg.vocab_size, size=333)
     want = _reference(model, ids_T)
-    config = EngineConfig(model=cfg, parallel=ParallelConfig(num_workers=gpus, device="cuda", collective_timeout_s=60),
+    config = EngineConfig(model=cfg, parallel=ParallelConfig(num_workers=gpus, device="cuda", collective_timeout_s=60,
+                                                             overlap_chunks=chunks),
                           stats=StatsConfig(enabled=False), rebalance=RebalanceConfig(enabled=False))
     with Engine(config, ckpt) as engine:
         for ids in (ids_T, ids_T[:1]):  # T = 1: one worker idle

@@ -13,6 +13,7 @@ import torch
 from moeray.comm import local_ranks
 from moeray.comm.dispatcher import AllToAllDispatcher, LocalDispatcher
 from moeray.comm.slot_map import DeviceSlotMap, pairs_to_slots
+from moeray.expert_parallel import SlotExperts
 from moeray.kernels import expert_mlp
 from moeray.models.layers import DenseExperts
 from placement import dispatch as ref_dispatch
@@ -42,6 +43,7 @@ def ep_forward(dispatcher, x_TD, ids_TK, w_TK, slot_map, w13_SHD, w2_SDF):
     return fused_TD
 
 
+OVERLAP_CHUNKS = (2, 5)
 CASES = [  # (workers, experts, top_k, slots_per_worker, tokens per rank)
     (1, 5, 2, 5, [7]),
     (2, 4, 1, 2, [3, 0]),            # an idle rank
@@ -76,17 +78,26 @@ def _case_rank(group, rank, case):
     w13 = torch.where(held, w13_EHD[np.maximum(mine, 0)], 0)
     w2 = torch.where(held, w2_EDF[np.maximum(mine, 0)], 0)
     dispatcher = AllToAllDispatcher(group, spw) if workers > 1 else LocalDispatcher(spw)
-    return ep_forward(dispatcher, *inputs[rank], slot_map, w13, w2).numpy()
+    outs, rows = {"plain": ep_forward(dispatcher, *inputs[rank], slot_map, w13, w2).numpy()}, {}
+    for chunks in OVERLAP_CHUNKS:  # the pipelined layer step; more chunks than some ranks' tokens
+        layer = SlotExperts(w13, w2, slot_map, dispatcher, experts, kernel_impl="reference", overlap_chunks=chunks)
+        outs[f"chunks{chunks}"] = layer(*inputs[rank]).numpy()
+        assert int(layer.load_E.sum()) == inputs[rank][1].numel()  # pairs this rank routed
+        rows[chunks] = int(layer.rows_S.sum())  # rows this rank computed
+    return outs, rows
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"W{c[0]}-E{c[1]}-k{c[2]}" for c in CASES])
 def test_all_to_all_dispatch_matches_dense_reference(case):
     w13_EHD, w2_EDF, _, inputs = make_case(*case)
-    outs = run_ranks(case[0], _case_rank, (case,))
+    results = run_ranks(case[0], _case_rank, (case,))
+    for chunks in OVERLAP_CHUNKS:  # every routed pair was computed exactly once, somewhere
+        assert sum(rows[chunks] for _, rows in results) == sum(ids.numel() for _, ids, _ in inputs)
     for rank, (x, ids, w) in enumerate(inputs):
         want = dense_reference(x, ids, w, w13_EHD, w2_EDF)
-        assert outs[rank].shape == tuple(want.shape)
-        torch.testing.assert_close(torch.as_tensor(outs[rank]), want, rtol=1e-5, atol=1e-5)
+        for name, got in results[rank][0].items():
+            assert got.shape == tuple(want.shape), name
+            torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_local_dispatcher_round_trip_preserves_pair_order():
