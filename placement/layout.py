@@ -23,6 +23,14 @@ import numpy as np
 FREE_SLOT = -1
 
 
+def take_rows(values_LX: np.ndarray, index_LY: np.ndarray) -> np.ndarray:
+    """[L, Y] values_LX[l, index_LY[l, y]]: `np.take_along_axis(values, index, axis=1)` for 2-D
+    arrays as one flat take (~2.5x faster at [58, 288]; the planner does dozens per plan)."""
+    values_LX = np.ascontiguousarray(values_LX)
+    num_layers, width = values_LX.shape
+    return values_LX.reshape(-1).take(index_LY + (np.arange(num_layers) * width)[:, None])
+
+
 def expert_counts(phy2log_LS: np.ndarray, num_experts: int) -> np.ndarray:
     """[L, E] int64 number of slots holding each expert (free slots, -1, are not counted)."""
     num_layers = phy2log_LS.shape[0]
@@ -120,7 +128,10 @@ class Placement:
         order = np.argsort((layer_idx * self.num_experts + experts) * self.num_slots + slot_idx)  # unique keys
         layer_idx, slot_idx, experts = layer_idx[order], slot_idx[order], experts[order]
         key = layer_idx * self.num_experts + experts
-        rank = np.arange(len(key)) - np.searchsorted(key, key, side="left")
+        # rank inside each run of equal keys: position minus the run's start (no binary search)
+        position = np.arange(len(key))
+        run_start = np.maximum.accumulate(np.where(np.concatenate([[True], key[1:] != key[:-1]]), position, 0))
+        rank = position - run_start
         out[layer_idx, experts, rank] = slot_idx
         out.setflags(write=False)
         return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.layout import Placement, expert_counts
+from placement.layout import Placement, expert_counts, take_rows
 
 
 def equal_replica_weights(phy2log_LS: np.ndarray, num_experts: int) -> np.ndarray:
@@ -20,7 +20,7 @@ def equal_replica_weights(phy2log_LS: np.ndarray, num_experts: int) -> np.ndarra
     phy2log_LS = np.asarray(phy2log_LS)
     held = phy2log_LS >= 0
     logcnt_LE = expert_counts(phy2log_LS, num_experts)
-    count_LS = np.take_along_axis(logcnt_LE, np.where(held, phy2log_LS, 0), axis=1)
+    count_LS = take_rows(logcnt_LE, np.where(held, phy2log_LS, 0))
     return np.where(held, 1.0 / np.maximum(count_LS, 1), 0.0)
 
 
@@ -31,7 +31,7 @@ def slot_loads(load_LE: np.ndarray, phy2log_LS: np.ndarray, replica_weights_LS: 
     if replica_weights_LS is None:
         replica_weights_LS = equal_replica_weights(phy2log_LS, load_LE.shape[1])
     held = phy2log_LS >= 0
-    expert_load_LS = np.take_along_axis(load_LE, np.where(held, phy2log_LS, 0), axis=1)
+    expert_load_LS = take_rows(load_LE, np.where(held, phy2log_LS, 0))
     return np.where(held, expert_load_LS * replica_weights_LS, 0.0)
 
 

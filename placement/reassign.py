@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.layout import expert_counts
-from placement.metrics import slot_loads
+from placement.layout import expert_counts, take_rows
 from placement.packing import replica_counts
+from placement.swaps import holds_map
 
 
 def reassign_replicas(
@@ -27,8 +27,10 @@ def reassign_replicas(
     tolerance: float = 0.0,
     fresh_count_LE: np.ndarray | None = None,
     per_round: int = 8,
+    return_holds: bool = False,
 ) -> np.ndarray:
-    """Return a copy of `phy2log_LS` where, layer by layer, the expert f with the largest load per
+    """Return a copy of `phy2log_LS` (with `return_holds`: and its `swaps.holds_map`, which this
+    keeps up to date anyway, so the swap search after it need not rebuild it) where, layer by layer, the expert f with the largest load per
     replica gets one more slot while that load exceeds the largest load per replica of a fresh
     replica allocation by more than `tolerance`. The slot comes from a free slot, else from the
     expert g with >= 2 replicas that loses least (smallest load_g / (count_g - 1), which must stay
@@ -48,6 +50,8 @@ def reassign_replicas(
         fresh_count_LE = replica_counts(load_LE, num_slots, max_replicas=num_workers)
     limit_L = (load_LE / fresh_count_LE).max(axis=1) * (1 + tolerance)
     count_LE = np.ascontiguousarray(expert_counts(phy2log_LS, num_experts))
+    holds_LWE = holds_map(phy2log_LS, slots_per_worker, num_experts)  # kept up to date below
+    flat_holds = holds_LWE.reshape(-1)  # a view
     active = np.arange(num_layers)
     for _ in range(num_slots - num_experts):
         if len(active) == 0:
@@ -70,33 +74,41 @@ def reassign_replicas(
         loss_AE[ar, needy_AM] = np.inf
         donor_AM = _top(loss_AE, m)  # the i-th neediest expert takes from the i-th cheapest donor
         donor_ok_AM = loss_AE[ar, donor_AM] < needy_load_AM
-        open_AMS = ~np.repeat(
-            (row_AS[:, None, :] == needy_AM[:, :, None]).reshape(len(active), m, num_workers, slots_per_worker).any(axis=3),
-            slots_per_worker, axis=2,
-        )
-        free_AS = row_AS < 0
-        has_free_A = free_AS.any(axis=1)
+        # candidates per worker (at most one slot of the donor per worker), from the holds map
+        cell_AW1 = ((active * num_workers)[:, None] + np.arange(num_workers))[:, None, :] * (num_experts + 1)
+        open_AMW = ~flat_holds.take(cell_AW1 + needy_AM[:, :, None])
+        free_AW = (row_AS < 0).reshape(len(active), num_workers, slots_per_worker).any(axis=2)
+        has_free_A = free_AW.any(axis=1)
         # free slots go to the neediest expert only (so two experts never pick the same free slot)
-        candidate_AMS = np.where(
+        candidate_AMW = open_AMW & np.where(
             has_free_A[:, None, None],
-            free_AS[:, None, :] & open_AMS & (np.arange(m) == 0)[None, :, None],
-            (row_AS[:, None, :] == donor_AM[:, :, None]) & open_AMS & donor_ok_AM[:, :, None],
+            free_AW[:, None, :] & (np.arange(m) == 0)[None, :, None],
+            flat_holds.take(cell_AW1 + donor_AM[:, :, None]) & donor_ok_AM[:, :, None],
         )
-        worker_load_AW = slot_loads(load_AE, row_AS).reshape(len(active), num_workers, slots_per_worker).sum(axis=2)
-        score_AMS = np.where(candidate_AMS, np.repeat(worker_load_AW, slots_per_worker, axis=1)[:, None, :], np.inf)
-        slot_AM = np.argmin(score_AMS, axis=2)
-        go_AM = (needy_load_AM > limit_L[active][:, None]) & np.take_along_axis(candidate_AMS, slot_AM[..., None], axis=2)[..., 0]
+        # worker loads under an equal split over the current counts
+        held_AS = row_AS >= 0
+        per_slot_AE = load_AE * (1.0 / np.maximum(count_AE, 1))
+        slot_load_AS = np.where(held_AS, take_rows(per_slot_AE, np.where(held_AS, row_AS, 0)), 0.0)
+        worker_load_AW = slot_load_AS.reshape(len(active), num_workers, slots_per_worker).sum(axis=2)
+        worker_AM = np.argmin(np.where(candidate_AMW, worker_load_AW[:, None, :], np.inf), axis=2)  # lightest, lowest index
+        go_AM = (needy_load_AM > limit_L[active][:, None]) & take_rows(candidate_AMW.reshape(-1, num_workers), worker_AM.reshape(-1, 1)).reshape(worker_AM.shape)
         if not go_AM.any():
             break
         a_idx, m_idx = np.nonzero(go_AM)
-        layers, slots, needy = active[a_idx], slot_AM[a_idx, m_idx], needy_AM[a_idx, m_idx]
+        layers, workers, needy = active[a_idx], worker_AM[a_idx, m_idx], needy_AM[a_idx, m_idx]
+        # the slot on that worker: its first free slot, or the donor's slot
+        wanted = np.where(has_free_A[a_idx], -1, donor_AM[a_idx, m_idx])
+        on_worker_GC = row_AS.reshape(len(active), num_workers, slots_per_worker)[a_idx, workers]
+        slots = workers * slots_per_worker + np.argmax(on_worker_GC == wanted[:, None], axis=1)
         old = phy2log_LS[layers, slots]
         donated = old >= 0
+        holds_LWE[layers[donated], workers[donated], old[donated]] = False
+        holds_LWE[layers, workers, needy] = True
         count_LE[layers[donated], old[donated]] -= 1  # distinct donors per layer
         count_LE[layers, needy] += 1  # distinct (layer, expert) pairs
         phy2log_LS[layers, slots] = needy
         active = np.unique(layers)
-    return phy2log_LS
+    return (phy2log_LS, holds_LWE) if return_holds else phy2log_LS
 
 
 def _top(key_AE: np.ndarray, m: int) -> np.ndarray:
@@ -105,7 +117,7 @@ def _top(key_AE: np.ndarray, m: int) -> np.ndarray:
         idx_AM = np.argpartition(key_AE, m - 1, axis=1)[:, :m]
     else:
         idx_AM = np.broadcast_to(np.arange(key_AE.shape[1]), key_AE.shape)
-    return np.take_along_axis(idx_AM, np.argsort(np.take_along_axis(key_AE, idx_AM, axis=1), axis=1, kind="stable"), axis=1)
+    return take_rows(idx_AM, np.argsort(take_rows(key_AE, idx_AM), axis=1, kind="stable"))
 
 
 def match_to_current(new_LS: np.ndarray, current_LS: np.ndarray, slots_per_worker: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from placement.layout import take_rows
 from placement.metrics import equal_replica_weights, imbalance_of_worker_loads, slot_loads, worker_loads
 from placement.packing import replica_counts
 from placement.reassign import match_to_current, reassign_replicas
@@ -133,7 +134,7 @@ def replan_layers(load_LE, current_LS, topology, options, fresh_fn):
 
 def _weights_from_slot_tokens(load_LE, phy2log_LS, slot_tokens_LS, fallback_LS):
     held = phy2log_LS >= 0
-    expert_load_LS = np.where(held, np.take_along_axis(load_LE, np.where(held, phy2log_LS, 0), axis=1), 0)
+    expert_load_LS = np.where(held, take_rows(load_LE, np.where(held, phy2log_LS, 0)), 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(held, np.where(expert_load_LS > 0, slot_tokens_LS / expert_load_LS, fallback_LS), 0.0)
 
@@ -147,7 +148,7 @@ def _warm_weights(current_LS, current_weights_LS, phy2log_LS, num_experts):
     changed_LE[layer_idx, np.where(phy2log_LS[layer_idx, slot_idx] >= 0, phy2log_LS[layer_idx, slot_idx], num_experts)] = True
     changed_LE[layer_idx, np.where(current_LS[layer_idx, slot_idx] >= 0, current_LS[layer_idx, slot_idx], num_experts)] = True
     col_LS = np.where(phy2log_LS >= 0, phy2log_LS, num_experts)
-    return np.where(np.take_along_axis(changed_LE, col_LS, axis=1), equal_replica_weights(phy2log_LS, num_experts), current_weights_LS)
+    return np.where(take_rows(changed_LE, col_LS), equal_replica_weights(phy2log_LS, num_experts), current_weights_LS)
 
 
 def incremental(load_LE, current_LS, current_weights_LS, reference_L, count_LE, topology, options):
@@ -155,14 +156,14 @@ def incremental(load_LE, current_LS, current_weights_LS, reference_L, count_LE, 
     (phy2log_LS, weights_LS, imbalance_L). `count_LE` are the fresh plan's replica counts."""
     spw = topology.slots_per_worker
     num_experts = load_LE.shape[1]
-    phy2log_LS = reassign_replicas(load_LE, current_LS, spw, options.target_tolerance, fresh_count_LE=count_LE)
+    phy2log_LS, holds_LWE = reassign_replicas(load_LE, current_LS, spw, options.target_tolerance, fresh_count_LE=count_LE, return_holds=True)
     weights_LS = _warm_weights(current_LS, current_weights_LS, phy2log_LS, num_experts)
     mean_L = load_LE.sum(axis=1) / topology.num_workers
     target_L = reference_L * (1 + options.target_tolerance) * mean_L
     phy2log_LS, tokens_LS, _ = refine_by_swaps(
         phy2log_LS, slot_loads(load_LE, phy2log_LS, weights_LS), spw, num_experts,
         target_LAYERS=target_L, max_swaps=options.max_swaps, num_partners=options.num_partners,
-        parallel=options.swap_parallel,
+        parallel=options.swap_parallel, holds_LWE=holds_LWE,
     )
     weights_LS = _weights_from_slot_tokens(load_LE, phy2log_LS, tokens_LS, equal_replica_weights(phy2log_LS, num_experts))
     weights_LS = balance_replica_weights(load_LE, phy2log_LS, spw, weights_LS, sweeps=options.weight_sweeps)

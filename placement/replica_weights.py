@@ -2,7 +2,8 @@
 
 Shapes:
     L  MoE layers    E  logical experts    S  slots    W  workers    C  slots per worker
-    K  replicated experts of a layer (padded)          R  replicas of one expert (padded)
+    G  replicated experts (groups), all layers         N  their replica entries (`ReplicaGroups`)
+    R  replicas of one expert (padded, experts with >= 3 replicas only)
 
 Moving tokens between replicas costs no bytes, so after the slot map is fixed the planner
 re-splits every replicated expert's tokens to even out its workers. Algorithm: damped Jacobi
@@ -17,41 +18,57 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.layout import expert_counts
-from placement.metrics import equal_replica_weights
+from placement.layout import expert_counts, take_rows
 
 _DAMPING = 0.5
 _ABSENT = 1e300  # base of a padding replica: never filled (R * 1e300 stays finite)
 
 
-def replicated_slots(phy2log_LS: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """(slots_LKR, expert_LK): slots of every expert with >= 2 replicas, ascending; -1 padded."""
-    num_layers = phy2log_LS.shape[0]
-    held = phy2log_LS >= 0
-    logcnt_LE = expert_counts(phy2log_LS, num_experts)
-    layer_idx, slot_idx = np.nonzero(held)
-    experts = phy2log_LS[layer_idx, slot_idx]
-    keep = logcnt_LE[layer_idx, experts] >= 2
-    layer_idx, slot_idx, experts = layer_idx[keep], slot_idx[keep], experts[keep]
-    if len(layer_idx) == 0:
-        return np.full((num_layers, 0, 0), -1, dtype=np.int64), np.full((num_layers, 0), -1, dtype=np.int64)
-    order = np.argsort((layer_idx * num_experts + experts) * phy2log_LS.shape[1] + slot_idx)  # unique keys
-    layer_idx, slot_idx, experts = layer_idx[order], slot_idx[order], experts[order]
-    key = layer_idx * num_experts + experts
-    new_expert = np.r_[True, key[1:] != key[:-1]]
-    group_start = np.nonzero(new_expert)[0]
-    group_id = np.cumsum(new_expert) - 1
-    rank_in_group = np.arange(len(key)) - group_start[group_id]
-    new_layer = np.r_[True, layer_idx[1:] != layer_idx[:-1]]
-    first_group_of_layer = np.maximum.accumulate(np.where(new_layer, group_id, 0))
-    k_index = group_id - first_group_of_layer
-    num_k = int(k_index.max()) + 1
-    num_r = int(rank_in_group.max()) + 1
-    slots_LKR = np.full((num_layers, num_k, num_r), -1, dtype=np.int64)
-    slots_LKR[layer_idx, k_index, rank_in_group] = slot_idx
-    expert_LK = np.full((num_layers, num_k), -1, dtype=np.int64)
-    expert_LK[layer_idx, k_index] = experts
-    return slots_LKR, expert_LK
+class ReplicaGroups:
+    """Slots of every expert with >= 2 replicas, flat, in two dense blocks (no per-expert padding
+    to the largest replica count, which is 3-4x the real entries on DeepSeek layers):
+
+        entries [0, G2), [G2, 2 * G2)   first and second slot of the experts with exactly 2 replicas;
+        entries [2 * G2, N)             experts with >= 3 replicas, rows of R (-1 slot = padding).
+
+    Per entry: `slot_N` (-1 padding), `layer_N`; per group (pairs first): `layer_G`, `expert_G`.
+    """
+
+    def __init__(self, phy2log_LS: np.ndarray, count_LS: np.ndarray, num_experts: int):
+        num_slots = phy2log_LS.shape[1]
+        flat_idx = np.flatnonzero(count_LS >= 2)  # held slots only: free slots count 0
+        layer_idx, slot_idx = np.divmod(flat_idx, num_slots)
+        experts = phy2log_LS.ravel().take(flat_idx)
+        counts = count_LS.ravel().take(flat_idx)
+        pair = counts == 2
+        # pairs: sort by (layer, expert), the two slots of one expert end up side by side
+        pair_layer, pair_slot, pair_expert = layer_idx[pair], slot_idx[pair], experts[pair]
+        order = np.argsort((pair_layer * num_experts + pair_expert) * num_slots + pair_slot)  # unique keys
+        pair_layer, pair_slot, pair_expert = pair_layer[order], pair_slot[order], pair_expert[order]
+        # experts with >= 3 replicas: rows of R, ranked by slot inside the expert
+        many = ~pair
+        many_layer, many_slot, many_expert = layer_idx[many], slot_idx[many], experts[many]
+        key = many_layer * num_experts + many_expert
+        order = np.argsort(key * num_slots + many_slot)
+        key, many_layer, many_slot, many_expert = key[order], many_layer[order], many_slot[order], many_expert[order]
+        new_group = np.concatenate([[True], key[1:] != key[:-1]]) if len(key) else np.zeros(0, dtype=bool)
+        group_start = np.nonzero(new_group)[0]
+        group_id = np.cumsum(new_group) - 1
+        rank = np.arange(len(key)) - group_start[group_id] if len(key) else group_id
+        self.num_pairs = len(pair_slot) // 2
+        self.num_many = len(group_start)
+        self.many_width = int(rank.max()) + 1 if len(key) else 0
+        many_slot_GR = np.full((self.num_many, self.many_width), -1, dtype=np.int64)
+        many_slot_GR[group_id, rank] = many_slot
+        many_layer_G = many_layer[group_start]
+        self.slot_N = np.concatenate([pair_slot[::2], pair_slot[1::2], many_slot_GR.ravel()])
+        self.layer_G = np.concatenate([pair_layer[::2], many_layer_G])
+        self.expert_G = np.concatenate([pair_expert[::2], many_expert[group_start]])
+        self.layer_N = np.concatenate([pair_layer[::2], pair_layer[::2], np.repeat(many_layer_G, self.many_width)])
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_pairs + self.num_many
 
 
 def water_fill(base_LR: np.ndarray, total_L: np.ndarray) -> np.ndarray:
@@ -71,6 +88,15 @@ def water_fill(base_LR: np.ndarray, total_L: np.ndarray) -> np.ndarray:
     return np.maximum(level_L[:, None] - padded_LR, 0.0)
 
 
+def water_fill_pairs(base_a_G: np.ndarray, base_b_G: np.ndarray, total_G: np.ndarray, out_a_G: np.ndarray, out_b_G: np.ndarray) -> None:
+    """`water_fill` of experts with exactly two replicas (bases a and b), in closed form, no sort:
+    the level is min(total + lower base, (total + both bases) / 2). Writes the shares to `out_*`."""
+    first_G = total_G + np.minimum(base_a_G, base_b_G)
+    level_G = np.minimum(first_G, (first_G + np.maximum(base_a_G, base_b_G)) / 2)
+    np.maximum(level_G - base_a_G, 0.0, out=out_a_G)
+    np.maximum(level_G - base_b_G, 0.0, out=out_b_G)
+
+
 def balance_replica_weights(
     load_LE: np.ndarray,
     phy2log_LS: np.ndarray,
@@ -86,54 +112,57 @@ def balance_replica_weights(
     load_LE = np.asarray(load_LE, dtype=np.float64)
     phy2log_LS = np.asarray(phy2log_LS)
     num_layers, num_experts = load_LE.shape
+    held_LS = phy2log_LS >= 0
+    expert_LS = np.where(held_LS, phy2log_LS, 0)
+    count_LS = np.where(held_LS, take_rows(expert_counts(phy2log_LS, num_experts), expert_LS), 0)
     weights_LS = (
-        equal_replica_weights(phy2log_LS, num_experts)
+        np.where(held_LS, 1.0 / np.maximum(count_LS, 1), 0.0)  # equal split
         if initial_weights_LS is None
         else np.array(initial_weights_LS, dtype=np.float64)
     )
-    slots_LKR, expert_LK = replicated_slots(phy2log_LS, num_experts)
-    if slots_LKR.shape[1] == 0:
+    groups = ReplicaGroups(phy2log_LS, count_LS, num_experts)
+    if groups.num_groups == 0:
         return weights_LS
-    held_LS = phy2log_LS >= 0
-    expert_load_LS = np.where(held_LS, np.take_along_axis(load_LE, np.where(held_LS, phy2log_LS, 0), axis=1), 0.0)
+    expert_load_LS = np.where(held_LS, take_rows(load_LE, expert_LS), 0.0)
     share_LS = expert_load_LS * weights_LS
     num_workers = phy2log_LS.shape[1] // slots_per_worker
-    worker_load_LW = share_LS.reshape(num_layers, num_workers, slots_per_worker).sum(axis=2)
-    total_LK = np.where(expert_LK >= 0, np.take_along_axis(load_LE, np.maximum(expert_LK, 0), axis=1), 0.0)
-    num_k, num_r = slots_LKR.shape[1:]
-    present_LKR = slots_LKR >= 0
-    safe_LKR = np.where(present_LKR, slots_LKR, 0)
-    layer_LKR = np.broadcast_to(np.arange(num_layers)[:, None, None], slots_LKR.shape)
-    flat_worker_LKR = layer_LKR * num_workers + safe_LKR // slots_per_worker
-    share_LKR = np.where(present_LKR, share_LS[layer_LKR, safe_LKR], 0.0)
-    fixed_LW = worker_load_LW - np.bincount(
-        flat_worker_LKR.ravel(), share_LKR.ravel(), minlength=num_layers * num_workers
-    ).reshape(num_layers, num_workers)  # load of unreplicated slots
-    absent_LKR = np.where(present_LKR, 0.0, _ABSENT)
-    best_share_LKR = share_LKR.copy()
-    best_max_L = worker_load_LW.max(axis=1)
-    flat_worker_X = flat_worker_LKR.ravel()
+    num_cells = num_layers * num_workers
+    present_N = groups.slot_N >= 0
+    slot_N = np.where(present_N, groups.slot_N, 0)
+    # padding entries sit on an extra cell whose load is _ABSENT: never filled, never counted
+    cell_N = np.where(present_N, groups.layer_N * num_workers + slot_N // slots_per_worker, num_cells)
+    share_N = np.where(present_N, share_LS[groups.layer_N, slot_N], 0.0)
+    total_G = load_LE[groups.layer_G, groups.expert_G]
+    num_pairs = groups.num_pairs
+    pair_end = 2 * num_pairs
+    load_cells = np.empty(num_cells + 1)
+    load_cells[num_cells] = _ABSENT
+    load_LW = load_cells[:num_cells].reshape(num_layers, num_workers)  # a view: filled in place
+    fixed_LW = share_LS.reshape(num_layers, num_workers, slots_per_worker).sum(axis=2) - np.bincount(
+        cell_N, share_N, minlength=num_cells + 1
+    )[:num_cells].reshape(num_layers, num_workers)  # load of unreplicated slots
+    best_share_N = share_N.copy()
+    best_max_L = np.full(num_layers, np.inf)
+    fill_N = np.empty_like(share_N)
     previous_total = np.inf
-    for sweep in range(sweeps):
-        load_LW = fixed_LW + np.bincount(flat_worker_X, share_LKR.ravel(), minlength=num_layers * num_workers).reshape(
-            num_layers, num_workers
-        )
+    for sweep in range(sweeps + 1):
+        np.add(fixed_LW, np.bincount(cell_N, share_N, minlength=num_cells + 1)[:num_cells].reshape(num_layers, num_workers), out=load_LW)
         max_L = load_LW.max(axis=1)
         better_L = max_L < best_max_L
-        best_share_LKR[better_L], best_max_L[better_L] = share_LKR[better_L], max_L[better_L]
+        np.copyto(best_share_N, share_N, where=better_L[groups.layer_N])
+        np.minimum(best_max_L, max_L, out=best_max_L)
         total = best_max_L.sum()
-        if sweep >= 2 and previous_total - total <= min_gain * total:
+        if sweep == sweeps or (sweep >= 2 and previous_total - total <= min_gain * total):
             break
         previous_total = total
-        base_LKR = load_LW.ravel()[flat_worker_LKR] - share_LKR + absent_LKR
-        fill_LKR = water_fill(base_LKR.reshape(-1, num_r), total_LK.ravel()).reshape(slots_LKR.shape)
-        share_LKR += _DAMPING * (fill_LKR - share_LKR)
-    load_LW = fixed_LW + np.bincount(
-        flat_worker_LKR.ravel(), share_LKR.ravel(), minlength=num_layers * num_workers
-    ).reshape(num_layers, num_workers)
-    better_L = load_LW.max(axis=1) < best_max_L
-    best_share_LKR[better_L] = share_LKR[better_L]
-    share_LS[layer_LKR[present_LKR], slots_LKR[present_LKR]] = best_share_LKR[present_LKR]
+        base_N = load_cells[cell_N] - share_N  # load of the replica's worker without its own share
+        water_fill_pairs(base_N[:num_pairs], base_N[num_pairs:pair_end], total_G[:num_pairs], fill_N[:num_pairs], fill_N[num_pairs:pair_end])
+        if groups.num_many:
+            fill_N[pair_end:] = water_fill(
+                base_N[pair_end:].reshape(-1, groups.many_width), total_G[num_pairs:]
+            ).ravel()
+        share_N += _DAMPING * (fill_N - share_N)
+    share_LS[groups.layer_N[present_N], groups.slot_N[present_N]] = best_share_N[present_N]
     with np.errstate(invalid="ignore", divide="ignore"):
         balanced_LS = np.where(expert_load_LS > 0, share_LS / expert_load_LS, weights_LS)
     return np.where(held_LS, balanced_LS, 0.0)

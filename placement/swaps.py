@@ -29,9 +29,12 @@ _EPS = 1e-9
 def holds_map(phy2log_LS: np.ndarray, slots_per_worker: int, num_experts: int) -> np.ndarray:
     """[L, W, E + 1] bool: worker w holds expert e; column E (free slot) is never held."""
     num_layers, num_slots = phy2log_LS.shape
-    holds_LWE = np.zeros((num_layers, num_slots // slots_per_worker, num_experts + 1), dtype=bool)
-    layer_idx, slot_idx = np.nonzero(phy2log_LS >= 0)
-    holds_LWE[layer_idx, slot_idx // slots_per_worker, phy2log_LS[layer_idx, slot_idx]] = True
+    num_workers = num_slots // slots_per_worker
+    holds_LWE = np.zeros((num_layers, num_workers, num_experts + 1), dtype=bool)
+    # one flat index per held slot: (layer * W + worker) * (E + 1) + expert
+    cell_LS = (np.arange(num_layers)[:, None] * num_workers + np.arange(num_slots) // slots_per_worker) * (num_experts + 1)
+    flat_LS = cell_LS + phy2log_LS
+    holds_LWE.reshape(-1)[flat_LS[phy2log_LS >= 0]] = True
     return holds_LWE
 
 
@@ -50,6 +53,25 @@ def best_pair_swaps(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_b
     take_XC = np.where(b_on_a_XC, -np.inf, weight_b_XC + ((load_a_X - load_b_X) / 2)[:, None])
     score_XQ = np.abs(give_XC[:, :, None] - take_XC[:, None, :]).reshape(num_x, C * C)
     return (np.argmin(score_XQ, axis=1) if want_best else None), score_XQ
+
+
+def pair_swap_maxima(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_b_X, col_a_XC, weight_a_XC, col_b_XC, weight_b_XC, out_XCC):
+    """[X, C * C] (a view of `out_XCC`): the larger of the two loads of pair (layer, a, b) after
+    swapping a's slot i with b's slot j, at i * C + j; inf when illegal. Same as
+    (load_a + load_b) / 2 + the score of `best_pair_swaps`, computed in place in a buffer the
+    caller reuses across rounds (fresh [X, C, C] temporaries cost ~3x the arithmetic)."""
+    num_x, C = col_a_XC.shape
+    _, W, E1 = holds_LWE.shape
+    flat_holds = holds_LWE.reshape(-1)
+    a_on_b_XC = flat_holds.take(((layer_X * W + worker_b_X) * E1)[:, None] + col_a_XC)
+    b_on_a_XC = flat_holds.take(((layer_X * W + worker_a_X) * E1)[:, None] + col_b_XC)
+    give_XC = np.where(a_on_b_XC, np.inf, weight_a_XC)
+    take_XC = np.where(b_on_a_XC, -np.inf, weight_b_XC + ((load_a_X - load_b_X) / 2)[:, None])
+    out = out_XCC[:num_x]
+    np.subtract(give_XC[:, :, None], take_XC[:, None, :], out=out)
+    np.abs(out, out=out)
+    np.add(out, ((load_a_X + load_b_X) / 2)[:, None, None], out=out)
+    return out.reshape(num_x, C * C)
 
 
 def _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b):
@@ -137,6 +159,7 @@ def refine_by_swaps(
     num_partners: int = 8,
     active_LAYERS: np.ndarray | None = None,
     parallel: int = 1,
+    holds_LWE: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Local search on the busiest worker of each layer; returns (phy2log_LS, slot_weight_LS, swaps_L).
 
@@ -150,6 +173,8 @@ def refine_by_swaps(
     (only those above the target): busy worker i (i-th busiest) gets the lightest workers of rank
     i, i + P, i + 2P, ... as its K partners, so the pairs are disjoint and all their best swaps
     apply at once. P = min(parallel, W // (K + 1)).
+
+    `holds_LWE`: the caller's `holds_map` of `phy2log_LS` if it has one (taken over and updated).
     """
     phy2log_LS = phy2log_LS.copy()
     slot_weight_LS = np.asarray(slot_weight_LS, dtype=np.float64).copy()
@@ -161,13 +186,14 @@ def refine_by_swaps(
     if K < 1 or num_layers == 0:
         return phy2log_LS, slot_weight_LS, swaps_L
     target_L = np.zeros(num_layers) if target_LAYERS is None else np.asarray(target_LAYERS, dtype=np.float64)
-    holds_LWE = holds_map(phy2log_LS, C, num_experts)
+    holds_LWE = holds_map(phy2log_LS, C, num_experts) if holds_LWE is None else holds_LWE
     col_LS = np.where(phy2log_LS >= 0, phy2log_LS, num_experts)
     worker_load_LW = slot_weight_LS.reshape(num_layers, W, C).sum(axis=2)
     active = np.arange(num_layers) if active_LAYERS is None else np.nonzero(active_LAYERS)[0]
     P = max(1, min(parallel, W // (K + 1)))
+    buffer_XCC = np.empty((len(active) * P * K, C, C))  # the largest round's swap scores, reused
     if P > 1:
-        _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, C, K, P, target_L, active, max_swaps)
+        _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, C, K, P, target_L, active, max_swaps, buffer_XCC)
         return phy2log_LS, slot_weight_LS, swaps_L
     for _ in range(max_swaps):
         if len(active) == 0:
@@ -188,14 +214,12 @@ def refine_by_swaps(
             partners_AK = np.argsort(load_AW, axis=1)[:, :K]
         layer_X, heavy_X, light_X = np.repeat(active, K), np.repeat(busiest_A, K), partners_AK.ravel()
         load_a_X, load_b_X = np.repeat(busiest_load_A, K), load_AW[ar[:, None], partners_AK].ravel()
-        _, score_XQ = best_pair_swaps(
+        new_max_AQ = pair_swap_maxima(
             holds_LWE, layer_X, heavy_X, light_X, load_a_X, load_b_X,
             np.repeat(_gather(col_LS, active, busiest_A, C), K, axis=0),
             np.repeat(_gather(slot_weight_LS, active, busiest_A, C), K, axis=0),
-            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C), want_best=False,
-        )
-        # pair maximum after a swap = (load a + load b) / 2 + score: compare across partners
-        new_max_AQ = (((load_a_X + load_b_X) / 2)[:, None] + score_XQ).reshape(len(active), K * C * C)
+            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C), buffer_XCC,
+        ).reshape(len(active), K * C * C)  # compare across partners
         best_A = np.argmin(new_max_AQ, axis=1)
         sel = np.nonzero(new_max_AQ[ar, best_A] < busiest_load_A * (1 - _EPS))[0]
         if len(sel) == 0:
@@ -211,8 +235,16 @@ def refine_by_swaps(
     return phy2log_LS, slot_weight_LS, swaps_L
 
 
-def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, C, K, P, target_L, active, rounds):
-    """`refine_by_swaps` with the P busiest workers of each layer searching at once (in place)."""
+def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, C, K, P, target_L, active, rounds, buffer_XCC):
+    """`refine_by_swaps` with the P busiest workers of each layer searching at once (in place).
+
+    A busy worker's partners are tried lightest first, in blocks (`_PARTNER_BLOCKS`): after the
+    pair max with partner k is known never to go below (load a + load b_k) / 2, a row whose best
+    swap so far is already at or below that bound for the next partner (and so for all later,
+    heavier ones) stops. The choice is the one the full search over all K partners makes (ties
+    to the earliest partner, then the lowest slot pair); the lightest partner alone settles
+    ~92% of the rows on DeepSeek drift, so most rows cost one partner instead of K.
+    """
     for _ in range(rounds):
         if len(active) == 0:
             break
@@ -222,34 +254,66 @@ def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_
         load_AW = worker_load_LW[active]
         order_AW = np.argsort(load_AW, axis=1)
         busy_AP = order_AW[:, ::-1][:, :P]
-        partners_APK = order_AW[:, : P * K].reshape(len(active), K, P).transpose(0, 2, 1)
+        partners_APK = order_AW[:, : P * K].reshape(len(active), K, P).transpose(0, 2, 1)  # lightest first
         ar = np.arange(len(active))[:, None]
         busy_load_AP = load_AW[ar, busy_AP]
-        layer_X = np.repeat(active, P * K)
-        heavy_X, light_X = np.repeat(busy_AP.ravel(), K), partners_APK.ravel()
-        load_a_X, load_b_X = np.repeat(busy_load_AP.ravel(), K), load_AW[ar[:, :, None], partners_APK].ravel()
-        layer_B = np.repeat(active, P)
-        _, score_XQ = best_pair_swaps(
-            holds_LWE, layer_X, heavy_X, light_X, load_a_X, load_b_X,
-            np.repeat(_gather(col_LS, layer_B, busy_AP.ravel(), C), K, axis=0),
-            np.repeat(_gather(slot_weight_LS, layer_B, busy_AP.ravel(), C), K, axis=0),
-            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C), want_best=False,
-        )
-        new_max_BQ = (((load_a_X + load_b_X) / 2)[:, None] + score_XQ).reshape(len(layer_B), K * C * C)
-        best_B = np.argmin(new_max_BQ, axis=1)
-        busy_load_B = busy_load_AP.ravel()
-        sel = np.nonzero(
-            (new_max_BQ[np.arange(len(best_B)), best_B] < busy_load_B * (1 - _EPS))
-            & (busy_load_B > target_L[layer_B] * (1 + _EPS))
-        )[0]
+        # rows: busy workers above the target (the others never swap)
+        rows_B = np.flatnonzero(busy_load_AP.ravel() > np.repeat(target_L[active], P) * (1 + _EPS))
+        layer_B = np.repeat(active, P)[rows_B]
+        busy_B, busy_load_B = busy_AP.ravel()[rows_B], busy_load_AP.ravel()[rows_B]
+        partners_BK = partners_APK.reshape(-1, K)[rows_B]
+        partner_load_BK = load_AW[np.repeat(np.arange(len(active)), P)[rows_B][:, None], partners_BK]
+        floor_BK = (busy_load_B[:, None] + partner_load_BK) / 2  # pair max never below this (as computed below)
+        busy_col_BC, busy_weight_BC = _gather(col_LS, layer_B, busy_B, C), _gather(slot_weight_LS, layer_B, busy_B, C)
+        best_max_B = np.full(len(rows_B), np.inf)
+        best_k_B = np.zeros(len(rows_B), dtype=np.int64)
+        best_q_B = np.zeros(len(rows_B), dtype=np.int64)
+        todo = np.arange(len(rows_B))
+        for k0, k1 in _partner_blocks(K):
+            n = k1 - k0
+            layer_X = np.repeat(layer_B[todo], n)
+            heavy_X, light_X = np.repeat(busy_B[todo], n), partners_BK[todo, k0:k1].ravel()
+            new_max_TQ = pair_swap_maxima(
+                holds_LWE, layer_X, heavy_X, light_X, np.repeat(busy_load_B[todo], n), partner_load_BK[todo, k0:k1].ravel(),
+                np.repeat(busy_col_BC[todo], n, axis=0), np.repeat(busy_weight_BC[todo], n, axis=0),
+                _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C), buffer_XCC,
+            ).reshape(len(todo), n * C * C)
+            arg_T = np.argmin(new_max_TQ, axis=1)
+            max_T = new_max_TQ[np.arange(len(todo)), arg_T]
+            better = max_T < best_max_B[todo]  # strict: an earlier (lighter) partner wins ties
+            won = todo[better]
+            best_max_B[won] = max_T[better]
+            best_k_B[won], best_q_B[won] = np.divmod(arg_T[better], C * C)
+            best_k_B[won] += k0
+            if k1 < K:
+                todo = todo[best_max_B[todo] > floor_BK[todo, k1]]
+            if len(todo) == 0:
+                break
+        sel = np.flatnonzero(best_max_B < busy_load_B * (1 - _EPS))
         if len(sel) == 0:
             break
-        best_k, best_q = np.divmod(best_B[sel], C * C)
+        best_k, best_q = best_k_B[sel], best_q_B[sel]
         ca, cb = np.divmod(best_q, C)
-        layers, worker_a = layer_B[sel], busy_AP.ravel()[sel]
-        worker_b = partners_APK.reshape(-1, K)[sel, best_k]
+        layers, worker_a = layer_B[sel], busy_B[sel]
+        worker_b = partners_BK[sel, best_k]
         slot_a, slot_b = worker_a * C + ca, worker_b * C + cb
         _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b)
         col_LS[layers, slot_a], col_LS[layers, slot_b] = col_LS[layers, slot_b], col_LS[layers, slot_a]
         swaps_L += np.bincount(layers, minlength=len(swaps_L))
         active = np.unique(layers)
+
+
+_PARTNER_BLOCKS = (1, 1)  # partners of the first blocks; the rest form the last block
+
+
+def _partner_blocks(num_partners: int):
+    """[(k0, k1)] consecutive partner ranges: the _PARTNER_BLOCKS sizes, then all the others."""
+    blocks, k0 = [], 0
+    for size in _PARTNER_BLOCKS:
+        if k0 >= num_partners:
+            break
+        blocks.append((k0, min(k0 + size, num_partners)))
+        k0 = blocks[-1][1]
+    if k0 < num_partners:
+        blocks.append((k0, num_partners))
+    return blocks
