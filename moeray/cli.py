@@ -3,6 +3,8 @@
     moeray demo [--workers 4 --steps 40 ...]     local mode: CPU workers on Gloo, a small model
     moeray bench kernel|...                      benchmarks (print a table, write JSON)
     moeray validate-config FILE.yaml             check an engine config, naming bad values
+    moeray serve --config service.yaml           HTTP service on Ray Serve (pip install -e ".[serve]")
+    moeray random-checkpoint --config service.yaml   random weights for the service's model (tests, demos)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ BENCHMARKS = {
     "rebalance": "live rebalancing on local CPU workers: drift recovery, stall, stats overhead",
     "exchange": "NCCL all-to-all: ours (NcclGroup) vs raw all_to_all_single, 64 KiB .. 512 MiB (GPUs)",
     "layer": "one EP MoE layer on GPUs: static vs our placement under DeepSeek-V3 skew vs uniform routing",
+    "serve": "the HTTP service under concurrent clients, with and without dynamic batching (CPU workers)",
 }
 
 
@@ -50,6 +53,37 @@ def _validate_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from moeray.serving.config import ServiceConfig
+
+    config = ServiceConfig.from_yaml(args.config)
+    if args.port is not None:
+        config = config.model_copy(update={"serve": config.serve.model_copy(update={"port": args.port})})
+    try:
+        from moeray.serving.deployment import run_service
+    except ImportError as exc:
+        print(f"moeray serve needs Ray Serve: pip install -e \".[serve]\" ({exc})", file=sys.stderr)
+        return 2
+    from moeray.engine import ensure_ray
+
+    ensure_ray()
+    run_service(config, blocking=True)
+    return 0
+
+
+def _random_checkpoint(args: argparse.Namespace) -> int:
+    from moeray.models.checkpoint import save_checkpoint
+    from moeray.models.moe_model import MoEModel, init_random_
+    from moeray.serving.config import ServiceConfig
+
+    config = ServiceConfig.from_yaml(args.config)
+    out = args.out or config.checkpoint
+    model_cfg = config.engine.model
+    save_checkpoint(init_random_(MoEModel(model_cfg), seed=args.seed), out)
+    print(f"{out}: random {model_cfg.num_layers}-layer model, {model_cfg.num_experts} experts, top-{model_cfg.top_k}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate-config", help="validate an engine config YAML")
     validate.add_argument("path")
     validate.set_defaults(func=_validate_config)
+
+    serve_p = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve")
+    serve_p.add_argument("--config", required=True, help="service YAML (see examples/service.yaml)")
+    serve_p.add_argument("--port", type=int, default=None, help="override serve.port")
+    serve_p.set_defaults(func=_serve)
+
+    ckpt = sub.add_parser("random-checkpoint", help="write random weights for a service config's model")
+    ckpt.add_argument("--config", required=True, help="service YAML; its model and checkpoint path are used")
+    ckpt.add_argument("--out", default=None, help="directory (default: the config's checkpoint)")
+    ckpt.add_argument("--seed", type=int, default=0)
+    ckpt.set_defaults(func=_random_checkpoint)
 
     bench = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -45,10 +45,14 @@ LOCAL_CLUSTER_CPUS = 16
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Start a local Ray cluster unless this process is already connected to one."""
+    """Connect to Ray: the cluster named by RAY_ADDRESS (set by `ray job submit` and on cluster
+    nodes made by `ray up`), else a fresh local cluster. No-op if this process is connected."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="WARNING", log_to_driver=True)  # the cluster's resources, not ours
+        return
     ray.init(
         num_cpus=num_cpus or max(os.cpu_count() or 1, LOCAL_CLUSTER_CPUS),
         include_dashboard=False,
@@ -56,6 +60,15 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         log_to_driver=True,
         configure_logging=True,
     )
+
+
+def check_token_ids(input_ids_T, vocab_size: int) -> np.ndarray:
+    """ids_T as int64, or ValueError naming the first id outside [0, vocab_size)."""
+    ids_T = np.asarray(input_ids_T, dtype=np.int64).reshape(-1)
+    if ids_T.size and (ids_T.min() < 0 or ids_T.max() >= vocab_size):
+        bad = ids_T[(ids_T < 0) | (ids_T >= vocab_size)][0]
+        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+    return ids_T
 
 
 def split_batch(num_tokens: int, num_workers: int) -> list[slice]:
@@ -144,11 +157,7 @@ class Engine:
     # ---- serving -----------------------------------------------------------------------------
     def step(self, input_ids_T) -> np.ndarray:
         """Run one lockstep forward over the batch; returns logits [T, V] in input order."""
-        ids_T = np.asarray(input_ids_T, dtype=np.int64).reshape(-1)
-        vocab = self.config.model.vocab_size
-        if ids_T.size and (ids_T.min() < 0 or ids_T.max() >= vocab):
-            bad = ids_T[(ids_T < 0) | (ids_T >= vocab)][0]
-            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab})")
+        ids_T = check_token_ids(input_ids_T, self.config.model.vocab_size)
         shares = split_batch(len(ids_T), len(self.workers))
         staged, self._staged = self._staged, None
         version = staged["version"] if staged else self._placement.version
@@ -187,6 +196,8 @@ class Engine:
             self._staged = self._get(self._tick_ref, self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "rebalance")
             self._tick_ref = None
         if self._staged is None:
+            if force:
+                self._flush_stats()  # plan from every step served so far, not from the last snapshot
             self._staged = self._get(self.coordinator.tick.remote(None, force),
                                      self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "rebalance")
         return None if self._staged is None else self._staged["version"]
@@ -198,12 +209,16 @@ class Engine:
         if self.coordinator is None:
             raise RuntimeError("stats need stats.enabled=True")
         if flush:
-            boxes = self._get([w.flush_stats.remote() for w in self.workers], 60, "flush stats")
-            self._get([ref for box in boxes for ref in box], 60, "flush stats")
+            self._flush_stats()
         summary = self._get(self.coordinator.summary.remote(), 60, "stats")
         p = self._placement
         summary["worker_load_LW"] = worker_loads(summary["load_LE"], p.phy2log, p.slots_per_worker, self.replica_weights_LS)
         return summary
+
+    def _flush_stats(self) -> None:
+        """Workers ship their pending counts; returns once the coordinator has them."""
+        boxes = self._get([w.flush_stats.remote() for w in self.workers], 60, "flush stats")
+        self._get([ref for box in boxes for ref in box], 60, "flush stats")
 
     def set_stats_recording(self, enabled: bool) -> None:
         """Switch routing statistics on or off on every worker (e.g. to measure their cost)."""

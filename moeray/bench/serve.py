@@ -1,0 +1,141 @@
+"""`moeray bench serve`: the HTTP service (Ray Serve) under concurrent clients, with and without
+dynamic batching, on local CPU workers.
+
+C client threads each send R requests of T tokens back to back (keep-alive sessions) to
+POST /v1/forward. The same service runs once per `--batch-sizes` value (max requests merged
+into one engine step). Reported per run: requests/s, tokens/s, latency p50 / p99, and how many
+requests an engine step carried on average (from /v1/stats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--requests-per-client", type=int, default=20)
+    p.add_argument("--tokens-per-request", type=int, default=16)
+    p.add_argument("--batch-sizes", default="1,32", help="max_batch_size values to compare")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--machine", default=platform.node())
+    p.add_argument("--date", default="")
+    p.add_argument("--json", default=None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load(url: str, clients: int, per_client: int, tokens: int, vocab: int) -> tuple[list[float], float, int]:
+    """(latencies in s, wall s, failed requests)."""
+    import requests
+
+    latencies: list[float] = []
+    failed = [0]
+    lock = threading.Lock()
+    start = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        rng = np.random.default_rng(i)
+        session = requests.Session()
+        start.wait()
+        for _ in range(per_client):
+            ids = rng.integers(0, vocab, tokens).tolist()
+            t0 = time.perf_counter()
+            resp = session.post(f"{url}/v1/forward", json={"token_ids": ids}, timeout=120)
+            dt = time.perf_counter() - t0
+            with lock:
+                if resp.status_code == 200:
+                    latencies.append(dt)
+                else:
+                    failed[0] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for th in threads:
+        th.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for th in threads:
+        th.join()
+    return latencies, time.perf_counter() - t0, failed[0]
+
+
+def run(args: argparse.Namespace) -> dict:
+    import requests
+    from ray import serve
+
+    from moeray.config import EngineConfig, ParallelConfig, RebalanceConfig, StatsConfig, tiny_model_config
+    from moeray.engine import ensure_ray
+    from moeray.models.checkpoint import save_checkpoint
+    from moeray.models.moe_model import MoEModel, init_random_
+    from moeray.serving.config import ServeConfig, ServiceConfig
+    from moeray.serving.deployment import run_service
+
+    ensure_ray()
+    model = tiny_model_config(num_experts=args.experts, num_layers=args.layers, hidden_size=args.hidden,
+                              moe_intermediate_size=args.ffn)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moeray-bench-serve-") as ckpt:
+        save_checkpoint(init_random_(MoEModel(model), seed=0), ckpt)
+        port = _free_port()
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            config = ServiceConfig(
+                checkpoint=ckpt,
+                engine=EngineConfig(model=model, parallel=ParallelConfig(num_workers=args.workers),
+                                    stats=StatsConfig(), rebalance=RebalanceConfig(enabled=False)),
+                serve=ServeConfig(port=port, max_batch_size=batch, batch_wait_timeout_ms=args.batch_wait_ms,
+                                  app_name="moeray-bench"),
+            )
+            run_service(config, blocking=False)
+            url = f"http://127.0.0.1:{port}"
+            _load(url, min(4, args.clients), 3, args.tokens_per_request, model.vocab_size)  # warm-up
+            before = requests.get(f"{url}/v1/stats", timeout=60).json()
+            lat, wall, failed = _load(url, args.clients, args.requests_per_client, args.tokens_per_request, model.vocab_size)
+            after = requests.get(f"{url}/v1/stats", timeout=60).json()
+            serve.delete(config.serve.app_name)
+            steps = after["batches"] - before["batches"]
+            done = len(lat)
+            rows.append({
+                "max_batch_size": batch, "requests": done, "failed": failed, "wall_s": wall,
+                "requests_per_s": done / wall, "tokens_per_s": done * args.tokens_per_request / wall,
+                "latency_p50_ms": float(np.percentile(lat, 50) * 1e3), "latency_p99_ms": float(np.percentile(lat, 99) * 1e3),
+                "engine_steps": steps, "requests_per_step": (after["batched_requests"] - before["batched_requests"]) / max(steps, 1),
+            })
+    serve.shutdown()
+    result = {"benchmark": "serve", "machine": args.machine, "date": args.date,
+              "command": getattr(args, "command", "python -m moeray.bench.serve"),
+              "config": {k: getattr(args, k) for k in ("workers", "experts", "layers", "hidden", "ffn", "clients",
+                                                        "requests_per_client", "tokens_per_request", "batch_wait_ms")},
+              "rows": rows}
+    print(f"serve: {args.clients} clients x {args.requests_per_client} requests x {args.tokens_per_request} tokens, "
+          f"{args.workers} CPU workers, {args.layers} layers x {args.experts} experts")
+    print(f"{'max batch':>9} {'req/s':>8} {'tokens/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'req/step':>8} {'failed':>6}")
+    for r in rows:
+        print(f"{r['max_batch_size']:>9} {r['requests_per_s']:>8.1f} {r['tokens_per_s']:>9.0f} {r['latency_p50_ms']:>8.1f} "
+              f"{r['latency_p99_ms']:>8.1f} {r['requests_per_step']:>8.2f} {r['failed']:>6}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    run(parser.parse_args())

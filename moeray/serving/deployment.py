@@ -1,0 +1,143 @@
+"""The Ray Serve deployment: one `Engine` (its workers and coordinator) per replica, behind FastAPI.
+
+    POST /v1/forward    {"token_ids": [...], "top_logprobs": 0..20} -> greedy next token per
+                        position (+ top log-probs), the placement version that computed it
+    GET  /v1/stats      steps, batches, placement version, imbalance, the rebalance log
+    POST /v1/rebalance  plan and stage a new placement now (committed at the next step)
+    GET  /healthz       200 while the engine's workers answer
+
+Concurrent requests are merged into one engine step (`core.StepBatcher`: tokens concatenated,
+logits split back; the next batch forms when the engine is free), so many small requests cost one
+lockstep exchange per layer, not one each. Each
+request is checked on its own before it joins a batch: a bad one gets a 4xx naming the bad value
+and never fails the others. A lost worker answers 503 (the engine does not re-form its group).
+
+The engine is driven from one thread (its steps are lockstep and not re-entrant); the event loop
+stays free for health checks and new requests while a step runs.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures' types at
+# runtime, and through Serve's ingress wrapper string annotations do not resolve to the models.
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from moeray.engine import Engine
+from moeray.errors import CollectiveError, WorkerLost
+from moeray.serving.config import ServiceConfig
+from moeray.serving.core import RequestRejected, StepBatcher, check_request, forward_result, run_batch
+
+app = FastAPI(title="moeray", description="Expert-parallel MoE serving with live expert placement")
+
+
+class ForwardRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token_ids: list[int] = Field(min_length=1, description="token ids, each in [0, vocab_size)")
+    top_logprobs: int = Field(default=0, ge=0, le=20)
+
+
+class ForwardResponse(BaseModel):
+    next_token_ids: list[int]
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None
+    placement_version: int
+
+
+class RebalanceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = True
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class MoEService:
+    def __init__(self, service_config: dict):
+        self.config = ServiceConfig.model_validate(service_config)
+        self.engine = Engine(self.config.engine, self.config.checkpoint)
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeray-engine")
+        serve_cfg = self.config.serve
+        self._batcher = StepBatcher(self._run_batch, serve_cfg.max_batch_size, serve_cfg.max_batch_tokens,
+                                    serve_cfg.batch_wait_timeout_ms / 1000)
+
+    async def _on_engine(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
+
+    async def _run_batch(self, ids_list: list[np.ndarray]) -> list[np.ndarray]:
+        return await self._on_engine(run_batch, self.engine.step, ids_list)
+
+    @app.post("/v1/forward", response_model=ForwardResponse)
+    async def forward(self, request: ForwardRequest) -> ForwardResponse:
+        try:
+            ids_T = check_request(request.token_ids, self.config.engine.model.vocab_size,
+                                  self.config.serve.max_tokens_per_request)
+        except RequestRejected as exc:
+            raise HTTPException(status_code=exc.status, detail=exc.detail) from None
+        try:
+            logits_TV = await self._batcher.submit(ids_T)
+        except (WorkerLost, CollectiveError) as exc:
+            raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
+        result = forward_result(logits_TV, request.top_logprobs)
+        return ForwardResponse(next_token_ids=result.next_token_ids, top_logprobs=result.top_logprobs,
+                               placement_version=self.engine.placement().version)
+
+    @app.get("/v1/stats")
+    async def stats(self) -> dict:
+        out = {
+            "steps": self.engine.steps,
+            "placement_version": self.engine.placement().version,
+            "batches": self._batcher.steps,
+            "batched_requests": self._batcher.requests,
+            "batched_tokens": self._batcher.tokens,
+            "largest_batch": self._batcher.largest,
+        }
+        if self.engine.coordinator is not None:
+            summary = await self._on_engine(self.engine.stats)
+            out.update({k: summary[k] for k in ("imbalance_mean", "imbalance_worst", "last_decision", "rebalances")})
+            out["imbalance_per_layer"] = np.asarray(summary["imbalance_per_layer"]).tolist()
+        return out
+
+    @app.post("/v1/rebalance")
+    async def rebalance(self, request: RebalanceRequest) -> dict:
+        if self.engine.coordinator is None:
+            raise HTTPException(status_code=409, detail="rebalancing needs engine.stats.enabled=true")
+        version = await self._on_engine(self.engine.rebalance, request.force)
+        return {"staged_version": version}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        await self._on_engine(self.engine.load)  # every worker answers, or WorkerLost
+        return {"status": "ok", "workers": len(self.engine.workers)}
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def build_app(config: ServiceConfig):
+    """The bound Serve application for `serve.run`."""
+    return MoEService.options(max_ongoing_requests=config.serve.max_ongoing_requests).bind(config.model_dump())
+
+
+def run_service(config: ServiceConfig, blocking: bool = True):
+    """Start Serve's HTTP proxy on config.serve.host:port and deploy the service."""
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    handle = serve.run(build_app(config), name=config.serve.app_name, route_prefix=config.serve.route_prefix,
+                       blocking=False)
+    if blocking:
+        import time
+
+        print(f"moeray: serving on http://{config.serve.host}:{config.serve.port}{config.serve.route_prefix} "
+              f"(Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)  # the proxy and replica serve from their own actors
+        except KeyboardInterrupt:
+            serve.delete(config.serve.app_name)
+    return handle

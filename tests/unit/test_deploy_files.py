@@ -1,0 +1,75 @@
+"""The deployment files in the repository are valid for the tools that read them: cluster.yaml
+for `ray up` (Ray's own schema, after Ray fills its defaults), examples/service.yaml for
+`moeray serve`, and the extras cluster.yaml installs exist in pyproject.toml."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_cluster_yaml_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # raises jsonschema.ValidationError naming the bad key
+    gpu_types = [t for t, spec in config["available_node_types"].items() if spec.get("max_workers", 0) > 0]
+    assert gpu_types, "no node type that can scale out"
+
+
+def test_cluster_yaml_rejects_a_misspelt_key():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config["max_worker"] = 3
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        validate_config(prepare_config(config))
+
+
+def test_cluster_yaml_installs_extras_that_exist():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    installs = [c for c in config["setup_commands"] if "pip install -e" in c]
+    assert installs
+    for command in installs:
+        wanted = re.search(r"\[([a-z,]+)\]", command).group(1).split(",")
+        assert set(wanted) <= extras, (wanted, extras)
+    assert config["file_mounts"]["~/moeray"] == "."
+
+
+def test_example_service_yaml_is_a_valid_service_config():
+    from moeray.serving.config import ServiceConfig
+
+    config = ServiceConfig.from_yaml(REPO / "examples" / "service.yaml")
+    assert config.engine.parallel.num_workers >= 1 and config.serve.port == 8000
+
+
+def test_service_config_names_bad_values(tmp_path):
+    from pydantic import ValidationError
+
+    from moeray.serving.config import ServiceConfig
+
+    raw = yaml.safe_load((REPO / "examples" / "service.yaml").read_text())
+    raw["serve"]["max_batch_size"] = 0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        ServiceConfig.from_yaml(path)
+
+
+def test_cli_random_checkpoint_then_engine_config_matches(tmp_path):
+    from moeray.cli import main
+    from moeray.models.checkpoint import CheckpointReader
+    from moeray.serving.config import ServiceConfig
+
+    assert main(["random-checkpoint", "--config", str(REPO / "examples" / "service.yaml"), "--out", str(tmp_path)]) == 0
+    model = ServiceConfig.from_yaml(REPO / "examples" / "service.yaml").engine.model
+    reader = CheckpointReader(tmp_path)
+    assert reader.cfg == model
