@@ -99,6 +99,15 @@ class Coordinator:
         await asyncio.wait_for(asyncio.gather(*stage_refs), timeout=self.timeout_s)
         return 1e3 * (time.perf_counter() - start)
 
+    def replace_workers(self, workers: list, epoch: int) -> None:
+        """After Engine.recover: the new group's workers; snapshots of older epochs are dropped."""
+        self.workers = workers
+        self.core.epoch = epoch
+        self.core.pending.clear()  # half-collected ranges of the old epoch would never complete
+
+    def abandon(self, version: int, reason: str) -> None:
+        self.core.abandoned(version, reason)
+
     def committed(self, version: int, step: int) -> None:
         self.core.committed(version, step)
 

@@ -36,6 +36,7 @@ from placement.metrics import imbalance, worker_loads
 # How long the driver waits for a step beyond the collective timeout: a step on a live group ends
 # (or raises) within the collective timeout, so anything past this margin means a lost worker.
 _STEP_MARGIN_S = 30.0
+_PING_TIMEOUT_S = 10.0  # a live worker answers a ping from a free actor thread at once
 
 
 # Logical CPUs of the embedded local cluster. Workers run one torch thread each and spend much of
@@ -107,18 +108,8 @@ class Engine:
                 f"cannot place {par.num_workers} workers x {bundle} within 120 s; "
                 f"the cluster has {ray.available_resources()} available"
             ) from None
-        actor_cls = ray.remote(Worker)
-        self.workers = [
-            actor_cls.options(
-                num_cpus=par.cpus_per_worker,
-                max_concurrency=4,  # steps on one thread; migration staging / exports on others
-                num_gpus=1 if par.device == "cuda" else 0,
-                # NCCL settings must be in the environment before the worker imports torch.
-                runtime_env={"env_vars": dict(NCCL_SAFETY_ENV)} if par.device == "cuda" else None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
-            ).remote(i, config, self.checkpoint_dir, self._placement.phy2log, self._placement.version)
-            for i in range(par.num_workers)
-        ]
+        self.replica_weights_LS = None  # split of replicated experts' tokens; None = equal
+        self.workers = [self._start_worker(i) for i in range(par.num_workers)]
         self._get([w.ping.remote() for w in self.workers], timeout=300, what="worker start-up")
         if par.num_workers > 1:
             self._form_group()
@@ -126,10 +117,22 @@ class Engine:
         self.coordinator = None
         self._tick_ref = None
         self._staged: dict | None = None  # placement staged on every worker, committed at the next step
-        self.replica_weights_LS = None  # split of replicated experts' tokens; None = equal
         self.rebalance_errors: list[str] = []
+        self.recoveries: list[dict] = []
         if config.stats.enabled:
             self._start_coordinator()
+
+    def _start_worker(self, rank: int):
+        par = self.config.parallel
+        return ray.remote(Worker).options(
+            num_cpus=par.cpus_per_worker,
+            max_concurrency=4,  # steps on one thread; migration staging / exports on others
+            num_gpus=1 if par.device == "cuda" else 0,
+            # NCCL settings must be in the environment before the worker imports torch.
+            runtime_env={"env_vars": dict(NCCL_SAFETY_ENV)} if par.device == "cuda" else None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
+        ).remote(rank, self.config, self.checkpoint_dir, self._placement.phy2log, self._placement.version,
+                 self.replica_weights_LS)
 
     def _start_coordinator(self) -> None:
         coordinator_cls = ray.remote(Coordinator)
@@ -153,6 +156,53 @@ class Engine:
         addr = self._get(self.workers[0].open_rendezvous.remote(self.group_name), timeout, "rendezvous")
         specs = [GroupSpec(self.group_name, len(self.workers), rank, addr, timeout, backend) for rank in range(len(self.workers))]
         self._get([w.join_group.remote(s) for w, s in zip(self.workers, specs)], timeout + _STEP_MARGIN_S, "group join")
+
+    def recover(self) -> dict:
+        """Bring the engine back after a worker died: replace the dead workers (on the same
+        placement-group bundles; they load the committed placement's slots from the checkpoint),
+        re-form the group under a new epoch, re-attach the coordinator. Survivors keep their slots.
+        A migration that was staged but not committed is abandoned. Returns what was done.
+
+        Bounded: each phase has a timeout; a failure here raises WorkerLost again.
+        """
+        timeout = self.config.parallel.collective_timeout_s
+        if self._tick_ref is not None:  # let an in-flight policy check end; it fails if it met the dead
+            try:
+                ray.get(self._tick_ref, timeout=timeout + _STEP_MARGIN_S)
+            except Exception:
+                pass
+            self._tick_ref = None
+        staged, self._staged = self._staged, None
+        alive = []
+        for worker in self.workers:
+            try:
+                ray.get(worker.ping.remote(), timeout=_PING_TIMEOUT_S)
+                alive.append(True)
+            except Exception:  # dead, or hung in a collective that will never finish
+                alive.append(False)
+        replaced = [rank for rank, ok in enumerate(alive) if not ok]
+        self._get([w.reset_membership.remote() for w, ok in zip(self.workers, alive) if ok], timeout, "reset membership")
+        for rank in replaced:
+            ray.kill(self.workers[rank])
+            self.workers[rank] = self._start_worker(rank)
+        self._get([self.workers[r].ping.remote() for r in replaced], 300, "replacement start-up")
+        self._get([w.resync_steps.remote(self.steps) for w in self.workers], timeout, "step resync")
+        self.epoch += 1
+        if len(self.workers) > 1:
+            self._form_group()
+        if self.coordinator is not None:
+            try:
+                if staged is not None:
+                    ray.get(self.coordinator.abandon.remote(staged["version"], "a worker was lost before the commit"),
+                            timeout=_PING_TIMEOUT_S)
+                ray.get(self.coordinator.replace_workers.remote(self.workers, self.epoch), timeout=_PING_TIMEOUT_S)
+                self._get([w.attach_coordinator.remote(self.coordinator, self.epoch) for w in self.workers], 60,
+                          "attach coordinator")
+            except (RayActorError, GetTimeoutError):  # the coordinator died too: a fresh one (its log is lost)
+                self._start_coordinator()
+        self.recoveries.append({"step": self.steps, "epoch": self.epoch, "replaced": replaced,
+                                "abandoned_version": None if staged is None else staged["version"]})
+        return self.recoveries[-1]
 
     # ---- serving -----------------------------------------------------------------------------
     def step(self, input_ids_T) -> np.ndarray:

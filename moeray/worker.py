@@ -31,7 +31,8 @@ from placement.dispatch import replica_weights_by_expert
 
 
 class Worker:
-    def __init__(self, rank: int, config: EngineConfig, checkpoint_dir: str, phy2log_LS: np.ndarray, version: int = 0):
+    def __init__(self, rank: int, config: EngineConfig, checkpoint_dir: str, phy2log_LS: np.ndarray, version: int = 0,
+                 replica_weights_LS: np.ndarray | None = None):
         torch.set_num_threads(config.parallel.torch_threads_per_worker)
         collective.register_backends()
         self.rank = rank
@@ -48,7 +49,8 @@ class Worker:
         self.placement = Placement(phy2log_LS, config.model.num_experts, config.slots_per_worker, version).validate()
         self.group_name: str | None = None
         self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
-        self.replica_weights_LS: np.ndarray | None = None
+        # A replacement worker (Engine.recover) starts on the committed placement's split weights.
+        self.replica_weights_LS: np.ndarray | None = replica_weights_LS
         self.model = self._build_model()
         self.steps = 0
         self.staging = SlotStaging()
@@ -113,6 +115,20 @@ class Worker:
             self.xfer_group = collective.create_group(dataclasses.replace(spec, group_name=spec.group_name + "-xfer"))
         for experts in self._slot_experts():
             experts.dispatcher = self.dispatcher
+
+    def resync_steps(self, step: int) -> None:
+        """Start counting from the engine's step (after a recovery, a replacement starts at 0 and the
+        coordinator pairs snapshots by step range); counts not yet shipped are dropped."""
+        with self._step_lock:
+            self.steps = self._shipped_step = step
+            self._shipped_load_LE, self._shipped_rows_LS = self._read_counters()
+
+    def reset_membership(self) -> None:
+        """After a peer died: drop the broken group and any staged (never to be committed) version.
+        The live slots stay: they hold the committed placement."""
+        self.staging.discard()
+        self.leave_group()
+        self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
 
     def leave_group(self) -> None:
         if self.xfer_group is not None:

@@ -10,7 +10,8 @@ Concurrent requests are merged into one engine step (`core.StepBatcher`: tokens 
 logits split back; the next batch forms when the engine is free), so many small requests cost one
 lockstep exchange per layer, not one each. Each
 request is checked on its own before it joins a batch: a bad one gets a 4xx naming the bad value
-and never fails the others. A lost worker answers 503 (the engine does not re-form its group).
+and never fails the others. When a worker dies, the batch triggers `Engine.recover()` (replace the
+worker, new group epoch) and runs again; only if that fails do its requests get 503.
 
 The engine is driven from one thread (its steps are lockstep and not re-entrant); the event loop
 stays free for health checks and new requests while a step runs.
@@ -69,7 +70,13 @@ class MoEService:
         return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
 
     async def _run_batch(self, ids_list: list[np.ndarray]) -> list[np.ndarray]:
-        return await self._on_engine(run_batch, self.engine.step, ids_list)
+        try:
+            return await self._on_engine(run_batch, self.engine.step, ids_list)
+        except (WorkerLost, CollectiveError):
+            # A worker died: replace it and run the batch again (a step has no side effects but
+            # routing counts). If recovery fails, the requests get 503 and the next batch retries.
+            await self._on_engine(self.engine.recover)
+            return await self._on_engine(run_batch, self.engine.step, ids_list)
 
     @app.post("/v1/forward", response_model=ForwardResponse)
     async def forward(self, request: ForwardRequest) -> ForwardResponse:
@@ -95,6 +102,7 @@ class MoEService:
             "batched_requests": self._batcher.requests,
             "batched_tokens": self._batcher.tokens,
             "largest_batch": self._batcher.largest,
+            "recoveries": self.engine.recoveries,
         }
         if self.engine.coordinator is not None:
             summary = await self._on_engine(self.engine.stats)

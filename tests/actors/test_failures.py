@@ -60,3 +60,35 @@ def test_engine_step_on_a_dead_worker_raises_worker_lost(engine):
     with pytest.raises((WorkerLost, CollectiveError)):
         engine.step(np.arange(6))
     assert time.monotonic() - start < TIMEOUT_S + 35
+
+
+def test_recover_replaces_a_dead_worker_and_serves_on(ray_cluster, tmp_path):
+    """After a worker dies: recover() replaces it on the committed placement (replicas and split
+    weights included), survivors keep their slots, and the engine again equals the reference and
+    can rebalance (the coordinator follows the new epoch)."""
+    from tests.helpers import max_rel_error, reference_logits
+
+    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=4, num_experts=8, top_k=2)
+    config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=1,
+                                                                   collective_timeout_s=TIMEOUT_S))
+    rng = np.random.default_rng(0)
+    with Engine(config, ckpt) as engine:
+        skewed = np.where(rng.random(300) < 0.8, 7, rng.integers(0, model_cfg.vocab_size, 300))
+        engine.step(skewed)
+        assert engine.rebalance(force=True) == 1
+        engine.step(skewed)  # commits v1 (replicas of the hot experts, split weights)
+        assert engine.placement().version == 1 and engine.replica_weights_LS is not None
+
+        ray.kill(engine.workers[1])
+        with pytest.raises((WorkerLost, CollectiveError)):
+            engine.step(np.arange(6))
+        done = engine.recover()
+        assert done["replaced"] == [1] and done["epoch"] == 1 and engine.group_name.endswith("epoch1")
+
+        for ids in (skewed, np.arange(37), np.array([3])):  # T=1: two idle workers
+            assert max_rel_error(engine.step(ids), reference_logits(reference, ids)) <= 1e-5
+        assert engine.rebalance(force=True) == 2  # stats reach the coordinator under the new epoch
+        engine.step(skewed)
+        assert engine.placement().version == 2
+        assert max_rel_error(engine.step(skewed), reference_logits(reference, skewed)) <= 1e-5
+        assert engine.stats()["placement_version"] == 2

@@ -135,3 +135,26 @@ def test_rebalance_over_http_commits_at_the_next_step(service):
     assert body["next_token_ids"] == reference_logits(reference, ids).argmax(1).tolist()
     assert requests.get(f"{url}/v1/stats", timeout=60).json()["placement_version"] == staged
     assert requests.get(f"{url}/healthz", timeout=60).json()["status"] == "ok"
+
+
+def test_a_killed_worker_is_replaced_and_requests_still_succeed(service):
+    """SIGKILL one engine worker process (the service's engine is the only live one in this
+    module): the next request triggers Engine.recover() and still gets the reference answer."""
+    import os
+    import signal
+
+    import psutil
+
+    url, reference = service
+    # Ray titles actor processes "ray::<Class>..."; the service's engine is the only live one here
+    # (the dashboard, and with it the state API, is off in tests).
+    workers = [p for p in psutil.process_iter(["pid", "cmdline"])
+               if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::Worker")]
+    assert len(workers) == 2, [p.info for p in workers]
+    os.kill(workers[0].pid, signal.SIGKILL)  # a process this test session's service started
+    ids = np.arange(30) % VOCAB
+    resp = _forward(url, ids)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["next_token_ids"] == reference_logits(reference, ids).argmax(1).tolist()
+    recoveries = requests.get(f"{url}/v1/stats", timeout=60).json()["recoveries"]
+    assert len(recoveries) == 1 and len(recoveries[0]["replaced"]) == 1
