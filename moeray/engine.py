@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from moeray.comm.group import NCCL_SAFETY_ENV, GroupSpec, register_backends
 from moeray.config import EngineConfig
 from moeray.coordinator import Coordinator
-from moeray.errors import WorkerLost
+from moeray.errors import CollectiveError, WorkerLost
 from moeray.worker import Worker
 from placement import Placement
 from placement.metrics import imbalance, worker_loads
@@ -36,7 +36,8 @@ from placement.metrics import imbalance, worker_loads
 # How long the driver waits for a step beyond the collective timeout: a step on a live group ends
 # (or raises) within the collective timeout, so anything past this margin means a lost worker.
 _STEP_MARGIN_S = 30.0
-_PING_TIMEOUT_S = 10.0  # a live worker answers a ping from a free actor thread at once
+_PING_TIMEOUT_S = 10.0
+_RECOVERY_ROUNDS = 3  # a live worker answers a ping from a free actor thread at once
 
 
 # Logical CPUs of the embedded local cluster. Workers run one torch thread each and spend much of
@@ -160,10 +161,12 @@ class Engine:
     def recover(self) -> dict:
         """Bring the engine back after a worker died: replace the dead workers (on the same
         placement-group bundles; they load the committed placement's slots from the checkpoint),
-        re-form the group under a new epoch, re-attach the coordinator. Survivors keep their slots.
-        A migration that was staged but not committed is abandoned. Returns what was done.
+        re-form the group under a new epoch, re-attach the coordinator. On CPU survivors keep their
+        slots; on GPUs every worker is replaced (see _replace_dead_workers). A migration that was
+        staged but not committed is abandoned. Returns what was done.
 
-        Bounded: each phase has a timeout; a failure here raises WorkerLost again.
+        Bounded: each phase has a timeout; a worker lost while the group re-forms starts another
+        round (at most _RECOVERY_ROUNDS), after which WorkerLost is raised.
         """
         timeout = self.config.parallel.collective_timeout_s
         if self._tick_ref is not None:  # let an in-flight policy check end; it fails if it met the dead
@@ -173,23 +176,19 @@ class Engine:
                 pass
             self._tick_ref = None
         staged, self._staged = self._staged, None
-        alive = []
-        for worker in self.workers:
+        replaced: set[int] = set()
+        for attempt in range(_RECOVERY_ROUNDS):  # a worker may die while the group re-forms
             try:
-                ray.get(worker.ping.remote(), timeout=_PING_TIMEOUT_S)
-                alive.append(True)
-            except Exception:  # dead, or hung in a collective that will never finish
-                alive.append(False)
-        replaced = [rank for rank, ok in enumerate(alive) if not ok]
-        self._get([w.reset_membership.remote() for w, ok in zip(self.workers, alive) if ok], timeout, "reset membership")
-        for rank in replaced:
-            ray.kill(self.workers[rank])
-            self.workers[rank] = self._start_worker(rank)
-        self._get([self.workers[r].ping.remote() for r in replaced], 300, "replacement start-up")
-        self._get([w.resync_steps.remote(self.steps) for w in self.workers], timeout, "step resync")
-        self.epoch += 1
-        if len(self.workers) > 1:
-            self._form_group()
+                replaced |= self._replace_dead_workers()
+                self._get([w.resync_steps.remote(self.steps) for w in self.workers], timeout, "step resync")
+                self.epoch += 1
+                if len(self.workers) > 1:
+                    self._form_group()
+                break
+            except (WorkerLost, CollectiveError):
+                if attempt == _RECOVERY_ROUNDS - 1:
+                    raise
+        replaced = sorted(replaced)
         if self.coordinator is not None:
             try:
                 if staged is not None:
@@ -203,6 +202,28 @@ class Engine:
         self.recoveries.append({"step": self.steps, "epoch": self.epoch, "replaced": replaced,
                                 "abandoned_version": None if staged is None else staged["version"]})
         return self.recoveries[-1]
+
+    def _replace_dead_workers(self) -> set[int]:
+        """Ranks replaced. CPU: the workers that do not answer a ping. CUDA: every worker, since a
+        survivor's CUDA context ran the NCCL kernels of the aborted group (and its watchdog may end
+        the process at any moment): restarting from the checkpoint is the state we can trust."""
+        timeout = self.config.parallel.collective_timeout_s
+        if self.config.parallel.device == "cuda":
+            dead = list(range(len(self.workers)))
+        else:
+            dead = []
+            for rank, worker in enumerate(self.workers):
+                try:
+                    ray.get(worker.ping.remote(), timeout=_PING_TIMEOUT_S)
+                except Exception:  # dead, or hung in a collective that will never finish
+                    dead.append(rank)
+            survivors = [w for rank, w in enumerate(self.workers) if rank not in dead]
+            self._get([w.reset_membership.remote() for w in survivors], timeout, "reset membership")
+        for rank in dead:
+            ray.kill(self.workers[rank])
+            self.workers[rank] = self._start_worker(rank)
+        self._get([self.workers[rank].ping.remote() for rank in dead], 300, "replacement start-up")
+        return set(dead)
 
     # ---- serving -----------------------------------------------------------------------------
     def step(self, input_ids_T) -> np.ndarray:

@@ -94,3 +94,30 @@ def test_migration_on_gpus(ray_cluster, tmp_path):
         assert record["committed_at_step"] is not None and record["slots_moved"] > 0
         for got in (before, during, after):
             assert_close(got, want, "bfloat16", ids_T)
+
+
+def test_recover_after_a_gpu_worker_dies(ray_cluster, tmp_path):
+    """Kill one GPU worker: the step fails within the timeout, recover() restarts the workers
+    (all of them on GPUs) under a new epoch, and the engine equals the reference again."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    import ray
+
+    from moeray.engine import Engine
+    from moeray.errors import CollectiveError, WorkerLost
+
+    ckpt, cfg, model = make_checkpoint(tmp_path, dtype="bfloat16", hidden_size=256, moe_intermediate_size=512,
+                                       num_experts=16, top_k=4, num_layers=2)
+    ids_T = np.random.default_rng(3).integers(0, cfg.vocab_size, size=200)
+    want = _reference(model, ids_T)
+    config = EngineConfig(model=cfg, parallel=ParallelConfig(num_workers=2, device="cuda", collective_timeout_s=10),
+                          stats=StatsConfig(snapshot_interval_steps=1), rebalance=RebalanceConfig(enabled=False))
+    with Engine(config, ckpt) as engine:
+        assert_close(engine.step(ids_T), want, "bfloat16", ids_T)
+        ray.kill(engine.workers[1])
+        with pytest.raises((WorkerLost, CollectiveError)):
+            engine.step(ids_T)
+        done = engine.recover()
+        assert done["replaced"] == [0, 1] and done["epoch"] == 1
+        assert_close(engine.step(ids_T), want, "bfloat16", ids_T)
+        assert engine.stats()["placement_version"] == 0
