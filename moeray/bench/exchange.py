@@ -16,10 +16,11 @@ sync (.tolist()), then the rows all-to-all (64 tokens x 4096 bf16 by default).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
+
+from moeray.bench import standalone, write_json
 
 SIZES = [64 << 10, 256 << 10, 512 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20, 512 << 20]
 
@@ -129,13 +130,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"dispatch path ({args.small_tokens} tokens x {args.hidden}: counts a2a + host sync + rows a2a): {path_us:.1f} us")
     print(f"verdict: min bw ratio >= 64 MiB {result['verdict']['min_bw_ratio_ge_64MiB']:.3f} (target >= 0.95); "
           f"small time ratio {result['verdict']['small_time_ratio']:.3f} (target <= 1.2)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(args.json, result)
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    run(parser.parse_args())
+    standalone("exchange", __doc__, add_arguments, run)

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from moeray.bench import standalone
+
 SHAPES = {  # name: (D, F, E, K)
     "mixtral": (4096, 14336, 8, 2),
     "olmoe": (2048, 1024, 64, 8),
@@ -235,15 +237,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import sys
-
-    p = argparse.ArgumentParser(prog="moeray bench kernel", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    args.command = "python -m moeray.bench.kernel " + " ".join(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
         raise SystemExit("moeray bench kernel needs a CUDA GPU")
-    return run(args)
+    return standalone("kernel", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

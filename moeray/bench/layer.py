@@ -19,11 +19,12 @@ the ideal, so 1.0 is out of reach).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import numpy as np
+
+from moeray.bench import standalone, write_json
 import torch
 
 
@@ -203,13 +204,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"all layers as one step: ours/static {a['ours_over_static']:.3f}, ours/uniform {a['ours_over_uniform']:.3f}")
     if args.phases:
         result["phases_ms"] = _print_phases(per_rank, list(loads))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(args.json, result)
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    run(parser.parse_args())
+    standalone("layer", __doc__, add_arguments, run)

@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
 
 import numpy as np
+
+from moeray.bench import standalone, write_json
 
 from moeray.config import EngineConfig, ParallelConfig, RebalanceConfig, StatsConfig, tiny_model_config
 from moeray.engine import Engine
@@ -212,9 +213,7 @@ def run(args: argparse.Namespace) -> dict:
                "drift": run_drift(args, ckpt), "stats_overhead": run_overhead(args, ckpt),
                "stats_hot_path": run_hot_path_overhead(args, ckpt)}
     print_report(out, args.target)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1, default=str)
+    write_json(args.json, out)
     return out
 
 
@@ -248,9 +247,7 @@ def print_report(out: dict, target: float) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="moeray bench rebalance", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return standalone("rebalance", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

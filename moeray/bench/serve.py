@@ -10,7 +10,6 @@ requests an engine step carried on average (from /v1/stats).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import socket
 import tempfile
@@ -18,6 +17,8 @@ import threading
 import time
 
 import numpy as np
+
+from moeray.bench import standalone, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,13 +130,9 @@ def run(args: argparse.Namespace) -> dict:
     for r in rows:
         print(f"{r['max_batch_size']:>9} {r['requests_per_s']:>8.1f} {r['tokens_per_s']:>9.0f} {r['latency_p50_ms']:>8.1f} "
               f"{r['latency_p99_ms']:>8.1f} {r['requests_per_step']:>8.2f} {r['failed']:>6}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(args.json, result)
     return result
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    run(parser.parse_args())
+    standalone("serve", __doc__, add_arguments, run)

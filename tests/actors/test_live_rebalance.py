@@ -2,7 +2,6 @@
 the reference before, during and after, and a drifting stream gets rebalanced by the policy."""
 
 import numpy as np
-import pytest
 import torch
 
 from moeray.config import EngineConfig, ParallelConfig, RebalanceConfig, StatsConfig
