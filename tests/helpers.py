@@ -44,3 +44,23 @@ def random_replicated_placement(num_layers, num_experts, num_workers, slots_per_
                 row[slot] = rng.choice(choices)
         rows.append(row)
     return Placement(np.stack(rows), num_experts, slots_per_worker).validate()
+
+
+def results_from_triton_interpreter(script: str) -> dict:
+    """Run `script` (a test module whose __main__ prints one JSON line) under TRITON_INTERPRET=1 in
+    a subprocess: the flag must be set before triton compiles anything, and setting it in this
+    process would leak into GPU tests of the same session."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("triton")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, script], env=env, cwd=repo, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

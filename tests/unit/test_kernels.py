@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -98,13 +96,9 @@ def run_triton_cases() -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def triton_results() -> dict[str, float]:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from tests.helpers import results_from_triton_interpreter
+
+    return results_from_triton_interpreter(__file__)
 
 
 @pytest.mark.parametrize("cfg", ["default", "tiny"])
