@@ -1,8 +1,9 @@
 """A moeray job on a Ray cluster (`ray up cluster.yaml`, then `ray job submit ... -- python
 examples/cluster_job.py --workers 16`), or on this machine (`--device cpu`, a local cluster).
 
-It writes the same random checkpoint on every node (workers read their slots from a local path;
-a real deployment points `--checkpoint` at shared storage instead), starts one worker per GPU,
+It asks the autoscaler for the GPUs and waits for them, writes the same random checkpoint on every
+node (workers read their slots from a local path; a real deployment points `--checkpoint` at
+storage every node mounts), starts one worker per GPU,
 streams drifting skewed batches, and prints step times, the worst layer's imbalance and what the
 coordinator did. Everything here is the public API: EngineConfig, Engine, Engine.stats().
 """
@@ -37,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens-per-step", type=int, default=4096)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--phase-steps", type=int, default=50, help="steps between drifts of the hot tokens")
+    p.add_argument("--wait-for-gpus-s", type=float, default=1800, help="how long to wait for GPU nodes to join")
     return p.parse_args(argv)
 
 
@@ -47,6 +49,20 @@ def _write_random_checkpoint(model_cfg: dict, path: str, seed: int) -> str:
 
     save_checkpoint(init_random_(MoEModel(ModelConfig(**model_cfg)), seed), path)
     return ray.get_runtime_context().get_node_id()
+
+
+def wait_for_gpus(count: int, timeout_s: float) -> None:
+    """Ask the autoscaler for `count` GPUs and wait until the cluster has them (nodes of a `ray up`
+    cluster with min_workers 0 start on demand and take minutes to boot and install)."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}] * count)
+    deadline = time.monotonic() + timeout_s
+    while ray.cluster_resources().get("GPU", 0) < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs after {timeout_s:g} s, "
+                             f"{count} needed")
+        time.sleep(10)  # polling the autoscaler's progress; nothing to wait on instead
 
 
 def random_checkpoint_on_every_node(model_cfg: ModelConfig, path: str, seed: int = 0) -> None:
@@ -64,10 +80,13 @@ def main(argv=None) -> dict:
                             dtype="bfloat16" if args.device == "cuda" else "float32")
     config = EngineConfig(
         model=model_cfg,
-        parallel=ParallelConfig(num_workers=args.workers, device=args.device, redundant_slots_per_worker=args.redundant_slots),
+        parallel=ParallelConfig(num_workers=args.workers, device=args.device, redundant_slots_per_worker=args.redundant_slots,
+                                placement_timeout_s=max(120.0, args.wait_for_gpus_s)),
         stats=StatsConfig(snapshot_interval_steps=8),
         rebalance=RebalanceConfig(window_steps=32, check_interval_steps=8, cooldown_s=2.0, min_tokens=0),
     )
+    if args.device == "cuda":
+        wait_for_gpus(args.workers, args.wait_for_gpus_s)
     checkpoint = args.checkpoint
     if checkpoint is None:
         checkpoint = args.random_checkpoint_dir

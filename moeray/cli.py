@@ -57,8 +57,9 @@ def _serve(args: argparse.Namespace) -> int:
     from moeray.serving.config import ServiceConfig
 
     config = ServiceConfig.from_yaml(args.config)
-    if args.port is not None:
-        config = config.model_copy(update={"serve": config.serve.model_copy(update={"port": args.port})})
+    overrides = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
+    if overrides:  # validated like the YAML values
+        config = ServiceConfig.model_validate({**config.model_dump(), "serve": {**config.serve.model_dump(), **overrides}})
     try:
         from moeray.serving.deployment import run_service
     except ImportError as exc:
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve")
     serve_p.add_argument("--config", required=True, help="service YAML (see examples/service.yaml)")
     serve_p.add_argument("--port", type=int, default=None, help="override serve.port")
+    serve_p.add_argument("--host", default=None, help="override serve.host (0.0.0.0 to listen on every interface)")
     serve_p.set_defaults(func=_serve)
 
     ckpt = sub.add_parser("random-checkpoint", help="write random weights for a service config's model")

@@ -77,6 +77,8 @@ class ParallelConfig(_Frozen):
     slots_per_worker: int | None = Field(default=None, ge=1)  # None: ceil(E / N) + redundant
     device: Literal["cpu", "cuda"] = "cpu"
     collective_timeout_s: float = Field(default=60.0, gt=0)
+    placement_timeout_s: float = Field(
+        default=120.0, gt=0, description="how long start-up waits for the cluster to fit the workers (autoscaling)")
     cpus_per_worker: float = Field(default=1.0, gt=0)
     torch_threads_per_worker: int = Field(default=1, ge=1)
     overlap_chunks: int = Field(

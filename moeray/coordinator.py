@@ -29,7 +29,7 @@ from placement.policy import PolicyConfig
 class Coordinator:
     def __init__(self, phy2log_LS: np.ndarray, version: int, num_experts: int, slots_per_worker: int,
                  bytes_per_expert: int, rebalance: dict, workers: list, epoch: int, timeout_s: float,
-                 device: str = "cpu"):
+                 device: str = "cpu", replica_weights_LS: np.ndarray | None = None):
         placement = Placement(phy2log_LS, num_experts, slots_per_worker, version)
         self.core = CoordinatorCore(
             placement=placement,
@@ -41,6 +41,7 @@ class Coordinator:
                 min_tokens=rebalance["min_tokens"], confirmations=rebalance["confirmations"]),
             epoch=epoch,
             drift_threshold=rebalance["drift_threshold"],
+            replica_weights_LS=replica_weights_LS,  # a coordinator restarted by Engine.recover
         )
         self.workers = workers
         self.timeout_s = timeout_s

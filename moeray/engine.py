@@ -46,16 +46,31 @@ _RECOVERY_ROUNDS = 3  # a live worker answers a ping from a free actor thread at
 LOCAL_CLUSTER_CPUS = 16
 
 
+def _existing_cluster() -> str | None:
+    """The cluster `ray.init()` would join: RAY_ADDRESS (set by `ray job submit`), else the one the
+    last `ray start` on this machine made (e.g. a head node from `ray up`); None if neither."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.utils import read_ray_address  # Ray's own lookup of `ray start` (private API)
+
+        return read_ray_address()
+    except Exception:
+        return None
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to Ray: the cluster named by RAY_ADDRESS (set by `ray job submit` and on cluster
-    nodes made by `ray up`), else a fresh local cluster. No-op if this process is connected."""
+    """Connect to Ray: an existing cluster (see _existing_cluster) with its own resources, else a
+    fresh local cluster. No-op if this process is connected already."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING", log_to_driver=True)  # the cluster's resources, not ours
+    address = _existing_cluster()
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         return
     ray.init(
+        address="local",
         num_cpus=num_cpus or max(os.cpu_count() or 1, LOCAL_CLUSTER_CPUS),
         include_dashboard=False,
         logging_level="WARNING",
@@ -66,7 +81,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 def check_token_ids(input_ids_T, vocab_size: int) -> np.ndarray:
     """ids_T as int64, or ValueError naming the first id outside [0, vocab_size)."""
-    ids_T = np.asarray(input_ids_T, dtype=np.int64).reshape(-1)
+    try:
+        ids_T = np.asarray(input_ids_T, dtype=np.int64).reshape(-1)
+    except (OverflowError, TypeError, ValueError):  # e.g. 10**20 does not fit int64; "a" is no id
+        values = np.asarray(input_ids_T, dtype=object).reshape(-1)
+        bad = next((v for v in values if not isinstance(v, (int, np.integer)) or not 0 <= v < vocab_size), values)
+        raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab_size})") from None
     if ids_T.size and (ids_T.min() < 0 or ids_T.max() >= vocab_size):
         bad = ids_T[(ids_T < 0) | (ids_T >= vocab_size)][0]
         raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
@@ -102,11 +122,11 @@ class Engine:
         bundle = {"CPU": par.cpus_per_worker, **({"GPU": 1} if par.device == "cuda" else {})}
         self._pg = placement_group([bundle] * par.num_workers, strategy="PACK")
         try:
-            ray.get(self._pg.ready(), timeout=120)
+            ray.get(self._pg.ready(), timeout=par.placement_timeout_s)
         except GetTimeoutError:
             remove_placement_group(self._pg)
             raise RuntimeError(
-                f"cannot place {par.num_workers} workers x {bundle} within 120 s; "
+                f"cannot place {par.num_workers} workers x {bundle} within placement_timeout_s={par.placement_timeout_s:g}; "
                 f"the cluster has {ray.available_resources()} available"
             ) from None
         self.replica_weights_LS = None  # split of replicated experts' tokens; None = equal
@@ -120,6 +140,8 @@ class Engine:
         self._staged: dict | None = None  # placement staged on every worker, committed at the next step
         self.rebalance_errors: list[str] = []
         self.recoveries: list[dict] = []
+        self.healthy = True  # False after a failed step, until recover()
+        self._committing: dict | None = None  # the staged placement a running step commits
         if config.stats.enabled:
             self._start_coordinator()
 
@@ -140,7 +162,8 @@ class Engine:
         self.coordinator = coordinator_cls.options(num_cpus=0).remote(
             self._placement.phy2log, self._placement.version, self.config.model.num_experts,
             self.config.slots_per_worker, self.config.model.expert_bytes, self.config.rebalance.model_dump(),
-            self.workers, self.epoch, self.config.parallel.collective_timeout_s, self.config.parallel.device)
+            self.workers, self.epoch, self.config.parallel.collective_timeout_s, self.config.parallel.device,
+            self.replica_weights_LS)
         self._get(self.coordinator.ping.remote(), 120, "coordinator start-up")
         self._get([w.attach_coordinator.remote(self.coordinator, self.epoch) for w in self.workers], 60, "attach coordinator")
 
@@ -169,17 +192,30 @@ class Engine:
         round (at most _RECOVERY_ROUNDS), after which WorkerLost is raised.
         """
         timeout = self.config.parallel.collective_timeout_s
+        abandoned = []  # staged versions that can no longer commit (survivors drop their staging)
         if self._tick_ref is not None:  # let an in-flight policy check end; it fails if it met the dead
             try:
-                ray.get(self._tick_ref, timeout=timeout + _STEP_MARGIN_S)
+                result = ray.get(self._tick_ref, timeout=timeout + _STEP_MARGIN_S)
+                if result is not None:
+                    abandoned.append(result["version"])
             except Exception:
-                pass
+                pass  # the coordinator recorded the failed migration itself
             self._tick_ref = None
-        staged, self._staged = self._staged, None
+        if self._staged is not None:
+            abandoned.append(self._staged["version"])
+            self._staged = None
+        # A step that failed while committing v+1: some workers may have switched. Adopt v+1 for
+        # everyone (replacements and any survivor still on v re-read their slots for it).
+        adopted, self._committing = self._committing, None
+        if adopted is not None:
+            self._placement = Placement(adopted["phy2log"], self.config.model.num_experts,
+                                        self.config.slots_per_worker, adopted["version"])
+            self.replica_weights_LS = adopted["replica_weights"]
         replaced: set[int] = set()
         for attempt in range(_RECOVERY_ROUNDS):  # a worker may die while the group re-forms
             try:
                 replaced |= self._replace_dead_workers()
+                self._align_survivors_to_placement()
                 self._get([w.resync_steps.remote(self.steps) for w in self.workers], timeout, "step resync")
                 self.epoch += 1
                 if len(self.workers) > 1:
@@ -191,17 +227,31 @@ class Engine:
         replaced = sorted(replaced)
         if self.coordinator is not None:
             try:
-                if staged is not None:
-                    ray.get(self.coordinator.abandon.remote(staged["version"], "a worker was lost before the commit"),
+                for version in abandoned:
+                    ray.get(self.coordinator.abandon.remote(version, "a worker was lost before the commit"),
                             timeout=_PING_TIMEOUT_S)
+                if adopted is not None:
+                    ray.get(self.coordinator.committed.remote(adopted["version"], self.steps), timeout=_PING_TIMEOUT_S)
                 ray.get(self.coordinator.replace_workers.remote(self.workers, self.epoch), timeout=_PING_TIMEOUT_S)
                 self._get([w.attach_coordinator.remote(self.coordinator, self.epoch) for w in self.workers], 60,
                           "attach coordinator")
-            except (RayActorError, GetTimeoutError):  # the coordinator died too: a fresh one (its log is lost)
+            except (RayActorError, GetTimeoutError):  # the coordinator died or hangs: a fresh one (its log is lost)
+                ray.kill(self.coordinator)
                 self._start_coordinator()
+        self.healthy = True
         self.recoveries.append({"step": self.steps, "epoch": self.epoch, "replaced": replaced,
-                                "abandoned_version": None if staged is None else staged["version"]})
+                                "abandoned_versions": abandoned,
+                                "adopted_version": None if adopted is None else adopted["version"]})
         return self.recoveries[-1]
+
+    def _align_survivors_to_placement(self) -> None:
+        """Every worker on the engine's committed placement (a survivor may be one version off
+        after a failed commit step); those that are not re-read their slots from the checkpoint."""
+        p = self._placement
+        versions = self._get([w.placement_version.remote() for w in self.workers], _PING_TIMEOUT_S, "versions")
+        behind = [w for w, v in zip(self.workers, versions) if v != p.version]
+        self._get([w.load_placement.remote(p.phy2log, p.version, self.replica_weights_LS) for w in behind],
+                  300, "reload slots")
 
     def _replace_dead_workers(self) -> set[int]:
         """Ranks replaced. CPU: the workers that do not answer a ping. CUDA: every worker, since a
@@ -229,11 +279,20 @@ class Engine:
     def step(self, input_ids_T) -> np.ndarray:
         """Run one lockstep forward over the batch; returns logits [T, V] in input order."""
         ids_T = check_token_ids(input_ids_T, self.config.model.vocab_size)
+        if not self.healthy:
+            raise WorkerLost("a previous step failed: call recover() before stepping again")
         shares = split_batch(len(ids_T), len(self.workers))
         staged, self._staged = self._staged, None
         version = staged["version"] if staged else self._placement.version
+        # Until the step returns, the workers may be on either version (each commits at its start).
+        self._committing = staged
         refs = [w.step.remote(ids_T[s], version) for w, s in zip(self.workers, shares)]
-        outs = self._get(refs, self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "step")
+        try:
+            outs = self._get(refs, self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "step")
+        except Exception:
+            self.healthy = False  # a worker died or a collective failed: only recover() helps
+            raise
+        self._committing = None
         self.steps += 1
         if staged:  # every worker ran this step with the new version: it is committed
             self._placement = Placement(staged["phy2log"], self.config.model.num_experts, self.config.slots_per_worker, version)

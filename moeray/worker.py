@@ -116,6 +116,24 @@ class Worker:
         for experts in self._slot_experts():
             experts.dispatcher = self.dispatcher
 
+    def placement_version(self) -> int:
+        return self.placement.version
+
+    def load_placement(self, phy2log_LS: np.ndarray, version: int, replica_weights_LS: np.ndarray | None) -> None:
+        """Switch to a placement by re-reading this worker's slots from the checkpoint (recovery:
+        a survivor that did not take part in a commit the others made)."""
+        with self._step_lock:
+            self.staging.discard()
+            self.placement = Placement(phy2log_LS, self.config.model.num_experts, self.config.slots_per_worker,
+                                       version).validate()
+            self.replica_weights_LS = replica_weights_LS
+            mine_LS = self.placement.slots_of_worker(self.rank)
+            for layer, experts in enumerate(self._slot_experts()):
+                w13, w2 = self.reader.read_expert_slots(layer, mine_LS[layer], self.dtype)
+                experts.w13_SHD.data.copy_(w13.to(self.device))
+                experts.w2_SDF.data.copy_(w2.to(self.device))
+                experts.slot_map = self._slot_map(layer)
+
     def resync_steps(self, step: int) -> None:
         """Start counting from the engine's step (after a recovery, a replacement starts at 0 and the
         coordinator pairs snapshots by step range); counts not yet shipped are dropped."""

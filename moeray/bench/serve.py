@@ -59,10 +59,13 @@ def _load(url: str, clients: int, per_client: int, tokens: int, vocab: int) -> t
         for _ in range(per_client):
             ids = rng.integers(0, vocab, tokens).tolist()
             t0 = time.perf_counter()
-            resp = session.post(f"{url}/v1/forward", json={"token_ids": ids}, timeout=120)
+            try:
+                ok = session.post(f"{url}/v1/forward", json={"token_ids": ids}, timeout=120).status_code == 200
+            except Exception:  # a refused or dropped connection counts as a failed request
+                ok = False
             dt = time.perf_counter() - t0
             with lock:
-                if resp.status_code == 200:
+                if ok:
                     latencies.append(dt)
                 else:
                     failed[0] += 1
@@ -115,7 +118,8 @@ def run(args: argparse.Namespace) -> dict:
             rows.append({
                 "max_batch_size": batch, "requests": done, "failed": failed, "wall_s": wall,
                 "requests_per_s": done / wall, "tokens_per_s": done * args.tokens_per_request / wall,
-                "latency_p50_ms": float(np.percentile(lat, 50) * 1e3), "latency_p99_ms": float(np.percentile(lat, 99) * 1e3),
+                "latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat else float("nan"),
+                "latency_p99_ms": float(np.percentile(lat, 99) * 1e3) if lat else float("nan"),
                 "engine_steps": steps, "requests_per_step": (after["batched_requests"] - before["batched_requests"]) / max(steps, 1),
             })
     serve.shutdown()

@@ -70,11 +70,16 @@ class MoEService:
         return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
 
     async def _run_batch(self, ids_list: list[np.ndarray]) -> list[np.ndarray]:
+        if not self.engine.healthy:  # an earlier recovery failed: try again before this batch
+            await self._on_engine(self.engine.recover)
         try:
             return await self._on_engine(run_batch, self.engine.step, ids_list)
-        except (WorkerLost, CollectiveError):
+        except Exception:
+            if self.engine.healthy:
+                raise  # not a lost worker or collective: a bug, answered 500
             # A worker died: replace it and run the batch again (a step has no side effects but
-            # routing counts). If recovery fails, the requests get 503 and the next batch retries.
+            # routing counts). If recovery fails, these requests get 503 and the next batch (or
+            # Serve's health check) tries again.
             await self._on_engine(self.engine.recover)
             return await self._on_engine(run_batch, self.engine.step, ids_list)
 
@@ -87,8 +92,10 @@ class MoEService:
             raise HTTPException(status_code=exc.status, detail=exc.detail) from None
         try:
             logits_TV = await self._batcher.submit(ids_T)
-        except (WorkerLost, CollectiveError) as exc:
-            raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
+        except Exception as exc:
+            if isinstance(exc, (WorkerLost, CollectiveError)) or not self.engine.healthy:
+                raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
+            raise
         result = forward_result(logits_TV, request.top_logprobs)
         return ForwardResponse(next_token_ids=result.next_token_ids, top_logprobs=result.top_logprobs,
                                placement_version=self.engine.placement().version)
@@ -119,8 +126,19 @@ class MoEService:
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        await self._on_engine(self.engine.load)  # every worker answers, or WorkerLost
+        if not self.engine.healthy:
+            raise HTTPException(status_code=503, detail="engine recovering from a lost worker")
+        try:
+            await self._on_engine(self.engine.load)  # every worker answers
+        except Exception as exc:
+            raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
         return {"status": "ok", "workers": len(self.engine.workers)}
+
+    async def check_health(self) -> None:
+        """Serve's periodic probe: recover a failed engine; if that fails too, raising here makes
+        Serve replace this replica (a fresh engine from the checkpoint)."""
+        if not self.engine.healthy:
+            await self._on_engine(self.engine.recover)
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -92,3 +92,33 @@ def test_recover_replaces_a_dead_worker_and_serves_on(ray_cluster, tmp_path):
         assert engine.placement().version == 2
         assert max_rel_error(engine.step(skewed), reference_logits(reference, skewed)) <= 1e-5
         assert engine.stats()["placement_version"] == 2
+
+
+def test_recover_when_a_worker_dies_in_the_step_that_commits_a_migration(ray_cluster, tmp_path):
+    """The survivors switch to v+1 at the start of the commit step, then the step fails: recover()
+    adopts v+1 for everyone (the replacement loads it), the coordinator records it as committed,
+    outputs equal the reference and later rebalances still happen."""
+    from tests.helpers import max_rel_error, reference_logits
+
+    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=6, num_experts=8, top_k=2)
+    config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=1,
+                                                                   collective_timeout_s=TIMEOUT_S))
+    rng = np.random.default_rng(1)
+    skewed = np.where(rng.random(300) < 0.8, 11, rng.integers(0, model_cfg.vocab_size, 300))
+    with Engine(config, ckpt) as engine:
+        engine.step(skewed)
+        assert engine.rebalance(force=True) == 1  # v1 staged on every worker
+        ray.kill(engine.workers[2])
+        with pytest.raises((WorkerLost, CollectiveError)):
+            engine.step(skewed)  # would have committed v1
+        with pytest.raises(WorkerLost, match="recover"):
+            engine.step(skewed)  # refused until recovered
+        done = engine.recover()
+        assert done["adopted_version"] == 1 and done["replaced"] == [2]
+        assert engine.placement().version == 1
+        for ids in (skewed, np.arange(50)):
+            assert max_rel_error(engine.step(ids), reference_logits(reference, ids)) <= 1e-5
+        assert engine.stats()["placement_version"] == 1
+        assert engine.rebalance(force=True) == 2
+        engine.step(skewed)
+        assert max_rel_error(engine.step(skewed), reference_logits(reference, skewed)) <= 1e-5

@@ -100,6 +100,7 @@ def test_concurrent_requests_share_steps_and_get_their_own_answers(service):
 @pytest.mark.parametrize("payload,status,names", [
     ({"token_ids": [1, 600, 2]}, 400, "token id 600 is outside the vocabulary [0, 512)"),
     ({"token_ids": [-3]}, 400, "token id -3"),
+    ({"token_ids": [1, 10**20]}, 400, "token id 100000000000000000000"),
     ({"token_ids": []}, 422, "token_ids"),
     ({"token_ids": ["abc"]}, 422, "abc"),
     ({"token_ids": [1], "top_logprobs": 21}, 422, "top_logprobs"),

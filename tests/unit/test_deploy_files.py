@@ -22,6 +22,17 @@ def test_cluster_yaml_passes_rays_schema():
     assert gpu_types, "no node type that can scale out"
 
 
+def test_cluster_yaml_survives_rays_aws_node_config_steps():
+    """Ray's bootstrap steps that need no AWS call: network interfaces (each needs a subnet and
+    security groups there) and the AMI (without ImageId Ray substitutes an old Ubuntu 18.04 image)."""
+    from ray.autoscaler._private.aws.config import _configure_from_network_interfaces
+    from ray.autoscaler._private.util import prepare_config
+
+    config = _configure_from_network_interfaces(prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text())))
+    for name, node_type in config["available_node_types"].items():
+        assert node_type["node_config"].get("ImageId", "").startswith(("ami-", "resolve:ssm:")), name
+
+
 def test_cluster_yaml_rejects_a_misspelt_key():
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config

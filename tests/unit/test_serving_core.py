@@ -79,6 +79,9 @@ def test_check_request_names_the_bad_value():
     with pytest.raises(RequestRejected, match=r"token id 10 is outside the vocabulary \[0, 10\)") as err:
         check_request([1, 10], vocab_size=10, max_tokens=8)
     assert err.value.status == 400
+    with pytest.raises(RequestRejected, match=r"token id 100000000000000000000 is outside") as err:
+        check_request([1, 10**20], vocab_size=10, max_tokens=8)  # does not fit int64
+    assert err.value.status == 400
     with pytest.raises(RequestRejected, match="9 tokens > max_tokens_per_request=8") as err:
         check_request(list(range(9)), vocab_size=10, max_tokens=8)
     assert err.value.status == 413
