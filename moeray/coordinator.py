@@ -100,14 +100,13 @@ class Coordinator:
         await asyncio.wait_for(asyncio.gather(*stage_refs), timeout=self.timeout_s)
         return 1e3 * (time.perf_counter() - start)
 
-    def replace_workers(self, workers: list, epoch: int) -> None:
-        """After Engine.recover: the new group's workers; snapshots of older epochs are dropped."""
+    def resync(self, phy2log_LS: np.ndarray, version: int, replica_weights_LS, workers: list, epoch: int,
+               step: int) -> None:
+        """After Engine.recover: the new group's workers and the engine's committed placement
+        (see CoordinatorCore.resync). Idempotent, so a retried recovery can send it again."""
         self.workers = workers
-        self.core.epoch = epoch
-        self.core.pending.clear()  # half-collected ranges of the old epoch would never complete
-
-    def abandon(self, version: int, reason: str) -> None:
-        self.core.abandoned(version, reason)
+        placement = Placement(phy2log_LS, self.core.placement.num_experts, self.core.placement.slots_per_worker, version)
+        self.core.resync(placement, replica_weights_LS, epoch, step)
 
     def committed(self, version: int, step: int) -> None:
         self.core.committed(version, step)

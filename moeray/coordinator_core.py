@@ -86,8 +86,13 @@ class CoordinatorCore:
     drifts_detected: list = field(default_factory=list)  # first step of each range that restarted the estimate
     last_decision: Decision | None = None
     in_flight: Plan | None = None
+    # Versions are never reused: a migration abandoned after a failure may still land late on a
+    # worker (its stage call was not cancelled); a later plan with the same number would be
+    # indistinguishable from it. Workers refuse stages that are not newer than what they hold.
+    highest_version: int = -1
 
     def __post_init__(self) -> None:
+        self.highest_version = max(self.highest_version, self.placement.version)
         self.window = LoadWindow(self.window_steps)
         self.recent = DecayedLoad(max(self.window_steps / 4, 1.0))
 
@@ -189,6 +194,9 @@ class CoordinatorCore:
             self.last_decision = Decision(False, "planner kept every slot and split weight", decision.gain)
             return None
         # Zero slot copies with new split weights is still a rebalance: it moves no bytes.
+        self.highest_version += 1
+        if new_plan.placement.version != self.highest_version:
+            new_plan = replace(new_plan, placement=replace(new_plan.placement, version=self.highest_version))
         self.in_flight = new_plan
         self.records.append(RebalanceRecord(
             version=new_plan.placement.version, started_at=now, reason=decision.reason,
@@ -223,6 +231,20 @@ class CoordinatorCore:
             self.in_flight = None
         self.records = [r if r.version != version else replace(r, reason=f"{r.reason}; abandoned: {reason}")
                         for r in self.records]
+
+    def resync(self, placement: Placement, replica_weights_LS: np.ndarray | None, epoch: int, step: int) -> None:
+        """After Engine.recover: the engine's committed placement is the truth. A migration in
+        flight either is that placement (the failed step was committing it) or is abandoned."""
+        if self.in_flight is not None:
+            if self.in_flight.placement.version == placement.version:
+                self.committed(placement.version, step)
+            else:
+                self.abandoned(self.in_flight.placement.version, "a worker was lost before the commit")
+        self.placement = placement
+        self.replica_weights_LS = replica_weights_LS
+        self.highest_version = max(self.highest_version, placement.version)
+        self.epoch = epoch
+        self.pending.clear()  # half-collected ranges of the old epoch would never complete
 
     def summary(self) -> dict:
         current = self.current_imbalance() if self.load_LE.sum() else np.ones(self.placement.num_layers)

@@ -21,7 +21,7 @@ import uuid
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -67,8 +67,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = _existing_cluster()
     if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
-        return
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+            return
+        except ConnectionError:
+            if os.environ.get("RAY_ADDRESS"):
+                raise  # asked for explicitly: do not silently serve from a local cluster instead
+            # a stale address file from a `ray start` cluster that is gone: start a local one
     ray.init(
         address="local",
         num_cpus=num_cpus or max(os.cpu_count() or 1, LOCAL_CLUSTER_CPUS),
@@ -181,7 +186,7 @@ class Engine:
         specs = [GroupSpec(self.group_name, len(self.workers), rank, addr, timeout, backend) for rank in range(len(self.workers))]
         self._get([w.join_group.remote(s) for w, s in zip(self.workers, specs)], timeout + _STEP_MARGIN_S, "group join")
 
-    def recover(self) -> dict:
+    def recover(self, force: bool = False) -> dict | None:
         """Bring the engine back after a worker died: replace the dead workers (on the same
         placement-group bundles; they load the committed placement's slots from the checkpoint),
         re-form the group under a new epoch, re-attach the coordinator. On CPU survivors keep their
@@ -189,20 +194,23 @@ class Engine:
         staged but not committed is abandoned. Returns what was done.
 
         Bounded: each phase has a timeout; a worker lost while the group re-forms starts another
-        round (at most _RECOVERY_ROUNDS), after which WorkerLost is raised.
+        round (at most _RECOVERY_ROUNDS), after which WorkerLost is raised. Safe to call again
+        after a failed attempt; a no-op (None) on a healthy engine unless `force`.
         """
+        if self.healthy and not force:
+            return None
         timeout = self.config.parallel.collective_timeout_s
-        abandoned = []  # staged versions that can no longer commit (survivors drop their staging)
+        dropped = []  # staged versions that can no longer commit (survivors drop their staging)
         if self._tick_ref is not None:  # let an in-flight policy check end; it fails if it met the dead
             try:
                 result = ray.get(self._tick_ref, timeout=timeout + _STEP_MARGIN_S)
                 if result is not None:
-                    abandoned.append(result["version"])
+                    dropped.append(result["version"])
             except Exception:
                 pass  # the coordinator recorded the failed migration itself
             self._tick_ref = None
         if self._staged is not None:
-            abandoned.append(self._staged["version"])
+            dropped.append(self._staged["version"])
             self._staged = None
         # A step that failed while committing v+1: some workers may have switched. Adopt v+1 for
         # everyone (replacements and any survivor still on v re-read their slots for it).
@@ -226,23 +234,31 @@ class Engine:
                     raise
         replaced = sorted(replaced)
         if self.coordinator is not None:
+            # One idempotent call: the engine's committed placement is the truth (a migration in
+            # flight is then committed or abandoned there), so a retried recovery converges.
+            p = self._placement
             try:
-                for version in abandoned:
-                    ray.get(self.coordinator.abandon.remote(version, "a worker was lost before the commit"),
-                            timeout=_PING_TIMEOUT_S)
-                if adopted is not None:
-                    ray.get(self.coordinator.committed.remote(adopted["version"], self.steps), timeout=_PING_TIMEOUT_S)
-                ray.get(self.coordinator.replace_workers.remote(self.workers, self.epoch), timeout=_PING_TIMEOUT_S)
+                ray.get(self.coordinator.resync.remote(p.phy2log, p.version, self.replica_weights_LS, self.workers,
+                                                       self.epoch, self.steps), timeout=_PING_TIMEOUT_S)
                 self._get([w.attach_coordinator.remote(self.coordinator, self.epoch) for w in self.workers], 60,
                           "attach coordinator")
-            except (RayActorError, GetTimeoutError):  # the coordinator died or hangs: a fresh one (its log is lost)
+            except Exception:  # the coordinator died, hangs or failed: a fresh one (its log is lost)
                 ray.kill(self.coordinator)
                 self._start_coordinator()
         self.healthy = True
         self.recoveries.append({"step": self.steps, "epoch": self.epoch, "replaced": replaced,
-                                "abandoned_versions": abandoned,
+                                "dropped_staged_versions": dropped,
                                 "adopted_version": None if adopted is None else adopted["version"]})
         return self.recoveries[-1]
+
+    def probe(self) -> bool:
+        """Whether every worker answers a ping (cheap; for health checks between steps). A dead
+        one marks the engine unhealthy, so the next step or recover() deals with it."""
+        try:
+            self._get([w.ping.remote() for w in self.workers], _PING_TIMEOUT_S, "probe")
+        except WorkerLost:
+            self.healthy = False
+        return self.healthy
 
     def _align_survivors_to_placement(self) -> None:
         """Every worker on the engine's committed placement (a survivor may be one version off
@@ -261,11 +277,16 @@ class Engine:
         if self.config.parallel.device == "cuda":
             dead = list(range(len(self.workers)))
         else:
+            # Alive = its step thread is free within the collective timeout (a step stuck in a
+            # collective ends by then; one stuck elsewhere never does, and is replaced).
+            lock_s = timeout + _PING_TIMEOUT_S
+            probes = [w.step_thread_free.remote(lock_s) for w in self.workers]
             dead = []
-            for rank, worker in enumerate(self.workers):
+            for rank, probe in enumerate(probes):
                 try:
-                    ray.get(worker.ping.remote(), timeout=_PING_TIMEOUT_S)
-                except Exception:  # dead, or hung in a collective that will never finish
+                    if not ray.get(probe, timeout=lock_s + _PING_TIMEOUT_S):
+                        dead.append(rank)
+                except Exception:  # the actor is dead or does not answer
                     dead.append(rank)
             survivors = [w for rank, w in enumerate(self.workers) if rank not in dead]
             self._get([w.reset_membership.remote() for w in survivors], timeout, "reset membership")
@@ -289,7 +310,7 @@ class Engine:
         refs = [w.step.remote(ids_T[s], version) for w, s in zip(self.workers, shares)]
         try:
             outs = self._get(refs, self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "step")
-        except Exception:
+        except (WorkerLost, CollectiveError):
             self.healthy = False  # a worker died or a collective failed: only recover() helps
             raise
         self._committing = None
@@ -328,8 +349,12 @@ class Engine:
         if self._staged is None:
             if force:
                 self._flush_stats()  # plan from every step served so far, not from the last snapshot
-            self._staged = self._get(self.coordinator.tick.remote(None, force),
-                                     self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "rebalance")
+            try:
+                self._staged = self._get(self.coordinator.tick.remote(None, force),
+                                         self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "rebalance")
+            except RayTaskError as exc:  # the migration failed and was abandoned; serving is unaffected
+                self.rebalance_errors.append(f"{type(exc.cause).__name__}: {exc.cause}")
+                return None
         return None if self._staged is None else self._staged["version"]
 
     def stats(self, flush: bool = True) -> dict:

@@ -37,12 +37,17 @@ class SlotStaging:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._staged: StagedVersion | None = None
+        self._newest = -1  # the newest version ever staged here (kept across discards)
 
-    def stage(self, staged: StagedVersion) -> None:
+    def stage(self, staged: StagedVersion, live_version: int) -> None:
+        """Versions only grow (the coordinator never reuses one), so a stage that is not newer than
+        the live version and everything staged before is a late arrival of an abandoned migration."""
         with self._lock:
-            if self._staged is not None and self._staged.version > staged.version:
-                raise ValueError(f"cannot stage v{staged.version}: v{self._staged.version} is already staged")
+            floor = max(live_version, self._newest)
+            if staged.version <= floor:
+                raise ValueError(f"cannot stage v{staged.version}: not newer than v{floor} (a late, abandoned migration)")
             self._staged = staged
+            self._newest = staged.version
 
     def take(self, version: int) -> StagedVersion:
         with self._lock:

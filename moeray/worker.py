@@ -116,6 +116,13 @@ class Worker:
         for experts in self._slot_experts():
             experts.dispatcher = self.dispatcher
 
+    def step_thread_free(self, timeout_s: float) -> bool:
+        """Whether the step lock can be taken within timeout_s (Engine.recover's liveness probe)."""
+        if not self._step_lock.acquire(timeout=timeout_s):
+            return False
+        self._step_lock.release()
+        return True
+
     def placement_version(self) -> int:
         return self.placement.version
 
@@ -257,7 +264,7 @@ class Worker:
             # Read-only views of the object store (zero-copy; Ray keeps them pinned while referenced):
             # the one copy happens at commit, straight into the live slot.
             staged.slots[(layer, slot)] = (w13, w2)
-        self.staging.stage(staged)
+        self.staging.stage(staged, self.placement.version)
         return 1e3 * (time.perf_counter() - start)
 
     def stage_p2p(self, version: int, phy2log_LS: np.ndarray, replica_weights_LS: np.ndarray | None,
@@ -282,7 +289,7 @@ class Worker:
         self._xfer_stream.synchronize()  # host sync: off the step path (transfer thread)
         staged = StagedVersion(version, np.asarray(phy2log_LS), None if replica_weights_LS is None else np.asarray(replica_weights_LS))
         staged.slots.update(received)
-        self.staging.stage(staged)
+        self.staging.stage(staged, self.placement.version)
         return 1e3 * (time.perf_counter() - start)
 
     def _commit(self, version: int) -> None:

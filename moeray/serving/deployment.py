@@ -65,23 +65,31 @@ class MoEService:
         serve_cfg = self.config.serve
         self._batcher = StepBatcher(self._run_batch, serve_cfg.max_batch_size, serve_cfg.max_batch_tokens,
                                     serve_cfg.batch_wait_timeout_ms / 1000)
+        self._recovery: asyncio.Future | None = None  # a recovery started by check_health
+        self._failed_recoveries = 0
 
     async def _on_engine(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
 
-    async def _run_batch(self, ids_list: list[np.ndarray]) -> list[np.ndarray]:
+    def _step_batch(self, ids_list: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        """On the engine thread: one step, and the placement version that computed it."""
+        outs = run_batch(self.engine.step, ids_list)
+        version = self.engine.placement().version
+        return [(logits, version) for logits in outs]
+
+    async def _run_batch(self, ids_list: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        # recover() is a no-op on a healthy engine, so queueing it here and in check_health never
+        # recovers twice; both run on the one engine thread.
         if not self.engine.healthy:  # an earlier recovery failed: try again before this batch
             await self._on_engine(self.engine.recover)
         try:
-            return await self._on_engine(run_batch, self.engine.step, ids_list)
-        except Exception:
-            if self.engine.healthy:
-                raise  # not a lost worker or collective: a bug, answered 500
+            return await self._on_engine(self._step_batch, ids_list)
+        except (WorkerLost, CollectiveError):
             # A worker died: replace it and run the batch again (a step has no side effects but
             # routing counts). If recovery fails, these requests get 503 and the next batch (or
-            # Serve's health check) tries again.
+            # Serve's health check) tries again. Other errors leave the engine healthy: 500.
             await self._on_engine(self.engine.recover)
-            return await self._on_engine(run_batch, self.engine.step, ids_list)
+            return await self._on_engine(self._step_batch, ids_list)
 
     @app.post("/v1/forward", response_model=ForwardResponse)
     async def forward(self, request: ForwardRequest) -> ForwardResponse:
@@ -91,14 +99,12 @@ class MoEService:
         except RequestRejected as exc:
             raise HTTPException(status_code=exc.status, detail=exc.detail) from None
         try:
-            logits_TV = await self._batcher.submit(ids_T)
-        except Exception as exc:
-            if isinstance(exc, (WorkerLost, CollectiveError)) or not self.engine.healthy:
-                raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
-            raise
+            logits_TV, version = await self._batcher.submit(ids_T)
+        except (WorkerLost, CollectiveError) as exc:
+            raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
         result = forward_result(logits_TV, request.top_logprobs)
         return ForwardResponse(next_token_ids=result.next_token_ids, top_logprobs=result.top_logprobs,
-                               placement_version=self.engine.placement().version)
+                               placement_version=version)
 
     @app.get("/v1/stats")
     async def stats(self) -> dict:
@@ -112,7 +118,10 @@ class MoEService:
             "recoveries": self.engine.recoveries,
         }
         if self.engine.coordinator is not None:
-            summary = await self._on_engine(self.engine.stats)
+            try:
+                summary = await self._on_engine(self.engine.stats)
+            except WorkerLost as exc:
+                raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
             out.update({k: summary[k] for k in ("imbalance_mean", "imbalance_worst", "last_decision", "rebalances")})
             out["imbalance_per_layer"] = np.asarray(summary["imbalance_per_layer"]).tolist()
         return out
@@ -121,8 +130,12 @@ class MoEService:
     async def rebalance(self, request: RebalanceRequest) -> dict:
         if self.engine.coordinator is None:
             raise HTTPException(status_code=409, detail="rebalancing needs engine.stats.enabled=true")
-        version = await self._on_engine(self.engine.rebalance, request.force)
-        return {"staged_version": version}
+        try:
+            version = await self._on_engine(self.engine.rebalance, request.force)
+        except WorkerLost as exc:
+            raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
+        errors = self.engine.rebalance_errors
+        return {"staged_version": version, "last_error": errors[-1] if version is None and errors else None}
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -135,10 +148,20 @@ class MoEService:
         return {"status": "ok", "workers": len(self.engine.workers)}
 
     async def check_health(self) -> None:
-        """Serve's periodic probe: recover a failed engine; if that fails too, raising here makes
-        Serve replace this replica (a fresh engine from the checkpoint)."""
-        if not self.engine.healthy:
-            await self._on_engine(self.engine.recover)
+        """Serve's periodic probe. A dead worker (or a failed step) starts a recovery in the
+        background, so the probe itself stays short (Serve times it out); the probe fails only when
+        a recovery has failed, and after a few such failures Serve replaces this replica."""
+        if self._recovery is not None and self._recovery.done():
+            recovery, self._recovery = self._recovery, None
+            if recovery.cancelled() or recovery.exception() is not None:
+                self._failed_recoveries += 1
+        if self._recovery is None:
+            if await self._on_engine(self.engine.probe):
+                self._failed_recoveries = 0
+            else:
+                self._recovery = asyncio.ensure_future(self._on_engine(self.engine.recover))
+        if self._failed_recoveries:
+            raise RuntimeError(f"{self._failed_recoveries} engine recoveries in a row failed")
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -122,3 +122,45 @@ def test_recover_when_a_worker_dies_in_the_step_that_commits_a_migration(ray_clu
         assert engine.rebalance(force=True) == 2
         engine.step(skewed)
         assert max_rel_error(engine.step(skewed), reference_logits(reference, skewed)) <= 1e-5
+
+
+def test_a_failed_recovery_can_be_retried_and_the_coordinator_follows(ray_cluster, tmp_path):
+    """The first recover() fails while re-forming the group (injected: the new group's formation
+    raises once); the engine stays unhealthy, a second recover() succeeds, the half-committed
+    version is adopted everywhere including the coordinator, and rebalancing still works."""
+    from tests.helpers import max_rel_error, reference_logits
+
+    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=8, num_experts=8, top_k=2)
+    config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=1,
+                                                                   collective_timeout_s=TIMEOUT_S))
+    rng = np.random.default_rng(2)
+    skewed = np.where(rng.random(300) < 0.8, 5, rng.integers(0, model_cfg.vocab_size, 300))
+    with Engine(config, ckpt) as engine:
+        engine.step(skewed)
+        assert engine.rebalance(force=True) == 1
+        ray.kill(engine.workers[0])
+        with pytest.raises((WorkerLost, CollectiveError)):
+            engine.step(skewed)  # the commit step of v1
+
+        form_group = engine._form_group
+        calls = []
+
+        def formation_fails_three_times():  # every round of the first recover() fails
+            calls.append(1)
+            if len(calls) <= 3:
+                raise WorkerLost("injected: group formation failed")
+            form_group()
+
+        engine._form_group = formation_fails_three_times
+        with pytest.raises(WorkerLost, match="injected"):
+            engine.recover()
+        assert not engine.healthy
+        done = engine.recover()
+        assert done["adopted_version"] is None  # adopted by the first attempt already
+        assert engine.placement().version == 1 and engine.healthy
+        assert engine.recover() is None  # a healthy engine: nothing to do
+        assert max_rel_error(engine.step(skewed), reference_logits(reference, skewed)) <= 1e-5
+        assert engine.stats()["placement_version"] == 1
+        assert engine.rebalance(force=True) == 2
+        engine.step(skewed)
+        assert max_rel_error(engine.step(skewed), reference_logits(reference, skewed)) <= 1e-5

@@ -115,3 +115,46 @@ def test_a_drift_restarts_the_planning_estimate_but_noise_does_not():
     assert core.drifts_detected == [24]
     share_LE = core.planning_load_LE / core.planning_load_LE.sum(axis=1, keepdims=True)
     assert (share_LE.argmax(axis=1) == 5).all(), "the estimate holds only the new traffic"
+
+
+def test_versions_are_never_reused_after_an_abandoned_migration():
+    """An abandoned v1 may still land late on a worker; the next plan must not also be v1."""
+    core = make_core(cooldown_s=0)
+    feed(core, hot_load(0), 0, 4)
+    assert core.maybe_plan(now=1.0, force=True).placement.version == 1
+    core.abandoned(1, "a worker was lost")
+    again = core.maybe_plan(now=2.0, force=True)
+    assert again.placement.version == 2 and core.records[-1].version == 2
+    core.committed(2, step=4)
+    assert core.placement.version == 2 and core.in_flight is None
+
+
+def test_resync_commits_the_adopted_version_or_abandons_the_one_in_flight():
+    core = make_core(cooldown_s=0)
+    feed(core, hot_load(0), 0, 4)
+    in_flight = core.maybe_plan(now=1.0, force=True)
+    # the failed step was committing it: the engine adopted it
+    core.resync(in_flight.placement, in_flight.replica_weights, epoch=1, step=9)
+    assert core.in_flight is None and core.placement.version == 1 and core.records[-1].committed_at_step == 9
+    # a migration in flight that the engine did not adopt is abandoned; calling twice is harmless
+    feed(core, hot_load(3), 4, 8)
+    assert core.maybe_plan(now=2.0, force=True).placement.version == 2
+    for _ in range(2):
+        core.resync(core.placement, core.replica_weights_LS, epoch=2, step=12)
+    assert core.in_flight is None and core.placement.version == 1 and core.epoch == 2
+    assert "abandoned" in core.records[-1].reason
+    assert core.maybe_plan(now=3.0, force=True).placement.version == 3
+
+
+def test_staging_refuses_versions_that_are_not_newer():
+    from moeray.slot_transfer import SlotStaging, StagedVersion
+
+    staging = SlotStaging()
+    staging.stage(StagedVersion(2, np.zeros((1, 1)), None), live_version=1)
+    staging.discard()
+    with pytest.raises(ValueError, match="cannot stage v2: not newer than v2"):
+        staging.stage(StagedVersion(2, np.zeros((1, 1)), None), live_version=1)  # a late copy of v2
+    with pytest.raises(ValueError, match="not newer than v3"):
+        staging.stage(StagedVersion(3, np.zeros((1, 1)), None), live_version=3)
+    staging.stage(StagedVersion(4, np.zeros((1, 1)), None), live_version=3)
+    assert staging.take(4).version == 4
