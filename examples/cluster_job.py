@@ -18,7 +18,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moeray.config import EngineConfig, ModelConfig, ParallelConfig, RebalanceConfig, StatsConfig
-from moeray.engine import Engine, ensure_ray
+from moeray.engine import Engine
+from moeray.ray_cluster import ensure_ray
 from moeray.streams import DriftingStream
 
 

@@ -65,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"moeray serve needs Ray Serve: pip install -e \".[serve]\" ({exc})", file=sys.stderr)
         return 2
-    from moeray.engine import ensure_ray
+    from moeray.ray_cluster import ensure_ray
 
     ensure_ray()
     run_service(config, blocking=True)

@@ -13,7 +13,7 @@ def ray_cluster():
     """One local Ray cluster for the whole session; shut down only if this session started it."""
     import ray
 
-    from moeray.engine import ensure_ray
+    from moeray.ray_cluster import ensure_ray
 
     started = not ray.is_initialized()
     ensure_ray()

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     from ray import serve
 
     from moeray.config import EngineConfig, ParallelConfig, RebalanceConfig, StatsConfig, tiny_model_config
-    from moeray.engine import ensure_ray
+    from moeray.ray_cluster import ensure_ray
     from moeray.models.checkpoint import save_checkpoint
     from moeray.models.moe_model import MoEModel, init_random_
     from moeray.serving.config import ServeConfig, ServiceConfig
