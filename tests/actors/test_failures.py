@@ -24,6 +24,17 @@ def engine(ray_cluster, tmp_path):
         yield eng
 
 
+def replicated_engine(tmp_path, seed: int):
+    """(engine, reference model, a skewed batch): 3 CPU workers with a spare slot each, so a forced
+    rebalance replicates the hot expert."""
+    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=seed, num_experts=8, top_k=2)
+    config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=1,
+                                                                   collective_timeout_s=TIMEOUT_S))
+    rng = np.random.default_rng(seed)
+    skewed = np.where(rng.random(300) < 0.8, seed + 3, rng.integers(0, model_cfg.vocab_size, 300))
+    return Engine(config, ckpt), reference, skewed
+
+
 def _survivor_errors(refs, deadline_s):
     start = time.monotonic()
     errors = []
@@ -68,12 +79,8 @@ def test_recover_replaces_a_dead_worker_and_serves_on(ray_cluster, tmp_path):
     can rebalance (the coordinator follows the new epoch)."""
     from tests.helpers import max_rel_error, reference_logits
 
-    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=4, num_experts=8, top_k=2)
-    config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=1,
-                                                                   collective_timeout_s=TIMEOUT_S))
-    rng = np.random.default_rng(0)
-    with Engine(config, ckpt) as engine:
-        skewed = np.where(rng.random(300) < 0.8, 7, rng.integers(0, model_cfg.vocab_size, 300))
+    engine, reference, skewed = replicated_engine(tmp_path, seed=4)
+    with engine:
         engine.step(skewed)
         assert engine.rebalance(force=True) == 1
         engine.step(skewed)  # commits v1 (replicas of the hot experts, split weights)
@@ -100,12 +107,8 @@ def test_recover_when_a_worker_dies_in_the_step_that_commits_a_migration(ray_clu
     outputs equal the reference and later rebalances still happen."""
     from tests.helpers import max_rel_error, reference_logits
 
-    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=6, num_experts=8, top_k=2)
-    config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=1,
-                                                                   collective_timeout_s=TIMEOUT_S))
-    rng = np.random.default_rng(1)
-    skewed = np.where(rng.random(300) < 0.8, 11, rng.integers(0, model_cfg.vocab_size, 300))
-    with Engine(config, ckpt) as engine:
+    engine, reference, skewed = replicated_engine(tmp_path, seed=6)
+    with engine:
         engine.step(skewed)
         assert engine.rebalance(force=True) == 1  # v1 staged on every worker
         ray.kill(engine.workers[2])
@@ -130,12 +133,8 @@ def test_a_failed_recovery_can_be_retried_and_the_coordinator_follows(ray_cluste
     version is adopted everywhere including the coordinator, and rebalancing still works."""
     from tests.helpers import max_rel_error, reference_logits
 
-    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=8, num_experts=8, top_k=2)
-    config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=1,
-                                                                   collective_timeout_s=TIMEOUT_S))
-    rng = np.random.default_rng(2)
-    skewed = np.where(rng.random(300) < 0.8, 5, rng.integers(0, model_cfg.vocab_size, 300))
-    with Engine(config, ckpt) as engine:
+    engine, reference, skewed = replicated_engine(tmp_path, seed=8)
+    with engine:
         engine.step(skewed)
         assert engine.rebalance(force=True) == 1
         ray.kill(engine.workers[0])
