@@ -3,8 +3,9 @@
 For benchmarks (time the exchange, not actor start-up), GPU tests and unit tests of the exchange
 code. The rendezvous TCPStore lives in the calling process and is no rank's master: every rank
 joins as a client, builds its member with `create_group`, and calls fn(group, rank, *args); fn
-must be importable (module level) and return something picklable (numpy, not torch: torch ships
-tensors through shared-memory files that vanish when the rank exits).
+must be importable (module level) and return something picklable. Results cross the queue as
+plain pickle bytes: the queue's own pickler would ship torch tensors as shared-memory handles,
+which vanish when the rank exits before the caller has read them (a race seen in CI).
 
 Processes, not threads (threads of one process stall Gloo's set-up). NCCL ranks are spawned
 (CUDA cannot be used in forked children) with NCCL_SAFETY_ENV inherited; Gloo ranks come from a
@@ -16,6 +17,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import uuid
 
 import torch.distributed as dist
@@ -30,7 +32,7 @@ def _rank_main(fn, name, world_size, rank, addr, timeout_s, backend, args, queue
 
             torch.cuda.set_device(rank)
         group = create_group(GroupSpec(name, world_size, rank, addr, timeout_s, backend))
-        queue.put((rank, fn(group, rank, *args), None))
+        queue.put((rank, pickle.dumps(fn(group, rank, *args)), None))
     except BaseException as exc:  # reported to the caller with the rank
         queue.put((rank, None, f"{type(exc).__name__}: {exc}"))
 
@@ -57,10 +59,10 @@ def run_ranks(world_size: int, fn, args=(), backend: str = GLOO_BACKEND, timeout
     results, errors = {}, []
     try:
         for _ in range(world_size):
-            rank, value, error = queue.get(timeout=wait_s)
+            rank, payload, error = queue.get(timeout=wait_s)
             if error is not None:
                 errors.append(f"rank {rank}: {error}")
-            results[rank] = value
+            results[rank] = None if payload is None else pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=30)
