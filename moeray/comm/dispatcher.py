@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from moeray.kernels.combine import unpermute_weighted
+from moeray.kernels.combine import unpermute, unpermute_weighted
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,7 @@ def _offsets(count_S: torch.Tensor) -> torch.Tensor:
 
 
 def _unsort(rows_ND: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-    """y_TKD from rows in send (slot-sorted) order."""
-    y_ND = torch.empty_like(rows_ND)
-    y_ND[dispatched.send_order_N] = rows_ND
-    return y_ND.view(dispatched.num_tokens, dispatched.top_k, rows_ND.shape[-1])
+    return unpermute(rows_ND, dispatched.send_order_N, dispatched.num_tokens, dispatched.top_k)
 
 
 class LocalDispatcher:
@@ -133,9 +130,9 @@ class AllToAllDispatcher:
         send_count_WCS = torch.stack(counts, dim=1)  # peer first: the exchange splits dim 0 by rank
         recv_count_WCS = torch.empty_like(send_count_WCS)
         self.group.all_to_all(recv_count_WCS, send_count_WCS)
-        # host sync: row split sizes of every chunk's uneven all_to_all.
-        send_splits_CW = send_count_WCS.sum(2).t().tolist()
-        recv_splits_CW = recv_count_WCS.sum(2).t().tolist()
+        # host sync (the only one): row split sizes of every chunk's uneven all_to_all, sent and
+        # received, in one device-to-host copy.
+        send_splits_CW, recv_splits_CW = torch.stack([send_count_WCS.sum(2).t(), recv_count_WCS.sum(2).t()]).tolist()
         self._mark("counts exchange+sync")
 
         # Rows arrive grouped by (source worker, local slot); the kernel wants them by local slot.

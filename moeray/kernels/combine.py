@@ -26,12 +26,16 @@ def inverse_permutation(send_order_N: torch.Tensor) -> torch.Tensor:
     return pos_N
 
 
-def unpermute_weighted_reference(rows_ND: torch.Tensor, send_order_N: torch.Tensor,
-                                 weights_TK: torch.Tensor) -> torch.Tensor:
-    T, K = weights_TK.shape
+def unpermute(rows_ND: torch.Tensor, send_order_N: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """y_TKD: each (token, k) pair's row, from rows in send (slot-sorted) order."""
     y_ND = torch.empty_like(rows_ND)
     y_ND[send_order_N] = rows_ND
-    y_TKD = y_ND.view(T, K, rows_ND.shape[1])
+    return y_ND.view(num_tokens, top_k, rows_ND.shape[1])
+
+
+def unpermute_weighted_reference(rows_ND: torch.Tensor, send_order_N: torch.Tensor,
+                                 weights_TK: torch.Tensor) -> torch.Tensor:
+    y_TKD = unpermute(rows_ND, send_order_N, *weights_TK.shape)
     return (y_TKD.float() * weights_TK.float().unsqueeze(-1)).sum(dim=1).to(rows_ND.dtype)
 
 
