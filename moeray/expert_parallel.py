@@ -59,18 +59,20 @@ class SlotExperts(nn.Module):
         if self.overlap_chunks > 1 and hasattr(self.dispatcher, "dispatch_start"):  # else nothing to overlap
             return self._forward_overlapped(x_TD, slot_ids_TK, topk_weights_TK)
         dispatched = self.dispatcher.dispatch(x_TD, slot_ids_TK)
-        if self.record_load:
-            self.rows_S += dispatched.slot_offsets_S1.diff()
-        y_MD = expert_mlp(
-            dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1, dispatched.order_M,
-            impl=self.kernel_impl,
-        )
+        y_MD = self._compute(dispatched)
         if timer is not None:
             timer.mark("experts")
         out_TD = self.dispatcher.combine_weighted(y_MD, dispatched, topk_weights_TK, self.combine_impl)
         if timer is not None:
             timer.mark("combine")
         return out_TD
+
+    def _compute(self, dispatched) -> torch.Tensor:
+        """y_MD: this worker's slots applied to the rows it received (and the rows counted)."""
+        if self.record_load:
+            self.rows_S += dispatched.slot_offsets_S1.diff()
+        return expert_mlp(dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1,
+                          dispatched.order_M, impl=self.kernel_impl)
 
     def _forward_overlapped(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor,
                             topk_weights_TK: torch.Tensor) -> torch.Tensor:
@@ -87,13 +89,7 @@ class SlotExperts(nn.Module):
         returning = []
         for chunk in pending:
             dispatched = chunk.wait()
-            if self.record_load:
-                self.rows_S += dispatched.slot_offsets_S1.diff()
-            y_MD = expert_mlp(
-                dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1, dispatched.order_M,
-                impl=self.kernel_impl,
-            )
-            returning.append((self.dispatcher.send_back_start(y_MD, dispatched), dispatched))
+            returning.append((self.dispatcher.send_back_start(self._compute(dispatched), dispatched), dispatched))
         outs = []
         for rows, dispatched in returning:
             first = dispatched.first_token

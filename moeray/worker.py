@@ -153,7 +153,6 @@ class Worker:
         The live slots stay: they hold the committed placement."""
         self.staging.discard()
         self.leave_group()
-        self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
 
     def leave_group(self) -> None:
         if self.xfer_group is not None:
@@ -162,6 +161,7 @@ class Worker:
         if self.group_name is not None:
             collective.leave_group(self.group_name)
             self.group_name = None
+            self.dispatcher = None  # no exchange until the next join_group (step() refuses meanwhile)
 
     # ---- serving -----------------------------------------------------------------------------
     @torch.no_grad()

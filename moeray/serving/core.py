@@ -7,6 +7,7 @@ Legend: T tokens of one request, B tokens of a batch (sum of T), V vocabulary, P
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,8 +74,6 @@ class StepBatcher:
     """
 
     def __init__(self, run, max_requests: int, max_tokens: int, wait_s: float):
-        import asyncio
-
         if max_requests < 1 or max_tokens < 1 or wait_s < 0:
             raise ValueError(f"max_requests={max_requests}, max_tokens={max_tokens} must be >= 1 and wait_s={wait_s} >= 0")
         self._run, self.max_requests, self.max_tokens, self.wait_s = run, max_requests, max_tokens, wait_s
@@ -87,8 +86,6 @@ class StepBatcher:
         self.largest = 0
 
     async def submit(self, ids: np.ndarray):
-        import asyncio
-
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._serve_forever())
         future = asyncio.get_running_loop().create_future()
@@ -96,8 +93,6 @@ class StepBatcher:
         return await future
 
     async def _next_batch(self) -> list:
-        import asyncio
-
         first = self._held if self._held is not None else await self._queue.get()
         self._held = None
         batch, tokens = [first], len(first[0])
