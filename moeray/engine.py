@@ -172,9 +172,7 @@ class Engine:
         # everyone (replacements and any survivor still on v re-read their slots for it).
         adopted, self._committing = self._committing, None
         if adopted is not None:
-            self._placement = Placement(adopted["phy2log"], self.config.model.num_experts,
-                                        self.config.slots_per_worker, adopted["version"])
-            self.replica_weights_LS = adopted["replica_weights"]
+            self._adopt(adopted)
         replaced: set[int] = set()
         for attempt in range(_RECOVERY_ROUNDS):  # a worker may die while the group re-forms
             try:
@@ -206,6 +204,12 @@ class Engine:
                                 "dropped_staged_versions": dropped,
                                 "adopted_version": None if adopted is None else adopted["version"]})
         return self.recoveries[-1]
+
+    def _adopt(self, staged: dict) -> None:
+        """Make a staged placement (as the coordinator returned it) the engine's committed one."""
+        self._placement = Placement(staged["phy2log"], self.config.model.num_experts, self.config.slots_per_worker,
+                                    staged["version"])
+        self.replica_weights_LS = staged["replica_weights"]
 
     def probe(self) -> bool:
         """Whether every worker answers a ping (cheap; for health checks between steps). A dead
@@ -266,14 +270,16 @@ class Engine:
         refs = [w.step.remote(ids_T[s], version) for w, s in zip(self.workers, shares)]
         try:
             outs = self._get(refs, self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "step")
-        except (WorkerLost, CollectiveError):
-            self.healthy = False  # a worker died or a collective failed: only recover() helps
+        except Exception as exc:
+            # A lost worker or collective, or any failure of a commit step (some workers may have
+            # switched versions): only recover() helps. Other step errors leave the engine as it was.
+            if staged is not None or isinstance(exc, (WorkerLost, CollectiveError)):
+                self.healthy = False
             raise
         self._committing = None
         self.steps += 1
         if staged:  # every worker ran this step with the new version: it is committed
-            self._placement = Placement(staged["phy2log"], self.config.model.num_experts, self.config.slots_per_worker, version)
-            self.replica_weights_LS = staged["replica_weights"]
+            self._adopt(staged)
             self.coordinator.committed.remote(version, self.steps - 1)
         if self.coordinator is not None and self.config.rebalance.enabled:
             self._poll_rebalance()
