@@ -11,12 +11,13 @@ sequence order into the step's T rows. A worker with nothing to do runs B = T = 
 every MoE layer's exchange).
 
 Legend: T tokens in the step, B sequences in the step, P blocks per sequence (padded),
-Z tokens per block, J key/value heads, Y key head dim, U value head dim, L decoder layers.
+Z tokens per block, J key/value heads, Y key head dim, U value head dim, L decoder layers,
+N query cells per sequence in the padded grid, C = P * Z cache positions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -40,7 +41,16 @@ class AttentionBatch:
     """Per-step metadata shared by every attention layer (built once per step).
 
     Host lists (`starts`, `num_new`, `context_lens`) drive loops and shapes; device tensors drive
-    gathers. `cache_index_T[t]` = block * Z + offset: where token t's key/value is written.
+    gathers. `cache_index_T[t]` = block * Z + offset: where token t's key/value is written. For the
+    batched attention path the step's queries are laid out as a padded [B, N] grid (N = the most
+    new tokens of any sequence): `rows_BN` are the rows of T each cell reads (padding repeats the
+    sequence's last row), `cell_of_T` is the flat cell (b * N + n) of each real token (an index, not
+    a boolean mask: masking would need a device-to-host sync to size its result), `query_pos_BN`
+    the cells' positions.
+
+    All device tensors arrive in ONE host-to-device copy per step (packed, then split): a copy from
+    pageable host memory blocks the host until the stream reaches it, so one per layer would
+    serialise the host with the GPU every layer.
     """
 
     starts: tuple[int, ...]
@@ -51,6 +61,10 @@ class AttentionBatch:
     block_table_BP: torch.Tensor  # int64 [B, P], padded with block 0 (masked by context_lens_B)
     context_lens_B: torch.Tensor  # int64 [B]
     query_start_B1: tuple[int, ...]  # offsets of each sequence's rows in T, len B + 1
+    rows_BN: torch.Tensor  # int64 [B, N]
+    cell_of_T: torch.Tensor  # int64 [T]
+    query_pos_BN: torch.Tensor  # int64 [B, N]
+    _derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -74,6 +88,17 @@ class AttentionBatch:
         """Row of each sequence's last new token (where its next token is sampled from)."""
         return [end - 1 for end in self.query_start_B1[1:]]
 
+    def visible_BNC(self) -> torch.Tensor:
+        """bool [B, N, C] (C = P * Z): key position c is visible to query cell (b, n) when it is
+        causal and inside b's context. Built on the device once per step, shared by the layers."""
+        mask = self._derived.get("visible_BNC")
+        if mask is None:
+            key_pos_C = torch.arange(self.block_table_BP.shape[1] * self.block_size, device=self.rows_BN.device)
+            mask = (key_pos_C[None, None, :] <= self.query_pos_BN[:, :, None]) & (
+                key_pos_C[None, None, :] < self.context_lens_B[:, None, None])
+            self._derived["visible_BNC"] = mask
+        return mask
+
     @classmethod
     def build(cls, spans: Sequence[SeqSpan], block_size: int, device: torch.device | str = "cpu") -> AttentionBatch:
         starts = tuple(s.start for s in spans)
@@ -84,6 +109,7 @@ class AttentionBatch:
             if s.context_len > len(s.block_ids) * block_size:
                 raise ValueError(f"sequence {i}: {s.context_len} tokens do not fit its {len(s.block_ids)} blocks "
                                  f"of {block_size}")
+        num_seqs = len(spans)
         query_start = [0]
         positions, cache_index = [], []
         for s in spans:
@@ -93,14 +119,28 @@ class AttentionBatch:
                 cache_index.append(s.block_ids[pos // block_size] * block_size + pos % block_size)
         width = max((len(s.block_ids) for s in spans), default=0)
         table = [list(s.block_ids) + [0] * (width - len(s.block_ids)) for s in spans]
-        as_long = dict(dtype=torch.int64, device=device)
+        grid = max(num_new, default=0)
+        rows, cells, query_pos = [], [], []
+        for b, s in enumerate(spans):
+            for n in range(grid):
+                rows.append(query_start[b] + min(n, s.num_new - 1))
+                query_pos.append(s.start + n)
+            cells.extend(range(b * grid, b * grid + s.num_new))
+        parts = [positions, cache_index, [x for row in table for x in row], [s.context_len for s in spans],
+                 rows, cells, query_pos]
+        packed = torch.tensor([x for part in parts for x in part], dtype=torch.int64).to(device)  # the one copy
+        views, offset = [], 0
+        for part in parts:
+            views.append(packed[offset:offset + len(part)])
+            offset += len(part)
+        positions_T, cache_index_T, table_flat, context_B, rows_flat, cell_of_T, query_pos_flat = views
         return cls(
             starts=starts, num_new=num_new, block_size=block_size,
-            positions_T=torch.tensor(positions, **as_long),
-            cache_index_T=torch.tensor(cache_index, **as_long),
-            block_table_BP=torch.tensor(table, **as_long).reshape(len(spans), width),
-            context_lens_B=torch.tensor([s.context_len for s in spans], **as_long),
+            positions_T=positions_T, cache_index_T=cache_index_T,
+            block_table_BP=table_flat.view(num_seqs, width), context_lens_B=context_B,
             query_start_B1=tuple(query_start),
+            rows_BN=rows_flat.view(num_seqs, grid), cell_of_T=cell_of_T,
+            query_pos_BN=query_pos_flat.view(num_seqs, grid),
         )
 
 

@@ -39,8 +39,13 @@ def route(
 
     topk_ids_TK = torch.topk(select_TE, cfg.top_k, dim=-1, sorted=True).indices
     topk_weights_TK = scores_TE.gather(1, topk_ids_TK)
-    if cfg.norm_topk_prob and cfg.top_k > 1:
-        topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    if cfg.norm_topk_prob:
+        # Also for top_k = 1 (the weight becomes 1.0), as transformers does. DeepSeek-V3 adds 1e-20 to
+        # the denominator; the other families divide by the plain sum (never 0 for softmax scores).
+        denominator_T1 = topk_weights_TK.sum(dim=-1, keepdim=True)
+        if cfg.scoring == "sigmoid":
+            denominator_T1 = denominator_T1 + 1e-20
+        topk_weights_TK = topk_weights_TK / denominator_T1
     topk_weights_TK = topk_weights_TK * cfg.routed_scaling_factor
     return topk_ids_TK, topk_weights_TK
 
@@ -51,6 +56,7 @@ def _mask_to_top_groups(select_TE: torch.Tensor, cfg: ModelConfig) -> torch.Tens
     per_group = cfg.num_experts // cfg.n_group
     select_TGX = select_TE.view(num_tokens, cfg.n_group, per_group)
     if cfg.scoring == "sigmoid":
+        # DeepSeek-V3: a group scores the sum of its best two (biased) members.
         group_score_TG = select_TGX.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
     else:
         group_score_TG = select_TGX.amax(dim=-1)
