@@ -1,7 +1,7 @@
 """The driver-side API: start a worker group on Ray, run lockstep steps, shut down.
 
-    engine = Engine(config, checkpoint_dir)        # starts Ray locally if it is not running
-    logits_TV = engine.step(input_ids_T)            # every worker takes its share, in lockstep
+    engine = Engine(config, checkpoint_dir)        # checks the checkpoint, then starts Ray if needed
+    results = engine.step(plans)                    # one StepPlan per worker, run in lockstep
     engine.load()                                   # [L, E] routed pairs per expert so far
     engine.stats()                                  # coordinator view: window load, imbalance, log
     engine.rebalance(force=True)                    # stage v+1 now; the next step commits it
@@ -11,7 +11,11 @@
 The engine is the only sequencer of steps: a staged placement is committed by passing its version
 with the next step to every worker, so all workers switch at the same step boundary.
 
-Legend: T tokens in the batch, V vocab, L layers, E experts, S slots, N workers.
+Which sequences each worker runs is decided by the generation scheduler
+(moeray/generation/scheduler.py, driven by moeray/generation/driver.py); the engine only runs the
+plans, one per worker, every worker in every step (an idle one with an empty plan).
+
+Legend: L MoE layers, E experts, S slots, W workers.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from moeray.comm.group import NCCL_SAFETY_ENV, GroupSpec, register_backends
 from moeray.config import EngineConfig
 from moeray.coordinator import Coordinator
 from moeray.errors import CollectiveError, WorkerLost
+from moeray.generation.messages import StepPlan, StepResult
+from moeray.models.checkpoint import check_checkpoint
 from moeray.ray_cluster import ensure_ray
 from moeray.worker import Worker
 from placement import Placement
@@ -40,36 +46,17 @@ _PING_TIMEOUT_S = 10.0  # a live worker answers a ping from a free actor thread 
 _RECOVERY_ROUNDS = 3
 
 
-def check_token_ids(input_ids_T, vocab_size: int) -> np.ndarray:
-    """ids_T as int64, or ValueError naming the first id outside [0, vocab_size)."""
-    try:
-        ids_T = np.asarray(input_ids_T, dtype=np.int64).reshape(-1)
-    except (OverflowError, TypeError, ValueError):  # e.g. 10**20 does not fit int64; "a" is no id
-        values = np.asarray(input_ids_T, dtype=object).reshape(-1)
-        bad = next((v for v in values if not isinstance(v, (int, np.integer)) or not 0 <= v < vocab_size), values)
-        raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab_size})") from None
-    if ids_T.size and (ids_T.min() < 0 or ids_T.max() >= vocab_size):
-        bad = ids_T[(ids_T < 0) | (ids_T >= vocab_size)][0]
-        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
-    return ids_T
-
-
-def split_batch(num_tokens: int, num_workers: int) -> list[slice]:
-    """Contiguous, near-equal shares; with fewer tokens than workers the last ones get none."""
-    bounds = np.linspace(0, num_tokens, num_workers + 1).round().astype(int)
-    if num_tokens < num_workers:
-        bounds = np.minimum(np.arange(num_workers + 1), num_tokens)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 class Engine:
     def __init__(self, config: EngineConfig, checkpoint_dir: str, placement: Placement | None = None):
         self.config = config
         self.checkpoint_dir = str(checkpoint_dir)
+        # Headers only, before any worker starts: a wrong path or a mismatched model is one clear
+        # error in well under a second, not a worker crash buried in Ray's logs.
+        check_checkpoint(self.checkpoint_dir, config.model)
         par = config.parallel
         model = config.model
         self._placement = (placement or Placement.contiguous(
-            model.num_layers, model.num_experts, par.num_workers, config.slots_per_worker
+            model.num_moe_layers, model.num_experts, par.num_workers, config.slots_per_worker
         )).validate()
         if self._placement.num_workers != par.num_workers or self._placement.slots_per_worker != config.slots_per_worker:
             raise ValueError(
@@ -257,17 +244,17 @@ class Engine:
         return set(dead)
 
     # ---- serving -----------------------------------------------------------------------------
-    def step(self, input_ids_T) -> np.ndarray:
-        """Run one lockstep forward over the batch; returns logits [T, V] in input order."""
-        ids_T = check_token_ids(input_ids_T, self.config.model.vocab_size)
+    def step(self, plans: list[StepPlan]) -> list[StepResult]:
+        """Run one lockstep step: worker w runs plans[w] (an empty plan still joins every exchange)."""
         if not self.healthy:
             raise WorkerLost("a previous step failed: call recover() before stepping again")
-        shares = split_batch(len(ids_T), len(self.workers))
+        if len(plans) != len(self.workers):
+            raise ValueError(f"step needs one plan per worker: got {len(plans)} plans for {len(self.workers)} workers")
         staged, self._staged = self._staged, None
         version = staged["version"] if staged else self._placement.version
         # Until the step returns, the workers may be on either version (each commits at its start).
         self._committing = staged
-        refs = [w.step.remote(ids_T[s], version) for w, s in zip(self.workers, shares)]
+        refs = [w.step.remote(plan, version) for w, plan in zip(self.workers, plans)]
         try:
             outs = self._get(refs, self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "step")
         except Exception as exc:
@@ -283,7 +270,12 @@ class Engine:
             self.coordinator.committed.remote(version, self.steps - 1)
         if self.coordinator is not None and self.config.rebalance.enabled:
             self._poll_rebalance()
-        return np.concatenate(outs, axis=0)
+        return outs
+
+    def reset_sequences(self) -> None:
+        """Every worker forgets its sequences and frees their KV cache (after a recovery the driver
+        re-submits what was in flight)."""
+        self._get([w.reset_sequences.remote() for w in self.workers], 60, "reset sequences")
 
     # ---- rebalancing -------------------------------------------------------------------------
     def _poll_rebalance(self) -> None:

@@ -1,12 +1,17 @@
 """The worker: one per device. Owns the dense weights, its expert slots, and its group membership.
 
 `Worker` is a plain class (unit-testable without Ray); the engine wraps it with `ray.remote`.
-Legend: T local tokens, V vocab, L layers, E experts, S slots in the group, S_w local slots.
+The worker owns the sequences the driver assigned to it and their KV cache
+(`moeray.generation.runner.SequenceRunner`): attention runs data-parallel here, the MoE layers
+exchange rows with every other worker.
+
+Legend: L MoE layers, E experts, S slots in the group, S_w local slots.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +26,11 @@ from moeray.comm.dispatcher import AllToAllDispatcher, LocalDispatcher
 from moeray.comm.slot_map import DeviceSlotMap
 from moeray.config import EngineConfig
 from moeray.expert_parallel import SlotExperts
+from moeray.generation.messages import StepPlan, StepResult
+from moeray.generation.runner import SequenceRunner
 from moeray.models.checkpoint import CheckpointReader
-from moeray.models.moe_model import MoEModel
+from moeray.models.decoder import MoECausalLM
+from moeray.models.kv_cache import PagedKVCache
 from moeray.slot_transfer import (SlotStaging, StagedVersion, as_source_tensor, export_slot_weights,
                                   lower_thread_priority)
 from moeray.stats_wire import LoadSnapshot
@@ -30,9 +38,19 @@ from placement import Placement
 from placement.dispatch import replica_weights_by_expert
 
 
+def resident_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 where it is not available)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class Worker:
     def __init__(self, rank: int, config: EngineConfig, checkpoint_dir: str, phy2log_LS: np.ndarray, version: int = 0,
                  replica_weights_LS: np.ndarray | None = None):
+        self._rss_before_load = resident_bytes()
         torch.set_num_threads(config.parallel.torch_threads_per_worker)
         collective.register_backends()
         self.rank = rank
@@ -42,9 +60,7 @@ class Worker:
             torch.cuda.set_device(self.device)  # before any NCCL communicator binds to a device
         self._xfer_stream = None
         self.xfer_group = None  # cuda: a second NCCL group per epoch for migration p2p
-        self.reader = CheckpointReader(checkpoint_dir)
-        if self.reader.cfg != config.model:
-            raise ValueError(f"checkpoint {checkpoint_dir} holds model {self.reader.cfg}, config asks for {config.model}")
+        self.reader = CheckpointReader(checkpoint_dir)  # the driver checked it against config.model
         self.dtype = getattr(torch, config.model.dtype)
         self.placement = Placement(phy2log_LS, config.model.num_experts, config.slots_per_worker, version).validate()
         self.group_name: str | None = None
@@ -52,6 +68,7 @@ class Worker:
         # A replacement worker (Engine.recover) starts on the committed placement's split weights.
         self.replica_weights_LS: np.ndarray | None = replica_weights_LS
         self.model = self._build_model()
+        self.runner = self._build_runner()
         self.steps = 0
         self.staging = SlotStaging()
         # Migration copies run here, below the step threads' priority (see export_slots).
@@ -63,14 +80,16 @@ class Worker:
         self.epoch = 0
         self.snapshot_interval = config.stats.snapshot_interval_steps
         self._shipped_step = 0
-        self._shipped_load_LE = np.zeros((config.model.num_layers, config.model.num_experts), dtype=np.int64)
-        self._shipped_rows_LS = np.zeros((config.model.num_layers, config.slots_per_worker), dtype=np.int64)
+        self._shipped_load_LE = np.zeros((config.model.num_moe_layers, config.model.num_experts), dtype=np.int64)
+        self._shipped_rows_LS = np.zeros((config.model.num_moe_layers, config.slots_per_worker), dtype=np.int64)
         self._commit_ms: float | None = None
         self.stats_recording = False
         self.set_stats_recording(config.stats.enabled)
 
     # ---- construction ------------------------------------------------------------------------
-    def _build_model(self) -> MoEModel:
+    def _build_model(self) -> MoECausalLM:
+        """The family's model with this worker's slots in every MoE layer (the experts factory seam:
+        the model code itself never sees the distribution). Reads only dense + own slots."""
         cfg = self.config.model
         mine_LS = self.placement.slots_of_worker(self.rank)
 
@@ -81,13 +100,24 @@ class Worker:
                 overlap_chunks=self.config.parallel.overlap_chunks,
             )
 
-        model = MoEModel(cfg, experts_factory)
-        # Dense parameters were allocated by the constructor; fill them from the checkpoint.
+        model = MoECausalLM(cfg, experts_factory)
+        # Dense parameters were allocated by the constructor; filled from the checkpoint below.
         for name, param in model.named_parameters():
             if ".experts." not in name:
                 param.data = param.data.to(self.device, self.dtype)
+        for name, buf in model.named_buffers():
+            if ".experts." not in name and buf.is_floating_point():
+                buf.data = buf.data.to(self.device)
         self.reader.load_dense_into(model)
         return model.eval()
+
+    def _build_runner(self) -> SequenceRunner:
+        cfg, cache_cfg = self.config.model, self.config.cache
+        num_kv_heads, k_dim, v_dim = cfg.kv_cache_spec
+        cache = PagedKVCache(cfg.num_hidden_layers, cache_cfg.blocks_per_worker, cache_cfg.block_size, num_kv_heads,
+                             k_dim, v_dim, self.dtype, self.device)
+        return SequenceRunner(self.model, cache, self.config.max_model_len, cfg.eos_token_ids, self.device,
+                              seed=self.config.seed + self.rank)
 
     def _slot_map(self, layer: int) -> DeviceSlotMap:
         weights_ER = None
@@ -96,7 +126,7 @@ class Worker:
         return DeviceSlotMap.from_numpy(self.placement.log2phy[layer], self.placement.num_slots, weights_ER, device=self.device)
 
     def _slot_experts(self) -> list[SlotExperts]:
-        return [layer.experts for layer in self.model.layers]
+        return [block.experts for block in self.model.moe_blocks]
 
     # ---- group membership --------------------------------------------------------------------
     def open_rendezvous(self, group_name: str) -> str:
@@ -164,9 +194,9 @@ class Worker:
             self.dispatcher = None  # no exchange until the next join_group (step() refuses meanwhile)
 
     # ---- serving -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, input_ids_T: np.ndarray, version: int | None = None) -> np.ndarray:
-        """One lockstep forward of this worker's share of the batch (may be empty) -> logits [T, V].
+    def step(self, plan: StepPlan, version: int | None = None) -> StepResult:
+        """One lockstep step of this worker's sequences (the plan may be empty: the worker still
+        joins every MoE layer's exchange with zero rows).
 
         `version` is the placement version every worker runs this step with; a newer one than the
         current commits the staged migration first, so a step never mixes versions.
@@ -176,12 +206,15 @@ class Worker:
         with self._step_lock:
             if version is not None and version != self.placement.version:
                 self._commit(version)
-            ids_T = torch.as_tensor(np.array(input_ids_T, dtype=np.int64), device=self.device)  # writable copy
-            logits_TV = self.model(ids_T)
+            result = self.runner.step(plan)
             self.steps += 1
             if self.coordinator is not None and self.steps - self._shipped_step >= self.snapshot_interval:
                 self._ship_snapshot()
-            return logits_TV.float().cpu().numpy()  # numpy has no bfloat16
+            return result
+
+    def reset_sequences(self) -> None:
+        with self._step_lock:
+            self.runner.reset()
 
     # ---- statistics ------------------------------------------------------------------------------
     def set_stats_recording(self, enabled: bool) -> None:
@@ -316,6 +349,20 @@ class Worker:
         """(w13_SHD, w2_SDF) of this worker's slots in one layer, for checks and migrations."""
         experts = self._slot_experts()[layer]
         return experts.w13_SHD.detach().cpu().numpy(), experts.w2_SDF.detach().cpu().numpy()
+
+    def memory_report(self) -> dict:
+        """Resident memory against what this worker must hold: dense weights, its slots, its KV cache."""
+        slot_bytes = dense_bytes = 0
+        for name, param in self.model.named_parameters():
+            size = param.numel() * param.element_size()
+            if ".experts." in name:
+                slot_bytes += size
+            else:
+                dense_bytes += size
+        cache = self.runner.cache
+        kv_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+        return {"rank": self.rank, "pid": os.getpid(), "rss_before_load": self._rss_before_load,
+                "rss_now": resident_bytes(), "dense_bytes": dense_bytes, "slot_bytes": slot_bytes, "kv_bytes": kv_bytes}
 
     def ping(self) -> int:
         return self.rank

@@ -5,21 +5,38 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moeray.config import ModelConfig, tiny_model_config
-from moeray.models.checkpoint import load_reference_model, save_checkpoint
-from moeray.models.moe_model import MoEModel, init_random_
+from moeray.config import ModelConfig
+from moeray.generation.driver import GenerationDriver
+from moeray.models.checkpoint import load_reference_model
+from moeray.models.decoder import MoECausalLM
+from moeray.models.kv_cache import AttentionBatch, PagedKVCache, SeqSpan
+from moeray.models.tiny import write_tiny_model
 from placement import Placement
 
 
-def make_checkpoint(tmp_path, seed: int = 0, **model_overrides) -> tuple[str, ModelConfig, MoEModel]:
-    cfg = tiny_model_config(**model_overrides)
-    path = tmp_path / f"ckpt-{seed}-{abs(hash(cfg.model_dump_json())) % 10**8}"
-    save_checkpoint(init_random_(MoEModel(cfg), seed), path)
+def make_checkpoint(tmp_path, seed: int = 0, family: str = "qwen3_moe", **model_overrides
+                    ) -> tuple[str, ModelConfig, MoECausalLM]:
+    """The built-in tiny model of `family` written by our own HF writer, and its reference."""
+    path = tmp_path / f"ckpt-{family}-{seed}-{abs(hash(repr(sorted(model_overrides.items())))) % 10**8}"
+    path, cfg = write_tiny_model(path, family=family, seed=seed, **model_overrides)
     return str(path), cfg, load_reference_model(path)
 
 
-def reference_logits(model: MoEModel, ids_T: np.ndarray) -> np.ndarray:
-    return model(torch.as_tensor(np.asarray(ids_T, dtype=np.int64))).numpy()
+@torch.no_grad()
+def reference_logits(model: MoECausalLM, ids_T) -> np.ndarray:
+    """[T, V] logits of one prompt through the single-process reference (its own cache)."""
+    param = next(model.parameters())
+    ids = torch.as_tensor(np.asarray(ids_T, dtype=np.int64), device=param.device)
+    cfg = model.cfg
+    heads, k_dim, v_dim = cfg.kv_cache_spec
+    cache = PagedKVCache(cfg.num_hidden_layers, len(ids), 1, heads, k_dim, v_dim, param.dtype, param.device)
+    batch = AttentionBatch.build([SeqSpan(tuple(range(len(ids))), 0, len(ids))], 1, param.device)
+    return model.compute_logits(model(ids, batch, cache)).cpu().numpy()
+
+
+def engine_logits(engine, prompts) -> list[np.ndarray]:
+    """[T, V] logits of each prompt through the engine (scoring requests, one step)."""
+    return GenerationDriver(engine).prompt_logits([np.asarray(p, dtype=np.int64).tolist() for p in prompts])
 
 
 def max_rel_error(got: np.ndarray, want: np.ndarray) -> float:

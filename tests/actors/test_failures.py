@@ -1,4 +1,5 @@
-"""A dead or silent peer makes the survivors raise within the collective timeout, never hang."""
+"""A dead or silent peer makes the survivors raise within the collective timeout, never hang; a
+recovered engine serves on (and the generation driver re-runs what was in flight)."""
 
 import time
 
@@ -10,7 +11,8 @@ from ray.exceptions import RayTaskError
 from moeray.config import EngineConfig, ParallelConfig
 from moeray.engine import Engine
 from moeray.errors import CollectiveError, WorkerLost
-from tests.helpers import make_checkpoint
+from moeray.generation.messages import StepPlan
+from tests.helpers import engine_logits, make_checkpoint, max_rel_error, reference_logits
 
 TIMEOUT_S = 3.0
 
@@ -20,14 +22,14 @@ def engine(ray_cluster, tmp_path):
     ckpt, model_cfg, _ = make_checkpoint(tmp_path, seed=2)
     config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, collective_timeout_s=TIMEOUT_S))
     with Engine(config, ckpt) as eng:
-        eng.step(np.arange(9))  # the group is formed and has completed a step
+        engine_logits(eng, [np.arange(9)])  # the group is formed and has completed a step
         yield eng
 
 
 def replicated_engine(tmp_path, seed: int):
     """(engine, reference model, a skewed batch): 3 CPU workers with a spare slot each, so a forced
     rebalance replicates the hot expert."""
-    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=seed, num_experts=8, top_k=2)
+    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=seed, family="mixtral", num_experts=8, top_k=2)
     config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=1,
                                                                    collective_timeout_s=TIMEOUT_S))
     rng = np.random.default_rng(seed)
@@ -48,7 +50,7 @@ def _survivor_errors(refs, deadline_s):
 def test_killed_peer_makes_survivors_raise_within_timeout(engine):
     w0, w1, w2 = engine.workers
     # w0 and w1 enter the step's first all_to_all; w2 never does, and is killed.
-    refs = [w0.step.remote(np.arange(4)), w1.step.remote(np.arange(4))]
+    refs = [w0.step.remote(StepPlan()), w1.step.remote(StepPlan())]
     ray.kill(w2)
     errors, elapsed = _survivor_errors(refs, TIMEOUT_S + 10)
     assert elapsed < TIMEOUT_S + 5
@@ -59,7 +61,7 @@ def test_killed_peer_makes_survivors_raise_within_timeout(engine):
 
 def test_silent_peer_makes_survivors_raise_after_timeout(engine):
     w0, w1, _ = engine.workers  # w2 stays alive but never joins the collective
-    refs = [w0.step.remote(np.arange(4)), w1.step.remote(np.arange(4))]
+    refs = [w0.step.remote(StepPlan()), w1.step.remote(StepPlan())]
     errors, elapsed = _survivor_errors(refs, TIMEOUT_S + 10)
     assert TIMEOUT_S * 0.5 <= elapsed < TIMEOUT_S + 5
     assert all(isinstance(e.cause, CollectiveError) for e in errors)
@@ -69,7 +71,7 @@ def test_engine_step_on_a_dead_worker_raises_worker_lost(engine):
     ray.kill(engine.workers[1])
     start = time.monotonic()
     with pytest.raises((WorkerLost, CollectiveError)):
-        engine.step(np.arange(6))
+        engine.step([StepPlan()] * 3)
     assert time.monotonic() - start < TIMEOUT_S + 35
 
 
@@ -77,27 +79,25 @@ def test_recover_replaces_a_dead_worker_and_serves_on(ray_cluster, tmp_path):
     """After a worker dies: recover() replaces it on the committed placement (replicas and split
     weights included), survivors keep their slots, and the engine again equals the reference and
     can rebalance (the coordinator follows the new epoch)."""
-    from tests.helpers import max_rel_error, reference_logits
-
     engine, reference, skewed = replicated_engine(tmp_path, seed=4)
     with engine:
-        engine.step(skewed)
+        engine_logits(engine, [skewed])
         assert engine.rebalance(force=True) == 1
-        engine.step(skewed)  # commits v1 (replicas of the hot experts, split weights)
+        engine_logits(engine, [skewed])  # commits v1 (replicas of the hot experts, split weights)
         assert engine.placement().version == 1 and engine.replica_weights_LS is not None
 
         ray.kill(engine.workers[1])
         with pytest.raises((WorkerLost, CollectiveError)):
-            engine.step(np.arange(6))
+            engine.step([StepPlan()] * 3)
         done = engine.recover()
         assert done["replaced"] == [1] and done["epoch"] == 1 and engine.group_name.endswith("epoch1")
 
-        for ids in (skewed, np.arange(37), np.array([3])):  # T=1: two idle workers
-            assert max_rel_error(engine.step(ids), reference_logits(reference, ids)) <= 1e-5
+        for ids in (skewed, np.arange(37), np.array([3])):  # one prompt: two idle workers
+            assert max_rel_error(engine_logits(engine, [ids])[0], reference_logits(reference, ids)) <= 1e-5
         assert engine.rebalance(force=True) == 2  # stats reach the coordinator under the new epoch
-        engine.step(skewed)
+        engine_logits(engine, [skewed])
         assert engine.placement().version == 2
-        assert max_rel_error(engine.step(skewed), reference_logits(reference, skewed)) <= 1e-5
+        assert max_rel_error(engine_logits(engine, [skewed])[0], reference_logits(reference, skewed)) <= 1e-5
         assert engine.stats()["placement_version"] == 2
 
 
@@ -105,41 +105,37 @@ def test_recover_when_a_worker_dies_in_the_step_that_commits_a_migration(ray_clu
     """The survivors switch to v+1 at the start of the commit step, then the step fails: recover()
     adopts v+1 for everyone (the replacement loads it), the coordinator records it as committed,
     outputs equal the reference and later rebalances still happen."""
-    from tests.helpers import max_rel_error, reference_logits
-
     engine, reference, skewed = replicated_engine(tmp_path, seed=6)
     with engine:
-        engine.step(skewed)
+        engine_logits(engine, [skewed])
         assert engine.rebalance(force=True) == 1  # v1 staged on every worker
         ray.kill(engine.workers[2])
         with pytest.raises((WorkerLost, CollectiveError)):
-            engine.step(skewed)  # would have committed v1
+            engine.step([StepPlan()] * 3)  # would have committed v1
         with pytest.raises(WorkerLost, match="recover"):
-            engine.step(skewed)  # refused until recovered
+            engine.step([StepPlan()] * 3)  # refused until recovered
         done = engine.recover()
         assert done["adopted_version"] == 1 and done["replaced"] == [2]
         assert engine.placement().version == 1
         for ids in (skewed, np.arange(50)):
-            assert max_rel_error(engine.step(ids), reference_logits(reference, ids)) <= 1e-5
+            assert max_rel_error(engine_logits(engine, [ids])[0], reference_logits(reference, ids)) <= 1e-5
         assert engine.stats()["placement_version"] == 1
         assert engine.rebalance(force=True) == 2
-        engine.step(skewed)
-        assert max_rel_error(engine.step(skewed), reference_logits(reference, skewed)) <= 1e-5
+        engine_logits(engine, [skewed])
+        assert max_rel_error(engine_logits(engine, [skewed])[0], reference_logits(reference, skewed)) <= 1e-5
 
 
 def test_a_failed_recovery_can_be_retried_and_the_coordinator_follows(ray_cluster, tmp_path):
     """The first recover() fails while re-forming the group (injected: the new group's formation
     raises once); the engine stays unhealthy, a second recover() succeeds, the half-committed
     version is adopted everywhere including the coordinator, and rebalancing still works."""
-    from tests.helpers import max_rel_error, reference_logits
-
     engine, reference, skewed = replicated_engine(tmp_path, seed=8)
     with engine:
-        engine.step(skewed)
+        engine_logits(engine, [skewed])
         assert engine.rebalance(force=True) == 1
         ray.kill(engine.workers[0])
         with pytest.raises((WorkerLost, CollectiveError)):
-            engine.step(skewed)  # the commit step of v1
+            engine.step([StepPlan()] * 3)  # the commit step of v1
 
         form_group = engine._form_group
         calls = []
@@ -158,8 +154,8 @@ def test_a_failed_recovery_can_be_retried_and_the_coordinator_follows(ray_cluste
         assert done["adopted_version"] is None  # adopted by the first attempt already
         assert engine.placement().version == 1 and engine.healthy
         assert engine.recover() is None  # a healthy engine: nothing to do
-        assert max_rel_error(engine.step(skewed), reference_logits(reference, skewed)) <= 1e-5
+        assert max_rel_error(engine_logits(engine, [skewed])[0], reference_logits(reference, skewed)) <= 1e-5
         assert engine.stats()["placement_version"] == 1
         assert engine.rebalance(force=True) == 2
-        engine.step(skewed)
-        assert max_rel_error(engine.step(skewed), reference_logits(reference, skewed)) <= 1e-5
+        engine_logits(engine, [skewed])
+        assert max_rel_error(engine_logits(engine, [skewed])[0], reference_logits(reference, skewed)) <= 1e-5

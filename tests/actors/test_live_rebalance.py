@@ -10,17 +10,18 @@ from safetensors.torch import load_file, save_file
 
 from moeray.models.checkpoint import CheckpointReader, load_reference_model
 from moeray.streams import DriftingStream
-from tests.helpers import make_checkpoint, max_rel_error, reference_logits
+from tests.helpers import engine_logits, make_checkpoint, max_rel_error, reference_logits
 
 
 def encode_layer_expert(ckpt: str, num_layers: int, num_experts: int) -> None:
-    """Write (layer, expert) into each expert's down_proj[0, 0] as (1000 * layer + expert) / 1e6."""
+    """Write (layer, expert) into each expert's down_proj[0, 0] as (1000 * layer + expert) / 1e6
+    (Qwen3-MoE checkpoint names: every decoder layer is an MoE layer)."""
     path = f"{ckpt}/model.safetensors"
     tensors = load_file(path)
     for layer in range(num_layers):
         for expert in range(num_experts):
-            tensors[f"layers.{layer}.experts.{expert}.down_proj.weight"][0, 0] = (1000 * layer + expert) / 1e6
-    save_file(tensors, path)
+            tensors[f"model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"][0, 0] = (1000 * layer + expert) / 1e6
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def decode_layer_expert(w2_DF: np.ndarray) -> tuple[int, int]:
@@ -47,8 +48,8 @@ def assert_every_slot_holds_its_expert(engine, reader):
 
 
 def test_forced_rebalances_move_weights_exactly_and_never_change_outputs(ray_cluster, tmp_path):
-    ckpt, model_cfg, _ = make_checkpoint(tmp_path, seed=5, num_experts=7, top_k=2, num_layers=3)
-    encode_layer_expert(ckpt, model_cfg.num_layers, model_cfg.num_experts)
+    ckpt, model_cfg, _ = make_checkpoint(tmp_path, seed=5, num_experts=7, top_k=2, num_hidden_layers=3)
+    encode_layer_expert(ckpt, model_cfg.num_moe_layers, model_cfg.num_experts)
     reference = load_reference_model(ckpt)
     config = EngineConfig(
         model=model_cfg,
@@ -63,10 +64,10 @@ def test_forced_rebalances_move_weights_exactly_and_never_change_outputs(ray_clu
             stream = DriftingStream(model_cfg.vocab_size, 48, phase_steps=1000, hot_fraction=hot_fraction, seed=round_)
             for _ in range(6):
                 ids = stream.next_batch()
-                assert max_rel_error(engine.step(ids), reference_logits(reference, ids)) <= 1e-5
+                assert max_rel_error(engine_logits(engine, [ids])[0], reference_logits(reference, ids)) <= 1e-5
             version = engine.rebalance(force=True)
             ids = stream.next_batch()  # this step commits the staged version on every worker
-            assert max_rel_error(engine.step(ids), reference_logits(reference, ids)) <= 1e-5
+            assert max_rel_error(engine_logits(engine, [ids])[0], reference_logits(reference, ids)) <= 1e-5
             assert engine.placement().version == version
             versions.append(version)
             assert_every_slot_holds_its_expert(engine, reader)
@@ -79,7 +80,7 @@ def test_forced_rebalances_move_weights_exactly_and_never_change_outputs(ray_clu
 
 
 def test_policy_rebalances_a_drifting_stream_while_outputs_stay_exact(ray_cluster, tmp_path):
-    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=6, num_experts=8, top_k=2, num_layers=2)
+    ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=6, num_experts=8, top_k=2, num_hidden_layers=2)
     config = EngineConfig(
         model=model_cfg,
         parallel=ParallelConfig(num_workers=4, redundant_slots_per_worker=2, collective_timeout_s=30),
@@ -90,7 +91,7 @@ def test_policy_rebalances_a_drifting_stream_while_outputs_stay_exact(ray_cluste
     with Engine(config, ckpt) as engine:
         for _ in range(60):  # two phases: the hot experts move at step 30
             ids = stream.next_batch()
-            assert max_rel_error(engine.step(ids), reference_logits(reference, ids)) <= 1e-5
+            assert max_rel_error(engine_logits(engine, [ids])[0], reference_logits(reference, ids)) <= 1e-5
         stats = engine.stats()  # flushes the workers' last counts to the coordinator first
         assert engine.rebalance_errors == [], engine.rebalance_errors
     committed = [r for r in stats["rebalances"] if r["committed_at_step"] is not None]

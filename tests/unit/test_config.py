@@ -43,3 +43,24 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "engine.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump()))
     assert EngineConfig.from_yaml(path) == cfg
+
+
+def test_cache_limits_and_the_context_limit():
+    from moeray.config import CacheConfig
+
+    with pytest.raises(ValidationError, match="block_size"):
+        CacheConfig(block_size=0)
+    assert CacheConfig(block_size=16, kv_tokens_per_worker=33).blocks_per_worker == 3
+    model = tiny_model_config(max_position_embeddings=1024)
+    assert EngineConfig(model=model).max_model_len == 1024
+    assert EngineConfig(model=model, cache=CacheConfig(max_model_len=100)).max_model_len == 100
+    assert EngineConfig(model=model, cache=CacheConfig(max_model_len=5000)).max_model_len == 1024
+
+
+def test_engine_options_take_everything_but_the_model():
+    from moeray.config import EngineOptions
+
+    opts = EngineOptions.model_validate({"parallel": {"num_workers": 3}, "dtype": "bfloat16"})
+    assert opts.parallel.num_workers == 3 and opts.dtype == "bfloat16"
+    with pytest.raises(ValidationError, match="model"):
+        EngineOptions.model_validate({"model": {}})

@@ -1,0 +1,221 @@
+"""The driver's generation loop: requests in, token streams out, over an `Engine`.
+
+    driver = GenerationDriver(engine, tokenizer)
+    driver.add_request("some text" | [1, 2, 3], SamplingParams(...))   # validated here, named errors
+    while driver.has_unfinished():
+        for out in driver.step():          # one lockstep engine step; outputs of requests that moved
+            ...
+
+Per step: the scheduler plans what each worker runs, the engine runs it, the driver appends the
+sampled ids, detokenizes incrementally and checks stop strings (a hit truncates the text and aborts
+the sequence on its worker at the next step). A step that meets a dead worker recovers the engine
+and re-submits every request in flight with what it had generated appended to its prompt
+(re-prefilled; greedy outputs are unchanged), so no request is lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moeray.errors import CollectiveError, WorkerLost
+from moeray.generation.messages import StepResult
+from moeray.generation.outputs import CompletionOutput, RequestOutput
+from moeray.generation.sampling import SamplingParams, TokenLogprobs
+from moeray.generation.scheduler import Scheduler
+from moeray.generation.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
+
+
+def check_token_ids(input_ids_T, vocab_size: int) -> np.ndarray:
+    """ids_T as int64, or ValueError naming the first id outside [0, vocab_size)."""
+    try:
+        ids_T = np.asarray(input_ids_T, dtype=np.int64).reshape(-1)
+    except (OverflowError, TypeError, ValueError):  # e.g. 10**20 does not fit int64; "a" is no id
+        values = np.asarray(input_ids_T, dtype=object).reshape(-1)
+        bad = next((v for v in values if not isinstance(v, (int, np.integer)) or not 0 <= v < vocab_size), values)
+        raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab_size})") from None
+    if ids_T.size and (ids_T.min() < 0 or ids_T.max() >= vocab_size):
+        bad = ids_T[(ids_T < 0) | (ids_T >= vocab_size)][0]
+        raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+    return ids_T
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    arrival_s: float
+    score: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    detokenizer: IncrementalDetokenizer | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    first_token_s: float | None = None
+    finished_s: float | None = None
+    prompt_logits_TV: np.ndarray | None = None
+    resubmissions: int = 0
+
+    def output(self, placement_version: int) -> RequestOutput:
+        cumulative = sum(lp.logprob for lp in self.logprobs) if self.params.logprobs is not None else None
+        completion = CompletionOutput(
+            index=0, text=self.text, token_ids=tuple(self.output_ids), cumulative_logprob=cumulative,
+            logprobs=tuple(self.logprobs) if self.params.logprobs is not None else None,
+            finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, (completion,), self.finish_reason is not None,
+                             metrics={"arrival_s": self.arrival_s, "first_token_s": self.first_token_s,
+                                      "finished_s": self.finished_s, "placement_version": placement_version},
+                             prompt_logits_TV=self.prompt_logits_TV)
+
+
+class GenerationDriver:
+    def __init__(self, engine, tokenizer: Tokenizer | None = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        cfg = engine.config
+        self.model_cfg = cfg.model
+        self.max_model_len = cfg.max_model_len
+        self.scheduler = Scheduler(cfg.parallel.num_workers, cfg.cache.blocks_per_worker, cfg.cache.block_size,
+                                   self.max_model_len, cfg.cache.max_num_seqs, cfg.cache.max_num_batched_tokens)
+        self.requests: dict[str, RequestState] = {}
+        self._ids = itertools.count()
+        self.last_step: dict = {}
+
+    # ---- requests in -------------------------------------------------------------------------
+    def encode_prompt(self, prompt) -> tuple[str | None, tuple[int, ...]]:
+        """(text or None, token ids): text needs the checkpoint's tokenizer; ids are checked."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer.json: send the prompt as token ids")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            ids, text = check_token_ids(prompt, self.model_cfg.vocab_size).tolist(), None
+        if not ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds max_model_len={self.max_model_len}, "
+                             "so a prompt may have at most max_model_len - 1 tokens")
+        return text, tuple(int(t) for t in ids)
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    score: bool = False) -> str:
+        """Queue a request (text or token ids); raises ValueError naming the bad value and queues
+        nothing. Returns its id."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self.encode_prompt(prompt)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.scheduler.add(request_id, ids, params, score)
+        state = RequestState(request_id, text, ids, params, time.perf_counter(), score)
+        if self.tokenizer is not None and not score:
+            state.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self.requests[request_id] = state
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (a client went away): its KV blocks are freed at the next step."""
+        state = self.requests.pop(request_id, None)
+        if state is not None:
+            self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the outputs of the requests that got tokens or finished (a
+        finished request is forgotten once returned)."""
+        start = time.perf_counter()
+        plans = self.scheduler.plan()
+        planned = time.perf_counter()
+        try:
+            results = self.engine.step(plans)
+        except (WorkerLost, CollectiveError):
+            self._recover()
+            return []
+        stepped = time.perf_counter()
+        self.scheduler.update(results)
+        outputs = self._absorb(results, stepped)
+        self.last_step = {"plan_ms": 1e3 * (planned - start), "engine_ms": 1e3 * (stepped - planned),
+                          "absorb_ms": 1e3 * (time.perf_counter() - stepped),
+                          "tokens": sum(r.num_tokens for r in results),
+                          "workers": [r.timings_ms for r in results]}
+        return outputs
+
+    def _absorb(self, results: list[StepResult], now: float) -> list[RequestOutput]:
+        outputs = []
+        version = self.engine.placement().version  # the placement this step ran with
+        for result in results:
+            for update in result.updates:
+                state = self.requests.get(update.request_id)
+                if state is None:  # aborted while its step ran
+                    continue
+                if update.prompt_logits_TV is not None:
+                    state.prompt_logits_TV = update.prompt_logits_TV
+                state.output_ids.extend(update.token_ids)
+                state.logprobs.extend(update.logprobs)
+                if update.token_ids and state.first_token_s is None:
+                    state.first_token_s = now
+                finish = update.finish_reason
+                if finish == "stop" and update.token_ids:
+                    last = update.token_ids[-1]
+                    state.stop_reason = last if last in state.params.stop_token_ids else None
+                if state.detokenizer is not None and update.token_ids:
+                    if finish == "stop" and not state.params.ignore_eos:
+                        # EOS / stop token ids end the text without being part of it (as vLLM does).
+                        state.detokenizer.push(list(update.token_ids[:-1]))
+                    else:
+                        state.detokenizer.push(list(update.token_ids))
+                    full_text = state.detokenizer.text
+                    stop_at = find_stop(full_text, state.params.stop, len(state.text))
+                    if stop_at is not None:
+                        state.stop_reason = next(s for s in state.params.stop if full_text.startswith(s, stop_at))
+                        if finish is None:
+                            self.scheduler.abort(update.request_id)  # frees its blocks at the next step
+                        finish = "stop"
+                    state.text = full_text if stop_at is None else full_text[:stop_at]
+                if finish is not None:
+                    state.finish_reason = finish
+                    state.finished_s = now
+                    del self.requests[update.request_id]
+                outputs.append(state.output(version))
+        return outputs
+
+    def _recover(self) -> None:
+        """The step met a dead worker: recover the engine, then re-run everything that was in
+        flight, each request's generated tokens appended to its prompt."""
+        self.engine.recover()
+        self.engine.reset_sequences()
+        for req in self.scheduler.requeue_all():
+            state = self.requests[req.request_id]
+            state.resubmissions += 1
+            req.prompt_ids = state.prompt_ids + tuple(state.output_ids)
+            req.params = state.params.model_copy(update={"max_tokens": state.params.max_tokens - len(state.output_ids)})
+
+    # ---- blocking helpers ---------------------------------------------------------------------
+    def run_to_completion(self, request_ids: list[str]) -> dict[str, RequestOutput]:
+        pending, done = set(request_ids), {}
+        while pending:
+            for out in self.step():
+                if out.finished and out.request_id in pending:
+                    done[out.request_id] = out
+                    pending.discard(out.request_id)
+        return done
+
+    def prompt_logits(self, prompts) -> list[np.ndarray]:
+        """[T, V] float32 logits of every prompt position (a scoring request per prompt, batched in
+        one step where the scheduler's limits allow). For checks and scoring, not generation."""
+        ids = [self.add_request(p, SamplingParams(max_tokens=1), score=True) for p in prompts]
+        done = self.run_to_completion(ids)
+        return [done[rid].prompt_logits_TV for rid in ids]
+
