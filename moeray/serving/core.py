@@ -1,18 +1,26 @@
-"""What the service does with requests, without the web framework: check each request on its own
-(so one bad request never fails a batch), run a batch of requests as one engine step, and turn
-logits into responses.
+"""What the service does with requests, without the web framework.
 
-Legend: T tokens of one request, B tokens of a batch (sum of T), V vocabulary, P top log-probs.
+`EngineLoop` owns the generation driver on one thread: it admits requests between steps and runs
+steps while any request is in flight (continuous batching: a request joins at the next step and
+leaves when it finishes), and runs other engine calls (stats, rebalance, health) between steps, so
+the engine is never entered twice. The event loop only queues work and awaits futures.
+
+Legend: T tokens of one request, V vocabulary, P top log-probs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 
-from moeray.engine import check_token_ids
+from moeray.generation.driver import GenerationDriver
+from moeray.generation.outputs import RequestOutput
+from moeray.generation.sampling import SamplingParams
 
 
 class RequestRejected(Exception):
@@ -24,21 +32,9 @@ class RequestRejected(Exception):
         self.detail = detail
 
 
-def check_request(token_ids: list[int], vocab_size: int, max_tokens: int) -> np.ndarray:
-    """ids_T for a well-formed request, or RequestRejected naming the bad value."""
+def check_request_size(token_ids: list[int], max_tokens: int) -> None:
     if len(token_ids) > max_tokens:
         raise RequestRejected(413, f"{len(token_ids)} tokens > max_tokens_per_request={max_tokens}")
-    try:
-        return check_token_ids(token_ids, vocab_size)
-    except ValueError as exc:
-        raise RequestRejected(400, str(exc)) from None
-
-
-def run_batch(step, ids_list: list[np.ndarray]) -> list[np.ndarray]:
-    """One engine step for all requests: logits_TV of each, in request order."""
-    lengths = [len(ids) for ids in ids_list]
-    logits_BV = step(np.concatenate(ids_list))
-    return np.split(logits_BV, np.cumsum(lengths)[:-1])
 
 
 @dataclass(frozen=True)
@@ -60,78 +56,95 @@ def forward_result(logits_TV: np.ndarray, top_logprobs: int) -> ForwardResult:
     return ForwardResult(next_ids, rows)
 
 
-class StepBatcher:
-    """Merges concurrent requests into engine steps; the next batch forms when the engine is free.
+class EngineLoop:
+    """The one thread that touches the engine. `submit` queues a request and resolves with its
+    final RequestOutput; `call(fn)` runs fn(engine) between steps."""
 
-    Why not `serve.batch`: it forms the next batch as soon as its wait expires, even while the
-    previous one still runs, so with a step that takes longer than the wait every step carries
-    one or two requests (measured: 1.1-1.2 requests per step at 32 clients). Here the loop awaits
-    each step before it collects the next batch, so everything that arrived during a step rides
-    the next one (up to `max_requests` requests and `max_tokens` tokens; a request larger than
-    `max_tokens` runs alone). `wait_s` is how long an idle engine waits for company.
-
-    Runs on one asyncio loop; `run` is an async callable list[ids] -> list[results].
-    """
-
-    def __init__(self, run, max_requests: int, max_tokens: int, wait_s: float):
-        if max_requests < 1 or max_tokens < 1 or wait_s < 0:
-            raise ValueError(f"max_requests={max_requests}, max_tokens={max_tokens} must be >= 1 and wait_s={wait_s} >= 0")
-        self._run, self.max_requests, self.max_tokens, self.wait_s = run, max_requests, max_tokens, wait_s
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._loop_task = None
-        self._held = None  # a request that did not fit the last batch; it opens the next one
+    def __init__(self, driver: GenerationDriver):
+        self.driver = driver
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: dict[str, Future] = {}
+        self._stopped = threading.Event()
         self.steps = 0
-        self.requests = 0
-        self.tokens = 0
-        self.largest = 0
+        self.largest_step = 0  # most requests in flight in one step
+        self._thread = threading.Thread(target=self._run, name="moeray-engine-loop", daemon=True)
+        self._thread.start()
 
-    async def submit(self, ids: np.ndarray):
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._serve_forever())
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((ids, future))
-        return await future
+    async def submit(self, prompt, params: SamplingParams, score: bool = False) -> RequestOutput:
+        future: Future = Future()
+        self._inbox.put(("request", (prompt, params, score), future))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the client went away: free its sequence
+            if getattr(future, "request_id", None) is not None:
+                self._inbox.put(("abort", future.request_id, Future()))
+            raise
 
-    async def _next_batch(self) -> list:
-        first = self._held if self._held is not None else await self._queue.get()
-        self._held = None
-        batch, tokens = [first], len(first[0])
-        deadline = asyncio.get_running_loop().time() + self.wait_s
-        while len(batch) < self.max_requests:
-            if self._queue.empty():
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            else:
-                item = self._queue.get_nowait()
-            if tokens + len(item[0]) > self.max_tokens:
-                self._held = item
-                break
-            batch.append(item)
-            tokens += len(item[0])
-        return batch
+    async def call(self, fn, *args):
+        future: Future = Future()
+        self._inbox.put(("call", (fn, args), future))
+        return await asyncio.wrap_future(future)
 
-    async def _serve_forever(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            live = [(ids, fut) for ids, fut in batch if not fut.cancelled()]  # callers that gave up
-            if not live:
-                continue
-            self.steps += 1
-            self.requests += len(live)
-            self.tokens += sum(len(ids) for ids, _ in live)
-            self.largest = max(self.largest, len(live))
+    def stop(self) -> None:
+        self._stopped.set()
+        self._inbox.put(("stop", None, Future()))
+        self._thread.join(timeout=30)
+
+    # ---- the loop thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            idle = not self.driver.has_unfinished()
             try:
-                results = await self._run([ids for ids, _ in live])
-            except Exception as exc:  # the whole step failed: every request in it gets the error
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                item = self._inbox.get(block=idle, timeout=1.0 if idle else None)
+            except queue.Empty:
                 continue
-            for (_, fut), result in zip(live, results):
-                if not fut.done():
-                    fut.set_result(result)
+            self._handle(item)
+            while True:  # everything that arrived during the last step joins the next one
+                try:
+                    self._handle(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if self.driver.has_unfinished():
+                self._step()
+
+    def _handle(self, item) -> None:
+        kind, payload, future = item
+        if kind == "request":
+            prompt, params, score = payload
+            try:
+                request_id = self.driver.add_request(prompt, params, score=score)
+            except (ValueError, TypeError) as exc:
+                future.set_exception(RequestRejected(400, str(exc)))
+                return
+            future.request_id = request_id
+            self._waiting[request_id] = future
+        elif kind == "abort":
+            self.driver.abort(payload)
+            self._waiting.pop(payload, None)
+        elif kind == "call":
+            fn, args = payload
+            try:
+                future.set_result(fn(*args))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+    def _step(self) -> None:
+        engine = self.driver.engine
+        try:
+            if not engine.healthy:  # an earlier recovery failed: try again before stepping
+                engine.recover()
+            outputs = self.driver.step()
+        except Exception as exc:  # noqa: BLE001 - recovery failed: fail what is in flight, keep serving
+            for request_id, future in list(self._waiting.items()):
+                self.driver.abort(request_id)
+                if not future.done():
+                    future.set_exception(exc)
+            self._waiting.clear()
+            return
+        self.steps += 1
+        self.largest_step = max(self.largest_step, len(self._waiting))
+        for out in outputs:
+            if out.finished:
+                future = self._waiting.pop(out.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(out)

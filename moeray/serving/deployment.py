@@ -2,25 +2,23 @@
 
     POST /v1/forward    {"token_ids": [...], "top_logprobs": 0..20} -> greedy next token per
                         position (+ top log-probs), the placement version that computed it
-    GET  /v1/stats      steps, batches, placement version, imbalance, the rebalance log
+    GET  /v1/stats      steps, placement version, imbalance, the rebalance log
     POST /v1/rebalance  plan and stage a new placement now (committed at the next step)
     GET  /healthz       200 while the engine's workers answer
 
-Concurrent requests are merged into one engine step (`core.StepBatcher`: tokens concatenated,
-logits split back; the next batch forms when the engine is free), so many small requests cost one
-lockstep exchange per layer, not one each. Each
-request is checked on its own before it joins a batch: a bad one gets a 4xx naming the bad value
-and never fails the others. When a worker dies, the batch triggers `Engine.recover()` (replace the
-worker, new group epoch) and runs again; only if that fails do its requests get 503.
+Requests become requests of the generation driver (`core.EngineLoop`): they join the next engine
+step and share it with everything else in flight (continuous batching). Each request is checked on
+its own before it is queued: a bad one gets a 4xx naming the bad value and never fails the others.
+When a worker dies, the step recovers the engine (replace the worker, new group epoch) and
+re-runs what was in flight; only if recovery fails do those requests get 503.
 
-The engine is driven from one thread (its steps are lockstep and not re-entrant); the event loop
-stays free for health checks and new requests while a step runs.
+The engine is driven from one thread; the event loop stays free for health checks and new
+requests while a step runs.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' types at
 # runtime, and through Serve's ingress wrapper string annotations do not resolve to the models.
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -30,8 +28,12 @@ from ray import serve
 
 from moeray.engine import Engine
 from moeray.errors import CollectiveError, WorkerLost
+from moeray.generation.driver import GenerationDriver
+from moeray.generation.sampling import SamplingParams
+from moeray.generation.tokenizer import Tokenizer
+from moeray.llm import engine_config_for
 from moeray.serving.config import ServiceConfig
-from moeray.serving.core import RequestRejected, StepBatcher, check_request, forward_result, run_batch
+from moeray.serving.core import EngineLoop, RequestRejected, check_request_size, forward_result
 
 app = FastAPI(title="moeray", description="Expert-parallel MoE serving with live expert placement")
 
@@ -60,61 +62,35 @@ class RebalanceRequest(BaseModel):
 class MoEService:
     def __init__(self, service_config: dict):
         self.config = ServiceConfig.model_validate(service_config)
-        self.engine = Engine(self.config.engine, self.config.checkpoint)
-        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeray-engine")
-        serve_cfg = self.config.serve
-        self._batcher = StepBatcher(self._run_batch, serve_cfg.max_batch_size, serve_cfg.max_batch_tokens,
-                                    serve_cfg.batch_wait_timeout_ms / 1000)
+        self.engine = Engine(engine_config_for(self.config.checkpoint, self.config.engine), self.config.checkpoint)
+        self.loop = EngineLoop(GenerationDriver(self.engine, Tokenizer.from_dir(self.config.checkpoint)))
         self._recovery: asyncio.Future | None = None  # a recovery started by check_health
         self._failed_recoveries = 0
 
     async def _on_engine(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
-
-    def _step_batch(self, ids_list: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
-        """On the engine thread: one step, and the placement version that computed it."""
-        outs = run_batch(self.engine.step, ids_list)
-        version = self.engine.placement().version
-        return [(logits, version) for logits in outs]
-
-    async def _run_batch(self, ids_list: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
-        # recover() is a no-op on a healthy engine, so queueing it here and in check_health never
-        # recovers twice; both run on the one engine thread.
-        if not self.engine.healthy:  # an earlier recovery failed: try again before this batch
-            await self._on_engine(self.engine.recover)
-        try:
-            return await self._on_engine(self._step_batch, ids_list)
-        except (WorkerLost, CollectiveError):
-            # A worker died: replace it and run the batch again (a step has no side effects but
-            # routing counts). If recovery fails, these requests get 503 and the next batch (or
-            # Serve's health check) tries again. Other errors leave the engine healthy: 500.
-            await self._on_engine(self.engine.recover)
-            return await self._on_engine(self._step_batch, ids_list)
+        """fn(*args) on the engine loop's thread, between steps."""
+        return await self.loop.call(fn, *args)
 
     @app.post("/v1/forward", response_model=ForwardResponse)
     async def forward(self, request: ForwardRequest) -> ForwardResponse:
         try:
-            ids_T = check_request(request.token_ids, self.config.engine.model.vocab_size,
-                                  self.config.serve.max_tokens_per_request)
+            check_request_size(request.token_ids, self.config.serve.max_tokens_per_request)
+            out = await self.loop.submit(request.token_ids, SamplingParams(max_tokens=1), score=True)
         except RequestRejected as exc:
             raise HTTPException(status_code=exc.status, detail=exc.detail) from None
-        try:
-            logits_TV, version = await self._batcher.submit(ids_T)
         except (WorkerLost, CollectiveError) as exc:
             raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
+        logits_TV = out.prompt_logits_TV
         result = forward_result(logits_TV, request.top_logprobs)
         return ForwardResponse(next_token_ids=result.next_token_ids, top_logprobs=result.top_logprobs,
-                               placement_version=version)
+                               placement_version=out.metrics["placement_version"])
 
     @app.get("/v1/stats")
     async def stats(self) -> dict:
         out = {
             "steps": self.engine.steps,
             "placement_version": self.engine.placement().version,
-            "batches": self._batcher.steps,
-            "batched_requests": self._batcher.requests,
-            "batched_tokens": self._batcher.tokens,
-            "largest_batch": self._batcher.largest,
+            "largest_step_requests": self.loop.largest_step,
             "recoveries": self.engine.recoveries,
         }
         if self.engine.coordinator is not None:
@@ -164,6 +140,9 @@ class MoEService:
             raise RuntimeError(f"{self._failed_recoveries} engine recoveries in a row failed")
 
     def __del__(self):
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

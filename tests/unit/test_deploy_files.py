@@ -68,19 +68,34 @@ def test_service_config_names_bad_values(tmp_path):
     from moeray.serving.config import ServiceConfig
 
     raw = yaml.safe_load((REPO / "examples" / "service.yaml").read_text())
-    raw["serve"]["max_batch_size"] = 0
+    raw["serve"]["max_tokens_per_request"] = 0
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ValidationError, match="max_batch_size"):
+    with pytest.raises(ValidationError, match="max_tokens_per_request"):
         ServiceConfig.from_yaml(path)
 
 
-def test_cli_random_checkpoint_then_engine_config_matches(tmp_path):
+def test_cli_tiny_model_then_check_checkpoint(tmp_path, capsys):
     from moeray.cli import main
     from moeray.models.checkpoint import CheckpointReader
-    from moeray.serving.config import ServiceConfig
 
-    assert main(["random-checkpoint", "--config", str(REPO / "examples" / "service.yaml"), "--out", str(tmp_path)]) == 0
-    model = ServiceConfig.from_yaml(REPO / "examples" / "service.yaml").engine.model
-    reader = CheckpointReader(tmp_path)
-    assert reader.cfg == model
+    assert main(["tiny-model", str(tmp_path / "m"), "--family", "olmoe", "--experts", "6"]) == 0
+    assert CheckpointReader(tmp_path / "m").cfg.num_experts == 6
+    assert (tmp_path / "m" / "tokenizer.json").exists()
+    assert main(["check-checkpoint", str(tmp_path / "m")]) == 0
+    assert "OlmoeForCausalLM" in capsys.readouterr().out
+
+
+def test_cli_names_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    import time
+
+    from moeray.cli import main
+
+    start = time.monotonic()
+    assert main(["check-checkpoint", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err
+    assert main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt-ids", "1,2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err
+    assert time.monotonic() - start < 5
