@@ -1,4 +1,5 @@
-"""The README's tour as a script: a small random MoE model on 4 local CPU workers (Gloo).
+"""The README's tour as a script: the built-in tiny model (Qwen3-MoE family, random weights, HF
+format, with a tokenizer) on 4 local CPU workers (Gloo).
 
     python examples/quickstart.py
 """
@@ -7,28 +8,24 @@ from __future__ import annotations
 
 import tempfile
 
-import numpy as np
-
-from moeray.config import EngineConfig, ParallelConfig, tiny_model_config
-from moeray.engine import Engine
-from moeray.models.checkpoint import save_checkpoint
-from moeray.models.moe_model import MoEModel, init_random_
+from moeray import LLM, SamplingParams
+from moeray.models.tiny import write_tiny_model
 
 
 def main() -> None:
-    cfg = tiny_model_config(num_experts=8, top_k=2)  # pydantic: bad values are named
-    with tempfile.TemporaryDirectory(prefix="moeray-quickstart-") as ckpt:
-        save_checkpoint(init_random_(MoEModel(cfg), seed=0), ckpt)  # safetensors, per-expert tensors
-        config = EngineConfig(model=cfg, parallel=ParallelConfig(num_workers=4, redundant_slots_per_worker=1))
-        with Engine(config, ckpt) as engine:  # starts a local Ray cluster if none is running
-            logits = engine.step(np.arange(100))  # every worker takes its share
-            print("logits", logits.shape)
-            print("routed pairs per expert, layer 0:", engine.load()[0])
-            print("imbalance per layer (max/mean worker load):", engine.imbalance().round(3))
-            staged = engine.rebalance(force=True)  # plan + stage v+1 while serving...
-            engine.step(np.arange(100))  # ...committed at this step boundary
-            print(f"placement v{engine.placement().version} (staged v{staged}), "
-                  f"{len(engine.stats()['rebalances'])} rebalance(s)")
+    with tempfile.TemporaryDirectory(prefix="moeray-quickstart-") as model_dir:
+        write_tiny_model(model_dir, family="qwen3_moe", num_experts=8, top_k=2)  # or point at a real HF checkpoint
+        with LLM(model=model_dir, num_workers=4, redundant_slots_per_worker=1) as llm:
+            outs = llm.generate(["some text", [1, 2, 3]], SamplingParams(max_tokens=16, temperature=0.0))
+            for out in outs:
+                completion = out.outputs[0]
+                print(f"{out.prompt_token_ids} -> {completion.token_ids} {completion.text!r} ({completion.finish_reason})")
+            print("routed pairs per expert, layer 0:", llm.engine.load()[0])
+            print("imbalance per layer (max/mean worker load):", llm.engine.imbalance().round(3))
+            staged = llm.rebalance(force=True)  # plan + stage v+1 while serving...
+            llm.generate("more text", SamplingParams(max_tokens=4))  # ...committed at the next step boundary
+            print(f"placement v{llm.placement().version} (staged v{staged}), "
+                  f"{len(llm.stats()['rebalances'])} rebalance(s)")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,21 @@ from moeray.bench import standalone, write_json
 
 from moeray.config import EngineConfig, ParallelConfig, RebalanceConfig, StatsConfig, tiny_model_config
 from moeray.engine import Engine
-from moeray.models.checkpoint import save_checkpoint
-from moeray.models.moe_model import MoEModel, init_random_
+from moeray.generation.driver import GenerationDriver
+from moeray.generation.messages import NewSequence, StepPlan
+from moeray.generation.sampling import SamplingParams
+from moeray.models.tiny import write_tiny_model
 from moeray.streams import DriftingStream
+
+_SCORE = SamplingParams(max_tokens=1)
+
+
+def score_step(driver: GenerationDriver, ids: np.ndarray) -> None:
+    """One engine step over `ids`: the batch split into one prompt per worker (each worker's
+    attention gets a share), scored (prefill only), as the benchmark's unit of load."""
+    request_ids = [driver.add_request(part.tolist(), _SCORE, score=True)
+                   for part in np.array_split(ids, len(driver.engine.workers)) if len(part)]
+    driver.run_to_completion(request_ids)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,9 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _model_overrides(args) -> dict:
+    return dict(num_experts=args.experts, top_k=2, num_hidden_layers=args.layers, hidden_size=args.hidden,
+                moe_intermediate_size=args.ffn, vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=args.hidden // 4)
+
+
 def _config(args, stats: bool, rebalance: bool) -> EngineConfig:
-    model = tiny_model_config(num_experts=args.experts, top_k=2, num_layers=args.layers,
-                              hidden_size=args.hidden, moe_intermediate_size=args.ffn)
+    model = tiny_model_config(**_model_overrides(args))
     return EngineConfig(
         model=model,
         parallel=ParallelConfig(num_workers=args.workers, redundant_slots_per_worker=args.redundant_slots),
@@ -70,13 +87,14 @@ def run_drift(args, ckpt: str) -> dict:
                             hot_fraction=args.hot_fraction, seed=args.seed)
     step_wall_ms, step_start, step_version = [], [], []
     with Engine(config, ckpt) as engine:
-        engine.step(stream.next_batch())  # warm-up outside the record
+        driver = GenerationDriver(engine)
+        score_step(driver, stream.next_batch())  # warm-up outside the record
         stream.step = 0
         for _ in range(args.phase_steps * args.phases):
             ids = stream.next_batch()
             step_start.append(time.time())
             t = time.perf_counter()
-            engine.step(ids)
+            score_step(driver, ids)
             step_wall_ms.append(1e3 * (time.perf_counter() - t))
             step_version.append(engine.placement().version)
         time.sleep(0.5)  # let the last fire-and-forget snapshots land before reading the log
@@ -159,8 +177,9 @@ def run_overhead(args, ckpt: str) -> dict:
     walls = {"on": [], "off": []}
     block_ratios = []
     with Engine(config, ckpt) as engine:
+        driver = GenerationDriver(engine)
         for ids in batches:  # warm-up
-            engine.step(ids)
+            score_step(driver, ids)
         pairs = args.overhead_rounds * max(1, args.overhead_steps // (2 * block))
         for pair in range(pairs):
             order = ("off", "on") if pair % 2 == 0 else ("on", "off")  # ABBA: no order bias
@@ -170,7 +189,7 @@ def run_overhead(args, ckpt: str) -> dict:
                 times = []
                 for ids in batches:
                     t = time.perf_counter()
-                    engine.step(ids)
+                    score_step(driver, ids)
                     times.append(1e3 * (time.perf_counter() - t))
                 walls[label].extend(times)
                 block_median[label] = float(np.median(times))
@@ -191,15 +210,17 @@ def run_hot_path_overhead(args, ckpt: str, repeats: int = 60) -> dict:
 
     config = _config(args, stats=True, rebalance=False).model_copy(
         update={"parallel": ParallelConfig(num_workers=1, redundant_slots_per_worker=0)})
-    placement = Placement.contiguous(config.model.num_layers, config.model.num_experts, 1, config.slots_per_worker)
+    placement = Placement.contiguous(config.model.num_moe_layers, config.model.num_experts, 1, config.slots_per_worker)
     worker = Worker(0, config, ckpt, placement.phy2log)
-    ids = DriftingStream(config.model.vocab_size, args.tokens_per_step, 10**9, seed=args.seed).next_batch()
+    prompt = tuple(DriftingStream(config.model.vocab_size, args.tokens_per_step, 10**9, seed=args.seed).next_batch().tolist())
+    blocks = -(-len(prompt) // config.cache.block_size) + 1
     times = {True: [], False: []}
     for i in range(repeats):
         for recording in ((True, False) if i % 2 else (False, True)):
             worker.set_stats_recording(recording)
+            plan = StepPlan(new=(NewSequence(f"r{i}-{recording}", prompt, _SCORE, blocks, score=True),))
             t = time.perf_counter()
-            worker.step(ids)
+            worker.step(plan)
             times[recording].append(1e3 * (time.perf_counter() - t))
     on, off = float(np.median(times[True])), float(np.median(times[False]))
     return {"median_ms_on": on, "median_ms_off": off, "overhead_pct": 100 * (on / off - 1), "repeats": repeats}
@@ -207,8 +228,7 @@ def run_hot_path_overhead(args, ckpt: str, repeats: int = 60) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="moeray-bench-") as ckpt:
-        model = _config(args, True, True).model
-        save_checkpoint(init_random_(MoEModel(model), args.seed), ckpt)
+        write_tiny_model(ckpt, family="qwen3_moe", seed=args.seed, **_model_overrides(args))
         out = {"machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores", "args": vars(args) | {"func": None},
                "drift": run_drift(args, ckpt), "stats_overhead": run_overhead(args, ckpt),
                "stats_hot_path": run_hot_path_overhead(args, ckpt)}

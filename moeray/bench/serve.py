@@ -1,10 +1,9 @@
-"""`moeray bench serve`: the HTTP service (Ray Serve) under concurrent clients, with and without
-dynamic batching, on local CPU workers.
+"""`moeray bench serve`: the HTTP service (Ray Serve) under concurrent clients, on local CPU workers.
 
 C client threads each send R requests of T tokens back to back (keep-alive sessions) to
-POST /v1/forward. The same service runs once per `--batch-sizes` value (max requests merged
-into one engine step). Reported per run: requests/s, tokens/s, latency p50 / p99, and how many
-requests an engine step carried on average (from /v1/stats).
+POST /v1/forward. Requests join the engine's next step (continuous batching). Reported:
+requests/s, tokens/s, latency p50 / p99, and how many requests an engine step carried on average
+(requests / engine steps, from /v1/stats).
 """
 
 from __future__ import annotations
@@ -30,8 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests-per-client", type=int, default=20)
     p.add_argument("--tokens-per-request", type=int, default=16)
-    p.add_argument("--batch-sizes", default="1,32", help="max_batch_size values to compare")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--machine", default=platform.node())
     p.add_argument("--date", default="")
     p.add_argument("--json", default=None)
@@ -84,27 +81,24 @@ def run(args: argparse.Namespace) -> dict:
     import requests
     from ray import serve
 
-    from moeray.config import EngineConfig, ParallelConfig, RebalanceConfig, StatsConfig, tiny_model_config
+    from moeray.config import EngineOptions, ParallelConfig, RebalanceConfig
+    from moeray.models.tiny import write_tiny_model
     from moeray.ray_cluster import ensure_ray
-    from moeray.models.checkpoint import save_checkpoint
-    from moeray.models.moe_model import MoEModel, init_random_
     from moeray.serving.config import ServeConfig, ServiceConfig
     from moeray.serving.deployment import run_service
 
     ensure_ray()
-    model = tiny_model_config(num_experts=args.experts, num_layers=args.layers, hidden_size=args.hidden,
-                              moe_intermediate_size=args.ffn)
     rows = []
     with tempfile.TemporaryDirectory(prefix="moeray-bench-serve-") as ckpt:
-        save_checkpoint(init_random_(MoEModel(model), seed=0), ckpt)
+        _, model = write_tiny_model(ckpt, num_experts=args.experts, num_hidden_layers=args.layers,
+                                    hidden_size=args.hidden, moe_intermediate_size=args.ffn)
         port = _free_port()
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for batch in ["continuous"]:
             config = ServiceConfig(
                 checkpoint=ckpt,
-                engine=EngineConfig(model=model, parallel=ParallelConfig(num_workers=args.workers),
-                                    stats=StatsConfig(), rebalance=RebalanceConfig(enabled=False)),
-                serve=ServeConfig(port=port, max_batch_size=batch, batch_wait_timeout_ms=args.batch_wait_ms,
-                                  app_name="moeray-bench"),
+                engine=EngineOptions(parallel=ParallelConfig(num_workers=args.workers),
+                                     rebalance=RebalanceConfig(enabled=False)),
+                serve=ServeConfig(port=port, app_name="moeray-bench"),
             )
             run_service(config, blocking=False)
             url = f"http://127.0.0.1:{port}"
@@ -113,26 +107,27 @@ def run(args: argparse.Namespace) -> dict:
             lat, wall, failed = _load(url, args.clients, args.requests_per_client, args.tokens_per_request, model.vocab_size)
             after = requests.get(f"{url}/v1/stats", timeout=60).json()
             serve.delete(config.serve.app_name)
-            steps = after["batches"] - before["batches"]
+            steps = after["steps"] - before["steps"]
             done = len(lat)
             rows.append({
-                "max_batch_size": batch, "requests": done, "failed": failed, "wall_s": wall,
+                "batching": batch, "requests": done, "failed": failed, "wall_s": wall,
                 "requests_per_s": done / wall, "tokens_per_s": done * args.tokens_per_request / wall,
                 "latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat else float("nan"),
                 "latency_p99_ms": float(np.percentile(lat, 99) * 1e3) if lat else float("nan"),
-                "engine_steps": steps, "requests_per_step": (after["batched_requests"] - before["batched_requests"]) / max(steps, 1),
+                "engine_steps": steps, "requests_per_step": done / max(steps, 1),
+                "largest_step_requests": after["largest_step_requests"],
             })
     serve.shutdown()
     result = {"benchmark": "serve", "machine": args.machine, "date": args.date,
               "command": getattr(args, "command", "python -m moeray.bench.serve"),
               "config": {k: getattr(args, k) for k in ("workers", "experts", "layers", "hidden", "ffn", "clients",
-                                                        "requests_per_client", "tokens_per_request", "batch_wait_ms")},
+                                                        "requests_per_client", "tokens_per_request")},
               "rows": rows}
     print(f"serve: {args.clients} clients x {args.requests_per_client} requests x {args.tokens_per_request} tokens, "
           f"{args.workers} CPU workers, {args.layers} layers x {args.experts} experts")
-    print(f"{'max batch':>9} {'req/s':>8} {'tokens/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'req/step':>8} {'failed':>6}")
+    print(f"{'batching':>10} {'req/s':>8} {'tokens/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'req/step':>8} {'failed':>6}")
     for r in rows:
-        print(f"{r['max_batch_size']:>9} {r['requests_per_s']:>8.1f} {r['tokens_per_s']:>9.0f} {r['latency_p50_ms']:>8.1f} "
+        print(f"{r['batching']:>10} {r['requests_per_s']:>8.1f} {r['tokens_per_s']:>9.0f} {r['latency_p50_ms']:>8.1f} "
               f"{r['latency_p99_ms']:>8.1f} {r['requests_per_step']:>8.2f} {r['failed']:>6}")
     write_json(args.json, result)
     return result

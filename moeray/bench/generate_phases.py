@@ -1,0 +1,108 @@
+"""Per-phase GPU time of one decode step, in this process, on the worker's own model and runner.
+
+A `Worker` (a plain class; no Ray actor here) is built for one GPU, `batch` sequences are prefilled
+to `context` tokens, then one decode step is timed with CUDA events around each phase (medians
+over repeats). Phases: the host building the step's attention batch (wall clock), attention,
+norms and residuals, router + slot map, dispatch + expert kernel, combine, shared expert, LM head,
+sampling.
+
+Legend: B sequences, T tokens, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from moeray.bench.phases import PhaseTimer
+
+
+def _hook_phases(model, timer: PhaseTimer) -> list:
+    handles = []
+    for layer in model.layers:
+        handles.append(layer.self_attn.register_forward_pre_hook(lambda *_: timer.mark("norms+residual")))
+        handles.append(layer.self_attn.register_forward_hook(lambda *_: timer.mark("attention")))
+        handles.append(layer.mlp.register_forward_pre_hook(lambda *_: timer.mark("norms+residual")))
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp.experts.timer = timer  # marks "route", "experts", "combine"
+            handles.append(layer.mlp.register_forward_hook(lambda *_: timer.mark("shared expert")))
+        else:
+            handles.append(layer.mlp.register_forward_hook(lambda *_: timer.mark("dense mlp")))
+    return handles
+
+
+@torch.no_grad()
+def decode_phases(directory: str, batches: list[int], context: int, seed: int = 0, repeats: int = 20
+                  ) -> dict[int, dict[str, float]]:
+    """{batch: {phase: median ms}} for each batch size, on one worker built once."""
+    from moeray.config import EngineOptions
+    from moeray.llm import engine_config_for
+    from moeray.worker import Worker
+    from placement import Placement
+
+    most = max(batches)
+    options = EngineOptions(parallel={"device": "cuda"}, rebalance={"enabled": False}, stats={"enabled": False},
+                            cache={"block_size": 16, "kv_tokens_per_worker": most * (context + repeats + 24) + 64,
+                                   "max_num_seqs": most, "max_num_batched_tokens": most * context})
+    config = engine_config_for(directory, options)
+    cfg = config.model
+    placement = Placement.contiguous(cfg.num_moe_layers, cfg.num_experts, 1, config.slots_per_worker)
+    worker = Worker(0, config, directory, placement.phy2log)
+    runner = worker.runner
+    rng = np.random.default_rng(seed)
+    results = {}
+    for batch in batches:
+        results[batch] = _phases_at(runner, cfg, config.cache.block_size, batch, context, repeats, rng)
+    del worker, runner
+    torch.cuda.empty_cache()
+    return results
+
+
+def _phases_at(runner, cfg, block_size: int, batch: int, context: int, repeats: int, rng) -> dict[str, float]:
+    from moeray.generation.messages import NewSequence, StepPlan
+    from moeray.generation.sampling import SamplingParams
+    from moeray.models.kv_cache import AttentionBatch, SeqSpan
+
+    runner.reset()
+    params = SamplingParams(max_tokens=repeats + 8, temperature=0.0, ignore_eos=True)
+    blocks = -(-(context + repeats + 8) // block_size)
+    new = tuple(NewSequence(f"s{b}", tuple(rng.integers(3, cfg.vocab_size, context - 1).tolist()), params, blocks)
+                for b in range(batch))
+    runner.step(StepPlan(new=new))  # prefill: every sequence now has context tokens, one to feed
+    timer = PhaseTimer()
+    handles = _hook_phases(runner.model, timer)
+    samples: list[dict[str, float]] = []
+    try:
+        for _ in range(repeats + 3):
+            seqs = list(runner.sequences.values())
+            host_start = time.perf_counter()
+            spans = [SeqSpan(tuple(s.block_ids), s.num_cached, len(s.tokens) - s.num_cached) for s in seqs]
+            attn_batch = AttentionBatch.build(spans, runner.cache.block_size, runner.device)
+            ids_T = torch.tensor([s.tokens[-1] for s in seqs], dtype=torch.int64, device=runner.device)
+            host_ms = 1e3 * (time.perf_counter() - host_start)
+            torch.cuda.synchronize()
+            timer.start()
+            h_TD = runner.model(ids_T, attn_batch, runner.cache)
+            timer.mark("norms+residual")
+            logits_BV = runner.model.compute_logits(h_TD)
+            timer.mark("lm head")
+            tokens, _ = runner.sampler.sample(logits_BV, [s.params for s in seqs], [s.generator for s in seqs])
+            timer.mark("sampling")
+            phases = timer.phases_ms()
+            phases["host: build batch"] = host_ms
+            samples.append(phases)
+            for s, token in zip(seqs, tokens):
+                s.num_cached = len(s.tokens)
+                s.tokens.append(token)
+    finally:
+        for h in handles:
+            h.remove()
+        for layer in runner.model.layers:
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp.experts.timer = None
+    samples = samples[3:]  # warm-up
+    out = {k: float(np.median([s.get(k, 0.0) for s in samples])) for k in samples[0]}
+    out["total (GPU events)"] = float(np.median([sum(v for k, v in s.items() if not k.startswith("host")) for s in samples]))
+    return out
