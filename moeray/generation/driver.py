@@ -171,7 +171,7 @@ class GenerationDriver:
                     last = update.token_ids[-1]
                     state.stop_reason = last if last in state.params.stop_token_ids else None
                 if state.detokenizer is not None and update.token_ids:
-                    if finish == "stop" and not state.params.ignore_eos:
+                    if finish == "stop":
                         # EOS / stop token ids end the text without being part of it (as vLLM does).
                         state.detokenizer.push(list(update.token_ids[:-1]))
                     else:
@@ -184,6 +184,10 @@ class GenerationDriver:
                             self.scheduler.abort(update.request_id)  # frees its blocks at the next step
                         finish = "stop"
                     state.text = full_text if stop_at is None else full_text[:stop_at]
+                stopped_by_text = isinstance(state.stop_reason, str)
+                if finish is not None and state.detokenizer is not None and not stopped_by_text:
+                    state.detokenizer.finish()  # emit bytes held back for a character that never completed
+                    state.text = state.detokenizer.text
                 if finish is not None:
                     state.finish_reason = finish
                     state.finished_s = now

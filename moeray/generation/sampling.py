@@ -8,7 +8,7 @@ the lower token id everywhere (greedy argmax, top-k, top-p), so the filter is a 
 logits alone. `sample_reference` / `reference_probs` do the same in float64, one row at a time
 with numpy; tests hold the fast path to them.
 
-Legend: B sequences in the step, V vocab, X sampled (non-greedy) rows, Q rows that asked for logprobs.
+Legend: B sequences in the step, V vocab, X some of the B rows (sampled ones, or ones that asked for logprobs).
 """
 
 from __future__ import annotations
@@ -106,31 +106,35 @@ class Sampler:
             return None
         return torch.Generator(device=self.device).manual_seed(params.seed)
 
-    def filter_sorted(self, logits_XV: torch.Tensor, params: Sequence[SamplingParams]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Temperature, top-k, top-p for non-greedy rows, batched. Returns (probs_XV, order_XV):
-        `probs_XV[x, r]` is the filtered probability of token `order_XV[x, r]`, ranks most likely
-        first (ties: lower id first); filtered-out ranks have probability exactly 0."""
-        num_rows, vocab_size = logits_XV.shape
+    def filter_probs(self, logits_XV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        """probs_XV in vocab order for non-greedy rows, batched: temperature, then top-k and top-p
+        (only rows that use either are sorted). Filtered-out tokens have probability exactly 0."""
+        vocab_size = logits_XV.shape[1]
         device = logits_XV.device
         temperature_X1 = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)[:, None]
-        top_k_X1 = torch.tensor([_top_k_of(p, vocab_size) for p in params], dtype=torch.int64, device=device)[:, None]
-        top_p_X1 = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)[:, None]
         # Subtracting the row max before dividing keeps a tiny temperature from overflowing to inf
         # (inf - inf would be NaN): every scaled value is <= 0 and the max is exactly 0.
-        shifted_XV = logits_XV.float() - logits_XV.float().amax(dim=1, keepdim=True)
-        scaled_XV = shifted_XV / temperature_X1
+        logits_XV = logits_XV.float()
+        scaled_XV = (logits_XV - logits_XV.amax(dim=1, keepdim=True)) / temperature_X1
+        probs_XV = torch.softmax(scaled_XV, dim=1)
+        truncating = [x for x, p in enumerate(params) if _top_k_of(p, vocab_size) < vocab_size or p.top_p < 1.0]
+        if not truncating:
+            return probs_XV
+        trunc_rows_X = torch.tensor(truncating, device=device)
+        kept = [params[x] for x in truncating]  # rows that sort: top-k and/or top-p is on
+        trunc_top_k_X1 = torch.tensor([_top_k_of(p, vocab_size) for p in kept], device=device)[:, None]
+        trunc_top_p_X1 = torch.tensor([p.top_p for p in kept], dtype=torch.float32, device=device)[:, None]
         # stable descending sort: equal logits keep ascending id order, like the greedy argmax
-        sorted_XV, order_XV = torch.sort(scaled_XV, dim=1, descending=True, stable=True)
+        trunc_sorted_XV, trunc_order_XV = torch.sort(scaled_XV[trunc_rows_X], dim=1, descending=True, stable=True)
         rank_1V = torch.arange(vocab_size, device=device)[None, :]
-        sorted_XV = sorted_XV.masked_fill(rank_1V >= top_k_X1, float("-inf"))
-        probs_XV = torch.softmax(sorted_XV, dim=1)
+        trunc_probs_XV = torch.softmax(trunc_sorted_XV.masked_fill(rank_1V >= trunc_top_k_X1, float("-inf")), dim=1)
         # keep rank r while the probability of the ranks before it is < top_p: the smallest
         # prefix reaching top_p; rank 0 always stays (0 < top_p)
-        before_XV = torch.cumsum(probs_XV, dim=1) - probs_XV
-        probs_XV = probs_XV.masked_fill(before_XV >= top_p_X1, 0.0)
-        probs_XV = probs_XV / probs_XV.sum(dim=1, keepdim=True)
-        return probs_XV, order_XV
+        trunc_before_XV = torch.cumsum(trunc_probs_XV, dim=1) - trunc_probs_XV
+        trunc_probs_XV = trunc_probs_XV.masked_fill(trunc_before_XV >= trunc_top_p_X1, 0.0)
+        trunc_probs_XV = trunc_probs_XV / trunc_probs_XV.sum(dim=1, keepdim=True)
+        probs_XV[trunc_rows_X] = torch.zeros_like(trunc_probs_XV).scatter_(1, trunc_order_XV, trunc_probs_XV)
+        return probs_XV
 
     def filtered_probs(self, logits_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
         """probs_BV in vocab order: what `sample` draws from (greedy rows: one-hot at the argmax)."""
@@ -138,12 +142,11 @@ class Sampler:
         greedy_rows = [b for b, p in enumerate(params) if p.greedy]
         sampled_rows = [b for b, p in enumerate(params) if not p.greedy]
         if greedy_rows:
-            rows_G = torch.tensor(greedy_rows, device=logits_BV.device)
-            probs_BV[rows_G, logits_BV[rows_G].argmax(dim=1)] = 1.0
+            greedy_rows_X = torch.tensor(greedy_rows, device=logits_BV.device)
+            probs_BV[greedy_rows_X, logits_BV[greedy_rows_X].argmax(dim=1)] = 1.0
         if sampled_rows:
             rows_X = torch.tensor(sampled_rows, device=logits_BV.device)
-            probs_XV, order_XV = self.filter_sorted(logits_BV[rows_X], [params[b] for b in sampled_rows])
-            probs_BV[rows_X] = torch.zeros_like(probs_XV).scatter_(1, order_XV, probs_XV)
+            probs_BV[rows_X] = self.filter_probs(logits_BV[rows_X], [params[b] for b in sampled_rows])
         return probs_BV
 
     def sample(self, logits_BV: torch.Tensor, params: Sequence[SamplingParams],
@@ -152,7 +155,8 @@ class Sampler:
         per row, its TokenLogprobs (None for rows whose params.logprobs is None)."""
         num_rows = logits_BV.shape[0]
         if len(params) != num_rows or len(generators) != num_rows:
-            raise ValueError(f"logits have {num_rows} rows but got {len(params)} params and {len(generators)} generators")
+            raise ValueError(f"logits have {num_rows} rows but got {len(params)} params "
+                             f"and {len(generators)} generators")
         if num_rows == 0:
             return [], []
         device = logits_BV.device
@@ -161,17 +165,19 @@ class Sampler:
         sampled_rows = [b for b, p in enumerate(params) if not p.greedy]
         if sampled_rows:
             rows_X = torch.tensor(sampled_rows, device=device)
-            probs_XV, order_XV = self.filter_sorted(logits_BV[rows_X], [params[b] for b in sampled_rows])
-            rank_X = torch.empty(len(sampled_rows), dtype=torch.int64, device=device)
+            # draws are over vocab-order probabilities, so a seeded row's token depends only on its
+            # own logits, params and generator (never on how the batch was filtered or sorted)
+            probs_XV = self.filter_probs(logits_BV[rows_X], [params[b] for b in sampled_rows])
+            drawn_X = torch.empty(len(sampled_rows), dtype=torch.int64, device=device)
             # rows without a generator of their own: one draw from the shared generator, in row order
             shared_x = [x for x, b in enumerate(sampled_rows) if generators[b] is None]
             if shared_x:
-                shared_S = torch.tensor(shared_x, device=device)
-                rank_X[shared_S] = torch.multinomial(probs_XV[shared_S], 1, generator=self.generator)[:, 0]
+                shared_X = torch.tensor(shared_x, device=device)
+                drawn_X[shared_X] = torch.multinomial(probs_XV[shared_X], 1, generator=self.generator)[:, 0]
             for x, b in enumerate(sampled_rows):
                 if generators[b] is not None:  # a seeded request: its own stream, batch-independent
-                    rank_X[x] = torch.multinomial(probs_XV[x], 1, generator=generators[b])[0]
-            ids_B[rows_X] = order_XV.gather(1, rank_X[:, None])[:, 0]
+                    drawn_X[x] = torch.multinomial(probs_XV[x], 1, generator=generators[b])[0]
+            ids_B[rows_X] = drawn_X
         # the one device-to-host copy of the ids in this call
         token_ids = ids_B.tolist()
         return token_ids, self._logprobs(logits_BV, ids_B, token_ids, params)
@@ -182,14 +188,14 @@ class Sampler:
         out: list[TokenLogprobs | None] = [None] * len(params)
         if not asked:
             return out
-        rows_Q = torch.tensor(asked, device=logits_BV.device)
-        logprobs_QV = torch.log_softmax(logits_BV[rows_Q].float(), dim=1)
-        chosen_Q1 = logprobs_QV.gather(1, ids_B[rows_Q][:, None])
-        top_n = min(max(params[b].logprobs for b in asked), logprobs_QV.shape[1])
-        top_lp_QN, top_ids_QN = torch.sort(logprobs_QV, dim=1, descending=True, stable=True)
-        top_lp_QN, top_ids_QN = top_lp_QN[:, :top_n], top_ids_QN[:, :top_n]
+        asked_rows_X = torch.tensor(asked, device=logits_BV.device)
+        logprobs_XV = torch.log_softmax(logits_BV[asked_rows_X].float(), dim=1)
+        chosen_X1 = logprobs_XV.gather(1, ids_B[asked_rows_X][:, None])
+        top_n = min(max(params[b].logprobs for b in asked), logprobs_XV.shape[1])
+        top_lp, top_ids = torch.sort(logprobs_XV, dim=1, descending=True, stable=True)
+        top_lp, top_ids = top_lp[:, :top_n], top_ids[:, :top_n]  # [X, top_n]
         # pack into one float64 tensor so the logprobs cost one device-to-host copy; ids < 2**53 are exact
-        packed = torch.cat([chosen_Q1.double(), top_lp_QN.double(), top_ids_QN.double()], dim=1).tolist()
+        packed = torch.cat([chosen_X1.double(), top_lp.double(), top_ids.double()], dim=1).tolist()
         for q, b in enumerate(asked):
             row = packed[q]
             n = min(params[b].logprobs, top_n)
@@ -240,16 +246,16 @@ def sample_reference(logits_BV: torch.Tensor, params: Sequence[SamplingParams],
         else:
             u = float(torch.rand((), dtype=torch.float64, generator=gen))
             cdf = np.cumsum(probs)
-            nonzero = np.flatnonzero(probs)
-            token = int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), nonzero[-1]))
-            token = token if probs[token] > 0 else int(nonzero[np.searchsorted(nonzero, token)])
+            # the first id whose cdf exceeds u: the cdf rises there, so its probability is > 0;
+            # the clamp only catches u * total rounding to the very top
+            token = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), int(np.flatnonzero(probs)[-1]))
         ids.append(token)
         if p.logprobs is None:
             logprobs.append(None)
             continue
-        top = row.max()
-        log_total = top + math.log(sum(math.exp(v - top) for v in row))
-        lp = [v - log_total for v in row]
+        top = float(row.max())
+        log_total = top + math.log(sum(math.exp(float(v) - top) for v in row))
+        lp = [float(v) - log_total for v in row]
         ranked = sorted(range(len(row)), key=lambda i: (-lp[i], i))[:p.logprobs]
         logprobs.append(TokenLogprobs(token, lp[token], tuple((i, lp[i]) for i in ranked)))
     return ids, logprobs

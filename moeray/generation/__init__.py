@@ -1,0 +1,1 @@
+"""Generation without Ray: sampling, KV block accounting, tokenization, scheduling, the driver."""
