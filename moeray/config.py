@@ -202,6 +202,8 @@ class ParallelConfig(_Frozen):
         default=120.0, gt=0, description="how long start-up waits for the cluster to fit the workers (autoscaling)")
     cpus_per_worker: float = Field(default=1.0, gt=0)
     torch_threads_per_worker: int = Field(default=1, ge=1)
+    cuda_graphs: bool = Field(
+        default=True, description="replay decode steps as CUDA graphs (one GPU worker only: an all-to-all syncs the host)")
     overlap_chunks: int = Field(
         default=1, ge=1, le=16,
         description="token chunks per MoE layer step; > 1 hides each chunk's all-to-all behind another chunk's expert math",

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moeray.comm.dispatcher import Dispatcher
-from moeray.comm.slot_map import DeviceSlotMap, pairs_to_slots
+from moeray.comm.slot_map import DeviceSlotMap, count_per_index, pairs_to_slots
 from moeray.kernels import expert_mlp
 from moeray.kernels.combine import IMPLS as COMBINE_IMPLS
 from moeray.kernels.combine import unpermute_weighted
@@ -44,16 +44,25 @@ class SlotExperts(nn.Module):
         self.overlap_chunks = overlap_chunks
         self.timer = None  # a moeray.bench.phases.PhaseTimer while a benchmark profiles phases
         self.record_load = True
+        # int64 [T] or None: 1 for real rows, 0 for padding rows of a captured CUDA-graph step
+        # (moeray/generation/cuda_graphs.py); padding is computed but never counted as load.
+        self.row_weight_T: torch.Tensor | None = None
         self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.int64, device=w13_SHD.device))
         self.register_buffer("rows_S", torch.zeros(w13_SHD.shape[0], dtype=torch.int64, device=w13_SHD.device))
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         timer = self.timer
         count_E = None
+        pair_weight_N = None
+        if self.row_weight_T is not None:
+            pair_weight_N = self.row_weight_T.repeat_interleave(topk_ids_TK.shape[1], output_size=topk_ids_TK.numel())
         if self.record_load:
-            count_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=self.load_E.numel())
+            count_E = count_per_index(topk_ids_TK.reshape(-1), self.load_E.numel(), pair_weight_N)
             self.load_E += count_E
-        slot_ids_TK = pairs_to_slots(topk_ids_TK, self.slot_map, count_E)
+        # the replica split ranks every pair, padding included, so it needs the unweighted counts
+        slot_ids_TK = pairs_to_slots(topk_ids_TK, self.slot_map, None if pair_weight_N is not None else count_E)
+        if pair_weight_N is not None and self.record_load:  # one worker: slot ids are local slots
+            self.rows_S += count_per_index(slot_ids_TK.reshape(-1), self.rows_S.numel(), pair_weight_N)
         if timer is not None:
             timer.mark("route")
         if self.overlap_chunks > 1 and hasattr(self.dispatcher, "dispatch_start"):  # else nothing to overlap
@@ -69,7 +78,7 @@ class SlotExperts(nn.Module):
 
     def _compute(self, dispatched) -> torch.Tensor:
         """y_MD: this worker's slots applied to the rows it received (and the rows counted)."""
-        if self.record_load:
+        if self.record_load and self.row_weight_T is None:
             self.rows_S += dispatched.slot_offsets_S1.diff()
         return expert_mlp(dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1,
                           dispatched.order_M, impl=self.kernel_impl)

@@ -114,10 +114,13 @@ class Worker:
     def _build_runner(self) -> SequenceRunner:
         cfg, cache_cfg = self.config.model, self.config.cache
         num_kv_heads, k_dim, v_dim = cfg.kv_cache_spec
-        cache = PagedKVCache(cfg.num_hidden_layers, cache_cfg.blocks_per_worker, cache_cfg.block_size, num_kv_heads,
+        # + 1: the runner keeps the last block as the sink for padding rows of captured steps
+        cache = PagedKVCache(cfg.num_hidden_layers, cache_cfg.blocks_per_worker + 1, cache_cfg.block_size, num_kv_heads,
                              k_dim, v_dim, self.dtype, self.device)
+        par = self.config.parallel
+        graphs = par.cuda_graphs and self.device.type == "cuda" and par.num_workers == 1 and par.overlap_chunks == 1
         return SequenceRunner(self.model, cache, self.config.max_model_len, cfg.eos_token_ids, self.device,
-                              seed=self.config.seed + self.rank)
+                              seed=self.config.seed + self.rank, cuda_graphs=graphs, max_num_seqs=cache_cfg.max_num_seqs)
 
     def _slot_map(self, layer: int) -> DeviceSlotMap:
         weights_ER = None

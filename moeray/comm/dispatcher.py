@@ -21,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from moeray.comm.slot_map import count_per_index
 from moeray.kernels.combine import unpermute, unpermute_weighted
 
 
@@ -75,7 +76,7 @@ class LocalDispatcher:
         num_tokens, top_k = slot_ids_TK.shape
         send_order_N = _sort_pairs_by_slot(slot_ids_TK)
         tokens_MD = x_TD.index_select(0, send_order_N // top_k)  # already grouped by slot
-        count_S = torch.bincount(slot_ids_TK.reshape(-1), minlength=self.slots_per_worker)
+        count_S = count_per_index(slot_ids_TK.reshape(-1), self.slots_per_worker)
         order_M = torch.arange(tokens_MD.shape[0], device=x_TD.device)
         return Dispatched(tokens_MD, order_M, _offsets(count_S), send_order_N, num_tokens, top_k)
 
@@ -124,7 +125,7 @@ class AllToAllDispatcher:
             send_order_N = _sort_pairs_by_slot(ids_TK)
             send_orders.append(send_order_N)
             sends.append(x_TD[first:end].index_select(0, send_order_N // top_k))
-            counts.append(torch.bincount(ids_TK.reshape(-1), minlength=W * S_w).view(W, S_w))
+            counts.append(count_per_index(ids_TK.reshape(-1), W * S_w).view(W, S_w))
         self._mark("sort+gather")
 
         send_count_WCS = torch.stack(counts, dim=1)  # peer first: the exchange splits dim 0 by rank
@@ -141,7 +142,9 @@ class AllToAllDispatcher:
         arranged = []
         for c in range(len(bounds)):
             recv_count_WS = recv_count_WCS[:, c]
-            local_slot_M = torch.repeat_interleave(local_slot_WS, recv_count_WS.reshape(-1))
+            # output_size from the host copy above: without it repeat_interleave syncs to size its output
+            local_slot_M = torch.repeat_interleave(local_slot_WS, recv_count_WS.reshape(-1),
+                                                   output_size=sum(recv_splits_CW[c]))
             arranged.append((torch.sort(local_slot_M, stable=True).indices, _offsets(recv_count_WS.sum(0))))
         self._mark("arrange")
 

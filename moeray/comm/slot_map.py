@@ -50,6 +50,17 @@ class DeviceSlotMap:
         return int(self.log2phy_ER.shape[1])
 
 
+def count_per_index(ids_N: torch.Tensor, length: int, weight_N: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [length]: how often each value 0..length-1 occurs in ids_N (every id must be < length),
+    each occurrence counted `weight_N` times when given (0 for padding rows).
+
+    The same as `torch.bincount(ids_N, minlength=length)` without its device-to-host sync: on
+    CUDA bincount reads max(ids) to size its output, which stalls the host once per call.
+    """
+    weight_N = torch.ones_like(ids_N, dtype=torch.int64) if weight_N is None else weight_N
+    return torch.zeros(length, dtype=torch.int64, device=ids_N.device).scatter_add_(0, ids_N, weight_N)
+
+
 def pairs_to_slots(topk_ids_TK: torch.Tensor, slot_map: DeviceSlotMap,
                    count_E: torch.Tensor | None = None) -> torch.Tensor:
     """slot_ids_TK: the slot each (token, k) pair is sent to. `count_E` (pairs per expert in this
@@ -61,7 +72,7 @@ def pairs_to_slots(topk_ids_TK: torch.Tensor, slot_map: DeviceSlotMap,
     # Occurrence rank of each pair within its expert: stable sort by expert, subtract group start.
     order_N = torch.sort(ids_N, stable=True).indices
     if count_E is None:
-        count_E = torch.bincount(ids_N, minlength=num_experts)
+        count_E = count_per_index(ids_N, num_experts)
     start_E = torch.cumsum(count_E, 0) - count_E
     rank_N = torch.empty_like(ids_N)
     rank_N[order_N] = torch.arange(ids_N.numel(), device=ids_N.device) - start_E[ids_N[order_N]]

@@ -48,10 +48,19 @@ class SequenceRunner:
     """Owns one worker's sequences and KV cache; `step(plan)` runs them once through `model`."""
 
     def __init__(self, model, cache: PagedKVCache, max_model_len: int, eos_token_ids: tuple[int, ...],
-                 device: torch.device, seed: int = 0):
+                 device: torch.device, seed: int = 0, cuda_graphs: bool = False, max_num_seqs: int = 256):
         self.model = model
         self.cache = cache
-        self.allocator = BlockAllocator(cache.num_blocks)
+        # The cache's last block is never handed out: padding rows of captured decode steps write
+        # there (moeray/generation/cuda_graphs.py), so no sequence's cache is ever touched by them.
+        if cache.num_blocks < 2:
+            raise ValueError(f"the KV cache needs >= 2 blocks (one is the padding sink), has {cache.num_blocks}")
+        self.allocator = BlockAllocator(cache.num_blocks - 1)
+        self.graphs = None
+        if cuda_graphs:
+            from moeray.generation.cuda_graphs import CudaGraphDecoder
+
+            self.graphs = CudaGraphDecoder(model, cache, sink_block=cache.num_blocks - 1, max_batch=max_num_seqs)
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = device
@@ -87,19 +96,29 @@ class SequenceRunner:
         for new in plan.new:
             self._admit(new)
         seqs = list(self.sequences.values())
-        spans = [SeqSpan(tuple(s.block_ids), s.num_cached, len(s.tokens) - s.num_cached) for s in seqs]
-        batch = AttentionBatch.build(spans, self.cache.block_size, self.device)
-        ids_T = torch.tensor([t for s in seqs for t in s.tokens[s.num_cached:]], dtype=torch.int64, device=self.device)
-        prepared = time.perf_counter()
-        h_TD = self.model(ids_T, batch, self.cache)
-        for s in seqs:
-            s.num_cached = len(s.tokens)
-        updates = self._sample(seqs, batch, h_TD)
+        if self.graphs is not None and self.graphs.applies(seqs):  # every sequence decodes one token
+            prepared = time.perf_counter()
+            logits_BV = self.graphs.run(seqs)
+            for s in seqs:
+                s.num_cached = len(s.tokens)
+            updates = self._sample_rows(seqs, logits_BV)
+            num_tokens = len(seqs)
+        else:
+            spans = [SeqSpan(tuple(s.block_ids), s.num_cached, len(s.tokens) - s.num_cached) for s in seqs]
+            batch = AttentionBatch.build(spans, self.cache.block_size, self.device)
+            ids_T = torch.tensor([t for s in seqs for t in s.tokens[s.num_cached:]], dtype=torch.int64,
+                                 device=self.device)
+            prepared = time.perf_counter()
+            h_TD = self.model(ids_T, batch, self.cache)
+            for s in seqs:
+                s.num_cached = len(s.tokens)
+            updates = self._sample(seqs, batch, h_TD)
+            num_tokens = int(ids_T.numel())
         for update in updates:
             if update.finish_reason is not None:
                 self._release(update.request_id)
         done = time.perf_counter()
-        return StepResult(tuple(updates), len(self.sequences), self.allocator.num_used, int(ids_T.numel()),
+        return StepResult(tuple(updates), len(self.sequences), self.allocator.num_used, num_tokens,
                           {"prepare": 1e3 * (prepared - start), "forward+sample": 1e3 * (done - prepared)})
 
     def _sample(self, seqs: list[RunningSequence], batch: AttentionBatch, h_TD: torch.Tensor) -> list[SequenceUpdate]:
@@ -115,7 +134,11 @@ class SequenceRunner:
             return updates
         rows_B = torch.tensor([last_rows[b] for b in generating], dtype=torch.int64, device=h_TD.device)
         logits_BV = self.model.compute_logits(h_TD.index_select(0, rows_B))
-        chosen = [seqs[b] for b in generating]
+        return updates + self._sample_rows([seqs[b] for b in generating], logits_BV)
+
+    def _sample_rows(self, chosen: list[RunningSequence], logits_BV: torch.Tensor) -> list[SequenceUpdate]:
+        """Sample row b for sequence chosen[b], append the token, check the stops by id and length."""
+        updates = []
         token_ids, logprobs = self.sampler.sample(logits_BV, [s.params for s in chosen], [s.generator for s in chosen])
         for s, token, lp in zip(chosen, token_ids, logprobs):
             s.tokens.append(token)
