@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--hbm-tb-s", type=float, default=4.3, help="HBM bandwidth for the roofline (H200: 4.3)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps (the v1 path)")
     p.add_argument("--phases", action="store_true", help="per-phase GPU breakdown of a decode step")
     p.add_argument("--hf", action="store_true", help="also time transformers generate on the same model")
     p.add_argument("--hf-batches", default="1,64")
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     results = []
     with LLM(directory, num_workers=args.workers, device=args.device, cache=cache,
-             rebalance={"enabled": False}) as llm:
+             parallel={"cuda_graphs": not args.no_cuda_graphs}, rebalance={"enabled": False}) as llm:
         cfg = llm.engine.config.model
         for batch in sorted(set(batches)):  # warm-up: kernels compiled and autotuned at every size
             _time_batch(llm, batch, argparse.Namespace(**{**vars(args), "decode_steps": 3}), rng)
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace) -> dict:
             results.append(res)
             print(f"B={batch:4d}  prefill {res['prefill_step_ms']:8.1f} ms ({res['prefill_tokens_per_s']:9.0f} tok/s)"
                   f"  decode {res['decode_step_ms']:7.2f} ms/step ({res['decode_tokens_per_s']:8.0f} tok/s)"
-                  f"  roofline {res['roofline_step_ms']:.2f} ms ({100 * res['roofline_fraction']:.0f}%)"
+                  + (f"  roofline {res['roofline_step_ms']:.2f} ms ({100 * res['roofline_fraction']:.0f}%)"
+                     if args.device == "cuda" else "") +
                   f"  ray {res['outside_model_ms']['ray_round_trip']:.2f} ms", flush=True)
     phases = None
     if args.phases and args.device == "cuda":
