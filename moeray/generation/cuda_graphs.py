@@ -38,12 +38,15 @@ def block_bucket(blocks: int) -> int:
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None on a CPU: the padded step runs eagerly
     host_BX: torch.Tensor  # pinned int64 staging of every per-step input, packed
     device_BX: torch.Tensor  # its device twin; the batch's tensors are views of it
     logits_BV: torch.Tensor  # the captured output
     num_seqs: int
     num_blocks: int
+    batch: AttentionBatch
+    ids_T: torch.Tensor
+    weight_T: torch.Tensor
 
 
 class CudaGraphDecoder:
@@ -54,7 +57,10 @@ class CudaGraphDecoder:
         self.buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (bucket(max_batch, BATCH_BUCKETS) or max_batch,)
         self.device = cache.k[0].device
         self.graphs: dict[tuple[int, int], _Graph] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        # On a CPU the same padded static-shape step runs eagerly (no graph): the padding logic is
+        # tested without a GPU (tests/unit/test_cuda_graphs_padding.py).
+        self.capture = self.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.replays = 0
 
     def applies(self, seqs) -> bool:
@@ -72,8 +78,13 @@ class CudaGraphDecoder:
         if g is None:
             g = self.graphs[key] = self._capture(padded, blocks)
         self._fill(g, seqs)
-        g.device_BX.copy_(g.host_BX, non_blocking=True)  # pinned: ordered on the stream, no host stall
-        g.graph.replay()
+        # A blocking copy: the stream is idle here (the last step's sampling synced), so it costs no
+        # wait, and the pinned buffer can never be rewritten while a copy out of it is pending.
+        g.device_BX.copy_(g.host_BX)
+        if g.graph is None:
+            g.logits_BV = self._forward(g.batch, g.ids_T, g.weight_T)
+        else:
+            g.graph.replay()
         self.replays += 1
         return g.logits_BV[:num_seqs]
 
@@ -83,7 +94,7 @@ class CudaGraphDecoder:
 
     def _fill(self, g: _Graph, seqs) -> None:
         """Write this step's inputs into the pinned staging buffer; padding rows point at the sink.
-        The previous step's copy out of this buffer is complete: its sampling read ids on the host."""
+        The previous step's copy out of this buffer is complete (it was a blocking copy)."""
         B, P, Z = g.num_seqs, g.num_blocks, self.cache.block_size
         host = g.host_BX.numpy()
         n = len(seqs)
@@ -101,8 +112,21 @@ class CudaGraphDecoder:
         parts = [device_BX[i * B:(i + 1) * B] for i in range(5)]
         return (*parts, device_BX[5 * B:].view(B, P))
 
+    def _forward(self, batch: AttentionBatch, ids_T: torch.Tensor, weight_T: torch.Tensor) -> torch.Tensor:
+        experts = [block.experts for block in self.model.moe_blocks]
+        for e in experts:
+            e.row_weight_T = weight_T
+        try:
+            batch._derived.clear()  # the causal mask is recomputed from the static inputs every time
+            return self.model.compute_logits(self.model(ids_T, batch, self.cache))
+        finally:
+            for e in experts:
+                e.row_weight_T = None
+
     def _capture(self, B: int, P: int) -> _Graph:
-        host = torch.zeros(5 * B + B * P, dtype=torch.int64).pin_memory()
+        host = torch.zeros(5 * B + B * P, dtype=torch.int64)
+        if self.capture:
+            host = host.pin_memory()
         device_BX = torch.zeros_like(host, device=self.device)
         ids, pos, index, ctx, weight, table = self._views(device_BX, B, P)
         arange_B = torch.arange(B, device=self.device)
@@ -110,6 +134,8 @@ class CudaGraphDecoder:
             starts=(0,) * B, num_new=(1,) * B, block_size=self.cache.block_size, positions_T=pos,
             cache_index_T=index, block_table_BP=table, context_lens_B=ctx, query_start_B1=tuple(range(B + 1)),
             rows_BN=arange_B.view(B, 1), cell_of_T=arange_B, query_pos_BN=pos.view(B, 1))
+        if not self.capture:
+            return _Graph(None, host, device_BX, None, B, P, batch, ids, weight)
         # All padding while warming up and capturing: only the sink block is written.
         host.zero_()
         host_view = host.numpy()
@@ -117,23 +143,13 @@ class CudaGraphDecoder:
         host_view[3 * B:4 * B] = 1
         host_view[5 * B:] = self.sink_block
         device_BX.copy_(host)
-        experts = [block.experts for block in self.model.moe_blocks]
-        for e in experts:
-            e.row_weight_T = weight
-        try:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up: kernels compiled / autotuned outside the capture
-                for _ in range(2):
-                    batch._derived.clear()
-                    self.model.compute_logits(self.model(ids, batch, self.cache))
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            batch._derived.clear()  # the causal mask must be computed inside the graph, every replay
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits_BV = self.model.compute_logits(self.model(ids, batch, self.cache))
-        finally:
-            for e in experts:
-                e.row_weight_T = None
-        return _Graph(graph, host, device_BX, logits_BV, B, P)
-
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up: kernels compiled / autotuned outside the capture
+            for _ in range(2):
+                self._forward(batch, ids, weight)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits_BV = self._forward(batch, ids, weight)
+        return _Graph(graph, host, device_BX, logits_BV, B, P, batch, ids, weight)
