@@ -71,9 +71,11 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        for i, prompt in enumerate(prompts):
+        if not all(isinstance(p, SamplingParams) for p in params):
+            raise TypeError("sampling_params must be a SamplingParams or a list of them")
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
             try:
-                self.driver.encode_prompt(prompt)
+                self.driver.check_request(prompt, sp)
             except ValueError as exc:
                 raise ValueError(f"prompt {i}: {exc}") from None
         ids = [self.driver.add_request(p, sp) for p, sp in zip(prompts, params)]

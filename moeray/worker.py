@@ -173,6 +173,7 @@ class Worker:
                 experts.w13_SHD.data.copy_(w13.to(self.device))
                 experts.w2_SDF.data.copy_(w2.to(self.device))
                 experts.slot_map = self._slot_map(layer)
+            self.runner.invalidate_graphs()
 
     def resync_steps(self, step: int) -> None:
         """Start counting from the engine's step (after a recovery, a replacement starts at 0 and the
@@ -230,6 +231,8 @@ class Worker:
             self.stats_recording = enabled
             for experts in self._slot_experts():
                 experts.record_load = enabled
+            if hasattr(self, "runner"):
+                self.runner.invalidate_graphs()
 
     def _read_counters(self) -> tuple[np.ndarray, np.ndarray]:
         experts = self._slot_experts()
@@ -341,17 +344,21 @@ class Worker:
         self.replica_weights_LS = staged.replica_weights_LS
         for layer, layer_experts in enumerate(experts):
             layer_experts.slot_map = self._slot_map(layer)
+        self.runner.invalidate_graphs()
         self._commit_ms = 1e3 * (time.perf_counter() - start)
 
     def load_counts(self) -> np.ndarray:
         """[L, E] pairs routed by this worker's tokens since start-up (one host sync). The counters
-        are never reset: snapshots ship differences against them."""
-        return self._read_counters()[0]
+        are never reset: snapshots ship differences against them. Under the step lock: a CUDA call
+        from another actor thread during a graph capture would invalidate the capture."""
+        with self._step_lock:
+            return self._read_counters()[0]
 
     def slot_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(w13_SHD, w2_SDF) of this worker's slots in one layer, for checks and migrations."""
-        experts = self._slot_experts()[layer]
-        return experts.w13_SHD.detach().cpu().numpy(), experts.w2_SDF.detach().cpu().numpy()
+        with self._step_lock:
+            experts = self._slot_experts()[layer]
+            return experts.w13_SHD.detach().cpu().numpy(), experts.w2_SDF.detach().cpu().numpy()
 
     def memory_report(self) -> dict:
         """Resident memory against what this worker must hold: dense weights, its slots, its KV cache."""

@@ -104,6 +104,12 @@ class GenerationDriver:
                              "so a prompt may have at most max_model_len - 1 tokens")
         return text, tuple(int(t) for t in ids)
 
+    def check_request(self, prompt, params: SamplingParams) -> tuple[str | None, tuple[int, ...]]:
+        """Everything add_request checks, without queueing: (text, ids) or ValueError naming the value."""
+        text, ids = self.encode_prompt(prompt)
+        self.scheduler.check(len(ids), params)
+        return text, ids
+
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     score: bool = False) -> str:
         """Queue a request (text or token ids); raises ValueError naming the bad value and queues
@@ -143,6 +149,13 @@ class GenerationDriver:
         except (WorkerLost, CollectiveError):
             self._recover()
             return []
+        except Exception:
+            # Any other step failure: the plan's admissions and aborts may have reached some workers
+            # and not others, so every worker drops its sequences and everything in flight is
+            # queued again (no KV block can leak); the caller sees the error.
+            self.engine.reset_sequences()
+            self._requeue_in_flight()
+            raise
         stepped = time.perf_counter()
         self.scheduler.update(results)
         outputs = self._absorb(results, stepped)
@@ -200,6 +213,11 @@ class GenerationDriver:
         flight, each request's generated tokens appended to its prompt."""
         self.engine.recover()
         self.engine.reset_sequences()
+        self._requeue_in_flight()
+
+    def _requeue_in_flight(self) -> None:
+        """Every running request back to the queue with its generated tokens appended to its prompt
+        (re-prefilled: greedy outputs are unchanged; a seeded request's draws restart from its seed)."""
         for req in self.scheduler.requeue_all():
             state = self.requests[req.request_id]
             state.resubmissions += 1

@@ -82,6 +82,12 @@ class SequenceRunner:
         if seq is not None:
             self.allocator.free(seq.block_ids)
 
+    def invalidate_graphs(self) -> None:
+        """Captured steps hold the addresses of the slot maps and of the stats switch as they were:
+        after a commit, a placement reload or a stats toggle they must be captured again."""
+        if self.graphs is not None:
+            self.graphs.graphs.clear()
+
     def reset(self) -> None:
         """Forget every sequence (after a failed step: the driver re-submits what was in flight)."""
         for request_id in list(self.sequences):

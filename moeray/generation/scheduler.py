@@ -58,15 +58,20 @@ class Scheduler:
     def reservation_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         return min(prompt_len + params.max_tokens, self.max_model_len)
 
+    def check(self, prompt_len: int, params: SamplingParams, request_id: str = "") -> int:
+        """KV blocks the request reserves, or ValueError when no worker could ever hold it."""
+        need = blocks_needed(self.reservation_tokens(prompt_len, params), self.block_size)
+        if need > self.blocks_per_worker:
+            raise ValueError(
+                f"request {request_id!r} needs {need} KV blocks ({prompt_len} prompt tokens + max_tokens="
+                f"{params.max_tokens}) but a worker has only {self.blocks_per_worker}")
+        return need
+
     def add(self, request_id: str, prompt_ids, params: SamplingParams, score: bool = False) -> None:
         if request_id in self.running or any(r.request_id == request_id for r in self.waiting):
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt = tuple(int(t) for t in prompt_ids)
-        need = blocks_needed(self.reservation_tokens(len(prompt), params), self.block_size)
-        if need > self.blocks_per_worker:
-            raise ValueError(
-                f"request {request_id!r} needs {need} KV blocks ({len(prompt)} prompt tokens + max_tokens="
-                f"{params.max_tokens}) but a worker has only {self.blocks_per_worker}")
+        need = self.check(len(prompt), params, request_id)
         self.waiting.append(ScheduledRequest(request_id, prompt, params, score, num_blocks=need))
 
     def abort(self, request_id: str) -> None:

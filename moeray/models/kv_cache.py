@@ -48,8 +48,8 @@ class AttentionBatch:
     a boolean mask: masking would need a device-to-host sync to size its result), `query_pos_BN`
     the cells' positions.
 
-    All device tensors arrive in ONE host-to-device copy per step (packed, then split): a copy from
-    pageable host memory blocks the host until the stream reaches it, so one per layer would
+    All of the batch's device tensors arrive in ONE host-to-device copy (packed, then split): a copy
+    from pageable host memory blocks the host until the stream reaches it, so one per layer would
     serialise the host with the GPU every layer.
     """
 
@@ -77,11 +77,6 @@ class AttentionBatch:
     @property
     def context_lens(self) -> tuple[int, ...]:
         return tuple(s + n for s, n in zip(self.starts, self.num_new))
-
-    @property
-    def decode_only(self) -> bool:
-        """Every sequence adds exactly one token (the batched decode path applies)."""
-        return bool(self.num_new) and all(n == 1 for n in self.num_new)
 
     @property
     def last_rows_B(self) -> list[int]:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import numpy as np
 
+from moeray.errors import CollectiveError, WorkerLost
 from moeray.generation.driver import GenerationDriver
 from moeray.generation.outputs import RequestOutput
 from moeray.generation.sampling import SamplingParams
@@ -93,28 +94,45 @@ class EngineLoop:
     # ---- the loop thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stopped.is_set():
-            idle = not self.driver.has_unfinished()
+            busy = self.driver.has_unfinished()
             try:
-                item = self._inbox.get(block=idle, timeout=1.0 if idle else None)
+                # idle: wait for work; busy: take what is there and step (never wait)
+                item = self._inbox.get(timeout=1.0) if not busy else self._inbox.get_nowait()
             except queue.Empty:
-                continue
-            self._handle(item)
-            while True:  # everything that arrived during the last step joins the next one
-                try:
-                    self._handle(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
+                item = None
+            if item is not None:
+                self._handle(item)
+                while True:  # everything that arrived during the last step joins the next one
+                    try:
+                        self._handle(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
             if self.driver.has_unfinished():
                 self._step()
+
+    @staticmethod
+    def _resolve(future: Future, result=None, error: BaseException | None = None) -> None:
+        """Hand a result over unless the caller gave up (a cancelled future refuses results)."""
+        if future.done():
+            return
+        try:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+        except InvalidStateError:  # cancelled between the check and the set
+            pass
 
     def _handle(self, item) -> None:
         kind, payload, future = item
         if kind == "request":
+            if future.cancelled():  # the client went away before its request was admitted
+                return
             prompt, params, score = payload
             try:
                 request_id = self.driver.add_request(prompt, params, score=score)
             except (ValueError, TypeError) as exc:
-                future.set_exception(RequestRejected(400, str(exc)))
+                self._resolve(future, error=RequestRejected(400, str(exc)))
                 return
             future.request_id = request_id
             self._waiting[request_id] = future
@@ -124,9 +142,9 @@ class EngineLoop:
         elif kind == "call":
             fn, args = payload
             try:
-                future.set_result(fn(*args))
+                self._resolve(future, fn(*args))
             except Exception as exc:  # noqa: BLE001 - handed to the caller
-                future.set_exception(exc)
+                self._resolve(future, error=exc)
 
     def _step(self) -> None:
         engine = self.driver.engine
@@ -134,11 +152,12 @@ class EngineLoop:
             if not engine.healthy:  # an earlier recovery failed: try again before stepping
                 engine.recover()
             outputs = self.driver.step()
-        except Exception as exc:  # noqa: BLE001 - recovery failed: fail what is in flight, keep serving
+        except Exception as exc:  # noqa: BLE001 - the step or its recovery failed: fail what is in flight, keep serving
+            error = exc if isinstance(exc, (WorkerLost, CollectiveError)) else WorkerLost(
+                f"engine step failed: {type(exc).__name__}: {exc}")
             for request_id, future in list(self._waiting.items()):
                 self.driver.abort(request_id)
-                if not future.done():
-                    future.set_exception(exc)
+                self._resolve(future, error=error)
             self._waiting.clear()
             return
         self.steps += 1
@@ -146,5 +165,5 @@ class EngineLoop:
         for out in outputs:
             if out.finished:
                 future = self._waiting.pop(out.request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(out)
+                if future is not None:
+                    self._resolve(future, out)

@@ -142,3 +142,36 @@ def test_requests_in_flight_survive_a_killed_worker(tiny, ray_cluster):
         out = outs[rid]
         want = greedy_generate(reference, list(out.prompt_token_ids), 16)
         assert list(out.outputs[0].token_ids) == want
+
+
+def test_the_serving_loop_runs_multi_step_requests_and_survives_callers_that_give_up(llm, tiny):
+    """The service's EngineLoop (one thread drives the driver) on this engine: concurrent requests of
+    many steps all finish with the reference output; a caller that cancels does not stop the loop;
+    a bad request is a 400 and the rest still run."""
+    import asyncio
+
+    from moeray.serving.core import EngineLoop, RequestRejected
+
+    _, cfg, reference = tiny
+    loop = EngineLoop(llm.driver)
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], [8, 9], list(range(20, 40))]
+
+    async def scenario():
+        gone = asyncio.ensure_future(loop.submit([3, 4, 5], SamplingParams(max_tokens=40, ignore_eos=True)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        bad = loop.submit([1, 10**6], params)
+        outs = await asyncio.gather(bad, *(loop.submit(p, params) for p in prompts), return_exceptions=True)
+        steps = await loop.call(lambda: llm.engine.steps)
+        return outs, steps
+
+    try:
+        outs, steps = asyncio.run(scenario())
+    finally:
+        loop.stop()
+    assert isinstance(outs[0], RequestRejected) and outs[0].status == 400 and "100000" in outs[0].detail
+    for out, prompt in zip(outs[1:], prompts):
+        assert list(out.outputs[0].token_ids) == greedy_generate(reference, prompt, 9)
+    assert loop.steps >= 9 and steps > 0
+    assert not llm.driver.has_unfinished()

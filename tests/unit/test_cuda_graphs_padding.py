@@ -30,14 +30,21 @@ def _worker(ckpt, padded: bool):
 
 
 def _run(worker, prompts, steps):
+    """Sequences stop at different lengths (the batch shrinks across buckets) and the last prompt
+    joins mid-way (an eager prefill between captured steps)."""
     from moeray.generation.messages import NewSequence, StepPlan
     from moeray.generation.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True, logprobs=3)
-    new = tuple(NewSequence(f"r{i}", tuple(p), params, -(-(len(p) + steps + 1) // 4)) for i, p in enumerate(prompts))
+    def new(i, p):
+        params = SamplingParams(max_tokens=steps + 1 - (i % 5), temperature=0.0, ignore_eos=True, logprobs=3)
+        return NewSequence(f"r{i}", tuple(p), params, -(-(len(p) + steps + 1) // 4))
+
     outs = {f"r{i}": [] for i in range(len(prompts))}
-    plan = StepPlan(new=new)
-    for _ in range(steps + 1):
+    late = len(prompts) - 1 if len(prompts) > 1 else None
+    plan = StepPlan(new=tuple(new(i, p) for i, p in enumerate(prompts) if i != late))
+    for step in range(steps + 6):
+        if step == 4 and late is not None:
+            plan = StepPlan(new=(new(late, prompts[late]),))
         for u in worker.step(plan).updates:
             outs[u.request_id].append((u.token_ids[0], u.logprobs[0].logprob))
         plan = StepPlan()
@@ -54,10 +61,12 @@ def test_padded_decode_equals_the_plain_step(tmp_path, batch):
     ckpt, cfg, _ = make_checkpoint(tmp_path, family="mixtral", num_experts=6, top_k=3)
     rng = np.random.default_rng(batch)
     prompts = [rng.integers(3, cfg.vocab_size, int(n)).tolist() for n in rng.integers(2, 14, batch)]
-    plain, plain_load = _run(_worker(ckpt, padded=False), prompts, steps=12)  # contexts cross 4 -> 8 blocks
+    plain, plain_load = _run(_worker(ckpt, padded=False), prompts, steps=12)
     worker = _worker(ckpt, padded=True)
     padded, padded_load = _run(worker, prompts, steps=12)
-    assert worker.runner.graphs.replays == 12  # every step after the prefill
+    assert worker.runner.graphs.replays >= 8
+    if batch > 1:
+        assert len(worker.runner.graphs.graphs) >= 2  # the batch shrank across buckets
     for rid in plain:
         assert [t for t, _ in padded[rid]] == [t for t, _ in plain[rid]], rid
         np.testing.assert_allclose([lp for _, lp in padded[rid]], [lp for _, lp in plain[rid]], atol=1e-4)
