@@ -81,3 +81,41 @@ def results_from_triton_interpreter(script: str) -> dict:
     proc = subprocess.run([sys.executable, script], env=env, cwd=repo, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def decode_run(worker, prompts, steps):
+    """Greedy decoding of `prompts` on an in-process Worker, step by step, returning
+    ({request: [(token, logprob)]}, load counts). Sequences stop at different lengths (the batch
+    shrinks across graph buckets) and the last prompt joins mid-way (an eager prefill between
+    decode-only steps): the awkward cases for captured / padded decode steps."""
+    from moeray.generation.messages import NewSequence, StepPlan
+    from moeray.generation.sampling import SamplingParams
+
+    def new(i, p):
+        params = SamplingParams(max_tokens=steps + 1 - (i % 5), temperature=0.0, ignore_eos=True, logprobs=3)
+        return NewSequence(f"r{i}", tuple(p), params, -(-(len(p) + steps + 1) // 4))
+
+    outs = {f"r{i}": [] for i in range(len(prompts))}
+    late = len(prompts) - 1 if len(prompts) > 1 else None
+    plan = StepPlan(new=tuple(new(i, p) for i, p in enumerate(prompts) if i != late))
+    for step in range(steps + 6):
+        if step == 4 and late is not None:
+            plan = StepPlan(new=(new(late, prompts[late]),))
+        for u in worker.step(plan).updates:
+            outs[u.request_id].append((u.token_ids[0], u.logprobs[0].logprob))
+        plan = StepPlan()
+    return outs, worker.load_counts()
+
+
+def single_worker(ckpt: str, device: str = "cpu", cuda_graphs: bool = False):
+    """An in-process Worker (no Ray) on one device: the whole model, block size 4."""
+    from moeray.config import EngineOptions
+    from moeray.llm import engine_config_for
+    from moeray.worker import Worker
+
+    config = engine_config_for(ckpt, EngineOptions(
+        parallel={"device": device, "cuda_graphs": cuda_graphs}, rebalance={"enabled": False},
+        cache={"block_size": 4, "kv_tokens_per_worker": 4096, "max_num_seqs": 32}))
+    cfg = config.model
+    placement = Placement.contiguous(cfg.num_moe_layers, cfg.num_experts, 1, config.slots_per_worker)
+    return Worker(0, config, ckpt, placement.phy2log)
