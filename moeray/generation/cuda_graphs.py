@@ -133,7 +133,7 @@ class CudaGraphDecoder:
         batch = AttentionBatch(
             starts=(0,) * B, num_new=(1,) * B, block_size=self.cache.block_size, positions_T=pos,
             cache_index_T=index, block_table_BP=table, context_lens_B=ctx, query_start_B1=tuple(range(B + 1)),
-            rows_BN=arange_B.view(B, 1), cell_of_T=arange_B, query_pos_BN=pos.view(B, 1))
+            rows_BN=arange_B.view(B, 1), cell_of_T=arange_B, query_pos_BN=pos.view(B, 1), last_row_B=arange_B)
         if not self.capture:
             return _Graph(None, host, device_BX, None, B, P, batch, ids, weight)
         # All padding while warming up and capturing: only the sink block is written.

@@ -129,7 +129,6 @@ class SequenceRunner:
 
     def _sample(self, seqs: list[RunningSequence], batch: AttentionBatch, h_TD: torch.Tensor) -> list[SequenceUpdate]:
         updates: list[SequenceUpdate] = []
-        last_rows = batch.last_rows_B
         generating = [b for b, s in enumerate(seqs) if not s.score]
         for b, s in enumerate(seqs):
             if s.score:  # every prompt position's logits go back (host copy), then the sequence ends
@@ -138,7 +137,11 @@ class SequenceRunner:
                 updates.append(SequenceUpdate(s.request_id, finish_reason="length", prompt_logits_TV=logits_TV))
         if not generating:
             return updates
-        rows_B = torch.tensor([last_rows[b] for b in generating], dtype=torch.int64, device=h_TD.device)
+        # The rows come with the batch's one host-to-device copy: a fresh copy here would block the
+        # host until the whole forward has run, serialising it with the GPU once more per step.
+        rows_B = batch.last_row_B
+        if len(generating) < len(seqs):  # scoring requests in the step (rare): keep the others' rows
+            rows_B = rows_B[torch.tensor(generating, device=rows_B.device)]
         logits_BV = self.model.compute_logits(h_TD.index_select(0, rows_B))
         return updates + self._sample_rows([seqs[b] for b in generating], logits_BV)
 

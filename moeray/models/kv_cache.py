@@ -64,6 +64,7 @@ class AttentionBatch:
     rows_BN: torch.Tensor  # int64 [B, N]
     cell_of_T: torch.Tensor  # int64 [T]
     query_pos_BN: torch.Tensor  # int64 [B, N]
+    last_row_B: torch.Tensor  # int64 [B]: the row of each sequence's last new token (its next token's logits)
     _derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -77,11 +78,6 @@ class AttentionBatch:
     @property
     def context_lens(self) -> tuple[int, ...]:
         return tuple(s + n for s, n in zip(self.starts, self.num_new))
-
-    @property
-    def last_rows_B(self) -> list[int]:
-        """Row of each sequence's last new token (where its next token is sampled from)."""
-        return [end - 1 for end in self.query_start_B1[1:]]
 
     def visible_BNC(self) -> torch.Tensor:
         """bool [B, N, C] (C = P * Z): key position c is visible to query cell (b, n) when it is
@@ -122,20 +118,20 @@ class AttentionBatch:
                 query_pos.append(s.start + n)
             cells.extend(range(b * grid, b * grid + s.num_new))
         parts = [positions, cache_index, [x for row in table for x in row], [s.context_len for s in spans],
-                 rows, cells, query_pos]
+                 rows, cells, query_pos, [end - 1 for end in query_start[1:]]]
         packed = torch.tensor([x for part in parts for x in part], dtype=torch.int64).to(device)  # the one copy
         views, offset = [], 0
         for part in parts:
             views.append(packed[offset:offset + len(part)])
             offset += len(part)
-        positions_T, cache_index_T, table_flat, context_B, rows_flat, cell_of_T, query_pos_flat = views
+        positions_T, cache_index_T, table_flat, context_B, rows_flat, cell_of_T, query_pos_flat, last_row_B = views
         return cls(
             starts=starts, num_new=num_new, block_size=block_size,
             positions_T=positions_T, cache_index_T=cache_index_T,
             block_table_BP=table_flat.view(num_seqs, width), context_lens_B=context_B,
             query_start_B1=tuple(query_start),
             rows_BN=rows_flat.view(num_seqs, grid), cell_of_T=cell_of_T,
-            query_pos_BN=query_pos_flat.view(num_seqs, grid),
+            query_pos_BN=query_pos_flat.view(num_seqs, grid), last_row_B=last_row_B,
         )
 
 

@@ -153,7 +153,7 @@ def greedy_generate(model: MoECausalLM, prompts: list[torch.Tensor], new_tokens:
         batch = AttentionBatch.build(spans, block_size)
         ids_T = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
         h_TD = model(ids_T, batch, cache, attention_impl=impl)
-        next_B = model.compute_logits(h_TD[batch.last_rows_B]).argmax(-1).tolist() if active else []
+        next_B = model.compute_logits(h_TD[batch.last_row_B]).argmax(-1).tolist() if active else []
         for b, token in zip(active, next_B):
             generated[b].append(int(token))
         step += 1
