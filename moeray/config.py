@@ -202,6 +202,11 @@ class ParallelConfig(_Frozen):
         default=120.0, gt=0, description="how long start-up waits for the cluster to fit the workers (autoscaling)")
     cpus_per_worker: float = Field(default=1.0, gt=0)
     torch_threads_per_worker: int = Field(default=1, ge=1)
+    step_loop: Literal["workers", "driver"] = Field(
+        default="workers",
+        description="who sequences steps: each worker's own loop, in lockstep by one small all-reduce per step "
+                    "(the driver only sends admissions and collects output), or the driver, one Ray call per worker "
+                    "per step (the simple reference path)")
     cuda_graphs: bool = Field(
         default=True, description="replay decode steps as CUDA graphs (one GPU worker only: an all-to-all syncs the host)")
     overlap_chunks: int = Field(

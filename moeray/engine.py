@@ -90,6 +90,8 @@ class Engine:
         self.recoveries: list[dict] = []
         self.healthy = True  # False after a failed step, until recover()
         self._committing: dict | None = None  # the staged placement a running step commits
+        self._last_tick_step = 0
+        self.loops = None  # LoopClient while the workers run their own step loops (generation/loop_client.py)
         if config.stats.enabled:
             self._start_coordinator()
 
@@ -97,7 +99,9 @@ class Engine:
         par = self.config.parallel
         return ray.remote(Worker).options(
             num_cpus=par.cpus_per_worker,
-            max_concurrency=4,  # steps on one thread; migration staging / exports on others
+            # steps on one thread (or the worker's own loop thread); the loop's long-poll drain,
+            # its messages, migration staging / exports and probes on the others
+            max_concurrency=6,
             num_gpus=1 if par.device == "cuda" else 0,
             # NCCL settings must be in the environment before the worker imports torch.
             runtime_env={"env_vars": dict(NCCL_SAFETY_ENV)} if par.device == "cuda" else None,
@@ -248,12 +252,12 @@ class Engine:
         """Run one lockstep step: worker w runs plans[w] (an empty plan still joins every exchange)."""
         if not self.healthy:
             raise WorkerLost("a previous step failed: call recover() before stepping again")
+        if self.loops is not None and self.loops.running:
+            raise RuntimeError("the workers run their own step loops: stop them before stepping from the driver")
         if len(plans) != len(self.workers):
             raise ValueError(f"step needs one plan per worker: got {len(plans)} plans for {len(self.workers)} workers")
-        staged, self._staged = self._staged, None
+        staged = self.take_staged()
         version = staged["version"] if staged else self._placement.version
-        # Until the step returns, the workers may be on either version (each commits at its start).
-        self._committing = staged
         refs = [w.step.remote(plan, version) for w, plan in zip(self.workers, plans)]
         try:
             outs = self._get(refs, self.config.parallel.collective_timeout_s + _STEP_MARGIN_S, "step")
@@ -263,14 +267,25 @@ class Engine:
             if staged is not None or isinstance(exc, (WorkerLost, CollectiveError)):
                 self.healthy = False
             raise
-        self._committing = None
         self.steps += 1
         if staged:  # every worker ran this step with the new version: it is committed
-            self._adopt(staged)
-            self.coordinator.committed.remote(version, self.steps - 1)
+            self.committed(staged, self.steps - 1)
         if self.coordinator is not None and self.config.rebalance.enabled:
-            self._poll_rebalance()
+            self.poll_rebalance()
         return outs
+
+    def take_staged(self) -> dict | None:
+        """The placement staged on every worker, for the step about to be sent to commit it. From
+        now until `committed`, the workers may be on either version (recover() adopts it)."""
+        staged, self._staged = self._staged, None
+        self._committing = staged
+        return staged
+
+    def committed(self, staged: dict, step: int) -> None:
+        """Every worker switched to `staged` before `step`: it is the engine's placement now."""
+        self._committing = None
+        self._adopt(staged)
+        self.coordinator.committed.remote(staged["version"], step)
 
     def reset_sequences(self) -> None:
         """Every worker forgets its sequences and frees their KV cache (after a recovery the driver
@@ -278,11 +293,13 @@ class Engine:
         self._get([w.reset_sequences.remote() for w in self.workers], 60, "reset sequences")
 
     # ---- rebalancing -------------------------------------------------------------------------
-    def _poll_rebalance(self) -> None:
+    def poll_rebalance(self) -> None:
         """Start a policy check every check_interval steps; pick up a staged placement when the
         coordinator has one. Never blocks the step loop."""
         if self._tick_ref is None:
-            if self.steps % self.config.rebalance.check_interval_steps == 0:
+            # Steps since the last check (the worker loops report steps in batches, not one by one).
+            if self.steps - self._last_tick_step >= self.config.rebalance.check_interval_steps:
+                self._last_tick_step = self.steps
                 self._tick_ref = self.coordinator.tick.remote()
             return
         ready, _ = ray.wait([self._tick_ref], timeout=0)
@@ -325,7 +342,11 @@ class Engine:
         return summary
 
     def _flush_stats(self) -> None:
-        """Workers ship their pending counts; returns once the coordinator has them."""
+        """Workers ship their pending counts; returns once the coordinator has them. With the worker
+        loops running the request is a loop message, so every worker ships at the same step."""
+        if self.loops is not None and self.loops.running:
+            self.loops.flush()
+            return
         boxes = self._get([w.flush_stats.remote() for w in self.workers], 60, "flush stats")
         self._get([ref for box in boxes for ref in box], 60, "flush stats")
 

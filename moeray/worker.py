@@ -34,6 +34,7 @@ from moeray.models.kv_cache import PagedKVCache
 from moeray.slot_transfer import (SlotStaging, StagedVersion, as_source_tensor, export_slot_weights,
                                   lower_thread_priority)
 from moeray.stats_wire import LoadSnapshot
+from moeray.worker_loop import LoopMessage, LoopReport, WorkerLoop
 from placement import Placement
 from placement.dispatch import replica_weights_by_expert
 
@@ -85,6 +86,7 @@ class Worker:
         self._commit_ms: float | None = None
         self.stats_recording = False
         self.set_stats_recording(config.stats.enabled)
+        self.loop: WorkerLoop | None = None
 
     # ---- construction ------------------------------------------------------------------------
     def _build_model(self) -> MoECausalLM:
@@ -207,14 +209,50 @@ class Worker:
         """
         if self.dispatcher is None:
             raise RuntimeError(f"worker {self.rank}: no collective group joined yet")
+        if self.loop is not None and self.loop.running:
+            raise RuntimeError(f"worker {self.rank}: its own step loop is running; steps come from it")
         with self._step_lock:
             if version is not None and version != self.placement.version:
                 self._commit(version)
-            result = self.runner.step(plan)
-            self.steps += 1
-            if self.coordinator is not None and self.steps - self._shipped_step >= self.snapshot_interval:
-                self._ship_snapshot()
-            return result
+            return self.run_step(plan)
+
+    def run_step(self, plan: StepPlan) -> StepResult:
+        """One step of the runner, counted; ships a snapshot every snapshot_interval steps. The
+        caller holds the step lock."""
+        result = self.runner.step(plan)
+        self.steps += 1
+        if self.coordinator is not None and self.steps - self._shipped_step >= self.snapshot_interval:
+            self._ship_snapshot()
+        return result
+
+    # ---- the worker's own step loop (moeray/worker_loop.py) ---------------------------------------
+    def start_loop(self) -> None:
+        """Step from this worker's own loop thread from now on (the driver sends messages)."""
+        if self.dispatcher is None:
+            raise RuntimeError(f"worker {self.rank}: no collective group joined yet")
+        if self.loop is not None and self.loop.running:
+            raise RuntimeError(f"worker {self.rank}: its step loop is already running")
+        self.loop = WorkerLoop(self)
+        self.loop.start()
+
+    def loop_submit(self, message: LoopMessage) -> None:
+        if self.loop is None:
+            raise RuntimeError(f"worker {self.rank}: no step loop started")
+        self.loop.submit(message)
+
+    def loop_drain(self, timeout_s: float) -> LoopReport:
+        if self.loop is None:
+            raise RuntimeError(f"worker {self.rank}: no step loop started")
+        return self.loop.drain(timeout_s)
+
+    def stop_loop(self, timeout_s: float) -> bool:
+        """Leave the loop now, without the other workers (recovery, shutdown); True once it ended."""
+        if self.loop is None:
+            return True
+        ended = self.loop.abandon(timeout_s)
+        if ended:
+            self.loop = None
+        return ended
 
     def reset_sequences(self) -> None:
         with self._step_lock:

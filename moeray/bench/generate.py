@@ -8,10 +8,12 @@ then decode with greedy sampling, EOS ignored, for `--decode-steps` steps. Repor
 - the roofline of a decode step: bytes that must cross HBM (every dense weight once, the experts
   the batch touches (expected number under uniform routing: E * (1 - (1 - K/E)^B) per layer), the
   KV cache read) over `--hbm-tb-s`, and the fraction of it reached;
-- the split of a step outside the model: driver planning, the Ray round trip (engine step minus
-  the worker's own step time), the worker's batch preparation and forward + sampling.
+- the split of a step outside the model. With the workers' own step loops (the default): the
+  worker's step time against the wall time per step (the rest is the loop's agreement, messages
+  and output hand-off). With `--step-loop driver`: driver planning, the Ray round trip (engine
+  step minus the worker's own step time), the worker's batch preparation and forward + sampling.
 
-`--phases` adds a per-phase GPU breakdown of one decode step at each B, measured in this process
+`--phases` adds a per-phase GPU breakdown of one decode step and of one prefill step at each B, measured in this process
 on a copy of the worker's model (CUDA events: attention, router + slot map, dispatch + experts,
 combine, other dense work, LM head, sampling). `--hf` times transformers `generate` on the same
 checkpoint and GPU at the same B for comparison.
@@ -50,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--hbm-tb-s", type=float, default=4.3, help="HBM bandwidth for the roofline (H200: 4.3)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps (the v1 path)")
+    p.add_argument("--step-loop", choices=["workers", "driver"], default="workers",
+                   help="workers step on their own loops (default), or the driver steps them (the v2 path)")
     p.add_argument("--phases", action="store_true", help="per-phase GPU breakdown of a decode step")
     p.add_argument("--hf", action="store_true", help="also time transformers generate on the same model")
     p.add_argument("--hf-batches", default="1,64")
@@ -85,9 +89,55 @@ def decode_bytes(cfg, batch: int, context: float) -> float:
     return attention + head + router + experts + kv
 
 
+def _time_batch_worker_loops(llm, batch: int, args, rng) -> dict:
+    """The workers step on their own: time to the last first token (the prefill), then wall time
+    per decode step over the decode phase; the workers' own step times come with their reports."""
+    from moeray.generation.sampling import SamplingParams
+
+    driver = llm.driver
+    vocab = llm.engine.config.model.vocab_size
+    params = SamplingParams(max_tokens=args.decode_steps + 1, temperature=0.0, ignore_eos=True)
+    prompts = [rng.integers(3, vocab, args.prompt_tokens).tolist() for _ in range(batch)]
+    start = time.perf_counter()
+    pending_first = {driver.add_request(p, params) for p in prompts}
+    prefilled_s = None
+    worker_ms, worker_steps = 0.0, 0
+    while driver.has_unfinished():
+        outs = driver.step()
+        now = time.perf_counter()
+        if prefilled_s is not None and outs:
+            worker_ms += driver.last_step["worker_step_ms_total"]
+            worker_steps += driver.last_step["worker_steps"]
+        for out in outs:
+            if out.outputs[0].token_ids:
+                pending_first.discard(out.request_id)
+        if prefilled_s is None and not pending_first:
+            prefilled_s = now
+    end = time.perf_counter()
+    step_ms = 1e3 * (end - prefilled_s) / args.decode_steps
+    inside_ms = worker_ms / worker_steps if worker_steps else float("nan")  # mean over the decode steps
+    cfg = llm.engine.config.model
+    roofline_ms = 1e3 * decode_bytes(cfg, batch, args.prompt_tokens + args.decode_steps / 2) / (args.hbm_tb_s * 1e12)
+    return {
+        "batch": batch,
+        "step_loop": "workers",
+        "prefill_step_ms": 1e3 * (prefilled_s - start),
+        "prefill_tokens_per_s": batch * args.prompt_tokens / (prefilled_s - start),
+        "decode_step_ms": step_ms,
+        "decode_tokens_per_s": batch / (step_ms / 1e3),
+        "roofline_step_ms": roofline_ms,
+        "roofline_fraction": roofline_ms / step_ms,
+        "worker_step_ms": inside_ms,
+        # Between two steps of the worker's loop: agreement, messages, the output hand-off.
+        "outside_model_ms": {"worker_loop": step_ms - inside_ms},
+    }
+
+
 def _time_batch(llm, batch: int, args, rng) -> dict:
     from moeray.generation.sampling import SamplingParams
 
+    if llm.engine.config.parallel.step_loop == "workers":
+        return _time_batch_worker_loops(llm, batch, args, rng)
     driver = llm.driver
     vocab = llm.engine.config.model.vocab_size
     params = SamplingParams(max_tokens=args.decode_steps + 1, temperature=0.0, ignore_eos=True)
@@ -139,7 +189,8 @@ def run(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(args.seed)
     results = []
     with LLM(directory, num_workers=args.workers, device=args.device, cache=cache,
-             parallel={"cuda_graphs": not args.no_cuda_graphs}, rebalance={"enabled": False}) as llm:
+             parallel={"cuda_graphs": not args.no_cuda_graphs, "step_loop": args.step_loop},
+             rebalance={"enabled": False}) as llm:
         cfg = llm.engine.config.model
         for batch in sorted(set(batches)):  # warm-up: kernels compiled and autotuned at every size
             _time_batch(llm, batch, argparse.Namespace(**{**vars(args), "decode_steps": 3}), rng)
@@ -150,14 +201,19 @@ def run(args: argparse.Namespace) -> dict:
                   f"  decode {res['decode_step_ms']:7.2f} ms/step ({res['decode_tokens_per_s']:8.0f} tok/s)"
                   + (f"  roofline {res['roofline_step_ms']:.2f} ms ({100 * res['roofline_fraction']:.0f}%)"
                      if args.device == "cuda" else "") +
-                  f"  ray {res['outside_model_ms']['ray_round_trip']:.2f} ms", flush=True)
+                  "  outside the model " + ", ".join(f"{k} {v:.2f} ms" for k, v in res["outside_model_ms"].items()),
+                  flush=True)
     phases = None
     if args.phases and args.device == "cuda":
-        from moeray.bench.generate_phases import decode_phases
+        from moeray.bench.generate_phases import decode_phases, prefill_phases
 
         phases = decode_phases(directory, batches, args.prompt_tokens + args.decode_steps // 2, args.seed)
         for b, ph in phases.items():
             print(f"B={b:4d} phases (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items()), flush=True)
+        prefill = prefill_phases(directory, batches, args.prompt_tokens, args.seed)
+        for b, ph in prefill.items():
+            print(f"B={b:4d} prefill phases (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items()), flush=True)
+        phases = {"decode": phases, "prefill": prefill}
     hf = None
     if args.hf:
         from moeray.bench.generate_hf import time_hf_generate
@@ -168,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"transformers B={b:4d}: {r}", flush=True)
     result = {"command": getattr(args, "command", ""), "machine": platform.node(), "model": directory,
               "config": cfg.model_dump(), "prompt_tokens": args.prompt_tokens, "decode_steps": args.decode_steps,
-              "workers": args.workers, "device": args.device, "results": results, "phases_ms": phases,
+              "workers": args.workers, "device": args.device, "step_loop": args.step_loop, "results": results, "phases_ms": phases,
               "transformers": hf}
     if args.device == "cuda":
         import torch

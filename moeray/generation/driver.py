@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moeray.errors import CollectiveError, WorkerLost
+from moeray.generation.loop_client import LoopClient
 from moeray.generation.messages import StepResult
 from moeray.generation.outputs import CompletionOutput, RequestOutput
 from moeray.generation.sampling import SamplingParams, TokenLogprobs
@@ -86,6 +87,7 @@ class GenerationDriver:
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
         self.last_step: dict = {}
+        self.poll_timeout_s = 0.005  # how long step() waits for worker output (new requests wait at most this)
 
     # ---- requests in -------------------------------------------------------------------------
     def encode_prompt(self, prompt) -> tuple[str | None, tuple[int, ...]]:
@@ -139,8 +141,15 @@ class GenerationDriver:
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the outputs of the requests that got tokens or finished (a
-        finished request is forgotten once returned)."""
+        """Outputs of the requests that got tokens or finished since the last call (a finished
+        request is forgotten once returned).
+
+        With `parallel.step_loop = "workers"` (the default) the workers step on their own: this
+        sends what the scheduler admitted or aborted and collects what the workers produced
+        meanwhile (waiting up to a few ms for it). With "driver" it runs exactly one lockstep
+        engine step (the simple reference path)."""
+        if self.engine.config.parallel.step_loop == "workers":
+            return self._step_with_loops()
         start = time.perf_counter()
         plans = self.scheduler.plan()
         planned = time.perf_counter()
@@ -165,10 +174,48 @@ class GenerationDriver:
                           "workers": [r.timings_ms for r in results]}
         return outputs
 
-    def _absorb(self, results: list[StepResult], now: float) -> list[RequestOutput]:
+    def _step_with_loops(self) -> list[RequestOutput]:
+        engine = self.engine
+        if engine.loops is None:
+            engine.loops = LoopClient(engine)
+        loops = engine.loops
+        plans = self.scheduler.plan()
+        try:
+            if not loops.running:
+                loops.start()
+            loops.send_step(plans)
+            # Wait for output only while something is in flight; an idle driver returns at once.
+            reports = loops.poll(self.poll_timeout_s if self.scheduler.running else 0.0)
+        except (WorkerLost, CollectiveError):
+            self._recover()
+            return []
+        except Exception:
+            # A loop ended on another error: the workers may disagree on what they ran, so they
+            # all leave their loops and groups (recover re-forms one), drop their sequences, and
+            # everything in flight is queued again; the caller sees the error.
+            loops.stop()
+            engine.healthy = False
+            engine.recover()
+            engine.reset_sequences()
+            self._requeue_in_flight()
+            raise
+        results = [r.result for r in reports]
+        now = time.perf_counter()
+        self.scheduler.update(results)
+        outputs = self._absorb(results, now, [r.version for r in reports])
+        if reports:
+            self.last_step = {"reports": len(reports), "steps": engine.steps,
+                              "worker_step_ms_total": sum(r.step_ms for r in reports),
+                              "worker_steps": sum(r.steps_run for r in reports),
+                              "tokens": sum(len(u.token_ids) for r in results for u in r.updates)}
+        return outputs
+
+    def _absorb(self, results: list[StepResult], now: float, versions: list[int] | None = None) -> list[RequestOutput]:
+        """`versions[i]`: the placement results[i] ran with (default: the engine's, as of this step)."""
         outputs = []
-        version = self.engine.placement().version  # the placement this step ran with
-        for result in results:
+        if versions is None:
+            versions = [self.engine.placement().version] * len(results)
+        for result, version in zip(results, versions):
             for update in result.updates:
                 state = self.requests.get(update.request_id)
                 if state is None:  # aborted while its step ran
@@ -211,6 +258,8 @@ class GenerationDriver:
     def _recover(self) -> None:
         """The step met a dead worker: recover the engine, then re-run everything that was in
         flight, each request's generated tokens appended to its prompt."""
+        if self.engine.loops is not None and self.engine.loops.running:
+            self.engine.loops.stop()
         self.engine.recover()
         self.engine.reset_sequences()
         self._requeue_in_flight()

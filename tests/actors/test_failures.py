@@ -1,5 +1,8 @@
 """A dead or silent peer makes the survivors raise within the collective timeout, never hang; a
-recovered engine serves on (and the generation driver re-runs what was in flight)."""
+recovered engine serves on (and the generation driver re-runs what was in flight).
+
+Most tests here step the engine from the driver (`step_loop="driver"`: one `Engine.step` per step)
+to place a failure at an exact step; the last ones do the same to the workers' own step loops."""
 
 import time
 
@@ -20,18 +23,19 @@ TIMEOUT_S = 3.0
 @pytest.fixture
 def engine(ray_cluster, tmp_path):
     ckpt, model_cfg, _ = make_checkpoint(tmp_path, seed=2)
-    config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, collective_timeout_s=TIMEOUT_S))
+    config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, collective_timeout_s=TIMEOUT_S,
+                                                                    step_loop="driver"))
     with Engine(config, ckpt) as eng:
         engine_logits(eng, [np.arange(9)])  # the group is formed and has completed a step
         yield eng
 
 
-def replicated_engine(tmp_path, seed: int):
+def replicated_engine(tmp_path, seed: int, step_loop: str = "driver"):
     """(engine, reference model, a skewed batch): 3 CPU workers with a spare slot each, so a forced
     rebalance replicates the hot expert."""
     ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=seed, family="mixtral", num_experts=8, top_k=2)
     config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=1,
-                                                                   collective_timeout_s=TIMEOUT_S))
+                                                                   collective_timeout_s=TIMEOUT_S, step_loop=step_loop))
     rng = np.random.default_rng(seed)
     skewed = np.where(rng.random(300) < 0.8, seed + 3, rng.integers(0, model_cfg.vocab_size, 300))
     return Engine(config, ckpt), reference, skewed
@@ -159,3 +163,35 @@ def test_a_failed_recovery_can_be_retried_and_the_coordinator_follows(ray_cluste
         assert engine.rebalance(force=True) == 2
         engine_logits(engine, [skewed])
         assert max_rel_error(engine_logits(engine, [skewed])[0], reference_logits(reference, skewed)) <= 1e-5
+
+
+def test_worker_loops_survive_a_worker_killed_while_a_commit_is_in_flight(ray_cluster, tmp_path):
+    """The workers step on their own loops (the default): a placement is staged and its commit
+    request sent, then a worker dies. The driver stops the loops, recovers (the commit adopted or
+    dropped consistently everywhere), re-runs what was in flight: every output equals the
+    reference, the coordinator agrees on the placement, and rebalancing goes on."""
+    from moeray.generation.driver import GenerationDriver
+    from moeray.generation.reference import greedy_generate
+    from moeray.generation.sampling import SamplingParams
+
+    engine, reference, skewed = replicated_engine(tmp_path, seed=10, step_loop="workers")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [skewed[:40].tolist(), [3, 4, 5], skewed[100:117].tolist()]
+    with engine:
+        driver = GenerationDriver(engine)
+        ids = [driver.add_request(p, params) for p in prompts]
+        for _ in range(3):
+            driver.step()
+        assert engine.rebalance(force=True) == 1  # staged; the next driver step sends its commit
+        driver.step()
+        ray.kill(engine.workers[2])
+        outs = driver.run_to_completion(ids)
+        assert engine.recoveries and engine.recoveries[-1]["replaced"] == [2]
+        for rid, prompt in zip(ids, prompts):
+            assert list(outs[rid].outputs[0].token_ids) == greedy_generate(reference, prompt, 12)
+        assert engine.stats()["placement_version"] == engine.placement().version
+        version = engine.rebalance(force=True)
+        assert version is not None and version > 1
+        outs = driver.run_to_completion([driver.add_request(skewed[:30].tolist(), params)])
+        assert engine.placement().version == version
+        assert list(next(iter(outs.values())).outputs[0].token_ids) == greedy_generate(reference, skewed[:30].tolist(), 12)

@@ -1,0 +1,161 @@
+"""The driver's side of the worker step loops (moeray/worker_loop.py).
+
+    loops = LoopClient(engine)
+    loops.start()                          # every worker starts its own loop thread
+    loops.send(plans)                      # admissions / aborts, one numbered message to every worker
+    reports = loops.poll(timeout_s)        # what the workers produced meanwhile (long-poll drains)
+    loops.stop()                           # leave the loops (recovery, shutdown)
+
+The driver is off the per-token path: the workers step while any of them has work, and the driver
+collects their output whenever it comes. One drain call per worker is always outstanding; a drain
+that fails means the worker died (WorkerLost), a report with an error means its loop ended on it
+(CollectiveError when a peer is gone).
+
+Placement commits go through the loops as well: a placement staged on every worker is sent as a
+commit request, the workers switch at the same step once all of them hold it, and the engine
+adopts it at the first report of the switch (the all-reduce makes it one decision for all).
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.exceptions import RayActorError
+
+from moeray.errors import WorkerLost
+from moeray.generation.messages import StepPlan
+from moeray.worker_loop import LoopMessage, LoopReport
+
+_DRAIN_WAIT_S = 1.0  # a worker's drain returns at least this often, with or without output
+_STOP_MARGIN_S = 10.0
+
+
+class LoopClient:
+    def __init__(self, engine):
+        self.engine = engine
+        self.running = False
+        self._number = 0
+        self._drains: dict[int, ray.ObjectRef] = {}
+        self._buffer: list[LoopReport] = []
+        self._flushes_sent = 0
+        self._commit: dict | None = None  # the staged placement a commit request went out for
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        engine = self.engine
+        if not engine.healthy:
+            raise WorkerLost("a previous step failed: call recover() before starting the worker loops")
+        engine._get([w.start_loop.remote() for w in engine.workers], 60, "start worker loops")
+        self.running = True
+        self._number = 0
+        self._flushes_sent = 0
+        self._buffer = []
+        self._commit = None
+        self._drains = {rank: w.loop_drain.remote(_DRAIN_WAIT_S) for rank, w in enumerate(engine.workers)}
+
+    def stop(self) -> None:
+        """Leave every loop now (bounded by the collective timeout: a loop inside a collective
+        leaves when it raises). Errors are ignored: a dead worker has no loop to stop."""
+        timeout = self.engine.config.parallel.collective_timeout_s + _STOP_MARGIN_S
+        refs = [w.stop_loop.remote(timeout) for w in self.engine.workers]
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=timeout + _STOP_MARGIN_S)
+            except Exception:
+                pass
+        self.running = False
+        self._drains = {}
+        self._buffer = []
+        if self._commit is not None:  # never reported by everyone: recover() adopts or drops it
+            self._commit = None
+
+    # ---- messages out -----------------------------------------------------------------------------
+    def send(self, plans: list[StepPlan] | None = None, commit_version: int | None = None, flush: bool = False) -> None:
+        """One numbered message to every worker (worker w gets plans[w])."""
+        self._number += 1
+        workers = self.engine.workers
+        plans = plans if plans is not None else [StepPlan()] * len(workers)
+        for worker, plan in zip(workers, plans):
+            worker.loop_submit.remote(LoopMessage(self._number, plan, commit_version, flush))
+
+    def send_step(self, plans: list[StepPlan]) -> None:
+        """The scheduler's admissions and aborts, and a commit request for a placement the engine
+        has staged; nothing when there is neither."""
+        engine = self.engine
+        commit_version = None
+        if engine._staged is not None and self._commit is None:
+            self._commit = engine.take_staged()
+            commit_version = self._commit["version"]
+        if commit_version is not None or any(p.new or p.abort for p in plans):
+            self.send(plans, commit_version)
+
+    # ---- output in --------------------------------------------------------------------------------
+    def poll(self, timeout_s: float) -> list[LoopReport]:
+        """Reports that arrived within timeout_s (returns at the first one; [] if none)."""
+        reports, self._buffer = self._buffer, []
+        if not reports:
+            reports = self._collect(timeout_s)
+        return reports
+
+    def _collect(self, timeout_s: float) -> list[LoopReport]:
+        refs = list(self._drains.values())
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+        if ready:  # everything else that is ready too, without waiting
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        ready_ids = {ref.hex() for ref in ready}
+        reports = []
+        for rank, ref in list(self._drains.items()):
+            if ref.hex() in ready_ids:
+                reports += self._collect_one(rank)
+        return reports
+
+    def _bookkeep(self, rank: int, report: LoopReport) -> None:
+        engine = self.engine
+        engine.steps = max(engine.steps, report.steps)
+        for version, step in report.commits:
+            # The switch is agreed by the all-reduce (every worker commits in the same iteration),
+            # so one worker's report stands for all; a worker lost before switching is replaced on
+            # the adopted placement by recover().
+            if self._commit is not None and version == self._commit["version"]:
+                staged, self._commit = self._commit, None
+                engine.committed(staged, step)
+        if engine.coordinator is not None and engine.config.rebalance.enabled:
+            engine.poll_rebalance()
+
+    def flush(self) -> None:
+        """Every worker ships its statistics at the same step; returns once the coordinator has
+        them. Reports that arrive meanwhile are kept for the next poll."""
+        self.send(flush=True)
+        self._flushes_sent += 1
+        target, done = self._flushes_sent, set()
+        deadline = time.monotonic() + self.engine.config.parallel.collective_timeout_s + _STOP_MARGIN_S
+        snapshot_refs = []
+        while len(done) < len(self.engine.workers):
+            if time.monotonic() > deadline:
+                raise WorkerLost("statistics flush: not every worker answered within the collective timeout")
+            ranks = {ref.hex(): rank for rank, ref in self._drains.items()}
+            ready, _ = ray.wait(list(self._drains.values()), num_returns=1, timeout=1.0)
+            for ref in ready:
+                rank = ranks[ref.hex()]
+                before = len(self._buffer)
+                self._buffer += self._collect_one(rank)
+                for report in self._buffer[before:]:
+                    snapshot_refs += list(report.snapshot_refs)
+                    if report.flushes_done >= target:
+                        done.add(rank)
+        ray.get(snapshot_refs, timeout=60)
+
+    def _collect_one(self, rank: int) -> list[LoopReport]:
+        ref = self._drains[rank]
+        try:
+            report = ray.get(ref)
+        except RayActorError as exc:
+            self.engine.healthy = False
+            raise WorkerLost(f"worker {rank} died: {str(exc)[:200]}") from exc
+        if report.error is not None or report.ended:
+            self.engine.healthy = False
+            raise report.error if report.error is not None else WorkerLost(f"worker {rank}'s step loop ended")
+        self._drains[rank] = self.engine.workers[rank].loop_drain.remote(_DRAIN_WAIT_S)
+        self._bookkeep(rank, report)
+        return [report]
