@@ -83,11 +83,12 @@ def results_from_triton_interpreter(script: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def decode_run(worker, prompts, steps):
+def decode_run(worker, prompts, steps, before_step=None):
     """Greedy decoding of `prompts` on an in-process Worker, step by step, returning
     ({request: [(token, logprob)]}, load counts). Sequences stop at different lengths (the batch
     shrinks across graph buckets) and the last prompt joins mid-way (an eager prefill between
-    decode-only steps): the awkward cases for captured / padded decode steps."""
+    decode-only steps): the awkward cases for captured / padded decode steps. `before_step(worker,
+    step)` runs before each step (e.g. to drop the captured graphs mid-run, as a commit does)."""
     from moeray.generation.messages import NewSequence, StepPlan
     from moeray.generation.sampling import SamplingParams
 
@@ -101,6 +102,8 @@ def decode_run(worker, prompts, steps):
     for step in range(steps + 6):
         if step == 4 and late is not None:
             plan = StepPlan(new=(new(late, prompts[late]),))
+        if before_step is not None:
+            before_step(worker, step)
         for u in worker.step(plan).updates:
             outs[u.request_id].append((u.token_ids[0], u.logprobs[0].logprob))
         plan = StepPlan()

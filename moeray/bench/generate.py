@@ -3,7 +3,8 @@ and where a decode step's time goes.
 
 For each batch size B: B prompts of `--prompt-tokens` random ids join at once (one prefill step),
 then decode with greedy sampling, EOS ignored, for `--decode-steps` steps. Reported per B:
-- prefill step time and prefill tokens/s (the first step: every prompt prefilled together);
+- prefill time and prefill tokens/s: B prompts added at once until each has its first token
+  (median of `--prefill-repeats` rounds; with `--step-loop driver`: the first step);
 - decode step time (median over the decode steps, driver wall clock) and decode tokens/s = B / step;
 - the roofline of a decode step: bytes that must cross HBM (every dense weight once, the experts
   the batch touches (expected number under uniform routing: E * (1 - (1 - K/E)^B) per layer), the
@@ -50,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--prefill-repeats", type=int, default=5, help="prefill rounds per B (the median is reported)")
     p.add_argument("--hbm-tb-s", type=float, default=4.3, help="HBM bandwidth for the roofline (H200: 4.3)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps (the v1 path)")
     p.add_argument("--step-loop", choices=["workers", "driver"], default="workers",
@@ -96,6 +98,16 @@ def _time_batch_worker_loops(llm, batch: int, args, rng) -> dict:
 
     driver = llm.driver
     vocab = llm.engine.config.model.vocab_size
+    # Prefill: B prompts joining at once until each has its first token, median of a few rounds.
+    prefill_s = []
+    first_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    for _ in range(args.prefill_repeats):
+        start = time.perf_counter()
+        ids = [driver.add_request(rng.integers(3, vocab, args.prompt_tokens).tolist(), first_token)
+               for _ in range(batch)]
+        driver.run_to_completion(ids)
+        prefill_s.append(time.perf_counter() - start)
+    prefill = float(np.median(prefill_s))
     params = SamplingParams(max_tokens=args.decode_steps + 1, temperature=0.0, ignore_eos=True)
     prompts = [rng.integers(3, vocab, args.prompt_tokens).tolist() for _ in range(batch)]
     start = time.perf_counter()
@@ -121,8 +133,9 @@ def _time_batch_worker_loops(llm, batch: int, args, rng) -> dict:
     return {
         "batch": batch,
         "step_loop": "workers",
-        "prefill_step_ms": 1e3 * (prefilled_s - start),
-        "prefill_tokens_per_s": batch * args.prompt_tokens / (prefilled_s - start),
+        "prefill_step_ms": 1e3 * prefill,  # add_request to the last first token (median of rounds)
+        "prefill_tokens_per_s": batch * args.prompt_tokens / prefill,
+        "prefill_rounds_ms": [1e3 * t for t in prefill_s],
         "decode_step_ms": step_ms,
         "decode_tokens_per_s": batch / (step_ms / 1e3),
         "roofline_step_ms": roofline_ms,
@@ -193,7 +206,7 @@ def run(args: argparse.Namespace) -> dict:
              rebalance={"enabled": False}) as llm:
         cfg = llm.engine.config.model
         for batch in sorted(set(batches)):  # warm-up: kernels compiled and autotuned at every size
-            _time_batch(llm, batch, argparse.Namespace(**{**vars(args), "decode_steps": 3}), rng)
+            _time_batch(llm, batch, argparse.Namespace(**{**vars(args), "decode_steps": 3, "prefill_repeats": 1}), rng)
         for batch in batches:
             res = _time_batch(llm, batch, args, rng)
             results.append(res)

@@ -63,6 +63,14 @@ class CudaGraphDecoder:
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.replays = 0
 
+    def invalidate(self) -> None:
+        """Drop every captured graph (their addresses are stale) and start a fresh memory pool:
+        capturing into the pool of graphs that were all freed trips the caching allocator
+        ("use_count > 0" internal assert, seen with torch 2.11 on an H200)."""
+        self.graphs.clear()
+        if self.capture:
+            self.pool = torch.cuda.graph_pool_handle()
+
     def applies(self, seqs) -> bool:
         return bool(seqs) and len(seqs) <= self.buckets[-1] and all(
             len(s.tokens) - s.num_cached == 1 and not s.score for s in seqs)

@@ -86,7 +86,7 @@ class SequenceRunner:
         """Captured steps hold the addresses of the slot maps and of the stats switch as they were:
         after a commit, a placement reload or a stats toggle they must be captured again."""
         if self.graphs is not None:
-            self.graphs.graphs.clear()
+            self.graphs.invalidate()
 
     def reset(self) -> None:
         """Forget every sequence (after a failed step: the driver re-submits what was in flight)."""

@@ -28,3 +28,24 @@ def test_graph_decode_equals_eager(tmp_path, batch):
         assert [t for t, _ in graphed[rid]] == [t for t, _ in eager[rid]], rid
         np.testing.assert_allclose([lp for _, lp in graphed[rid]], [lp for _, lp in eager[rid]], atol=2e-4)
     assert np.array_equal(graphed_load, eager_load)
+
+
+def test_graphs_captured_again_after_invalidation_equal_eager(tmp_path):
+    """A commit, a placement reload or a stats toggle drops every captured graph mid-generation;
+    the next steps capture again (into a fresh memory pool: re-capturing into the pool of freed
+    graphs tripped the allocator's internal assert) and still equal the eager steps."""
+    ckpt, cfg, _ = make_checkpoint(tmp_path, family="mixtral", num_experts=6, top_k=3)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(3, cfg.vocab_size, int(n)).tolist() for n in (5, 9, 2)]
+    eager, _ = decode_run(single_worker(ckpt, "cuda", cuda_graphs=False), prompts, steps=12)
+    worker = single_worker(ckpt, "cuda", cuda_graphs=True)
+
+    def invalidate_every_third(w, step):
+        if step % 3 == 2:
+            w.runner.invalidate_graphs()
+
+    for _ in range(2):  # twice: the second run starts from graphs of the first, all dropped
+        graphed, _ = decode_run(worker, prompts, steps=12, before_step=invalidate_every_third)
+        for rid in eager:
+            assert [t for t, _ in graphed[rid]] == [t for t, _ in eager[rid]], rid
+    assert worker.runner.graphs.replays >= 8
