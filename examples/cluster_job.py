@@ -1,7 +1,8 @@
 """A moeray job on a Ray cluster (`ray up cluster.yaml`, then `ray job submit ... -- python
 examples/cluster_job.py --workers 16`), or on this machine (`--device cpu`, a local cluster).
 
-It asks the autoscaler for the GPUs and waits for them, writes the same random model (HF format,
+It asks the autoscaler for the GPUs and waits for them (saying so; on a local cluster without
+GPUs it stops at once with an error), writes the same random model (HF format,
 a Qwen3-MoE-family model) on every node (workers read their slots from a local path; a real
 deployment points `--checkpoint` at an HF checkpoint on storage every node mounts), starts one
 worker per GPU, generates for phases of skewed prompts whose hot tokens drift between phases, and
@@ -52,18 +53,39 @@ def _write_random_checkpoint(model_overrides: dict, path: str, seed: int) -> str
     return ray.get_runtime_context().get_node_id()
 
 
-def wait_for_gpus(count: int, timeout_s: float) -> None:
+def cluster_is_loopback_only() -> bool:
+    """Whether every node listens on 127.0.0.1 only (moeray's local cluster): no node can join it,
+    so waiting for GPUs there is waiting forever."""
+    return all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes() if n["Alive"])
+
+
+def wait_for_gpus(count: int, timeout_s: float, can_grow: bool = True, progress_every_s: float = 60.0) -> None:
     """Ask the autoscaler for `count` GPUs and wait until the cluster has them (nodes of a `ray up`
-    cluster with min_workers 0 start on demand and take minutes to boot and install)."""
+    cluster with min_workers 0 start on demand and take minutes to boot and install), saying what
+    it waits for. `can_grow=False` (a local cluster: no autoscaler adds nodes) fails at once."""
+    have = ray.cluster_resources().get("GPU", 0)
+    if have >= count:
+        return
+    if not can_grow:
+        raise SystemExit(f"this job needs {count} GPUs; the local Ray cluster on this machine has {have:g} and nothing "
+                         f"will add more: run it on a `ray up cluster.yaml` cluster, or pass --device cpu")
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=[{"GPU": 1}] * count)
-    deadline = time.monotonic() + timeout_s
-    while ray.cluster_resources().get("GPU", 0) < count:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs after {timeout_s:g} s, "
-                             f"{count} needed")
-        time.sleep(10)  # polling the autoscaler's progress; nothing to wait on instead
+    print(f"waiting up to {timeout_s:g} s for {count} GPUs (the cluster has {have:g}; asked the autoscaler for "
+          f"{count} x {{GPU: 1}}; new GPU nodes take minutes to boot)", flush=True)
+    start = time.monotonic()
+    next_progress = start + progress_every_s
+    while (have := ray.cluster_resources().get("GPU", 0)) < count:
+        now = time.monotonic()
+        if now - start > timeout_s:
+            raise SystemExit(f"the cluster has {have:g} GPUs after {timeout_s:g} s, {count} needed: check the "
+                             f"autoscaler (`ray status`, `ray monitor cluster.yaml`), or lower --workers")
+        if now >= next_progress:
+            print(f"  still waiting: {have:g}/{count} GPUs after {now - start:.0f} s", flush=True)
+            next_progress = now + progress_every_s
+        time.sleep(min(10.0, progress_every_s))  # polling the autoscaler's progress; nothing to wait on instead
+    print(f"{have:g} GPUs available after {time.monotonic() - start:.0f} s", flush=True)
 
 
 def random_checkpoint_on_every_node(model_overrides: dict, path: str, seed: int = 0) -> None:
@@ -79,7 +101,7 @@ def main(argv=None) -> dict:
     model = dict(vocab_size=4096, hidden_size=args.hidden, moe_intermediate_size=args.ffn, num_hidden_layers=args.layers,
                  num_experts=args.experts, top_k=args.top_k)
     if args.device == "cuda":
-        wait_for_gpus(args.workers, args.wait_for_gpus_s)
+        wait_for_gpus(args.workers, args.wait_for_gpus_s, can_grow=not cluster_is_loopback_only())
     checkpoint = args.checkpoint
     if checkpoint is None:
         checkpoint = args.random_checkpoint_dir

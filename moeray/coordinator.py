@@ -111,6 +111,10 @@ class Coordinator:
     def committed(self, version: int, step: int) -> None:
         self.core.committed(version, step)
 
+    def view(self, timeline: bool = True) -> dict:
+        """Compact view for metrics and the placement report (CoordinatorCore.view)."""
+        return self.core.view(timeline)
+
     def summary(self) -> dict:
         out = self.core.summary()
         out["reports"] = self.reports

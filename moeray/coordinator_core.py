@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from placement import Placement, Topology
-from placement.metrics import imbalance, imbalance_of_worker_loads
+from placement.metrics import imbalance, imbalance_of_worker_loads, worker_loads
 from placement.planner import Plan, plan
 from placement.policy import Decision, PolicyConfig, PolicyState, PolicyStats, decide
 from placement.stats import DecayedLoad, LoadWindow
@@ -246,6 +246,55 @@ class CoordinatorCore:
         self.epoch = epoch
         self.pending.clear()  # half-collected ranges of the old epoch would never complete
 
+    def view(self, timeline: bool = True) -> dict:
+        """What metrics, `GET /v1/placement` and `moeray plot` show, compact: no per-range rows
+        (a metrics scrape must not ship [ranges, L, W] arrays, up to _HISTORY_LIMIT of them).
+
+        `realised_imbalance_per_layer` is max/mean of the rows each worker actually computed over
+        the last `window_steps` steps (None before a range completed); `imbalance_per_layer` is the
+        current placement applied to the windowed load. With `timeline`: one point per completed
+        step range (realised imbalance of the range and of the window ending with it, mean and
+        worst layer) and the realised rows per worker before and after the last committed rebalance.
+        """
+        ranges = sorted(self.history, key=lambda h: h[0])  # ranges complete out of order across workers
+        load_LE = self.load_LE
+        p = self.placement
+        realised_LW, _ = _sum_rows(reversed(ranges), self.window_steps)
+        out = {
+            "placement_version": p.version,
+            "epoch": self.epoch,
+            "window_steps": self.window.steps,
+            "load_LE": load_LE,
+            "worker_load_LW": worker_loads(load_LE, p.phy2log, p.slots_per_worker, self.replica_weights_LS),
+            "imbalance_per_layer": self.current_imbalance(load_LE) if load_LE.sum() else np.ones(p.num_layers),
+            "realised_imbalance_per_layer": None if realised_LW is None else imbalance_of_worker_loads(realised_LW),
+            "rebalances": [r.as_dict() for r in self.records],
+            "last_decision": None if self.last_decision is None else self.last_decision.reason,
+            "in_flight_version": None if self.in_flight is None else self.in_flight.placement.version,
+            "drifts_detected": list(self.drifts_detected),
+        }
+        if timeline:
+            out["timeline"] = _timeline(ranges, self.window_steps)
+            out["last_rebalance_rows"] = self._rows_around_last_commit(ranges)
+        return out
+
+    def _rows_around_last_commit(self, ranges: list) -> dict | None:
+        """Realised rows per worker [L, W] over the window before the last committed rebalance
+        and over the first window after it (None where no range was served yet)."""
+        committed = [r for r in self.records if r.committed_at_step is not None]
+        if not committed:
+            return None
+        last = committed[-1]
+        step = last.committed_at_step
+        before = [h for h in ranges if h[1] <= step and h[2] < last.version]
+        after = [h for h in ranges if h[0] >= step and h[2] == last.version]
+        before_LW, before_steps = _sum_rows(reversed(before), self.window_steps)
+        after_LW, after_steps = _sum_rows(after, self.window_steps)
+        return {"version": last.version, "committed_at_step": step,
+                "before_version": before[-1][2] if before else None,
+                "before_LW": before_LW, "before_steps": before_steps,
+                "after_LW": after_LW, "after_steps": after_steps}
+
     def summary(self) -> dict:
         current = self.current_imbalance() if self.load_LE.sum() else np.ones(self.placement.num_layers)
         return {
@@ -261,3 +310,46 @@ class CoordinatorCore:
             "drifts_detected": list(self.drifts_detected),
             "time": time.time(),
         }
+
+
+def _sum_rows(ranges, steps: int) -> tuple[np.ndarray | None, int]:
+    """Sum of the ranges' rows [L, W], taken in the given order until `steps` steps are covered."""
+    total, covered = None, 0
+    for step_lo, step_hi, _, rows_LW in ranges:
+        if covered >= steps:
+            break
+        total = rows_LW.astype(np.float64) if total is None else total + rows_LW
+        covered += step_hi - step_lo
+    return total, covered
+
+
+def _imbalance_RL(rows_RLW: np.ndarray) -> np.ndarray:
+    mean_RL = rows_RLW.mean(axis=2)
+    return np.where(mean_RL > 0, rows_RLW.max(axis=2) / np.where(mean_RL > 0, mean_RL, 1.0), 1.0)
+
+
+def _timeline(ranges: list, window_steps: int) -> dict:
+    """Columns, one entry per step range: where it was, its version, the rows computed, and the
+    realised imbalance (mean and worst over layers) of the range alone and of the window ending
+    with it (whole ranges back to `window_steps` steps, as realised_imbalance_per_layer)."""
+    keys = ("step_lo", "step_hi", "version", "routed_rows", "imbalance_mean", "imbalance_worst",
+            "window_imbalance_mean", "window_imbalance_worst")
+    if not ranges:
+        return {"window_steps": window_steps, **{key: [] for key in keys}}
+    rows_RLW = np.stack([h[3] for h in ranges]).astype(np.float64)
+    covered_R = np.cumsum([h[1] - h[0] for h in ranges])
+    rows_sum_RLW = np.cumsum(rows_RLW, axis=0)
+    first_R = np.minimum(np.searchsorted(covered_R, covered_R - window_steps, side="right"), np.arange(len(ranges)))
+    before_RLW = np.where((first_R > 0)[:, None, None], rows_sum_RLW[np.maximum(first_R - 1, 0)], 0.0)
+    single_RL, window_RL = _imbalance_RL(rows_RLW), _imbalance_RL(rows_sum_RLW - before_RLW)
+    return {
+        "window_steps": window_steps,
+        "step_lo": [int(h[0]) for h in ranges],
+        "step_hi": [int(h[1]) for h in ranges],
+        "version": [int(h[2]) for h in ranges],
+        "routed_rows": rows_RLW.sum(axis=(1, 2)).astype(np.int64).tolist(),
+        "imbalance_mean": single_RL.mean(axis=1).tolist(),
+        "imbalance_worst": single_RL.max(axis=1).tolist(),
+        "window_imbalance_mean": window_RL.mean(axis=1).tolist(),
+        "window_imbalance_worst": window_RL.max(axis=1).tolist(),
+    }

@@ -131,7 +131,18 @@ def sweep_triton(args_t, warmup: int, rep: int) -> tuple[object, object, float, 
     return best_up, best_down, best_ms, trials
 
 
+def require_gpu() -> None:
+    """One clear line instead of a traceback from deep inside torch or Triton."""
+    if not torch.cuda.is_available():
+        raise SystemExit("moeray bench kernel needs a CUDA GPU (torch.cuda.is_available() is False on this machine)")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise SystemExit('moeray bench kernel needs Triton: pip install -e ".[gpu]"') from None
+
+
 def run(args: argparse.Namespace) -> dict:
+    require_gpu()
     from triton.testing import do_bench
 
     from moeray.kernels import choose_impl, expert_mlp
@@ -240,8 +251,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    if not torch.cuda.is_available():
-        raise SystemExit("moeray bench kernel needs a CUDA GPU")
     return standalone("kernel", __doc__, add_arguments, run, argv)
 
 

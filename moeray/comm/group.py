@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -94,15 +95,22 @@ def _node_ip() -> str:
 
 
 def open_rendezvous(group_name: str, timeout_s: float) -> str:
-    """On rank 0: start the group's TCPStore on a free port and return its "host:port"."""
+    """On rank 0: start the group's TCPStore on a free port and return its "host:port".
+
+    TCPStore would bind its own socket to every interface; it gets one bound to this node's
+    address instead (127.0.0.1 on moeray's local cluster), so the store is reachable only where
+    the group's ranks connect from."""
     host = _node_ip()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family, backlog=128)  # port 0: the OS picks a free one
     store = dist.TCPStore(
         host,
-        0,  # port 0: the OS picks a free port, no race with other groups on this host
+        listener.getsockname()[1],
         is_master=True,
         wait_for_workers=False,
         timeout=datetime.timedelta(seconds=timeout_s),
         use_libuv=True,
+        master_listen_fd=listener.detach(),  # the store owns the socket from here on (and closes it)
     )
     with _lock:
         _master_stores[group_name] = store
