@@ -107,6 +107,10 @@ class CoordinatorCore:
         if len(by_worker) < self.topology.num_workers:
             return False
         del self.pending[key]
+        # Workers ship their ranges in step order, so a range that ended before this one began can
+        # never complete (a worker resumed counting at another step: a stats toggle); drop it.
+        for stale in [k for k in self.pending if k[1] <= snapshot.step_lo]:
+            del self.pending[stale]
         snaps = list(by_worker.values())
         steps = snapshot.step_hi - snapshot.step_lo
         counts_LE = np.sum([s.counts_LE for s in snaps], axis=0)

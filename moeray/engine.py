@@ -355,6 +355,10 @@ class Engine:
         if enabled and self.coordinator is None:
             raise RuntimeError("stats recording needs stats.enabled=True at start-up")
         self._get([w.set_stats_recording.remote(enabled) for w in self.workers], 60, "set stats recording")
+        if enabled and self.loops is not None and self.loops.running:
+            # The loops may have been at different steps when counting resumed: one agreed flush
+            # realigns every worker's next step range (the misaligned partial one is dropped).
+            self.loops.flush()
 
     def placement(self) -> Placement:
         """The placement every worker runs now (committed; a staged one is not yet in effect)."""

@@ -41,6 +41,17 @@ def test_a_range_counts_only_when_every_worker_reported():
     np.testing.assert_array_equal(core.load_LE, (hot_load() // W) * W)
 
 
+def test_a_range_that_can_never_complete_is_dropped_once_a_later_one_does():
+    """Workers that resumed counting at different steps ship ranges that never pair up; once every
+    worker has shipped a later range, the orphan goes (pending stays bounded)."""
+    core = make_core()
+    feed(core, hot_load(), 3, 8, workers=[0])  # worker 0 resumed at step 3, the others at 4
+    feed(core, hot_load(), 4, 8, workers=range(1, W))
+    assert set(core.pending) == {(3, 8), (4, 8)}
+    assert feed(core, hot_load(), 8, 12)  # the agreed flush: every worker ships [8, 12)
+    assert core.pending == {}
+
+
 def test_stale_epoch_snapshots_are_ignored():
     core = make_core()
     snap = LoadSnapshot(0, 7, 0, 4, 0, hot_load(), np.zeros((L, SPW), dtype=np.int64))
