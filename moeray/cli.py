@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from moeray.serving.config import API_KEY_ENV, LOOPBACK_HOSTS  # pydantic + yaml only: light
+
 # `moeray bench NAME` -> moeray.bench.NAME, which provides add_arguments(parser) and run(args).
 BENCHMARKS = {
     "kernel": "grouped SwiGLU expert kernel vs per-expert loop vs torch._grouped_mm",
@@ -32,8 +34,6 @@ BENCHMARKS = {
     "memory": "a worker's resident memory after loading vs dense + its slots (CPU, a 1-2 GB checkpoint)",
 }
 DEFAULT_URL = "http://127.0.0.1:8000"
-API_KEY_ENV = "MOERAY_API_KEY"
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 BUILTIN_MODEL_WORKERS, BUILTIN_MODEL_NAME = 2, "moeray-tiny"  # `moeray serve` with no model: workers, served name
 
 

@@ -1,14 +1,21 @@
-"""`moeray bench serve`: the HTTP service (Ray Serve) under concurrent clients, on local CPU workers.
+"""`moeray bench serve`: the OpenAI-compatible HTTP service under concurrent streaming clients, on
+local CPU workers.
 
-C client threads each send R requests of T tokens back to back (keep-alive sessions) to
-POST /v1/forward. Requests join the engine's next step (continuous batching). Reported:
-requests/s, tokens/s, latency p50 / p99, and how many requests an engine step carried on average
-(requests / engine steps, from /v1/stats).
+C clients (threads, one keep-alive connection each) send streaming `POST /v1/completions` back to
+back for D seconds: random token-id prompts of P tokens, `max_tokens` M with `ignore_eos` (every
+request generates exactly M tokens), `stream_options.include_usage`. Measured on the client, as
+vLLM's benchmark_serving does: time to first token (request sent -> first streamed text), inter-token
+latency (the gaps between consecutive streamed chunks), time per output token ((end - first) /
+(M - 1)), output tokens/s over the whole run. An error is anything but a 200 stream that ends in
+`data: [DONE]` with M completion tokens. Requests already started when D ends run to completion.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
+import os
 import platform
 import socket
 import tempfile
@@ -21,14 +28,15 @@ from moeray.bench import standalone, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="CPU engine workers (Gloo)")
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=512)
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--requests-per-client", type=int, default=20)
-    p.add_argument("--tokens-per-request", type=int, default=16)
+    p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
+    p.add_argument("--duration-s", type=float, default=60.0, help="how long clients start new requests")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--machine", default=platform.node())
     p.add_argument("--date", default="")
     p.add_argument("--json", default=None)
@@ -40,45 +48,101 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _load(url: str, clients: int, per_client: int, tokens: int, vocab: int) -> tuple[list[float], float, int]:
-    """(latencies in s, wall s, failed requests)."""
-    import requests
+class _Client:
+    """One streaming client: its own connection, its own samples."""
 
-    latencies: list[float] = []
-    failed = [0]
-    lock = threading.Lock()
-    start = threading.Barrier(clients + 1)
+    def __init__(self, port: int, index: int, args: argparse.Namespace, vocab: int):
+        self.port, self.args = port, args
+        self.rng = np.random.default_rng(index)
+        self.vocab = vocab
+        self.conn: http.client.HTTPConnection | None = None
+        self.ttft_s: list[float] = []
+        self.itl_s: list[float] = []
+        self.tpot_s: list[float] = []
+        self.tokens = 0
+        self.errors: list[str] = []
 
-    def client(i: int) -> None:
-        rng = np.random.default_rng(i)
-        session = requests.Session()
+    def run(self, start: threading.Barrier, deadline: list[float]) -> None:
         start.wait()
-        for _ in range(per_client):
-            ids = rng.integers(0, vocab, tokens).tolist()
-            t0 = time.perf_counter()
+        while time.perf_counter() < deadline[0]:
             try:
-                ok = session.post(f"{url}/v1/forward", json={"token_ids": ids}, timeout=120).status_code == 200
-            except Exception:  # a refused or dropped connection counts as a failed request
-                ok = False
-            dt = time.perf_counter() - t0
-            with lock:
-                if ok:
-                    latencies.append(dt)
-                else:
-                    failed[0] += 1
+                self._one_request()
+            except Exception as exc:  # noqa: BLE001 - every failure is counted and reported, none hidden
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                self._reconnect()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    def _reconnect(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+
+    def _one_request(self) -> None:
+        if self.conn is None:
+            self._reconnect()
+        prompt = self.rng.integers(3, self.vocab, self.args.prompt_tokens).tolist()
+        body = json.dumps({"prompt": prompt, "max_tokens": self.args.max_tokens, "ignore_eos": True,
+                           "temperature": 1.0, "stream": True, "stream_options": {"include_usage": True}})
+        sent = time.perf_counter()
+        self.conn.request("POST", "/v1/completions", body, {"content-type": "application/json"})
+        resp = self.conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+        chunk_times, usage, done = [], None, False
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            line = line.strip()
+            if line == b"data: [DONE]":
+                done = True
+                continue
+            if not line.startswith(b"data: "):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"error event: {event['error']['message']}")
+            if event["choices"] and event["choices"][0]["text"]:
+                chunk_times.append(time.perf_counter())
+            if event.get("usage"):
+                usage = event["usage"]
+        resp.read()  # the end of the chunked body: the connection is reused
+        if not done or usage is None or usage["completion_tokens"] != self.args.max_tokens or not chunk_times:
+            raise RuntimeError(f"incomplete stream: done={done} usage={usage} chunks={len(chunk_times)}")
+        self.ttft_s.append(chunk_times[0] - sent)
+        self.itl_s.extend(np.diff(chunk_times).tolist())
+        self.tpot_s.append((chunk_times[-1] - chunk_times[0]) / max(self.args.max_tokens - 1, 1))
+        self.tokens += usage["completion_tokens"]
+
+
+def _load(port: int, args: argparse.Namespace, vocab: int, duration_s: float, clients: int) -> dict:
+    workers = [_Client(port, i, args, vocab) for i in range(clients)]
+    start = threading.Barrier(clients + 1)
+    deadline = [float("inf")]
+    threads = [threading.Thread(target=c.run, args=(start, deadline), daemon=True) for c in workers]
     for th in threads:
         th.start()
     start.wait()
     t0 = time.perf_counter()
+    deadline[0] = t0 + duration_s
     for th in threads:
         th.join()
-    return latencies, time.perf_counter() - t0, failed[0]
+    wall = time.perf_counter() - t0
+    ttft = [x for c in workers for x in c.ttft_s]
+    itl = [x for c in workers for x in c.itl_s]
+    tpot = [x for c in workers for x in c.tpot_s]
+    errors = [e for c in workers for e in c.errors]
+
+    def pct(values, q):
+        return float(np.percentile(values, q) * 1e3) if values else float("nan")
+
+    return {"clients": clients, "wall_s": wall, "requests": len(ttft), "errors": len(errors),
+            "error_examples": errors[:5], "output_tokens": sum(c.tokens for c in workers),
+            "output_tokens_per_s": sum(c.tokens for c in workers) / wall, "requests_per_s": len(ttft) / wall,
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
+            "itl_p99_ms": pct(itl, 99), "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99)}
 
 
 def run(args: argparse.Namespace) -> dict:
-    import requests
     from ray import serve
 
     from moeray.config import EngineOptions, ParallelConfig, RebalanceConfig
@@ -88,47 +152,36 @@ def run(args: argparse.Namespace) -> dict:
     from moeray.serving.deployment import run_service
 
     ensure_ray()
-    rows = []
     with tempfile.TemporaryDirectory(prefix="moeray-bench-serve-") as ckpt:
         _, model = write_tiny_model(ckpt, num_experts=args.experts, num_hidden_layers=args.layers,
                                     hidden_size=args.hidden, moe_intermediate_size=args.ffn)
-        port = _free_port()
-        for batch in ["continuous"]:
-            config = ServiceConfig(
-                checkpoint=ckpt,
-                engine=EngineOptions(parallel=ParallelConfig(num_workers=args.workers),
-                                     rebalance=RebalanceConfig(enabled=False)),
-                serve=ServeConfig(port=port, app_name="moeray-bench"),
-            )
-            run_service(config, blocking=False)
-            url = f"http://127.0.0.1:{port}"
-            _load(url, min(4, args.clients), 3, args.tokens_per_request, model.vocab_size)  # warm-up
-            before = requests.get(f"{url}/v1/stats", timeout=60).json()
-            lat, wall, failed = _load(url, args.clients, args.requests_per_client, args.tokens_per_request, model.vocab_size)
-            after = requests.get(f"{url}/v1/stats", timeout=60).json()
+        config = ServiceConfig(
+            checkpoint=ckpt,
+            engine=EngineOptions(parallel=ParallelConfig(num_workers=args.workers),
+                                 rebalance=RebalanceConfig(enabled=False)),
+            serve=ServeConfig(port=_free_port(), app_name="moeray-bench", max_ongoing_requests=max(64, 2 * args.clients)),
+        )
+        run_service(config, blocking=False)
+        try:
+            _load(config.serve.port, args, model.vocab_size, 5.0, min(4, args.clients))  # warm-up
+            row = _load(config.serve.port, args, model.vocab_size, args.duration_s, args.clients)
+        finally:
             serve.delete(config.serve.app_name)
-            steps = after["steps"] - before["steps"]
-            done = len(lat)
-            rows.append({
-                "batching": batch, "requests": done, "failed": failed, "wall_s": wall,
-                "requests_per_s": done / wall, "tokens_per_s": done * args.tokens_per_request / wall,
-                "latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat else float("nan"),
-                "latency_p99_ms": float(np.percentile(lat, 99) * 1e3) if lat else float("nan"),
-                "engine_steps": steps, "requests_per_step": done / max(steps, 1),
-                "largest_step_requests": after["largest_step_requests"],
-            })
-    serve.shutdown()
-    result = {"benchmark": "serve", "machine": args.machine, "date": args.date,
+            serve.shutdown()
+    result = {"benchmark": "serve", "machine": args.machine, "cpus": os.cpu_count(), "date": args.date,
               "command": getattr(args, "command", "python -m moeray.bench.serve"),
               "config": {k: getattr(args, k) for k in ("workers", "experts", "layers", "hidden", "ffn", "clients",
-                                                        "requests_per_client", "tokens_per_request")},
-              "rows": rows}
-    print(f"serve: {args.clients} clients x {args.requests_per_client} requests x {args.tokens_per_request} tokens, "
-          f"{args.workers} CPU workers, {args.layers} layers x {args.experts} experts")
-    print(f"{'batching':>10} {'req/s':>8} {'tokens/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'req/step':>8} {'failed':>6}")
-    for r in rows:
-        print(f"{r['batching']:>10} {r['requests_per_s']:>8.1f} {r['tokens_per_s']:>9.0f} {r['latency_p50_ms']:>8.1f} "
-              f"{r['latency_p99_ms']:>8.1f} {r['requests_per_step']:>8.2f} {r['failed']:>6}")
+                                                        "duration_s", "prompt_tokens", "max_tokens")},
+              "rows": [row]}
+    print(f"serve: {args.clients} streaming clients for {args.duration_s:g} s, prompts of {args.prompt_tokens} tokens, "
+          f"{args.max_tokens} generated each; {args.workers} CPU workers, {args.layers} layers x {args.experts} experts")
+    print(f"{'requests':>8} {'errors':>6} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} "
+          f"{'TPOT p50':>9} {'p99':>7}  (ms)")
+    print(f"{row['requests']:>8} {row['errors']:>6} {row['output_tokens_per_s']:>7.0f} {row['ttft_p50_ms']:>9.1f} "
+          f"{row['ttft_p99_ms']:>7.1f} {row['itl_p50_ms']:>8.1f} {row['itl_p99_ms']:>7.1f} {row['tpot_p50_ms']:>9.1f} "
+          f"{row['tpot_p99_ms']:>7.1f}")
+    if row["errors"]:
+        print("errors, e.g.:", *row["error_examples"], sep="\n  ")
     write_json(args.json, result)
     return result
 

@@ -1,27 +1,37 @@
 """What the service does with requests, without the web framework.
 
-`EngineLoop` owns the generation driver on one thread: it admits requests between steps and runs
+`EngineLoop` owns the generation driver on one thread: it admits requests between steps, runs
 steps while any request is in flight (continuous batching: a request joins at the next step and
-leaves when it finishes), and runs other engine calls (stats, rebalance, health) between steps, so
-the engine is never entered twice. The event loop only queues work and awaits futures.
+leaves when it finishes), and runs other engine calls (placement, metrics, rebalance, health)
+between steps, so the engine is never entered twice. The event loop only queues work and reads
+`RequestStream`s, which the loop thread feeds with each step's outputs.
 
-Legend: T tokens of one request, V vocabulary, P top log-probs.
+`StreamCursor` turns the driver's cumulative outputs into the deltas a streaming client gets;
+`load_chat_template` / `render_chat` turn chat messages into a prompt as transformers does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
+import logging
 import queue
+import socket
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
-
-import numpy as np
+from pathlib import Path
 
 from moeray.errors import CollectiveError, WorkerLost
 from moeray.generation.driver import GenerationDriver
-from moeray.generation.outputs import RequestOutput
+from moeray.generation.outputs import CompletionOutput, RequestOutput
 from moeray.generation.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer HF checkpoints keep the template in its own file
+_ADMITTED = object()  # the first item of a stream whose requests all joined the scheduler
 
 
 class RequestRejected(Exception):
@@ -33,62 +43,220 @@ class RequestRejected(Exception):
         self.detail = detail
 
 
-def check_request_size(token_ids: list[int], max_tokens: int) -> None:
-    if len(token_ids) > max_tokens:
-        raise RequestRejected(413, f"{len(token_ids)} tokens > max_tokens_per_request={max_tokens}")
+class PortInUse(RuntimeError):
+    pass
 
 
-@dataclass(frozen=True)
-class ForwardResult:
-    next_token_ids: list[int]
-    top_logprobs: list[list[tuple[int, float]]] | None
+def check_port_free(host: str, port: int) -> None:
+    """Raise PortInUse when something listens on host:port. Serve's proxy binds with SO_REUSEPORT,
+    so a second service would bind anyway and the kernel would split connections between the two;
+    this probe binds without it and so fails on any listener (SO_REUSEADDR only passes sockets
+    left in TIME_WAIT)."""
+    if port == 0:
+        return
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                               flags=socket.AI_PASSIVE):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(f"port {port} is in use on {host}: another service (another `moeray serve`?) "
+                                    "listens there; stop it or choose another port (--port)") from None
+                raise
 
 
-def forward_result(logits_TV: np.ndarray, top_logprobs: int) -> ForwardResult:
-    """Greedy next token per position, and optionally the P most likely with log-probabilities."""
-    logits_TV = logits_TV.astype(np.float64)
-    next_ids = logits_TV.argmax(axis=1).tolist()
-    if top_logprobs == 0:
-        return ForwardResult(next_ids, None)
-    shifted_TV = logits_TV - logits_TV.max(axis=1, keepdims=True)
-    logprobs_TV = shifted_TV - np.log(np.exp(shifted_TV).sum(axis=1, keepdims=True))
-    top_TP = np.argsort(-logprobs_TV, axis=1, kind="stable")[:, :top_logprobs]
-    rows = [[(int(v), float(logprobs_TV[t, v])) for v in top_TP[t]] for t in range(len(top_TP))]
-    return ForwardResult(next_ids, rows)
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop string. A stream holds
+    them back: if the stop string completes at the next step, the driver cuts the text before it,
+    and text already sent cannot be taken back."""
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return hold
+
+
+def load_chat_template(checkpoint: str | Path, tokenizer=None) -> str | None:
+    """The checkpoint's chat template: the tokenizer's own if it loaded one, else chat_template.jinja,
+    else tokenizer_config.json's "chat_template" (a string, or a list of named templates: "default").
+    None when the checkpoint has none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        return template
+    directory = Path(checkpoint)
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        return (directory / CHAT_TEMPLATE_FILE).read_text()
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    template = json.loads(config_path.read_text()).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    return template if isinstance(template, str) else None
+
+
+def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> str:
+    """The prompt text, as transformers' apply_chat_template renders it (sandboxed jinja2, trimmed
+    blocks, a generation prompt for the assistant's turn). ValueError when the template refuses
+    the messages (its raise_exception) or fails."""
+    try:
+        from jinja2 import TemplateError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as exc:
+        raise RuntimeError(f"chat templates need jinja2 (pip install jinja2): {exc}") from None
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos_token,
+                                                eos_token=eos_token)
+    except TemplateError as exc:
+        raise ValueError(f"the chat template refused the messages: {exc}") from None
+
+
+class StreamCursor:
+    """What one streamed choice has sent: turns cumulative outputs into (new text, new tokens)."""
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self.stops = tuple(stops)
+        self.text_sent = 0
+        self.tokens_sent = 0
+
+    def advance(self, completion: CompletionOutput) -> tuple[str, slice]:
+        """The text not sent yet (less what might still become a stop string, unless finished) and
+        the slice of token ids / logprobs not sent yet."""
+        text = completion.text
+        end = len(text) if completion.finish_reason is not None else len(text) - held_back(text, self.stops)
+        delta = text[self.text_sent:end] if end > self.text_sent else ""
+        self.text_sent = max(self.text_sent, end)
+        tokens = slice(self.tokens_sent, len(completion.token_ids))
+        self.tokens_sent = len(completion.token_ids)
+        return delta, tokens
+
+
+class RequestStream:
+    """The requests of one HTTP call (one per prompt) as the loop thread advances them. Created by
+    `EngineLoop.open` on the event loop that reads it.
+
+    `async for batch in stream` yields {index: latest cumulative RequestOutput} for the requests
+    that moved since the last batch (a slow reader skips intermediate states: outputs are
+    cumulative) and ends when all have finished. `close()` aborts whatever has not finished: call
+    it when the client goes away (it is a no-op afterwards)."""
+
+    def __init__(self, engine_loop: EngineLoop, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]):
+        if len(prompts) != len(params) or not prompts:
+            raise ValueError(f"{len(prompts)} prompts for {len(params)} sampling params")
+        self.prompts = [list(p) for p in prompts]
+        self.params = list(params)
+        self.latest: list[RequestOutput | None] = [None] * len(prompts)
+        self.request_ids: list[str | None] = [None] * len(prompts)  # written by the loop thread
+        self.closed = False  # set on the event loop, read by the loop thread
+        self._engine_loop = engine_loop
+        self._event_loop = asyncio.get_running_loop()
+        self._updates: asyncio.Queue = asyncio.Queue()
+        self._unfinished = len(prompts)
+
+    @property
+    def finished(self) -> bool:
+        return self._unfinished == 0
+
+    # ---- the loop thread's side --------------------------------------------------------------------
+    def _deliver(self, item) -> None:
+        try:
+            self._event_loop.call_soon_threadsafe(self._updates.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody reads this stream any more
+            pass
+
+    # ---- the reader's side ---------------------------------------------------------------------------
+    async def _next_item(self):
+        item = await self._updates.get()
+        if isinstance(item, BaseException):
+            self._unfinished = 0
+            raise item
+        return item
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict[int, RequestOutput]:
+        if self.finished:
+            raise StopAsyncIteration
+        batch: dict[int, RequestOutput] = {}
+        item = await self._next_item()
+        while True:
+            index, out = item
+            batch[index] = out
+            if self._updates.empty():
+                break
+            item = await self._next_item()
+        for index, out in batch.items():
+            self.latest[index] = out
+        self._unfinished = sum(o is None or not o.finished for o in self.latest)
+        return batch
+
+    async def final(self) -> list[RequestOutput]:
+        """Every request's finished output, in prompt order."""
+        async for _ in self:
+            pass
+        return list(self.latest)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if not self.finished:
+                self._engine_loop._inbox.put(("abort", self, None))
 
 
 class EngineLoop:
-    """The one thread that touches the engine. `submit` queues a request and resolves with its
-    final RequestOutput; `call(fn)` runs fn(engine) between steps."""
+    """The one thread that touches the engine. `open(prompts, params)` admits requests and returns
+    their RequestStream; `call(fn)` runs fn(*args) between steps. `metrics` (a
+    moeray.metrics.ServingMetrics, optional) sees every admitted request and every step's outputs."""
 
-    def __init__(self, driver: GenerationDriver):
+    def __init__(self, driver: GenerationDriver, metrics=None):
         self.driver = driver
+        self.metrics = metrics
         self._inbox: queue.Queue = queue.Queue()
-        self._waiting: dict[str, Future] = {}
+        self._streams: dict[str, tuple[RequestStream, int]] = {}  # request id -> its stream and index
         self._stopped = threading.Event()
-        self.steps = 0
-        self.largest_step = 0  # most requests in flight in one step
+        self.steps = 0  # driver steps taken
+        self.most_in_flight = 0  # most requests in flight at one driver step (> 1: they shared engine steps)
         self._thread = threading.Thread(target=self._run, name="moeray-engine-loop", daemon=True)
         self._thread.start()
 
-    async def submit(self, prompt, params: SamplingParams, score: bool = False) -> RequestOutput:
-        future: Future = Future()
-        self._inbox.put(("request", (prompt, params, score), future))
+    async def open(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> RequestStream:
+        """Queue the requests (token ids) of one HTTP call; returns once all joined the scheduler,
+        or raises RequestRejected (none of them runs then)."""
+        stream = RequestStream(self, prompts, params)
+        self._inbox.put(("open", stream, None))
         try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:  # the client went away: free its sequence
-            if getattr(future, "request_id", None) is not None:
-                self._inbox.put(("abort", future.request_id, Future()))
+            await stream._next_item()  # _ADMITTED, or the rejection raised
+        except asyncio.CancelledError:  # the client went away before its requests were admitted
+            stream.close()
             raise
+        return stream
 
     async def call(self, fn, *args):
         future: Future = Future()
         self._inbox.put(("call", (fn, args), future))
         return await asyncio.wrap_future(future)
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
     def stop(self) -> None:
         self._stopped.set()
-        self._inbox.put(("stop", None, Future()))
+        self._inbox.put(("stop", None, None))
         self._thread.join(timeout=30)
 
     # ---- the loop thread ---------------------------------------------------------------------------
@@ -100,13 +268,15 @@ class EngineLoop:
                 item = self._inbox.get(timeout=1.0) if not busy else self._inbox.get_nowait()
             except queue.Empty:
                 item = None
-            if item is not None:
-                self._handle(item)
-                while True:  # everything that arrived during the last step joins the next one
-                    try:
-                        self._handle(self._inbox.get_nowait())
-                    except queue.Empty:
-                        break
+            while item is not None:  # everything that arrived during the last step joins the next one
+                try:
+                    self._handle(item)
+                except Exception:  # a bug in one item must not stop the service's only engine thread
+                    log.exception("engine loop: handling %s failed", item[0])
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    item = None
             if self.driver.has_unfinished():
                 self._step()
 
@@ -125,26 +295,39 @@ class EngineLoop:
 
     def _handle(self, item) -> None:
         kind, payload, future = item
-        if kind == "request":
-            if future.cancelled():  # the client went away before its request was admitted
-                return
-            prompt, params, score = payload
-            try:
-                request_id = self.driver.add_request(prompt, params, score=score)
-            except (ValueError, TypeError) as exc:
-                self._resolve(future, error=RequestRejected(400, str(exc)))
-                return
-            future.request_id = request_id
-            self._waiting[request_id] = future
+        if kind == "open":
+            self._admit(payload)
         elif kind == "abort":
-            self.driver.abort(payload)
-            self._waiting.pop(payload, None)
+            self._abort(payload)
         elif kind == "call":
             fn, args = payload
             try:
                 self._resolve(future, fn(*args))
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 self._resolve(future, error=exc)
+
+    def _admit(self, stream: RequestStream) -> None:
+        if stream.closed:  # the client went away before its requests were admitted
+            return
+        for index, (prompt, params) in enumerate(zip(stream.prompts, stream.params)):
+            try:
+                request_id = self.driver.add_request(prompt, params)
+            except (ValueError, TypeError) as exc:  # all of the call's requests run, or none
+                self._abort(stream)
+                where = f"prompt {index}: " if len(stream.prompts) > 1 else ""
+                stream._deliver(RequestRejected(400, where + str(exc)))
+                return
+            stream.request_ids[index] = request_id
+            self._streams[request_id] = (stream, index)
+        for request_id, prompt in zip(stream.request_ids, stream.prompts):
+            self._observe("request_added", request_id, len(prompt))
+        stream._deliver(_ADMITTED)
+
+    def _abort(self, stream: RequestStream) -> None:
+        for request_id in stream.request_ids:
+            if request_id is not None and self._streams.pop(request_id, None) is not None:
+                self.driver.abort(request_id)  # its KV blocks are freed at the next step
+                self._observe("request_aborted", request_id)
 
     def _step(self) -> None:
         engine = self.driver.engine
@@ -155,15 +338,31 @@ class EngineLoop:
         except Exception as exc:  # noqa: BLE001 - the step or its recovery failed: fail what is in flight, keep serving
             error = exc if isinstance(exc, (WorkerLost, CollectiveError)) else WorkerLost(
                 f"engine step failed: {type(exc).__name__}: {exc}")
-            for request_id, future in list(self._waiting.items()):
+            failed = {id(stream): stream for stream, _ in self._streams.values()}
+            for request_id in list(self._streams):
                 self.driver.abort(request_id)
-                self._resolve(future, error=error)
-            self._waiting.clear()
+                self._observe("request_aborted", request_id)
+            self._streams.clear()
+            for stream in failed.values():
+                stream._deliver(error)
             return
         self.steps += 1
-        self.largest_step = max(self.largest_step, len(self._waiting))
+        self.most_in_flight = max(self.most_in_flight, len(self._streams))
+        self._observe("observe", outputs)
         for out in outputs:
+            entry = self._streams.get(out.request_id)
+            if entry is None:  # aborted while its step ran
+                continue
+            stream, index = entry
+            stream._deliver((index, out))
             if out.finished:
-                future = self._waiting.pop(out.request_id, None)
-                if future is not None:
-                    self._resolve(future, out)
+                del self._streams[out.request_id]
+
+    def _observe(self, method: str, *args) -> None:
+        """Tell the metrics; a failure there is logged and never fails a request."""
+        if self.metrics is None:
+            return
+        try:
+            getattr(self.metrics, method)(*args)
+        except Exception:  # metrics are best-effort by design
+            log.exception("serving metrics: %s failed", method)

@@ -1,30 +1,40 @@
-"""The Ray Serve deployment: one `Engine` (its workers and coordinator) per replica, behind FastAPI.
+"""The Ray Serve deployment: one `Engine` (its workers and coordinator) per replica, behind FastAPI,
+speaking the OpenAI-compatible subset vLLM serves.
 
-    POST /v1/forward    {"token_ids": [...], "top_logprobs": 0..20} -> greedy next token per
-                        position (+ top log-probs), the placement version that computed it
-    GET  /v1/stats      steps, placement version, imbalance, the rebalance log
-    POST /v1/rebalance  plan and stage a new placement now (committed at the next step)
-    GET  /healthz       200 while the engine's workers answer
+    POST /v1/completions        text or token-id prompts (one or several), plain or streamed (SSE)
+    POST /v1/chat/completions   the checkpoint's chat template (400 when it has none), plain or streamed
+    GET  /v1/models             the served model
+    GET  /v1/placement          placement per layer, load and imbalance, rebalance log, epoch, workers
+    POST /v1/rebalance          plan and stage a new placement now (committed at the next step)
+    GET  /metrics               Prometheus text (moeray.metrics)
+    GET  /healthz               200 while the engine's workers answer (never needs the API key)
 
+Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} naming the field.
+Bodies are read as JSON whatever the content type (curl -d sends a form type, as vLLM allows).
 Requests become requests of the generation driver (`core.EngineLoop`): they join the next engine
-step and share it with everything else in flight (continuous batching). Each request is checked on
-its own before it is queued: a bad one gets a 4xx naming the bad value and never fails the others.
-When a worker dies, the step recovers the engine (replace the worker, new group epoch) and
-re-runs what was in flight; only if recovery fails do those requests get 503.
-
-The engine is driven from one thread; the event loop stays free for health checks and new
-requests while a step runs.
+step and share it with everything else in flight; each is checked on its own before it is queued,
+so a bad one never fails the others. A client that goes away (streaming or not) aborts its
+requests: Serve cancels the handler, and the stream's `close()` frees their KV blocks. When a
+worker dies, the step recovers the engine and re-runs what was in flight; only if recovery fails
+do those requests get 503.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' types at
-# runtime, and through Serve's ingress wrapper string annotations do not resolve to the models.
+# runtime, and through Serve's ingress wrapper string annotations do not resolve.
 import asyncio
-from typing import Optional
+import hmac
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
 
-import numpy as np
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import SecretStr
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeray.engine import Engine
 from moeray.errors import CollectiveError, WorkerLost
@@ -32,96 +42,195 @@ from moeray.generation.driver import GenerationDriver
 from moeray.generation.sampling import SamplingParams
 from moeray.generation.tokenizer import Tokenizer
 from moeray.llm import engine_config_for
-from moeray.serving.config import ServiceConfig
-from moeray.serving.core import EngineLoop, RequestRejected, check_request_size, forward_result
+from moeray.metrics import CONTENT_TYPE, ServingMetrics
+from moeray.serving import openai_api as oa
+from moeray.serving.config import API_KEY_ENV, LOOPBACK_HOSTS, ServiceConfig
+from moeray.serving.core import (
+    EngineLoop,
+    RequestRejected,
+    RequestStream,
+    StreamCursor,
+    check_port_free,
+    load_chat_template,
+    render_chat,
+)
+from moeray.serving.placement_report import placement_report
 
-app = FastAPI(title="moeray", description="Expert-parallel MoE serving with live expert placement")
-
-
-class ForwardRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    token_ids: list[int] = Field(min_length=1, description="token ids, each in [0, vocab_size)")
-    top_logprobs: int = Field(default=0, ge=0, le=20)
-
-
-class ForwardResponse(BaseModel):
-    next_token_ids: list[int]
-    top_logprobs: Optional[list[list[tuple[int, float]]]] = None
-    placement_version: int
-
-
-class RebalanceRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    force: bool = True
+app = FastAPI(title="moeray", description="Expert-parallel MoE serving with live expert placement (OpenAI API)")
+_ENGINE_ERRORS = (WorkerLost, CollectiveError)
+_PROBE = SamplingParams(max_tokens=1)  # checks a prompt on its own, before its max_tokens is known
 
 
+def _error_response(error: oa.OpenAIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+@app.exception_handler(oa.OpenAIError)
+async def _openai_error(request: Request, exc: oa.OpenAIError) -> JSONResponse:
+    return _error_response(exc)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # bodies are parsed by hand (oa.parse_request); this covers query and path parameters
+    errors = [{**e, "loc": tuple(e["loc"][1:]) if e["loc"][:1] in (("query",), ("path",), ("body",)) else e["loc"]}
+              for e in exc.errors()]
+    return _error_response(oa.validation_error(errors))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405, ...
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return _error_response(oa.OpenAIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                          code=code))
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    return _error_response(oa.OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+
+def _unavailable(exc: Exception) -> oa.OpenAIError:
+    return oa.OpenAIError(503, f"engine unavailable: {exc}", code="engine_unavailable")
+
+
+def _sse(events) -> StreamingResponse:
+    # no-cache / no buffering: proxies in front must pass each event on as it comes
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# Serve serializes the class when the decorator runs: everything its methods use is defined above.
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class MoEService:
     def __init__(self, service_config: dict):
         self.config = ServiceConfig.model_validate(service_config)
-        self.engine = Engine(engine_config_for(self.config.checkpoint, self.config.engine), self.config.checkpoint)
-        self.loop = EngineLoop(GenerationDriver(self.engine, Tokenizer.from_dir(self.config.checkpoint)))
+        checkpoint = self.config.checkpoint
+        self.engine = Engine(engine_config_for(checkpoint, self.config.engine), checkpoint)
+        self.tokenizer = Tokenizer.from_dir(checkpoint)
+        self.driver = GenerationDriver(self.engine, self.tokenizer)
+        self.model_name = self.config.serve.model_name or Path(checkpoint).name
+        self.metrics = ServingMetrics(self.model_name)
+        self.loop = EngineLoop(self.driver, self.metrics)
+        self.chat_template = load_chat_template(checkpoint, self.tokenizer)
+        self.api_key = self.config.serve.resolved_api_key()
+        self.max_model_len = self.engine.config.max_model_len
+        self.started = int(time.time())
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a replica (never in production); the pid still tells them apart
+            self.replica = f"pid-{os.getpid()}"
+        self._token_texts: dict[int, str] = {}
         self._recovery: asyncio.Future | None = None  # a recovery started by check_health
         self._failed_recoveries = 0
 
-    async def _on_engine(self, fn, *args):
-        """fn(*args) on the engine loop's thread, between steps."""
-        return await self.loop.call(fn, *args)
+    # ---- the OpenAI API --------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._authorize(request)
+        req = oa.parse_request(oa.CompletionRequest, oa.parse_json_body(await request.body()))
+        self._check_model(req.model)
+        params = oa.sampling_params(req, req.max_tokens or oa.COMPLETION_DEFAULT_MAX_TOKENS, req.logprobs)
+        several = len(req.prompt) > 1
+        prompts = [self._encode(p, f"prompt[{i}]" if several else "prompt") for i, p in enumerate(req.prompt)]
+        for ids in prompts:
+            self._check_fits(ids, params)
+        stream = await self._open(prompts, [params] * len(prompts))
+        response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return _sse(self._completion_events(stream, req, response_id, created))
+        outs = await self._final(stream)
+        choices = [oa.CompletionChoice(
+            index=i, text=out.outputs[0].text, finish_reason=out.outputs[0].finish_reason,
+            logprobs=None if req.logprobs is None else oa.completion_logprobs(out.outputs[0].logprobs, self._token_text, 0))
+            for i, out in enumerate(outs)]
+        return oa.CompletionResponse(id=response_id, created=created, model=self.model_name, choices=choices,
+                                     usage=oa.usage_of(outs)).model_dump()
 
-    @app.post("/v1/forward", response_model=ForwardResponse)
-    async def forward(self, request: ForwardRequest) -> ForwardResponse:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._authorize(request)
+        req = oa.parse_request(oa.ChatCompletionRequest, oa.parse_json_body(await request.body()))
+        self._check_model(req.model)
+        if self.chat_template is None or self.tokenizer is None:
+            raise oa.OpenAIError(400, f"the model {self.model_name!r} has no chat template (tokenizer_config.json "
+                                      "has no chat_template): use /v1/completions", param="messages",
+                                 code="no_chat_template")
         try:
-            check_request_size(request.token_ids, self.config.serve.max_tokens_per_request)
-            out = await self.loop.submit(request.token_ids, SamplingParams(max_tokens=1), score=True)
-        except RequestRejected as exc:
-            raise HTTPException(status_code=exc.status, detail=exc.detail) from None
-        except (WorkerLost, CollectiveError) as exc:
-            raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
-        logits_TV = out.prompt_logits_TV
-        result = forward_result(logits_TV, request.top_logprobs)
-        return ForwardResponse(next_token_ids=result.next_token_ids, top_logprobs=result.top_logprobs,
-                               placement_version=out.metrics["placement_version"])
+            text = render_chat(self.chat_template, [m.model_dump(exclude_none=True) for m in req.messages],
+                               *self._special_tokens())
+        except ValueError as exc:  # the template's raise_exception, e.g. roles that must alternate
+            raise oa.OpenAIError(400, str(exc), param="messages") from None
+        ids = self._encode(self.tokenizer.encode(text, add_special_tokens=False), "messages")  # BOS is in the template
+        max_tokens = req.requested_max_tokens
+        if max_tokens is None:  # OpenAI's chat has no default limit: what is configured, as the context allows
+            room = min(self.max_model_len, self.config.serve.max_tokens_per_request) - len(ids)
+            max_tokens = max(1, min(self.config.serve.default_chat_max_tokens, room))
+        params = oa.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        self._check_fits(ids, params)
+        stream = await self._open([ids], [params])
+        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            return _sse(self._chat_events(stream, req, response_id, created))
+        (out,) = await self._final(stream)
+        completion = out.outputs[0]
+        choice = oa.ChatChoice(index=0, message=oa.AssistantMessage(content=completion.text),
+                               finish_reason=completion.finish_reason,
+                               logprobs=oa.chat_logprobs(completion.logprobs, self._token_text) if req.logprobs else None)
+        return oa.ChatCompletionResponse(id=response_id, created=created, model=self.model_name, choices=[choice],
+                                         usage=oa.usage_of([out])).model_dump()
 
-    @app.get("/v1/stats")
-    async def stats(self) -> dict:
-        out = {
-            "steps": self.engine.steps,
-            "placement_version": self.engine.placement().version,
-            "largest_step_requests": self.loop.largest_step,
-            "recoveries": self.engine.recoveries,
-        }
-        if self.engine.coordinator is not None:
-            try:
-                summary = await self._on_engine(self.engine.stats)
-            except WorkerLost as exc:
-                raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
-            out.update({k: summary[k] for k in ("imbalance_mean", "imbalance_worst", "last_decision", "rebalances")})
-            out["imbalance_per_layer"] = np.asarray(summary["imbalance_per_layer"]).tolist()
-        return out
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self._authorize(request)
+        card = oa.ModelCard(id=self.model_name, created=self.started, root=self.config.checkpoint,
+                            max_model_len=self.max_model_len)
+        return oa.ModelList(data=[card]).model_dump()
+
+    # ---- ours ------------------------------------------------------------------------------------
+    @app.get("/v1/placement")
+    async def placement(self, request: Request):
+        self._authorize(request)
+        try:
+            report = await self.loop.call(placement_report, self.engine, self.model_name)
+        except _ENGINE_ERRORS as exc:
+            raise _unavailable(exc) from None
+        report["service"] = {"replica": self.replica, "driver_steps": self.loop.steps,
+                             "most_requests_in_flight": self.loop.most_in_flight,
+                             "requests_in_flight": self.loop.in_flight}
+        return report
 
     @app.post("/v1/rebalance")
-    async def rebalance(self, request: RebalanceRequest) -> dict:
+    async def rebalance(self, request: Request):
+        self._authorize(request)
+        raw = await request.body()
+        force = oa.parse_request(oa.RebalanceRequest, oa.parse_json_body(raw) if raw.strip() else {}).force
         if self.engine.coordinator is None:
-            raise HTTPException(status_code=409, detail="rebalancing needs engine.stats.enabled=true")
+            raise oa.OpenAIError(409, "rebalancing needs engine.stats.enabled=true", code="rebalancing_disabled")
         try:
-            version = await self._on_engine(self.engine.rebalance, request.force)
-        except WorkerLost as exc:
-            raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
+            version = await self.loop.call(self.engine.rebalance, force)
+        except _ENGINE_ERRORS as exc:
+            raise _unavailable(exc) from None
         errors = self.engine.rebalance_errors
         return {"staged_version": version, "last_error": errors[-1] if version is None and errors else None}
 
+    @app.get("/metrics")
+    async def metrics_text(self, request: Request):
+        self._authorize(request)
+        text = await self.loop.call(self.metrics.render, self.driver, self.engine)
+        return Response(content=text, headers={"content-type": CONTENT_TYPE})
+
     @app.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self):
         if not self.engine.healthy:
-            raise HTTPException(status_code=503, detail="engine recovering from a lost worker")
+            raise oa.OpenAIError(503, "engine recovering from a lost worker", code="engine_unavailable")
         try:
-            await self._on_engine(self.engine.load)  # every worker answers
-        except Exception as exc:
-            raise HTTPException(status_code=503, detail=f"engine unavailable: {exc}") from None
-        return {"status": "ok", "workers": len(self.engine.workers)}
+            await self.loop.call(self.engine.load)  # every worker answers
+        except Exception as exc:  # noqa: BLE001 - any failure here means: not healthy
+            raise _unavailable(exc) from None
+        return {"status": "ok", "workers": len(self.engine.workers), "replica": self.replica}
 
     async def check_health(self) -> None:
         """Serve's periodic probe. A dead worker (or a failed step) starts a recovery in the
@@ -132,12 +241,130 @@ class MoEService:
             if recovery.cancelled() or recovery.exception() is not None:
                 self._failed_recoveries += 1
         if self._recovery is None:
-            if await self._on_engine(self.engine.probe):
+            if await self.loop.call(self.engine.probe):
                 self._failed_recoveries = 0
             else:
-                self._recovery = asyncio.ensure_future(self._on_engine(self.engine.recover))
+                self._recovery = asyncio.ensure_future(self.loop.call(self.engine.recover))
         if self._failed_recoveries:
             raise RuntimeError(f"{self._failed_recoveries} engine recoveries in a row failed")
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise oa.OpenAIError(401, "missing or incorrect API key: send it as `Authorization: Bearer <key>`",
+                                 code="invalid_api_key")
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.model_name, self.config.checkpoint):
+            raise oa.OpenAIError(404, f"the model {name!r} does not exist: this service serves {self.model_name!r}",
+                                 param="model", code="model_not_found")
+
+    def _encode(self, prompt, param: str) -> list[int]:
+        """A prompt's token ids, or a 400 naming `param`: out-of-vocabulary ids, an empty prompt, a
+        prompt that leaves no room in the context, text without a tokenizer."""
+        if isinstance(prompt, str) and self.tokenizer is not None:
+            prompt = self.tokenizer.encode(prompt)
+        if not isinstance(prompt, str) and len(prompt) >= self.max_model_len:
+            raise oa.OpenAIError(400, f"{param}: the prompt has {len(prompt)} tokens, but this model's context holds "
+                                      f"{self.max_model_len} (prompt + at least one generated token)",
+                                 param=param, code="context_length_exceeded")
+        try:
+            _, ids = self.driver.check_request(prompt, _PROBE)
+        except ValueError as exc:
+            raise oa.OpenAIError(400, f"{param}: {exc}", param=param) from None
+        return list(ids)
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> None:
+        """prompt + max_tokens fits the context, the per-request limit and one worker's KV budget."""
+        oa.check_context(len(ids), params.max_tokens, self.max_model_len, self.config.serve.max_tokens_per_request)
+        try:
+            self.driver.check_request(ids, params)
+        except ValueError as exc:
+            raise oa.OpenAIError(400, f"max_tokens: {exc}", param="max_tokens") from None
+
+    async def _open(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
+        try:
+            return await self.loop.open(prompts, params)
+        except RequestRejected as exc:
+            raise oa.OpenAIError(exc.status, exc.detail, param="prompt") from None
+
+    @staticmethod
+    async def _final(stream: RequestStream):
+        """Every request's final output; a client that goes away (Serve cancels this) aborts them."""
+        try:
+            return await stream.final()
+        except _ENGINE_ERRORS as exc:
+            raise _unavailable(exc) from None
+        finally:
+            stream.close()
+
+    def _special_tokens(self) -> tuple[str, str]:
+        tok = self.tokenizer
+        texts = [tok.backend.id_to_token(i) if i is not None else None for i in (tok.bos_token_id, tok.eos_token_id)]
+        return texts[0] or "", texts[1] or ""
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = (f"token_id:{token_id}" if self.tokenizer is None
+                    else self.tokenizer.decode([token_id], skip_special_tokens=False))
+            self._token_texts[token_id] = text
+        return text
+
+    async def _completion_events(self, stream: RequestStream, req, response_id: str, created: int):
+        cursors = [StreamCursor(p.stop) for p in stream.params]
+
+        def chunk(choices, usage=None) -> str:
+            return oa.sse(oa.CompletionResponse(id=response_id, created=created, model=self.model_name,
+                                                choices=choices, usage=usage))
+        try:
+            async for batch in stream:
+                choices = []
+                for index, out in sorted(batch.items()):
+                    completion, cursor = out.outputs[0], cursors[index]
+                    offset = cursor.text_sent
+                    text, new = cursor.advance(completion)
+                    logprobs = (oa.completion_logprobs(completion.logprobs[new], self._token_text, offset)
+                                if req.logprobs is not None and completion.logprobs else None)
+                    if text or logprobs is not None or completion.finish_reason is not None:
+                        choices.append(oa.CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                                           finish_reason=completion.finish_reason))
+                if choices:
+                    yield chunk(choices)
+            if req.include_usage:
+                yield chunk([], oa.usage_of(stream.latest))
+        except _ENGINE_ERRORS as exc:  # the response has begun: the error goes in the stream (as vLLM does)
+            yield oa.sse(_unavailable(exc).body())
+        finally:
+            stream.close()  # the client went away mid-stream, or the stream ended (then a no-op)
+        yield oa.SSE_DONE
+
+    async def _chat_events(self, stream: RequestStream, req, response_id: str, created: int):
+        cursor = StreamCursor(stream.params[0].stop)
+
+        def chunk(choices, usage=None) -> str:
+            return oa.sse(oa.ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
+                                                 choices=choices, usage=usage))
+        try:
+            yield chunk([oa.ChatChunkChoice(index=0, delta=oa.ChatDelta(role="assistant", content=""))])
+            async for batch in stream:
+                completion = batch[0].outputs[0]
+                text, new = cursor.advance(completion)
+                logprobs = (oa.chat_logprobs(completion.logprobs[new], self._token_text)
+                            if req.logprobs and completion.logprobs else None)
+                if text or logprobs is not None or completion.finish_reason is not None:
+                    yield chunk([oa.ChatChunkChoice(index=0, delta=oa.ChatDelta(content=text), logprobs=logprobs,
+                                                    finish_reason=completion.finish_reason)])
+            if req.include_usage:
+                yield chunk([], oa.usage_of(stream.latest))
+        except _ENGINE_ERRORS as exc:
+            yield oa.sse(_unavailable(exc).body())
+        finally:
+            stream.close()
+        yield oa.SSE_DONE
 
     def __del__(self):
         loop = getattr(self, "loop", None)
@@ -148,24 +375,60 @@ class MoEService:
             engine.shutdown()
 
 
+# ---- applications ----------------------------------------------------------------------------------
+
 def build_app(config: ServiceConfig):
-    """The bound Serve application for `serve.run`."""
-    return MoEService.options(max_ongoing_requests=config.serve.max_ongoing_requests).bind(config.model_dump())
+    """The bound Serve application (for `serve.run`). An API key from $MOERAY_API_KEY is resolved
+    here, where the service is configured, so the replicas need not share this environment."""
+    serve_cfg = config.serve
+    key = serve_cfg.resolved_api_key()
+    if serve_cfg.api_key is None and key is not None:
+        config = config.model_copy(update={"serve": serve_cfg.model_copy(update={"api_key": SecretStr(key)})})
+    return MoEService.options(num_replicas=serve_cfg.num_replicas,
+                              max_ongoing_requests=serve_cfg.max_ongoing_requests).bind(config.model_dump())
+
+
+def app_builder(args: dict):
+    """The app builder `serve deploy` / `serve run` import (examples/serve_config.yaml:
+    `import_path: moeray.serving.deployment:app_builder`); `args` is a service config mapping
+    (checkpoint, engine, serve), validated like a service YAML. The HTTP address comes from the
+    Serve config's http_options there, not from args.serve.host/port."""
+    return build_app(ServiceConfig.model_validate(args))
+
+
+def _running_serve_address() -> tuple[str, int] | None:
+    """(host, port) of the Serve instance already running on this Ray cluster, None if none."""
+    from ray.serve.context import _get_global_client  # Serve's own lookup; no public API gives the address
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else (client.http_config.host, client.http_config.port)
 
 
 def run_service(config: ServiceConfig, blocking: bool = True):
-    """Start Serve's HTTP proxy on config.serve.host:port and deploy the service."""
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
-    handle = serve.run(build_app(config), name=config.serve.app_name, route_prefix=config.serve.route_prefix,
-                       blocking=False)
+    """Start Serve's HTTP proxy on config.serve.host:port (or join the Serve already running on this
+    cluster at that address) and deploy the service. Fails with a clear error when the port is
+    taken by anything else, or when an app of the same name already runs."""
+    s = config.serve
+    running = _running_serve_address()
+    if running is None:
+        check_port_free(s.host, s.port)
+        serve.start(http_options={"host": s.host, "port": s.port})
+    elif running != (s.host, s.port):
+        raise RuntimeError(f"Ray Serve already runs on this cluster at {running[0]}:{running[1]} (one HTTP address "
+                           f"per cluster): serve there, or `serve shutdown` first")
+    elif s.app_name in serve.status().applications:
+        raise RuntimeError(f"an application named {s.app_name!r} already runs on this cluster's Serve at "
+                           f"{s.host}:{s.port}: choose another serve.app_name, or `serve delete {s.app_name}`")
+    if s.host not in LOOPBACK_HOSTS and s.resolved_api_key() is None:
+        print(f"moeray: warning: listening on {s.host} without an API key: anyone who can reach this machine can use "
+              f"the service (set serve.api_key or ${API_KEY_ENV})", file=sys.stderr)
+    handle = serve.run(build_app(config), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     if blocking:
-        import time
-
-        print(f"moeray: serving on http://{config.serve.host}:{config.serve.port}{config.serve.route_prefix} "
-              f"(Ctrl-C to stop)", flush=True)
+        print(f"moeray: serving {config.checkpoint} on http://{s.host}:{s.port}{s.route_prefix} (Ctrl-C to stop)",
+              flush=True)
         try:
             while True:
-                time.sleep(3600)  # the proxy and replica serve from their own actors
+                time.sleep(3600)  # the proxy and replicas serve from their own actors
         except KeyboardInterrupt:
-            serve.delete(config.serve.app_name)
+            serve.delete(s.app_name)
     return handle

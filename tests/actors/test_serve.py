@@ -1,33 +1,102 @@
-"""The HTTP service on Ray Serve, end to end on the session's local cluster (2 CPU workers).
+"""The OpenAI-compatible HTTP service on Ray Serve, end to end on the session's local cluster.
 
-Checks: answers equal the single-process reference; concurrent requests share engine steps
-(continuous batching) and each still gets its own answer; bad requests get a 4xx that names the bad value
-and the service keeps serving; rebalancing over HTTP changes the placement version.
+One module-scoped app (the built-in tiny model, 2 CPU workers) that every test talks to over HTTP,
+through the official `openai` client and raw requests: answers equal the single-process greedy
+reference (plain, streamed, token-id and batched prompts), concurrent requests share engine steps,
+every bad input is a 4xx in OpenAI's error shape naming the field (and the next request still
+succeeds), a client that goes away frees its request, placement / rebalance / metrics / health,
+the README's curl lines, and a killed worker replaced transparently. One more app, started and
+deleted inside its test: two replicas (two engines) behind one endpoint, with an API key and a
+chat template. Each test sends the traffic it checks, so the tests pass alone and in any order.
 """
 
 from __future__ import annotations
 
-import socket
+import http.client
+import json
+import shutil
+import subprocess
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 serve = pytest.importorskip("ray.serve", reason="needs ray[serve] (pip install -e '.[serve]')")
 requests = pytest.importorskip("requests")
+openai = pytest.importorskip("openai")
 
-from moeray.config import EngineOptions, ParallelConfig, RebalanceConfig  # noqa: E402
-from moeray.serving.config import ServeConfig, ServiceConfig  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import make_checkpoint, reference_logits  # noqa: E402
+from moeray.config import EngineOptions, ParallelConfig, RebalanceConfig, StatsConfig
+from moeray.generation.reference import greedy_generate
+from moeray.generation.tokenizer import Tokenizer
+from moeray.serving.config import ServeConfig, ServiceConfig
+from moeray.serving.core import PortInUse, check_port_free
+from tests.helpers import make_checkpoint
 
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 512
+CONTEXT = 1024  # the tiny model's max_position_embeddings
+PROMPT = "The river begins as a thin stream"
+CHAT_TEMPLATE = ("{% for m in messages %}{{ bos_token if loop.first else '' }}<|{{ m.role }}|>\n{{ m.content }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def _free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_for(condition, what: str, timeout: float = 60.0, interval: float = 0.05):
+    """Poll `condition()` until it returns something truthy (returned), or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Service:
+    def __init__(self, port: int, ckpt: str, cfg, reference, model_name: str):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.ckpt, self.cfg, self.reference, self.model_name = ckpt, cfg, reference, model_name
+        self.tokenizer = Tokenizer.from_dir(ckpt)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def greedy(self, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str, str]:
+        """The reference's (token ids, text, finish_reason), as the service reports them: an EOS
+        ends the output and is not part of its text."""
+        ids = greedy_generate(self.reference, prompt_ids, max_tokens, self.cfg.eos_token_ids)
+        if ids and ids[-1] in self.cfg.eos_token_ids:
+            return ids, self.tokenizer.decode(ids[:-1]), "stop"
+        return ids, self.tokenizer.decode(ids), "length"
+
+    def complete(self, max_tokens: int = 1, **body) -> requests.Response:
+        return requests.post(f"{self.url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": max_tokens,
+                                                                 **body}, timeout=120)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """{(sample name, sorted labels without model_name): value} of one /metrics scrape."""
+        resp = requests.get(f"{self.url}/metrics", timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+        samples = {}
+        for family in text_string_to_metric_families(resp.text):
+            for s in family.samples:
+                labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+                samples[(s.name, labels)] = s.value
+        return samples
+
+    def metric(self, name: str, **labels) -> float:
+        return self.metrics()[(name, tuple(sorted(labels.items())))]
 
 
 @pytest.fixture(scope="module")
@@ -38,120 +107,397 @@ def service(ray_cluster, tmp_path_factory):
                                                  num_experts=8, top_k=2)
     config = ServiceConfig(
         checkpoint=ckpt,
-        engine=EngineOptions(parallel=ParallelConfig(num_workers=2, redundant_slots_per_worker=1, collective_timeout_s=30),
+        engine=EngineOptions(parallel=ParallelConfig(num_workers=2, redundant_slots_per_worker=1,
+                                                     collective_timeout_s=30),
                              rebalance=RebalanceConfig(enabled=False, min_tokens=0)),
-        serve=ServeConfig(port=_free_port(), max_tokens_per_request=64, app_name="moeray-test"),
+        serve=ServeConfig(port=_free_port(), max_tokens_per_request=CONTEXT, app_name="moeray-test",
+                          model_name="tiny-moe"),
     )
     run_service(config, blocking=False)
-    yield f"http://127.0.0.1:{config.serve.port}", reference
-    serve.delete(config.serve.app_name)
+    yield Service(config.serve.port, ckpt, model_cfg, reference, "tiny-moe")
     serve.shutdown()
 
 
-def _forward(url, ids, top_logprobs=0):
-    return requests.post(f"{url}/v1/forward", json={"token_ids": [int(i) for i in ids], "top_logprobs": top_logprobs},
-                         timeout=60)
+# ---- the OpenAI API ---------------------------------------------------------------------------------
+
+def test_completion_through_the_openai_client_equals_the_greedy_reference(service):
+    ids = service.tokenizer.encode(PROMPT)
+    want_ids, want_text, want_finish = service.greedy(ids, 12)
+    got = service.client.completions.create(model="tiny-moe", prompt=PROMPT, max_tokens=12, temperature=0,
+                                            logprobs=2)
+    choice = got.choices[0]
+    assert (choice.text, choice.finish_reason) == (want_text, want_finish)
+    assert got.object == "text_completion" and got.model == "tiny-moe" and got.id.startswith("cmpl-")
+    assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == len(want_ids)
+    assert got.usage.total_tokens == len(ids) + len(want_ids)
+    assert choice.logprobs.tokens == [service.tokenizer.decode([t], skip_special_tokens=False) for t in want_ids]
+    for token, logprob, top in zip(choice.logprobs.tokens, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
+        # greedy: nothing is more likely than the chosen token (keys may collide: partial UTF-8 decodes to U+FFFD)
+        assert logprob <= 0 and 1 <= len(top) <= 2 and max(top.values()) <= logprob + 1e-5
 
 
-def test_forward_matches_reference(service):
-    url, reference = service
-    ids = np.random.default_rng(0).integers(0, VOCAB, 23)
-    resp = _forward(url, ids, top_logprobs=3)
-    assert resp.status_code == 200, resp.text
-    body = resp.json()
-    want_TV = reference_logits(reference, ids).astype(np.float64)
-    assert body["next_token_ids"] == want_TV.argmax(1).tolist()
-    want_logprobs_TV = want_TV - np.log(np.exp(want_TV - want_TV.max(1, keepdims=True)).sum(1, keepdims=True)) \
-        - want_TV.max(1, keepdims=True)
-    for t, top in enumerate(body["top_logprobs"]):
-        assert [tok for tok, _ in top] == np.argsort(-want_logprobs_TV[t], kind="stable")[:3].tolist()
-        np.testing.assert_allclose([lp for _, lp in top], want_logprobs_TV[t, [tok for tok, _ in top]], atol=1e-4)
+def test_streamed_completion_equals_the_plain_one_and_holds_back_stop_strings(service):
+    ids = service.tokenizer.encode(PROMPT)
+    _, full_text, _ = service.greedy(ids, 24)
+    stop = full_text[7:10]  # three characters in the middle: usually spans a token boundary
+    want = full_text[:full_text.find(stop)]
+    chunks = list(service.client.completions.create(model="tiny-moe", prompt=PROMPT, max_tokens=24, temperature=0,
+                                                    stop=stop, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == want, (text, want, stop)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len(ids)
+    plain = service.client.completions.create(model="tiny-moe", prompt=PROMPT, max_tokens=24, temperature=0, stop=stop)
+    assert plain.choices[0].text == want
+    # the wire format itself: server-sent events, the last one `data: [DONE]`
+    raw = requests.post(f"{service.url}/v1/completions", json={"prompt": ids, "max_tokens": 4, "stream": True},
+                        timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: {") for e in events[:-1])
 
 
-def test_concurrent_requests_share_steps_and_get_their_own_answers(service):
-    url, reference = service
-    before = requests.get(f"{url}/v1/stats", timeout=60).json()
+def test_token_id_prompts_and_a_batch_of_prompts_get_their_own_answers(service):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, VOCAB, int(n)).tolist() for n in (5, 17, 2)]
+    body = {"prompt": prompts, "max_tokens": 9, "temperature": 0}
+    got = requests.post(f"{service.url}/v1/completions", json=body, timeout=120).json()
+    assert [c["index"] for c in got["choices"]] == [0, 1, 2]
+    for prompt, choice in zip(prompts, got["choices"]):
+        _, text, finish = service.greedy(prompt, 9)
+        assert (choice["text"], choice["finish_reason"]) == (text, finish)
+    assert got["usage"]["prompt_tokens"] == sum(map(len, prompts))
+    # the same batch streamed: each choice's deltas add up to its text
+    texts = ["", "", ""]
+    for chunk in service.client.completions.create(model="tiny-moe", prompt=prompts, max_tokens=9, temperature=0,
+                                                   stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c["text"] for c in got["choices"]]
+
+
+def test_concurrent_requests_share_engine_steps_and_get_their_own_answers(service):
     rng = np.random.default_rng(1)
-    batches = [rng.integers(0, VOCAB, int(n)) for n in rng.integers(1, 20, 8)]
-    answers: dict[int, list[int]] = {}
-    start = threading.Barrier(len(batches))
+    prompts = [rng.integers(3, VOCAB, int(n)).tolist() for n in rng.integers(1, 20, 8)]
+    answers: dict[int, str] = {}
+    start = threading.Barrier(len(prompts))
 
     def call(i):
         start.wait()
-        resp = _forward(url, batches[i])
-        answers[i] = resp.json()["next_token_ids"] if resp.status_code == 200 else resp.text
+        resp = requests.post(f"{service.url}/v1/completions",
+                             json={"prompt": prompts[i], "max_tokens": 16, "temperature": 0}, timeout=120)
+        answers[i] = resp.json()["choices"][0]["text"] if resp.status_code == 200 else resp.text
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(batches))]
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
     for th in threads:
         th.start()
     for th in threads:
         th.join(timeout=120)
-    for i, ids in enumerate(batches):
-        assert answers[i] == reference_logits(reference, ids).argmax(1).tolist(), f"request {i}"
-    after = requests.get(f"{url}/v1/stats", timeout=60).json()
-    assert after["steps"] - before["steps"] < len(batches), "no two requests shared an engine step"
-    assert after["largest_step_requests"] >= 2
+    for i, prompt in enumerate(prompts):
+        assert answers[i] == service.greedy(prompt, 16)[1], f"request {i}"
+    served = requests.get(f"{service.url}/v1/placement", timeout=60).json()["service"]
+    assert served["most_requests_in_flight"] >= 2, "no two requests were in flight (sharing engine steps) at once"
 
 
-@pytest.mark.parametrize("payload,status,names", [
-    ({"token_ids": [1, 600, 2]}, 400, "token id 600 is outside the vocabulary [0, 512)"),
-    ({"token_ids": [-3]}, 400, "token id -3"),
-    ({"token_ids": [1, 10**20]}, 400, "token id 100000000000000000000"),
-    ({"token_ids": []}, 422, "token_ids"),
-    ({"token_ids": ["abc"]}, 422, "abc"),
-    ({"token_ids": [1], "top_logprobs": 21}, 422, "top_logprobs"),
-    ({"token_ids": [1], "temperature": 0.5}, 422, "temperature"),
-    ({"token_ids": list(range(65))}, 413, "65 tokens > max_tokens_per_request=64"),
-])
-def test_bad_request_is_named_and_service_keeps_serving(service, payload, status, names):
-    url, reference = service
-    resp = requests.post(f"{url}/v1/forward", json=payload, timeout=60)
+def test_chat_without_a_chat_template_is_a_400_naming_it(service):
+    with pytest.raises(openai.BadRequestError) as err:
+        service.client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.body["code"] == "no_chat_template" and err.value.body["param"] == "messages"
+    assert "no chat template" in err.value.body["message"]
+    assert service.complete().status_code == 200
+
+
+def test_models_lists_the_served_model(service):
+    models = service.client.models.list().data
+    assert [m.id for m in models] == ["tiny-moe"]
+    assert models[0].owned_by == "moeray" and models[0].model_extra["max_model_len"] == CONTEXT
+
+
+BAD_BODIES = [
+    # (raw body or JSON, status, param, words in the message)
+    (b"{not json", 400, None, "not valid JSON"),
+    (b"", 400, None, "empty"),
+    (b"[1, 2, 3]", 400, None, "JSON object, got a JSON array"),
+    ({}, 400, "prompt", "field required"),
+    ({"prompt": "x", "bogus": 1}, 400, "bogus", "unknown field"),
+    ({"prompt": 5}, 400, "prompt", "got 5"),
+    ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream", "valid boolean"),
+    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 1"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ({"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens", "context holds 1024 tokens"),
+    ({"prompt": "x", "temperature": -0.5}, 400, "temperature", "greater than or equal to 0"),
+    (b'{"prompt": "x", "temperature": NaN}', 400, "temperature", "finite number"),
+    (b'{"prompt": "x", "top_p": Infinity}', 400, "top_p", "finite number"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p", "less than or equal to 1"),
+    ({"prompt": [1, 600, 2]}, 400, "prompt", "token id 600 is outside the vocabulary [0, 512)"),
+    ({"prompt": [-3]}, 400, "prompt", "token id -3"),
+    ({"prompt": [1, 10**20]}, 400, "prompt", "token id 100000000000000000000"),
+    ({"prompt": [1, 2.0]}, 400, "prompt", "prompt[1] = 2.0 is not a token id"),
+    ({"prompt": [1, "7"]}, 400, "prompt", "prompt[1] = '7' is not a token id"),
+    ({"prompt": [1, True]}, 400, "prompt", "prompt[1] = True is not a token id"),
+    ({"prompt": [[1, 2], [3, 2.0]]}, 400, "prompt", "prompt[1][1] = 2.0"),
+    ({"prompt": list(range(1, CONTEXT + 1))}, 400, "prompt", "1024 tokens"),
+    ({"prompt": "x", "n": 2}, 400, "n", "only n=1"),
+    ({"prompt": "x", "echo": True}, 400, "echo", "echo=true is not supported"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "only with stream=true"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "'gpt-4' does not exist"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,words", BAD_BODIES,
+                         ids=[f"{i}-{param or 'body'}" for i, (_, _, param, _) in enumerate(BAD_BODIES)])
+def test_bad_input_is_a_4xx_naming_the_field_and_the_service_keeps_serving(service, body, status, param, words):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    resp = requests.post(f"{service.url}/v1/completions", data=raw, headers={"content-type": "application/json"},
+                         timeout=60)
     assert resp.status_code == status, resp.text
-    assert names in resp.text
-    ok = _forward(url, [7, 8])
-    assert ok.status_code == 200
-    assert ok.json()["next_token_ids"] == reference_logits(reference, np.array([7, 8])).argmax(1).tolist()
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert words in error["message"], error["message"]
+    ok = service.complete(max_tokens=2, temperature=0)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == service.greedy([5, 6, 7], 2)[1]
 
 
-def test_not_json_is_a_4xx(service):
-    url, _ = service
-    resp = requests.post(f"{url}/v1/forward", data=b"{not json", headers={"content-type": "application/json"}, timeout=60)
-    assert resp.status_code == 422, resp.text
-    assert _forward(url, [1]).status_code == 200
+@pytest.mark.parametrize("body,param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+])
+def test_bad_chat_input_is_a_400_naming_the_field(service, body, param):
+    resp = requests.post(f"{service.url}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+
+
+def test_unknown_routes_and_methods_answer_in_the_openai_error_shape(service):
+    for resp, status in ((requests.get(f"{service.url}/v1/nothing", timeout=60), 404),
+                         (requests.get(f"{service.url}/v1/completions", timeout=60), 405)):
+        assert resp.status_code == status and set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# ---- clients that go away -----------------------------------------------------------------------
+
+def _open_completion(service, body: dict) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    return conn
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "plain"])
+def test_a_client_that_disconnects_aborts_its_request_and_frees_its_kv(service, streaming):
+    running = lambda: service.metric("moeray:num_requests_running")
+    before = service.metrics()
+    max_tokens = CONTEXT - 8  # minutes of decoding if nobody stopped it
+    conn = _open_completion(service, {"prompt": [5, 6, 7], "max_tokens": max_tokens, "ignore_eos": True,
+                                      "stream": streaming})
+    if streaming:
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: {")  # it is generating
+    else:
+        _wait_for(lambda: running() == 1, "the request to run")
+    conn.sock.shutdown(2)  # the client goes away mid-request
+    conn.close()
+    _wait_for(lambda: running() == 0, "the aborted request to leave the scheduler", timeout=30)
+    after = service.metrics()
+    generated = after[("moeray:generation_tokens_total", ())] - before[("moeray:generation_tokens_total", ())]
+    assert generated < max_tokens, "the request ran to completion: it was not aborted"
+    aborts = [("moeray:request_success_total", (("finished_reason", "abort"),))]
+    assert after[aborts[0]] - before.get(aborts[0], 0) == 1
+    assert all(v == 0 for (name, _), v in after.items() if name == "moeray:kv_cache_usage_perc"), "KV not freed"
+    assert service.complete().status_code == 200
+
+
+# ---- placement, rebalance, metrics, health ---------------------------------------------------------
+
+def test_placement_report_is_json_naming_layers_load_and_workers(service):
+    assert service.complete(max_tokens=4).status_code == 200  # some routed load to report
+    report = requests.get(f"{service.url}/v1/placement", timeout=60).json()
+    cfg = service.cfg
+    assert report["num_workers"] == 2 and report["num_experts"] == cfg.num_experts
+    assert report["model"]["name"] == "tiny-moe" and len(report["layers"]) == cfg.num_moe_layers
+    for layer in report["layers"]:
+        assert len(layer["phy2log"]) == 2 * report["slots_per_worker"]
+        assert sorted(set(layer["phy2log"]) - {-1}) == list(range(cfg.num_experts))
+        assert len(layer["worker_load"]) == 2 and layer["imbalance"] >= 1.0
+    assert report["epoch"] >= 0 and isinstance(report["rebalances"], list)
+    assert report["service"]["driver_steps"] >= 1 and report["service"]["replica"]
 
 
 def test_rebalance_over_http_commits_at_the_next_step(service):
-    url, reference = service
-    version = requests.get(f"{url}/v1/stats", timeout=60).json()["placement_version"]
-    resp = requests.post(f"{url}/v1/rebalance", json={"force": True}, timeout=120)
+    assert service.complete(max_tokens=8).status_code == 200  # load for the planner: this test's own
+    version = requests.get(f"{service.url}/v1/placement", timeout=60).json()["placement_version"]
+    resp = requests.post(f"{service.url}/v1/rebalance", json={"force": True}, timeout=120)
     assert resp.status_code == 200, resp.text
     staged = resp.json()["staged_version"]
-    assert staged == version + 1
-    ids = np.arange(40) % VOCAB
-    body = _forward(url, ids).json()  # this step commits the staged placement
-    assert body["next_token_ids"] == reference_logits(reference, ids).argmax(1).tolist()
-    assert requests.get(f"{url}/v1/stats", timeout=60).json()["placement_version"] == staged
-    assert requests.get(f"{url}/healthz", timeout=60).json()["status"] == "ok"
+    assert staged == version + 1, resp.json()
+    prompt = (np.arange(40) % VOCAB).tolist()
+    got = requests.post(f"{service.url}/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0},
+                        timeout=120).json()  # this step commits the staged placement
+    assert got["choices"][0]["text"] == service.greedy(prompt, 6)[1]
+    assert requests.get(f"{service.url}/v1/placement", timeout=60).json()["placement_version"] == staged
+    assert service.metric("moeray:placement_version") == staged
+    assert requests.post(f"{service.url}/v1/rebalance", json={"force": "yes"}, timeout=60).status_code == 400
 
+
+def test_metrics_after_traffic_have_vllm_names_and_sane_values(service):
+    before = service.metrics()
+    got = service.complete(max_tokens=20, ignore_eos=True).json()  # > stats.snapshot_interval_steps steps
+    assert got["usage"]["completion_tokens"] == 20
+
+    def with_realised_imbalance():  # workers ship routing snapshots to the coordinator asynchronously
+        scrape = service.metrics()
+        return scrape if any(name == "moeray:expert_imbalance" for name, _ in scrape) else None
+
+    m = _wait_for(with_realised_imbalance, "the coordinator's first routing snapshot", timeout=30)
+
+    def grew(name, by=None):
+        delta = m[(name, ())] - before.get((name, ()), 0)
+        return delta == by if by is not None else delta > 0
+
+    assert grew("moeray:prompt_tokens_total", 3) and grew("moeray:generation_tokens_total", 20)
+    for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
+        assert grew(f"moeray:{hist}_count") and m[(f"moeray:{hist}_sum", ())] > 0
+    assert m[("moeray:num_requests_running", ())] == 0 and m[("moeray:num_requests_waiting", ())] == 0
+    assert m[("moeray:workers", ())] == 2 and m[("moeray:epoch", ())] >= 0
+    kv = [v for (name, _), v in m.items() if name == "moeray:kv_cache_usage_perc"]
+    assert len(kv) == 2 and all(0 <= v <= 1 for v in kv)
+    layers = [v for (name, _), v in m.items() if name == "moeray:expert_imbalance"]
+    assert len(layers) == service.cfg.num_moe_layers and all(v >= 1.0 for v in layers)
+    for counter in ("rebalances_total", "recoveries_total", "rebalance_slots_moved_total"):
+        assert m[(f"moeray:{counter}", ())] >= 0
+
+
+def test_readme_curl_lines_run_as_written(service):
+    """Every `curl ... localhost:8000 ...` line of the README (curl -d sends a form content type)."""
+    lines = [ln.strip() for ln in (REPO / "README.md").read_text().splitlines()
+             if ln.strip().startswith("curl ") and "localhost:8000" in ln]
+    assert len(lines) >= 3
+    outputs = []
+    for line in lines:
+        proc = subprocess.run(line.replace("localhost:8000", f"127.0.0.1:{service.port}"), shell=True,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0 and proc.stdout.strip(), (line, proc.stdout, proc.stderr)
+        assert '"error"' not in proc.stdout, (line, proc.stdout)
+        outputs.append(proc.stdout)
+    assert any(out.rstrip().endswith("data: [DONE]") for out in outputs), "no streamed completion in the README"
+    assert any('"text_completion"' in out for out in outputs)
+
+
+def test_the_http_client_example_runs(service, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example_http_client", REPO / "examples" / "http_client.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--url", service.url, "--concurrency", "4"])
+    assert out["model"] == "tiny-moe" and out["answered"] == 8 and out["report"]["num_workers"] == 2
+    assert "invalid: 400 param='prompt'" in capsys.readouterr().out
+
+
+def test_a_second_service_on_a_busy_port_is_refused(service):
+    from moeray.serving.deployment import run_service
+
+    with pytest.raises(PortInUse, match=f"port {service.port} is in use"):
+        check_port_free("127.0.0.1", service.port)  # Serve's proxy binds with SO_REUSEPORT: still seen
+    same = ServiceConfig(checkpoint=service.ckpt, serve=ServeConfig(port=service.port, app_name="moeray-test"))
+    with pytest.raises(RuntimeError, match="'moeray-test' already runs"):
+        run_service(same, blocking=False)
+    other_port = ServiceConfig(checkpoint=service.ckpt, serve=ServeConfig(port=_free_port(), app_name="x"))
+    with pytest.raises(RuntimeError, match=f"already runs on this cluster at 127.0.0.1:{service.port}"):
+        run_service(other_port, blocking=False)
+
+
+def test_two_replicas_behind_one_endpoint_with_an_api_key_and_a_chat_template(service, tmp_path):
+    """A second app on the same Serve: two replicas, each its own engine (1 CPU worker), an API key,
+    and a copy of the checkpoint with a chat template."""
+    from moeray.serving.deployment import run_service
+
+    ckpt = tmp_path / "with-chat"
+    shutil.copytree(service.ckpt, ckpt)
+    tok_config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**tok_config, "chat_template": CHAT_TEMPLATE}))
+    config = ServiceConfig(
+        checkpoint=str(ckpt),
+        engine=EngineOptions(parallel=ParallelConfig(num_workers=1, cpus_per_worker=0.5),
+                             stats=StatsConfig(enabled=False), rebalance=RebalanceConfig(enabled=False)),
+        serve=ServeConfig(port=service.port, app_name="moeray-two", route_prefix="/two", num_replicas=2,
+                          api_key="sekret", model_name="chat-moe"))
+    run_service(config, blocking=False)
+    try:
+        base = f"{service.url}/two"
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="sekret", max_retries=0, timeout=120)
+        with pytest.raises(openai.AuthenticationError) as err:
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+        assert err.value.body["code"] == "invalid_api_key"
+        assert requests.get(f"{base}/metrics", timeout=60).status_code == 401
+        assert requests.get(f"{base}/healthz", timeout=60).status_code == 200  # open without a key
+
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The river"}]
+        rendered = "<s><|system|>\nBe brief.\n<|user|>\nThe river\n<|assistant|>\n"  # the template, by hand
+        ids = service.tokenizer.encode(rendered, add_special_tokens=False)
+        want_ids, want_text, want_finish = service.greedy(ids, 10)
+        got = client.chat.completions.create(model="chat-moe", messages=messages, max_tokens=10, temperature=0)
+        assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+        assert (got.choices[0].message.content, got.choices[0].finish_reason) == (want_text, want_finish)
+        assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == len(want_ids)
+        chunks = list(client.chat.completions.create(model="chat-moe", messages=messages, max_tokens=10,
+                                                     temperature=0, stream=True, logprobs=True))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == want_text
+        assert sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices[0].logprobs) == len(want_ids)
+
+        # both engines answer behind the one endpoint (Serve spreads concurrent requests)
+        replicas: set[str] = set()
+
+        def answer_and_note_replica():
+            resp = requests.post(f"{base}/v1/completions", headers={"Authorization": "Bearer sekret"},
+                                 json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0}, timeout=120)
+            assert resp.status_code == 200 and resp.json()["choices"][0]["text"] == \
+                service.greedy(service.tokenizer.encode(PROMPT), 4)[1]
+            replicas.add(requests.get(f"{base}/healthz", timeout=60).json()["replica"])
+            return len(replicas) == 2
+
+        _wait_for(answer_and_note_replica, "requests answered by both replicas", timeout=60, interval=0)
+    finally:
+        serve.delete("moeray-two")
+
+
+# ---- recovery (last: it replaces a worker) ----------------------------------------------------------
 
 def test_a_killed_worker_is_replaced_and_requests_still_succeed(service):
-    """SIGKILL one engine worker process (the service's engine is the only live one in this
-    module): the next request triggers Engine.recover() and still gets the reference answer."""
+    """SIGKILL one engine worker process of a serving engine: the next request triggers
+    Engine.recover() and still gets the reference answer."""
     import os
     import signal
 
     import psutil
 
-    url, reference = service
-    # Ray titles actor processes "ray::<Class>..."; the service's engine is the only live one here
-    # (the dashboard, and with it the state API, is off in tests).
-    workers = [p for p in psutil.process_iter(["pid", "cmdline"])
-               if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::Worker")]
-    assert len(workers) == 2, [p.info for p in workers]
-    os.kill(workers[0].pid, signal.SIGKILL)  # a process this test session's service started
-    ids = np.arange(30) % VOCAB
-    resp = _forward(url, ids)
+    def engine_workers():
+        # Ray titles actor processes "ray::<Class>..."; of this session's cluster (the raylet is
+        # this process's child, the actors its children) the service owns the only engine left (an
+        # app deleted just before may take a moment to end its workers)
+        found = []
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if proc.cmdline() and proc.cmdline()[0].startswith("ray::Worker"):
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return found if len(found) == 2 else None
+
+    assert service.complete(max_tokens=2).status_code == 200  # the engine is serving when the worker dies
+    recoveries_before = len(requests.get(f"{service.url}/v1/placement", timeout=60).json()["recoveries"])
+    os.kill(_wait_for(engine_workers, "exactly the service's 2 worker processes")[0].pid, signal.SIGKILL)
+    prompt = (np.arange(30) % VOCAB).tolist()
+    resp = requests.post(f"{service.url}/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0},
+                         timeout=120)
     assert resp.status_code == 200, resp.text
-    assert resp.json()["next_token_ids"] == reference_logits(reference, ids).argmax(1).tolist()
-    recoveries = requests.get(f"{url}/v1/stats", timeout=60).json()["recoveries"]
-    assert len(recoveries) == 1 and len(recoveries[0]["replaced"]) == 1
+    assert resp.json()["choices"][0]["text"] == service.greedy(prompt, 5)[1]
+    recoveries = requests.get(f"{service.url}/v1/placement", timeout=60).json()["recoveries"]
+    assert len(recoveries) == recoveries_before + 1 and len(recoveries[-1]["replaced"]) == 1
+    assert requests.get(f"{service.url}/healthz", timeout=60).json()["status"] == "ok"
