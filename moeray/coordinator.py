@@ -108,6 +108,16 @@ class Coordinator:
         placement = Placement(phy2log_LS, self.core.placement.num_experts, self.core.placement.slots_per_worker, version)
         self.core.resync(placement, replica_weights_LS, epoch, step)
 
+    def reserve_version(self) -> int:
+        return self.core.reserve_version()
+
+    def resize(self, phy2log_LS: np.ndarray, version: int, slots_per_worker: int, replica_weights_LS, workers: list,
+               epoch: int) -> None:
+        """After Engine.scale: the new group's workers, placement and worker count."""
+        self.workers = workers
+        placement = Placement(phy2log_LS, self.core.placement.num_experts, slots_per_worker, version)
+        self.core.resize(placement, replica_weights_LS, epoch)
+
     def committed(self, version: int, step: int) -> None:
         self.core.committed(version, step)
 

@@ -250,6 +250,26 @@ class CoordinatorCore:
         self.epoch = epoch
         self.pending.clear()  # half-collected ranges of the old epoch would never complete
 
+    def reserve_version(self) -> int:
+        """A placement version never used before (Engine.scale numbers its placement with it)."""
+        self.highest_version += 1
+        return self.highest_version
+
+    def resize(self, placement: Placement, replica_weights_LS: np.ndarray | None, epoch: int) -> None:
+        """Engine.scale: a new worker count and placement. A migration in flight is abandoned (it
+        was planned for the old workers); the per-worker history restarts (rows of different worker
+        counts do not add up); the expert load window and the rebalance log stay."""
+        if self.in_flight is not None:
+            self.abandoned(self.in_flight.placement.version, "the worker count changed")
+        self.topology = Topology.flat(placement.num_workers, placement.slots_per_worker)
+        self.placement = placement
+        self.replica_weights_LS = replica_weights_LS
+        self.highest_version = max(self.highest_version, placement.version)
+        self.epoch = epoch
+        self.pending.clear()
+        self.history.clear()
+        self.realised_rows.clear()
+
     def view(self, timeline: bool = True) -> dict:
         """What metrics, `GET /v1/placement` and `moeray plot` show, compact: no per-range rows
         (a metrics scrape must not ship [ranges, L, W] arrays, up to _HISTORY_LIMIT of them).

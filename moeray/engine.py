@@ -77,6 +77,9 @@ class Engine:
                 f"cannot place {par.num_workers} workers x {bundle} within placement_timeout_s={par.placement_timeout_s:g}; "
                 f"the cluster has {ray.available_resources()} available"
             ) from None
+        self._pgs = [self._pg]
+        self._bundles = [(self._pg, i) for i in range(par.num_workers)]  # rank -> (placement group, bundle)
+        self.scale_events: list[dict] = []
         self.replica_weights_LS = None  # split of replicated experts' tokens; None = equal
         self.workers = [self._start_worker(i) for i in range(par.num_workers)]
         self._get([w.ping.remote() for w in self.workers], timeout=300, what="worker start-up")
@@ -105,7 +108,8 @@ class Engine:
             num_gpus=1 if par.device == "cuda" else 0,
             # NCCL settings must be in the environment before the worker imports torch.
             runtime_env={"env_vars": dict(NCCL_SAFETY_ENV)} if par.device == "cuda" else None,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._bundles[rank][0],
+                                                                 placement_group_bundle_index=self._bundles[rank][1]),
         ).remote(rank, self.config, self.checkpoint_dir, self._placement.phy2log, self._placement.version,
                  self.replica_weights_LS)
 
@@ -287,6 +291,13 @@ class Engine:
         self._adopt(staged)
         self.coordinator.committed.remote(staged["version"], step)
 
+    def scale(self, num_workers: int) -> dict:
+        """Change the worker count between steps (moeray/scaling.py): a placement for the new
+        count, workers started or ended, a new epoch. Sequences on staying workers stay."""
+        from moeray.scaling import scale_engine
+
+        return scale_engine(self, num_workers)
+
     def reset_sequences(self) -> None:
         """Every worker forgets its sequences and frees their KV cache (after a recovery the driver
         re-submits what was in flight)."""
@@ -394,10 +405,11 @@ class Engine:
             except Exception:
                 pass
         self.workers = []
-        try:
-            remove_placement_group(self._pg)
-        except Exception:
-            pass
+        for group in self._pgs:
+            try:
+                remove_placement_group(group)
+            except Exception:
+                pass
 
     def __enter__(self) -> Engine:
         return self

@@ -95,6 +95,10 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    def scale(self, num_workers: int) -> dict:
+        """Change the worker count now (requests in flight carry on; see GenerationDriver.scale)."""
+        return self.driver.scale(num_workers)
+
     def placement(self):
         return self.engine.placement()
 

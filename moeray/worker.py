@@ -119,10 +119,9 @@ class Worker:
         # + 1: the runner keeps the last block as the sink for padding rows of captured steps
         cache = PagedKVCache(cfg.num_hidden_layers, cache_cfg.blocks_per_worker + 1, cache_cfg.block_size, num_kv_heads,
                              k_dim, v_dim, self.dtype, self.device)
-        par = self.config.parallel
-        graphs = par.cuda_graphs and self.device.type == "cuda" and par.num_workers == 1 and par.overlap_chunks == 1
         return SequenceRunner(self.model, cache, self.config.max_model_len, cfg.eos_token_ids, self.device,
-                              seed=self.config.seed + self.rank, cuda_graphs=graphs, max_num_seqs=cache_cfg.max_num_seqs)
+                              seed=self.config.seed + self.rank, cuda_graphs=self._graphs_apply(),
+                              max_num_seqs=cache_cfg.max_num_seqs)
 
     def _slot_map(self, layer: int) -> DeviceSlotMap:
         weights_ER = None
@@ -176,6 +175,55 @@ class Worker:
                 experts.w2_SDF.data.copy_(w2.to(self.device))
                 experts.slot_map = self._slot_map(layer)
             self.runner.invalidate_graphs()
+
+    def reconfigure(self, rank: int, config: EngineConfig, phy2log_LS: np.ndarray, version: int,
+                    replica_weights_LS: np.ndarray | None) -> dict:
+        """Take part in a resized group (Engine.scale): a new rank, worker count, slots per worker
+        and placement. The sequences and their KV cache stay. A slot whose expert this worker
+        already holds is copied locally; any other is read from the checkpoint. The group is left:
+        the engine forms the new epoch's next. Returns how many slots came from where."""
+        with self._step_lock:
+            self.staging.discard()
+            self.leave_group()
+            old_mine_LS = self.placement.slots_of_worker(self.rank)
+            self.rank, self.config = rank, config
+            self.placement = Placement(phy2log_LS, config.model.num_experts, config.slots_per_worker,
+                                       version).validate()
+            self.replica_weights_LS = replica_weights_LS
+            self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
+            mine_LS = self.placement.slots_of_worker(rank)
+            copied = read = 0
+            for layer, block in enumerate(self.model.moe_blocks):
+                old = block.experts
+                held = {int(e): j for j, e in enumerate(old_mine_LS[layer]) if e >= 0}
+                missing = [int(e) for e in mine_LS[layer] if e >= 0 and int(e) not in held]
+                fresh = dict(zip(missing, zip(*self.reader.read_expert_slots(layer, np.array(missing), self.dtype))))
+                w13 = torch.zeros((len(mine_LS[layer]),) + tuple(old.w13_SHD.shape[1:]), dtype=self.dtype, device=self.device)
+                w2 = torch.zeros((len(mine_LS[layer]),) + tuple(old.w2_SDF.shape[1:]), dtype=self.dtype, device=self.device)
+                for slot, expert in enumerate(int(e) for e in mine_LS[layer]):
+                    if expert < 0:
+                        continue
+                    if expert in held:
+                        w13[slot].copy_(old.w13_SHD.data[held[expert]])
+                        w2[slot].copy_(old.w2_SDF.data[held[expert]])
+                        copied += 1
+                    else:
+                        w13[slot].copy_(fresh[expert][0])
+                        w2[slot].copy_(fresh[expert][1])
+                        read += 1
+                experts = SlotExperts(w13, w2, self._slot_map(layer), self.dispatcher, config.model.num_experts,
+                                      overlap_chunks=config.parallel.overlap_chunks)
+                experts.load_E.copy_(old.load_E)  # routed pairs since start-up (engine.load()) carry on
+                experts.record_load = self.stats_recording
+                block.experts = experts
+            self._shipped_load_LE, self._shipped_rows_LS = self._read_counters()
+            self._shipped_step, self._commit_ms = self.steps, None
+            self.runner.set_cuda_graphs(self._graphs_apply())
+        return {"rank": rank, "slots_copied": copied, "slots_read": read}
+
+    def _graphs_apply(self) -> bool:
+        par = self.config.parallel
+        return par.cuda_graphs and self.device.type == "cuda" and par.num_workers == 1 and par.overlap_chunks == 1
 
     def resync_steps(self, step: int) -> None:
         """Start counting from the engine's step (after a recovery, a replacement starts at 0 and the

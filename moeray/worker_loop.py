@@ -216,11 +216,23 @@ class WorkerLoop:
             if box or flushes:
                 self._cond.notify_all()
             if stop:
-                return False
+                plan = StepPlan(tuple(self._pending_new), tuple(self._pending_abort))
+                self._pending_new, self._pending_abort = [], []
+        if stop:
+            self._keep_pending(plan)
+            return False
+        with self._cond:
             if not any_work and all_seen:  # everyone idle and up to date: wait for the next message
                 while self._seen + 1 not in self._inbox and not self._abandon:
                     self._cond.wait(_IDLE_WAKE_S)
         return True
+
+    def _keep_pending(self, plan: StepPlan) -> None:
+        """Leaving on an agreed stop (a scale): admissions and aborts that arrived but did not run
+        yet go to the runner now, so the next loop prefills those sequences (the driver counts
+        them as running on this worker)."""
+        with self.worker._step_lock:
+            self.worker.runner.apply(plan)
 
     def _take_plan(self) -> StepPlan:
         """Aborts, and the admissions that fit the step's prefill budget (the first always does)."""

@@ -87,6 +87,7 @@ class GenerationDriver:
         self.requests: dict[str, RequestState] = {}
         self._ids = itertools.count()
         self.last_step: dict = {}
+        self._held_outputs: list[RequestOutput] = []  # collected outside step() (a scale), returned by it
         self.poll_timeout_s = 0.005  # how long step() waits for worker output (new requests wait at most this)
 
     # ---- requests in -------------------------------------------------------------------------
@@ -202,13 +203,33 @@ class GenerationDriver:
         results = [r.result for r in reports]
         now = time.perf_counter()
         self.scheduler.update(results)
-        outputs = self._absorb(results, now, [r.version for r in reports])
+        outputs, self._held_outputs = self._held_outputs, []
+        outputs += self._absorb(results, now, [r.version for r in reports])
         if reports:
             self.last_step = {"reports": len(reports), "steps": engine.steps,
                               "worker_step_ms_total": sum(r.step_ms for r in reports),
                               "worker_steps": sum(r.steps_run for r in reports),
                               "tokens": sum(len(u.token_ids) for r in results for u in r.updates)}
         return outputs
+
+    def scale(self, num_workers: int) -> dict:
+        """Change the engine's worker count between steps (Engine.scale). The worker loops end at
+        one step (their output is kept for the next step()); requests on leaving workers are
+        re-prefilled elsewhere with what they generated; the others keep their KV cache."""
+        from moeray.scaling import scaled_config
+
+        scaled_config(self.engine.config, num_workers)  # a bad count is refused before anything stops
+        loops = self.engine.loops
+        if loops is not None and loops.running:
+            reports = loops.finish()
+            results = [r.result for r in reports]
+            self.scheduler.update(results)
+            self._held_outputs += self._absorb(results, time.perf_counter(), [r.version for r in reports])
+        moved = self.scheduler.resize(num_workers)
+        self._extend_prompts(moved)
+        event = self.engine.scale(num_workers)
+        event["requests_moved"] = len(moved)
+        return event
 
     def _absorb(self, results: list[StepResult], now: float, versions: list[int] | None = None) -> list[RequestOutput]:
         """`versions[i]`: the placement results[i] ran with (default: the engine's, as of this step)."""
@@ -258,6 +279,7 @@ class GenerationDriver:
     def _recover(self) -> None:
         """The step met a dead worker: recover the engine, then re-run everything that was in
         flight, each request's generated tokens appended to its prompt."""
+        self.engine.healthy = False  # e.g. a worker found dead while its loop started: recover() must act
         if self.engine.loops is not None and self.engine.loops.running:
             self.engine.loops.stop()
         self.engine.recover()
@@ -267,7 +289,10 @@ class GenerationDriver:
     def _requeue_in_flight(self) -> None:
         """Every running request back to the queue with its generated tokens appended to its prompt
         (re-prefilled: greedy outputs are unchanged; a seeded request's draws restart from its seed)."""
-        for req in self.scheduler.requeue_all():
+        self._extend_prompts(self.scheduler.requeue_all())
+
+    def _extend_prompts(self, requests) -> None:
+        for req in requests:
             state = self.requests[req.request_id]
             state.resubmissions += 1
             req.prompt_ids = state.prompt_ids + tuple(state.output_ids)
@@ -275,6 +300,13 @@ class GenerationDriver:
 
     # ---- blocking helpers ---------------------------------------------------------------------
     def run_to_completion(self, request_ids: list[str]) -> dict[str, RequestOutput]:
+        """Step until every request finished; their final outputs by id. A request that is not in
+        flight (unknown, or its final output was already returned by step()) is an error: waiting
+        for it would never end."""
+        held = {o.request_id for o in self._held_outputs if o.finished}
+        unknown = [rid for rid in request_ids if rid not in self.requests and rid not in held]
+        if unknown:
+            raise ValueError(f"requests {unknown} are not in flight (unknown, or already finished and returned)")
         pending, done = set(request_ids), {}
         while pending:
             for out in self.step():

@@ -70,14 +70,39 @@ class LoopClient:
         if self._commit is not None:  # never reported by everyone: recover() adopts or drops it
             self._commit = None
 
+    def finish(self) -> list[LoopReport]:
+        """Every loop leaves at the same step (a stop message, agreed like a commit), so the
+        sequences stay consistent on their workers; returns all output not collected yet."""
+        self.send(stop=True)
+        reports, self._buffer = self._buffer, []
+        timeout = self.engine.config.parallel.collective_timeout_s + _STOP_MARGIN_S
+        for rank, worker in enumerate(self.engine.workers):
+            while True:
+                try:
+                    report = ray.get(self._drains[rank], timeout=timeout)
+                except RayActorError as exc:
+                    self.engine.healthy = False
+                    raise WorkerLost(f"worker {rank} died: {str(exc)[:200]}") from exc
+                if report.error is not None:
+                    self.engine.healthy = False
+                    raise report.error
+                self._bookkeep(rank, report)
+                reports.append(report)
+                if report.ended:
+                    break
+                self._drains[rank] = worker.loop_drain.remote(_DRAIN_WAIT_S)
+        self.stop()
+        return reports
+
     # ---- messages out -----------------------------------------------------------------------------
-    def send(self, plans: list[StepPlan] | None = None, commit_version: int | None = None, flush: bool = False) -> None:
+    def send(self, plans: list[StepPlan] | None = None, commit_version: int | None = None, flush: bool = False,
+             stop: bool = False) -> None:
         """One numbered message to every worker (worker w gets plans[w])."""
         self._number += 1
         workers = self.engine.workers
         plans = plans if plans is not None else [StepPlan()] * len(workers)
         for worker, plan in zip(workers, plans):
-            worker.loop_submit.remote(LoopMessage(self._number, plan, commit_version, flush))
+            worker.loop_submit.remote(LoopMessage(self._number, plan, commit_version, flush, stop))
 
     def send_step(self, plans: list[StepPlan]) -> None:
         """The scheduler's admissions and aborts, and a commit request for a placement the engine

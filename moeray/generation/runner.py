@@ -56,11 +56,9 @@ class SequenceRunner:
         if cache.num_blocks < 2:
             raise ValueError(f"the KV cache needs >= 2 blocks (one is the padding sink), has {cache.num_blocks}")
         self.allocator = BlockAllocator(cache.num_blocks - 1)
+        self.max_num_seqs = max_num_seqs
         self.graphs = None
-        if cuda_graphs:
-            from moeray.generation.cuda_graphs import CudaGraphDecoder
-
-            self.graphs = CudaGraphDecoder(model, cache, sink_block=cache.num_blocks - 1, max_batch=max_num_seqs)
+        self.set_cuda_graphs(cuda_graphs)
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = device
@@ -82,6 +80,25 @@ class SequenceRunner:
         if seq is not None:
             self.allocator.free(seq.block_ids)
 
+    def set_cuda_graphs(self, enabled: bool) -> None:
+        """Replay decode steps as CUDA graphs (one GPU worker) or not (several: an all-to-all
+        needs its split sizes on the host); captured graphs are dropped either way."""
+        if enabled and self.graphs is None:
+            from moeray.generation.cuda_graphs import CudaGraphDecoder
+
+            self.graphs = CudaGraphDecoder(self.model, self.cache, sink_block=self.cache.num_blocks - 1,
+                                           max_batch=self.max_num_seqs)
+        elif not enabled:
+            self.graphs = None
+        self.invalidate_graphs()
+
+    def apply(self, plan: StepPlan) -> None:
+        """Drop the plan's aborted sequences and admit its new ones (they run from the next step)."""
+        for request_id in plan.abort:
+            self._release(request_id)
+        for new in plan.new:
+            self._admit(new)
+
     def invalidate_graphs(self) -> None:
         """Captured steps hold the addresses of the slot maps and of the stats switch as they were:
         after a commit, a placement reload or a stats toggle they must be captured again."""
@@ -97,10 +114,7 @@ class SequenceRunner:
     @torch.no_grad()
     def step(self, plan: StepPlan) -> StepResult:
         start = time.perf_counter()
-        for request_id in plan.abort:
-            self._release(request_id)
-        for new in plan.new:
-            self._admit(new)
+        self.apply(plan)
         seqs = list(self.sequences.values())
         if self.graphs is not None and self.graphs.applies(seqs):  # every sequence decodes one token
             prepared = time.perf_counter()

@@ -120,6 +120,21 @@ class Scheduler:
                     if req is not None:
                         self._free(req)
 
+    def resize(self, num_workers: int) -> list[ScheduledRequest]:
+        """The worker count changes (Engine.scale removes the highest ranks, adds new ones empty):
+        requests running on removed workers go back to the front of the queue, oldest first;
+        returns them so the driver can extend their prompts (they are re-prefilled elsewhere)."""
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        moved = [r for r in self.running.values() if r.worker >= num_workers]
+        for req in moved:
+            self._free(req)
+            del self.running[req.request_id]
+        self.workers = self.workers[:num_workers] + [WorkerLoad() for _ in range(num_workers - len(self.workers))]
+        self._aborts = self._aborts[:num_workers] + [[] for _ in range(num_workers - len(self._aborts))]
+        self.waiting = moved + self.waiting
+        return moved
+
     def requeue_all(self) -> list[ScheduledRequest]:
         """After the workers lost their sequences (recovery): every running request goes back to the
         front of the queue, oldest first; returns them so the driver can extend their prompts."""
