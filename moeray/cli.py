@@ -9,6 +9,7 @@
     moeray serve [--model DIR | --config FILE]   HTTP service on Ray Serve (no arguments: the tiny model
                                                  on http://127.0.0.1:8000, local Ray, CPU workers)
     moeray status [--url URL | --json FILE]      placement, load and imbalance of a service, as tables
+    moeray scale N [--url URL]                   change a running service's worker count
     moeray plot [--url URL | --json FILE] --out DIR   PNGs: expert-load heatmap, worker load, imbalance over time
 """
 
@@ -288,6 +289,22 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace) -> int:
+    import json
+
+    from moeray.status import ServiceError, call_service
+
+    try:
+        event = json.loads(call_service(args.url, "/v1/scale", args.api_key or os.environ.get(API_KEY_ENV),
+                                        {"num_workers": args.num_workers}, timeout_s=600))
+    except ServiceError as exc:
+        raise CliError(str(exc), exit_code=1) from None
+    print(f"{event['from_workers']} -> {event['to_workers']} workers in {event['seconds']:.1f} s: epoch {event['epoch']}, "
+          f"placement v{event['placement_version']}, {event['requests_moved']} requests moved, "
+          f"{event['slots_read_from_checkpoint']} slots read from the checkpoint")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     report = _placement_report(args)
     try:
@@ -362,6 +379,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_report_source(status)
     status.add_argument("--save", default=None, metavar="FILE", help="also write the report as JSON (for moeray plot)")
     status.set_defaults(func=_status)
+    scale = sub.add_parser("scale", help="change a running service's worker count (POST /v1/scale)")
+    scale.add_argument("num_workers", type=int)
+    scale.add_argument("--url", default=DEFAULT_URL)
+    scale.add_argument("--api-key", default=None, help=f"sent as Authorization: Bearer (default: env {API_KEY_ENV})")
+    scale.set_defaults(func=_scale)
 
     plot = sub.add_parser("plot", help="PNGs: expert-load heatmap, worker load, imbalance over time")
     _add_report_source(plot)

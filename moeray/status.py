@@ -21,15 +21,19 @@ class ServiceError(RuntimeError):
     """The service could not be asked (down, refused the key, answered an error)."""
 
 
-def fetch_report(url: str, api_key: str | None = None, timeout_s: float = 30.0) -> dict:
-    """GET {url}/v1/placement (with `Authorization: Bearer <api_key>` when given), checked."""
-    endpoint = url.rstrip("/") + "/v1/placement"
-    request = urllib.request.Request(endpoint, headers={"Accept": "application/json"})
+def call_service(url: str, path: str, api_key: str | None = None, body: dict | None = None,
+                 timeout_s: float = 30.0) -> bytes:
+    """GET (or POST `body` as JSON to) {url}{path} with `Authorization: Bearer <api_key>` when
+    given; the answer's bytes, or ServiceError with one readable line."""
+    endpoint = url.rstrip("/") + path
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(endpoint, data=data, headers={"Accept": "application/json",
+                                                                   "Content-Type": "application/json"})
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            body = response.read()
+            return response.read()
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             hint = "a valid API key (--api-key or MOERAY_API_KEY)" if api_key else "an API key (--api-key or MOERAY_API_KEY)"
@@ -39,6 +43,12 @@ def fetch_report(url: str, api_key: str | None = None, timeout_s: float = 30.0) 
         raise ServiceError(f"cannot reach {endpoint} ({exc.reason}); is `moeray serve` running there?") from None
     except TimeoutError:
         raise ServiceError(f"{endpoint} did not answer within {timeout_s:g} s") from None
+
+
+def fetch_report(url: str, api_key: str | None = None, timeout_s: float = 30.0) -> dict:
+    """GET {url}/v1/placement, checked."""
+    body = call_service(url, "/v1/placement", api_key, timeout_s=timeout_s)
+    endpoint = url.rstrip("/") + "/v1/placement"
     try:
         return check_report(json.loads(body))
     except (json.JSONDecodeError, ReportError) as exc:

@@ -216,6 +216,18 @@ class MoEService:
         errors = self.engine.rebalance_errors
         return {"staged_version": version, "last_error": errors[-1] if version is None and errors else None}
 
+    @app.post("/v1/scale")
+    async def scale(self, request: Request):
+        """Change the engine's worker count between steps; requests in flight carry on."""
+        self._authorize(request)
+        num_workers = oa.parse_request(oa.ScaleRequest, oa.parse_json_body(await request.body())).num_workers
+        try:
+            return await self.loop.call(self.driver.scale, num_workers)
+        except ValueError as exc:  # e.g. too few slots for every expert at that count
+            raise oa.OpenAIError(400, str(exc), param="num_workers") from None
+        except _ENGINE_ERRORS as exc:
+            raise _unavailable(exc) from None
+
     @app.get("/metrics")
     async def metrics_text(self, request: Request):
         self._authorize(request)

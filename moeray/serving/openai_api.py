@@ -281,6 +281,12 @@ class RebalanceRequest(_Strict):
     force: bool = True
 
 
+class ScaleRequest(_Strict):
+    """POST /v1/scale (ours): the worker count to serve with from now on."""
+
+    num_workers: int = Field(ge=1)
+
+
 def sampling_params(request: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,

@@ -501,3 +501,26 @@ def test_a_killed_worker_is_replaced_and_requests_still_succeed(service):
     recoveries = requests.get(f"{service.url}/v1/placement", timeout=60).json()["recoveries"]
     assert len(recoveries) == recoveries_before + 1 and len(recoveries[-1]["replaced"]) == 1
     assert requests.get(f"{service.url}/healthz", timeout=60).json()["status"] == "ok"
+
+
+def test_scale_over_http_keeps_serving_and_refuses_bad_counts(service):
+    """POST /v1/scale changes the worker count between steps: answers stay equal to the reference
+    at 3 workers and back at 2; bad counts are 400s naming num_workers and change nothing."""
+    for bad in ({"num_workers": 0}, {"num_workers": "3"}, {"num_workers": 2.0}, {}, {"num_workers": 3, "x": 1}):
+        resp = requests.post(f"{service.url}/v1/scale", json=bad, timeout=60)
+        assert resp.status_code == 400, (bad, resp.text)
+        assert resp.json()["error"]["param"] in ("num_workers", "x"), resp.json()
+    prompt = (np.arange(23) * 7 % VOCAB).tolist()
+    for workers in (3, 2):
+        if workers == 3:
+            resp = requests.post(f"{service.url}/v1/scale", json={"num_workers": workers}, timeout=300)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["to_workers"] == workers
+        else:  # the CLI's way in
+            from moeray.cli import main
+
+            assert main(["scale", str(workers), "--url", service.url]) == 0
+        got = requests.post(f"{service.url}/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0},
+                            timeout=120).json()
+        assert got["choices"][0]["text"] == service.greedy(prompt, 6)[1]
+        assert requests.get(f"{service.url}/v1/placement", timeout=60).json()["num_workers"] == workers
