@@ -79,6 +79,7 @@ class Engine:
             ) from None
         self._pgs = [self._pg]
         self._bundles = [(self._pg, i) for i in range(par.num_workers)]  # rank -> (placement group, bundle)
+        self._free_bundles: list[tuple] = []  # reserved bundles no worker uses (after a scale-down)
         self.scale_events: list[dict] = []
         self.replica_weights_LS = None  # split of replicated experts' tokens; None = equal
         self.workers = [self._start_worker(i) for i in range(par.num_workers)]
@@ -220,9 +221,11 @@ class Engine:
         after a failed commit step); those that are not re-read their slots from the checkpoint."""
         p = self._placement
         versions = self._get([w.placement_version.remote() for w in self.workers], _PING_TIMEOUT_S, "versions")
-        behind = [w for w, v in zip(self.workers, versions) if v != p.version]
-        self._get([w.load_placement.remote(p.phy2log, p.version, self.replica_weights_LS) for w in behind],
-                  300, "reload slots")
+        # reconfigure, not just a reload: after a scale that failed part-way a survivor may also be
+        # on the old worker count and slots per worker.
+        behind = [(rank, w) for rank, (w, v) in enumerate(zip(self.workers, versions)) if v != p.version]
+        self._get([w.reconfigure.remote(rank, self.config, p.phy2log, p.version, self.replica_weights_LS)
+                   for rank, w in behind], 300, "reload slots")
 
     def _replace_dead_workers(self) -> set[int]:
         """Ranks replaced. CPU: the workers that do not answer a ping. CUDA: every worker, since a
@@ -248,8 +251,12 @@ class Engine:
         for rank in dead:
             ray.kill(self.workers[rank])
             self.workers[rank] = self._start_worker(rank)
-        self._get([self.workers[rank].ping.remote() for rank in dead], 300, "replacement start-up")
-        return set(dead)
+        # A scale that failed before starting its new ranks: start them now (their bundles exist).
+        missing = list(range(len(self.workers), self.config.parallel.num_workers))
+        self.workers += [self._start_worker(rank) for rank in missing]
+        started = dead + missing
+        self._get([self.workers[rank].ping.remote() for rank in started], 300, "replacement start-up")
+        return set(started)
 
     # ---- serving -----------------------------------------------------------------------------
     def step(self, plans: list[StepPlan]) -> list[StepResult]:

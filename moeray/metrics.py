@@ -146,6 +146,9 @@ class ServingMetrics:
                     first, arrival = out.metrics.get("first_token_s"), out.metrics.get("arrival_s")
                     if first is not None and arrival is not None:
                         ttfts.append(first - arrival)
+                    if new_tokens > 1:  # the tokens after the first, arrived with it: they share its gap
+                        since = max(now - first, 0.0) if first is not None else 0.0
+                        itls.extend([since / (new_tokens - 1)] * (new_tokens - 1))
                 elif new_tokens > 0 and tracked.last_token_s is not None:
                     # Tokens that arrived together share the gap since the previous ones.
                     itls.extend([(now - tracked.last_token_s) / new_tokens] * new_tokens)

@@ -7,8 +7,10 @@ to the others, see GenerationDriver.scale):
 1. the new config (slots per worker follow the count unless set explicitly) and a placement for
    the new count from the load measured so far (`placement.resize.resize_plan`: staying workers
    keep what they hold, every expert keeps a copy, the migration-aware planner re-plans);
-2. leaving workers (the highest ranks) are ended and their placement-group bundles released;
-   new workers start on new bundles and read their slots from the checkpoint;
+2. new ranks get placement-group bundles first (bundles a scale-down freed, then a new group; a
+   cluster that cannot place them fails the scale before anything changed); leaving workers (the
+   highest ranks) end and their bundles are freed (a group with no worker left is removed); new
+   workers start and read their slots from the checkpoint;
 3. staying workers reconfigure in place (their sequences and KV cache stay): a slot whose expert
    they already hold is copied locally, any other is read from the checkpoint;
 4. a new epoch's group forms and the coordinator follows (new topology; its log stays).
@@ -62,17 +64,23 @@ def scale_engine(engine, num_workers: int) -> dict:
 
     leaving = engine.workers[num_workers:]
     staying = engine.workers[:num_workers]
+    new_bundles = _reserve_bundles(engine, num_workers - old_count, config)  # may fail: nothing changed yet
+    # From here a failure leaves the engine part-way: unhealthy until recover() (which replaces
+    # what is missing on engine.workers / engine._bundles, both kept consistent at every point).
+    engine.healthy = False
     for worker in leaving:
         ray.kill(worker)
-    _resize_bundles(engine, num_workers, config)
+    engine.workers = list(staying)
+    engine._bundles += new_bundles  # before the release: a group is removed when no rank holds it
+    _release_bundles(engine, num_workers)
     engine.config = config
     engine._placement = placement
     engine.replica_weights_LS = plan.replica_weights
     moved = engine._get([w.reconfigure.remote(rank, config, placement.phy2log, version, plan.replica_weights)
                          for rank, w in enumerate(staying)], 300, "reconfigure workers")
-    added = [engine._start_worker(rank) for rank in range(len(staying), num_workers)]
-    engine._get([w.ping.remote() for w in added], 300, "new worker start-up")
-    engine.workers = staying + added
+    for rank in range(len(staying), num_workers):
+        engine.workers.append(engine._start_worker(rank))
+    engine._get([w.ping.remote() for w in engine.workers[len(staying):]], 300, "new worker start-up")
     engine._get([w.resync_steps.remote(engine.steps) for w in engine.workers], timeout, "step resync")
     engine.epoch += 1
     if num_workers > 1:
@@ -83,6 +91,7 @@ def scale_engine(engine, num_workers: int) -> dict:
                     "coordinator resize")
         engine._get([w.attach_coordinator.remote(engine.coordinator, engine.epoch) for w in engine.workers], 60,
                     "attach coordinator")
+    engine.healthy = True
     event = {"step": engine.steps, "epoch": engine.epoch, "from_workers": old_count, "to_workers": num_workers,
              "placement_version": version, "slots_per_worker": config.slots_per_worker,
              "slots_copied_locally": sum(m["slots_copied"] for m in moved),
@@ -107,26 +116,38 @@ def _drop_staged(engine) -> None:
     engine._staged = None
 
 
-def _resize_bundles(engine, num_workers: int, config: EngineConfig) -> None:
-    """One placement-group bundle per rank: extra ranks get a new group's bundles; a group none of
-    whose bundles holds a worker any more is removed (its resources go back to the cluster)."""
-    old_count = len(engine._bundles)
-    if num_workers < old_count:
-        engine._bundles = engine._bundles[:num_workers]
-    elif num_workers > old_count:
-        par = config.parallel
-        bundle = {"CPU": par.cpus_per_worker, **({"GPU": 1} if par.device == "cuda" else {})}
-        group = placement_group([bundle] * (num_workers - old_count), strategy="PACK")
-        try:
-            ray.get(group.ready(), timeout=par.placement_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(group)
-            raise RuntimeError(
-                f"cannot place {num_workers - old_count} more workers x {bundle} within placement_timeout_s="
-                f"{par.placement_timeout_s:g}; the cluster has {ray.available_resources()} available") from None
-        engine._pgs.append(group)
-        engine._bundles += [(group, i) for i in range(num_workers - old_count)]
+def _reserve_bundles(engine, count: int, config: EngineConfig) -> list[tuple]:
+    """`count` placement-group bundles for new ranks: bundles released by an earlier scale-down
+    first (a placement group keeps every bundle reserved until the whole group is removed), then
+    one new group for the rest. Raises naming the resources when the cluster cannot place them."""
+    if count <= 0:
+        return []
+    reused, engine._free_bundles = engine._free_bundles[:count], engine._free_bundles[count:]
+    if len(reused) == count:
+        return reused
+    par = config.parallel
+    bundle = {"CPU": par.cpus_per_worker, **({"GPU": 1} if par.device == "cuda" else {})}
+    missing = count - len(reused)
+    group = placement_group([bundle] * missing, strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=par.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        engine._free_bundles = reused + engine._free_bundles
+        raise RuntimeError(
+            f"cannot place {missing} more workers x {bundle} within placement_timeout_s="
+            f"{par.placement_timeout_s:g}; the cluster has {ray.available_resources()} available") from None
+    engine._pgs.append(group)
+    return reused + [(group, i) for i in range(missing)]
+
+
+def _release_bundles(engine, num_workers: int) -> None:
+    """Bundles of ranks >= num_workers become free; a group none of whose bundles holds a worker is
+    removed (its resources go back to the cluster)."""
+    engine._free_bundles += engine._bundles[num_workers:]
+    engine._bundles = engine._bundles[:num_workers]
     in_use = {id(group) for group, _ in engine._bundles}
     for group in [g for g in engine._pgs if id(g) not in in_use]:
         remove_placement_group(group)
         engine._pgs.remove(group)
+        engine._free_bundles = [b for b in engine._free_bundles if b[0] is not group]

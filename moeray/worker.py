@@ -160,22 +160,6 @@ class Worker:
     def placement_version(self) -> int:
         return self.placement.version
 
-    def load_placement(self, phy2log_LS: np.ndarray, version: int, replica_weights_LS: np.ndarray | None) -> None:
-        """Switch to a placement by re-reading this worker's slots from the checkpoint (recovery:
-        a survivor that did not take part in a commit the others made)."""
-        with self._step_lock:
-            self.staging.discard()
-            self.placement = Placement(phy2log_LS, self.config.model.num_experts, self.config.slots_per_worker,
-                                       version).validate()
-            self.replica_weights_LS = replica_weights_LS
-            mine_LS = self.placement.slots_of_worker(self.rank)
-            for layer, experts in enumerate(self._slot_experts()):
-                w13, w2 = self.reader.read_expert_slots(layer, mine_LS[layer], self.dtype)
-                experts.w13_SHD.data.copy_(w13.to(self.device))
-                experts.w2_SDF.data.copy_(w2.to(self.device))
-                experts.slot_map = self._slot_map(layer)
-            self.runner.invalidate_graphs()
-
     def reconfigure(self, rank: int, config: EngineConfig, phy2log_LS: np.ndarray, version: int,
                     replica_weights_LS: np.ndarray | None) -> dict:
         """Take part in a resized group (Engine.scale): a new rank, worker count, slots per worker
@@ -274,23 +258,25 @@ class Worker:
         return result
 
     # ---- the worker's own step loop (moeray/worker_loop.py) ---------------------------------------
-    def start_loop(self) -> None:
-        """Step from this worker's own loop thread from now on (the driver sends messages)."""
+    def start_loop(self, generation: int) -> None:
+        """Step from this worker's own loop thread from now on (the driver sends messages).
+        `generation` numbers the driver's loop starts: a message or drain of an earlier loop that
+        Ray runs late (threaded actors run calls out of order) never reaches this one."""
         if self.dispatcher is None:
             raise RuntimeError(f"worker {self.rank}: no collective group joined yet")
         if self.loop is not None and self.loop.running:
             raise RuntimeError(f"worker {self.rank}: its step loop is already running")
-        self.loop = WorkerLoop(self)
+        self.loop = WorkerLoop(self, generation)
         self.loop.start()
 
     def loop_submit(self, message: LoopMessage) -> None:
-        if self.loop is None:
-            raise RuntimeError(f"worker {self.rank}: no step loop started")
+        if self.loop is None or message.generation != self.loop.generation:
+            return  # for a loop that has ended: nothing may act on it
         self.loop.submit(message)
 
-    def loop_drain(self, timeout_s: float) -> LoopReport:
-        if self.loop is None:
-            raise RuntimeError(f"worker {self.rank}: no step loop started")
+    def loop_drain(self, generation: int, timeout_s: float) -> LoopReport:
+        if self.loop is None or generation != self.loop.generation:
+            raise RuntimeError(f"worker {self.rank}: no step loop of generation {generation} runs")
         return self.loop.drain(timeout_s)
 
     def stop_loop(self, timeout_s: float) -> bool:

@@ -45,6 +45,7 @@ class LoopMessage:
     commit_version: int | None = None  # commit this staged placement once every worker holds the request
     flush: bool = False  # ship the statistics counted so far, at the same step on every worker
     stop: bool = False  # leave the loop once every worker holds it
+    generation: int = 0  # which of the driver's loop starts it belongs to
 
 
 @dataclass(frozen=True)
@@ -84,16 +85,18 @@ class _Outbox:
     snapshot_refs: list = field(default_factory=list)
     step_ms: float = 0.0
     steps_run: int = 0
+    flushed: bool = False  # a flush was done (it may have had nothing to ship)
 
     def __bool__(self) -> bool:
-        return bool(self.updates or self.commits or self.snapshot_refs)
+        return bool(self.updates or self.commits or self.snapshot_refs or self.flushed)
 
 
 class WorkerLoop:
     """Runs on its own thread inside a Worker; the actor's other threads call submit / drain / stop."""
 
-    def __init__(self, worker):
+    def __init__(self, worker, generation: int = 0):
         self.worker = worker
+        self.generation = generation
         self._group = collective.get_group(worker.group_name) if worker.placement.num_workers > 1 else None
         self._cond = threading.Condition()
         self._inbox: dict[int, LoopMessage] = {}
@@ -148,12 +151,22 @@ class WorkerLoop:
     def _run(self) -> None:
         if self.worker.device.type == "cuda":
             torch.cuda.set_device(self.worker.device)  # the current device is per thread
+        agreed_stop = False
         try:
             while self._iterate():
                 pass
+            agreed_stop = not self._abandon
         except BaseException as exc:  # reported to the driver by the next drain
             self._error = exc
         finally:
+            if not agreed_stop and self._group is not None:
+                # Leaving alone (an error, or abandoned for a recovery): the peers may be waiting in
+                # a collective for this worker; ending the group makes them raise at once instead
+                # of after the collective timeout. recover() forms the next epoch's group.
+                try:
+                    self.worker.leave_group()
+                except Exception:
+                    pass
             with self._cond:
                 self._ended = True
                 self._cond.notify_all()
@@ -163,8 +176,16 @@ class WorkerLoop:
         while self._seen + 1 in self._inbox:
             self._seen += 1
             message = self._inbox.pop(self._seen)
+            # In message order: an abort of a sequence that has not joined yet cancels its
+            # admission (it never runs); any other abort reaches the runner before the admissions
+            # that came after it (a request id may be reused after its abort).
+            for request_id in message.plan.abort:
+                waiting = [n for n in self._pending_new if n.request_id == request_id]
+                if waiting:
+                    self._pending_new.remove(waiting[0])
+                else:
+                    self._pending_abort.append(request_id)
             self._pending_new.extend(message.plan.new)
-            self._pending_abort.extend(message.plan.abort)
             if message.commit_version is not None:
                 self._commit_requested = max(self._commit_requested, message.commit_version)
             self._flushes_requested += int(message.flush)
@@ -197,6 +218,7 @@ class WorkerLoop:
                 worker._commit(commit_version)
                 box.commits.append((commit_version, worker.steps))
             if flushes > self._flushes_done:
+                box.flushed = True
                 ref = worker._ship_snapshot() if worker.coordinator is not None else None
                 if ref is not None:
                     box.snapshot_refs.append(ref)
@@ -213,7 +235,8 @@ class WorkerLoop:
             out.snapshot_refs += box.snapshot_refs
             out.step_ms += box.step_ms
             out.steps_run += box.steps_run
-            if box or flushes:
+            out.flushed = out.flushed or box.flushed
+            if box:
                 self._cond.notify_all()
             if stop:
                 plan = StepPlan(tuple(self._pending_new), tuple(self._pending_abort))
@@ -238,10 +261,7 @@ class WorkerLoop:
         """Aborts, and the admissions that fit the step's prefill budget (the first always does)."""
         budget = self.worker.config.cache.max_num_batched_tokens
         with self._cond:
-            aborts, self._pending_abort = self._pending_abort, []
-            if aborts:  # a sequence aborted before it was admitted never joins
-                dropped = set(aborts)
-                self._pending_new = [n for n in self._pending_new if n.request_id not in dropped]
+            aborts, self._pending_abort = self._pending_abort, []  # applied before the admissions
             admit: list[NewSequence] = []
             while self._pending_new:
                 size = len(self._pending_new[0].prompt_ids)

@@ -4,8 +4,8 @@
 
 Two stages, so the result moves few experts:
 1. `carry_over` lays the current placement onto the new topology: a worker that stays keeps the
-   experts of its first min(S_w, S_w') slots where they are; slots of leaving workers are gone,
-   slots of new workers start free. Every expert left without a copy (its copies were on leaving
+   experts of its first min(S_w, S_w') slots where they are (less any replica copies dropped to
+   make room); slots of leaving workers are gone, slots of new workers start free. Every expert left without a copy (its copies were on leaving
    workers, or in slots beyond S_w') is put into a free slot of the worker with the least load
    that has a free slot and does not hold it yet.
 2. The migration-aware planner (`planner.plan`) re-plans from that layout for the load, so
@@ -40,6 +40,15 @@ def carry_over(current: Placement, num_workers: int, slots_per_worker: int, load
         held = set(row_WS[row_WS >= 0].tolist())
         # The heaviest homeless experts first, each onto the least-loaded worker with room.
         homeless = sorted((e for e in range(num_experts) if e not in held), key=lambda e: (-load_LE[layer, e], e))
+        # Replicas kept on staying workers may fill the slots the homeless need: drop copies of the
+        # replicated expert with the least load per copy until there is room (it keeps >= 1 copy).
+        while int((row_WS == FREE_SLOT).sum()) < len(homeless):
+            experts, copies = np.unique(row_WS[row_WS >= 0], return_counts=True)
+            replicated = experts[copies > 1]
+            per_copy = load_LE[layer, replicated] / copies[copies > 1]
+            victim = int(replicated[np.lexsort((replicated, per_copy))[0]])
+            last = np.flatnonzero(row_WS.reshape(-1) == victim)[-1]
+            row_WS.reshape(-1)[last] = FREE_SLOT
         worker_load_W = np.zeros(num_workers)
         for w in range(num_workers):
             experts = row_WS[w][row_WS[w] >= 0]

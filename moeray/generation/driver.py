@@ -138,7 +138,8 @@ class GenerationDriver:
             self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        """Work in flight, or outputs collected outside step() (a scale) not returned yet."""
+        return self.scheduler.has_work or bool(self._held_outputs)
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -225,9 +226,16 @@ class GenerationDriver:
             results = [r.result for r in reports]
             self.scheduler.update(results)
             self._held_outputs += self._absorb(results, time.perf_counter(), [r.version for r in reports])
+        try:
+            event = self.engine.scale(num_workers)
+        except Exception:
+            if not self.engine.healthy:  # it failed part-way: recover() re-forms what is left
+                self._extend_prompts(self.scheduler.requeue_all())
+                self.scheduler.resize(len(self.engine.workers))
+            raise
+        # The leaving workers (the highest ranks) are gone: their requests run again elsewhere.
         moved = self.scheduler.resize(num_workers)
         self._extend_prompts(moved)
-        event = self.engine.scale(num_workers)
         event["requests_moved"] = len(moved)
         return event
 
@@ -275,6 +283,11 @@ class GenerationDriver:
                     del self.requests[update.request_id]
                 outputs.append(state.output(version))
         return outputs
+
+    def recover(self) -> None:
+        """Recover the engine (a dead worker) and re-run everything in flight; what a step does on
+        its own when it meets a dead worker. For health checks that find one between steps."""
+        self._recover()
 
     def _recover(self) -> None:
         """The step met a dead worker: recover the engine, then re-run everything that was in

@@ -36,6 +36,7 @@ class LoopClient:
         self.engine = engine
         self.running = False
         self._number = 0
+        self._generation = 0  # one per start(): messages and drains of an earlier loop are ignored
         self._drains: dict[int, ray.ObjectRef] = {}
         self._buffer: list[LoopReport] = []
         self._flushes_sent = 0
@@ -46,13 +47,14 @@ class LoopClient:
         engine = self.engine
         if not engine.healthy:
             raise WorkerLost("a previous step failed: call recover() before starting the worker loops")
-        engine._get([w.start_loop.remote() for w in engine.workers], 60, "start worker loops")
-        self.running = True
+        self._generation += 1
+        self.running = True  # from here on stop() must run even if a worker fails to start its loop
+        engine._get([w.start_loop.remote(self._generation) for w in engine.workers], 60, "start worker loops")
         self._number = 0
         self._flushes_sent = 0
         self._buffer = []
         self._commit = None
-        self._drains = {rank: w.loop_drain.remote(_DRAIN_WAIT_S) for rank, w in enumerate(engine.workers)}
+        self._drains = {rank: w.loop_drain.remote(self._generation, _DRAIN_WAIT_S) for rank, w in enumerate(engine.workers)}
 
     def stop(self) -> None:
         """Leave every loop now (bounded by the collective timeout: a loop inside a collective
@@ -90,7 +92,7 @@ class LoopClient:
                 reports.append(report)
                 if report.ended:
                     break
-                self._drains[rank] = worker.loop_drain.remote(_DRAIN_WAIT_S)
+                self._drains[rank] = worker.loop_drain.remote(self._generation, _DRAIN_WAIT_S)
         self.stop()
         return reports
 
@@ -101,8 +103,11 @@ class LoopClient:
         self._number += 1
         workers = self.engine.workers
         plans = plans if plans is not None else [StepPlan()] * len(workers)
+        if len(plans) != len(workers):
+            raise ValueError(f"{len(plans)} plans for {len(workers)} workers")
         for worker, plan in zip(workers, plans):
-            worker.loop_submit.remote(LoopMessage(self._number, plan, commit_version, flush, stop))
+            worker.loop_submit.remote(LoopMessage(self._number, plan, commit_version=commit_version, flush=flush, stop=stop,
+                                                 generation=self._generation))
 
     def send_step(self, plans: list[StepPlan]) -> None:
         """The scheduler's admissions and aborts, and a commit request for a placement the engine
@@ -181,6 +186,6 @@ class LoopClient:
         if report.error is not None or report.ended:
             self.engine.healthy = False
             raise report.error if report.error is not None else WorkerLost(f"worker {rank}'s step loop ended")
-        self._drains[rank] = self.engine.workers[rank].loop_drain.remote(_DRAIN_WAIT_S)
+        self._drains[rank] = self.engine.workers[rank].loop_drain.remote(self._generation, _DRAIN_WAIT_S)
         self._bookkeep(rank, report)
         return [report]

@@ -332,8 +332,8 @@ class EngineLoop:
     def _step(self) -> None:
         engine = self.driver.engine
         try:
-            if not engine.healthy:  # an earlier recovery failed: try again before stepping
-                engine.recover()
+            if not engine.healthy:  # an earlier recovery failed: try again (loops stopped, requests re-queued)
+                self.driver.recover()
             outputs = self.driver.step()
         except Exception as exc:  # noqa: BLE001 - the step or its recovery failed: fail what is in flight, keep serving
             error = exc if isinstance(exc, (WorkerLost, CollectiveError)) else WorkerLost(

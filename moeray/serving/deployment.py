@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import SecretStr
 from ray import serve
+from ray.exceptions import GetTimeoutError, RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeray.engine import Engine
@@ -57,7 +58,9 @@ from moeray.serving.core import (
 from moeray.serving.placement_report import placement_report
 
 app = FastAPI(title="moeray", description="Expert-parallel MoE serving with live expert placement (OpenAI API)")
-_ENGINE_ERRORS = (WorkerLost, CollectiveError)
+# The engine or its actors cannot answer now (a lost worker, a coordinator that timed out or died,
+# a cluster that cannot place more workers): 503, the service itself keeps serving.
+_ENGINE_ERRORS = (WorkerLost, CollectiveError, RayActorError, GetTimeoutError)
 _PROBE = SamplingParams(max_tokens=1)  # checks a prompt on its own, before its max_tokens is known
 
 
@@ -225,7 +228,7 @@ class MoEService:
             return await self.loop.call(self.driver.scale, num_workers)
         except ValueError as exc:  # e.g. too few slots for every expert at that count
             raise oa.OpenAIError(400, str(exc), param="num_workers") from None
-        except _ENGINE_ERRORS as exc:
+        except (*_ENGINE_ERRORS, RuntimeError) as exc:  # RuntimeError: the cluster cannot place more workers
             raise _unavailable(exc) from None
 
     @app.get("/metrics")
@@ -256,7 +259,8 @@ class MoEService:
             if await self.loop.call(self.engine.probe):
                 self._failed_recoveries = 0
             else:
-                self._recovery = asyncio.ensure_future(self.loop.call(self.engine.recover))
+                # Through the driver: it stops the worker loops and re-runs what was in flight.
+                self._recovery = asyncio.ensure_future(self.loop.call(self.driver.recover))
         if self._failed_recoveries:
             raise RuntimeError(f"{self._failed_recoveries} engine recoveries in a row failed")
 

@@ -157,12 +157,19 @@ def test_the_serving_loop_runs_multi_step_requests_and_survives_callers_that_giv
     params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
     prompts = [[5, 6, 7], [8, 9], list(range(20, 40))]
 
+    async def submit(prompt, sampling):
+        stream = await loop.open([prompt], [sampling])
+        try:
+            return (await stream.final())[0]
+        finally:
+            stream.close()  # a caller that gives up aborts what has not finished
+
     async def scenario():
-        gone = asyncio.ensure_future(loop.submit([3, 4, 5], SamplingParams(max_tokens=40, ignore_eos=True)))
+        gone = asyncio.ensure_future(submit([3, 4, 5], SamplingParams(max_tokens=40, ignore_eos=True)))
         await asyncio.sleep(0)
         gone.cancel()
-        bad = loop.submit([1, 10**6], params)
-        outs = await asyncio.gather(bad, *(loop.submit(p, params) for p in prompts), return_exceptions=True)
+        bad = submit([1, 10**6], params)
+        outs = await asyncio.gather(bad, *(submit(p, params) for p in prompts), return_exceptions=True)
         steps = await loop.call(lambda: llm.engine.steps)
         return outs, steps
 

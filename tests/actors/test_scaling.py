@@ -75,6 +75,8 @@ def test_scale_up_and_down_while_requests_are_in_flight(ray_cluster, model, step
         # The coordinator follows the new count: statistics and a forced rebalance work on it.
         assert llm.stats()["placement_version"] == llm.engine.placement().version
         assert llm.scale(2)["to_workers"] == 2
+        # Bundles freed by the scale-downs were reused; the group made for the scale-up went back.
+        assert len(llm.engine._pgs) == 1 and not llm.engine._free_bundles
         version = llm.rebalance()
         out = llm.generate([[7, 8, 9]], PARAMS)[0]
         assert llm.engine.placement().version == version
@@ -90,3 +92,37 @@ def test_scale_refuses_bad_counts_and_changes_nothing(ray_cluster, model):
             llm.scale(1)
         assert len(llm.engine.workers) == 2 and llm.engine.epoch == 0
         assert llm.generate([[3, 4]], PARAMS)[0].finished
+
+
+def test_a_scale_that_fails_part_way_recovers_and_loses_no_request(ray_cluster, model):
+    """The new epoch's group fails to form (injected) after the leaving worker was ended: the scale
+    raises, the engine is unhealthy, and the next step recovers at the new count; every request in
+    flight still finishes with the reference output."""
+    from moeray.errors import WorkerLost
+
+    ckpt, _, reference = model
+    rng = np.random.default_rng(3)
+    with LLM(ckpt, num_workers=3, redundant_slots_per_worker=1, rebalance={"enabled": False}) as llm:
+        driver, engine = llm.driver, llm.engine
+        prompts = _prompts(rng, 5)
+        ids = [driver.add_request(p, PARAMS) for p in prompts]
+        for _ in range(100):
+            driver.step()
+            if len(driver.scheduler.running) == len(ids):
+                break
+        form_group, calls = engine._form_group, []
+
+        def fails_once():
+            calls.append(1)
+            if len(calls) == 1:
+                raise WorkerLost("injected: group formation failed")
+            form_group()
+
+        engine._form_group = fails_once
+        with pytest.raises(WorkerLost, match="injected"):
+            llm.scale(2)
+        assert not engine.healthy and len(engine.workers) == 2
+        outs = driver.run_to_completion(ids)
+        assert engine.healthy and engine.recoveries and len(engine.workers) == 2
+        for rid, prompt in zip(ids, prompts):
+            assert list(outs[rid].outputs[0].token_ids) == greedy_generate(reference, prompt, PARAMS.max_tokens)

@@ -97,7 +97,9 @@ def test_all_to_all_dispatch_matches_dense_reference(case):
         want = dense_reference(x, ids, w, w13_EHD, w2_EDF)
         for name, got in results[rank][0].items():
             assert got.shape == tuple(want.shape), name
-            torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-5, atol=1e-5, msg=name)
+            # 1e-4: the reference runs in this process, whose torch thread count an earlier test may
+            # have set (Worker sets 1); another summation order moves fp32 results by ~2e-5.
+            torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_local_dispatcher_round_trip_preserves_pair_order():

@@ -58,3 +58,19 @@ def test_resize_plan_without_measured_load_uses_uniform_load():
     resized = resize_plan(None, Placement.contiguous(L, E, 2, 5), 3, 4)
     resized.placement.validate()
     assert resized.placement.num_workers == 3
+
+
+@pytest.mark.parametrize("old_w,new_w,spw_old,spw_new", [(4, 2, 4, 5), (8, 4, 2, 3), (3, 2, 5, 5)])
+def test_carry_over_drops_replicas_when_the_homeless_need_their_slots(old_w, new_w, spw_old, spw_new):
+    """Staying workers full of replicas (every slot used): copies are dropped, never the last one."""
+    rng = np.random.default_rng(old_w * 10 + new_w)
+    rows = []
+    for _ in range(L):
+        row = np.concatenate([rng.permutation(E), rng.integers(0, E, old_w * spw_old - E)])
+        rows.append(row)  # every expert once, the rest replicas: no free slot anywhere
+    current = Placement(np.array(rows), E, spw_old, 0)
+    carried = carry_over(current, new_w, spw_new, skewed_load(3))
+    Placement(carried, E, spw_new, 0).validate()
+    for layer in range(L):
+        assert set(carried[layer][carried[layer] >= 0].tolist()) == set(range(E))
+    resize_plan(skewed_load(3), current, new_w, spw_new).placement.validate()

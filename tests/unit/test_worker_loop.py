@@ -66,6 +66,7 @@ def test_messages_are_taken_in_number_order_and_outputs_equal_the_reference(loop
     prompts = {"p": [5, 6, 7, 8], "q": [9, 10]}
     loop.submit(LoopMessage(2, StepPlan(new=(_new("q", prompts["q"]),))))
     assert not loop.drain(0.3).result.updates  # message 1 is missing: nothing may run yet
+    assert loop._seen == 0 and not loop._pending_new and not loop.worker.runner.sequences
     loop.submit(LoopMessage(1, StepPlan(new=(_new("p", prompts["p"]),))))
     out = _drain_until(loop, lambda v: all(v.get(r) and v[r].finish_reason for r in prompts))
     for rid, prompt in prompts.items():
@@ -96,3 +97,29 @@ def test_stop_ends_the_loop_and_an_error_reaches_the_drain(model):
     failing._thread.join(30)
     report = failing.drain(0.1)
     assert report.ended and report.error is not None and "7" in str(report.error)
+
+
+def test_an_abort_cancels_a_pending_admission_even_at_a_stop_and_an_id_may_be_reused(model):
+    """In message order: new "x", abort "x", stop -> "x" never reaches the runner (its blocks stay
+    free); abort of a running "r" then new "r" -> the new "r" runs."""
+    worker = single_worker(model[0])
+    loop = WorkerLoop(worker)
+    loop.submit(LoopMessage(3, stop=True))
+    loop.submit(LoopMessage(2, StepPlan(abort=("x",))))
+    loop.submit(LoopMessage(1, StepPlan(new=(_new("x", [5, 6]),))))
+    loop.start()
+    loop._thread.join(30)
+    assert loop.drain(0.1).ended and "x" not in worker.runner.sequences and worker.runner.allocator.num_used == 0
+
+    loop = WorkerLoop(worker, generation=1)
+    loop.start()
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    loop.submit(LoopMessage(1, StepPlan(new=(_new("r", [3, 4], long),))))
+    _drain_until(loop, lambda v: "r" in v)  # running
+    loop.submit(LoopMessage(2, StepPlan(abort=("r",), new=(_new("r", [9, 9, 9]),))))
+    out = _drain_until(loop, lambda v: v.get("r") is not None and v["r"].finish_reason is not None, 60)
+    # The new "r" (6 tokens) ran and finished; had its admission been dropped with the abort, the old
+    # "r" would have run on to its 40 tokens.
+    assert out["r"].finish_reason == "length" and len(out["r"].token_ids) < 40
+    assert not worker.runner.sequences
+    assert loop.abandon(30)
