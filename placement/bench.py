@@ -7,7 +7,9 @@ For each trace x workers (8, 16, 32, 64) x redundant slots (0, E/8, E/4; rounded
 worker has the same slot count): imbalance (mean and worst layer, averaged over workloads) of
 static contiguous, EPLB global, EPLB hierarchical (8 workers per node) and ours; slots and bytes
 moved on drift (plan on workload i, re-plan on workload i+1) and under 1% multiplicative noise;
-planning time. Then the dispatch split (per-step imbalance) and the hierarchical cost model.
+planning time. Then the dispatch split (per-step imbalance), the hierarchical cost model, and the
+per-batch figures (placement.bench_batch: predicted step times of six layouts, with the cost model
+checked against the measured kernel and exchange benches).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from placement.bench_batch import bench_per_batch, cost_model_check, format_cost_check, format_per_batch
 from placement.dispatch import mod_split, replica_weights_by_expert, split_to_slots, step_imbalance
 from placement.eplb import default_num_groups, eplb_placement, static_placement
 from placement.hierarchy import ClusterCostModel, hierarchical_pays
@@ -152,16 +155,18 @@ def bench_dispatch(trace: Trace, workers: int, redundant: int, steps: int, token
 
 def format_markdown(report: dict) -> str:
     out = ["| trace | W | slots | static | EPLB global | EPLB hier | ours | drift bytes ours/EPLB | drift imb ours / EPLB | noise slots ours / EPLB | plan ms ours fresh / drift re-plan / noise re-plan / EPLB |", "|" + "---|" * 11]
+    def cell(imb, key):
+        return f"{imb[key][0]:.3f} / {imb[key][1]:.2f}"
+
     for r in report["configs"]:
         imb = r["imbalance_mean_worst"]
-        cell = lambda k: f"{imb[k][0]:.3f} / {imb[k][1]:.2f}"  # noqa: E731
         d, n, ms = r["drift"], r["noise1pct"], r["ms"]
         drift_imb = f"{d['ours_imbalance']:.3f} / {d['eplb_imbalance']:.3f}" if d["pairs"] else "-"
         drift_bytes = f"{d['ours_over_eplb_bytes']:.1%}" if d["pairs"] else "-"
         replan = f"{ms['ours_replan_median']:.1f}" if ms["ours_replan_median"] is not None else "-"
         out.append(
-            f"| {r['trace']} | {r['workers']} | {r['slots']} | {cell('static')} | {cell('eplb_global')} | {cell('eplb_hier')} "
-            f"| {cell('ours')} | {drift_bytes} | {drift_imb} | {n['ours_slot_fraction']:.2%} / {n['eplb_slot_fraction']:.1%} "
+            f"| {r['trace']} | {r['workers']} | {r['slots']} | {cell(imb, 'static')} | {cell(imb, 'eplb_global')} | {cell(imb, 'eplb_hier')} "
+            f"| {cell(imb, 'ours')} | {drift_bytes} | {drift_imb} | {n['ours_slot_fraction']:.2%} / {n['eplb_slot_fraction']:.1%} "
             f"| {ms['ours_fresh_median']:.1f} / {replan} / {ms['ours_noise_replan_median']:.1f} / {ms['eplb_median']:.1f} |"
         )
     out += ["", "Dispatch split, mean per-step imbalance (multinomial batches):", "",
@@ -183,7 +188,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--machine", default=None, help="machine description for the report (default: platform)")
     parser.add_argument("--date", default=None, help="date for the report (default: today)")
+    parser.add_argument("--per-batch-out", default=None, help="write the per-batch JSON report here")
+    parser.add_argument("--per-batch", choices=("yes", "no", "only"), default="yes",
+                        help="per-batch figures too (default), not at all, or only them")
+    parser.add_argument("--batches", type=int, default=None, help="sampled steps per per-batch configuration")
     args = parser.parse_args(argv)
+    machine = f"{args.machine + ' (' if args.machine else ''}{platform.machine()} {platform.system()}, Python {platform.python_version()}, numpy {np.__version__}{')' if args.machine else ''}"
+    command = shlex.join(["python", "-m", "placement.bench", *(argv if argv is not None else sys.argv[1:])])
+    date = args.date or time.strftime("%Y-%m-%d")
+    if args.per_batch != "no":
+        per_batch_report(args, machine, command, date)
+    if args.per_batch == "only":
+        return 0
 
     traces = real_traces(args.traces)
     synth_cfg = SyntheticConfig(num_phases=3 if args.quick else 4)
@@ -217,9 +233,9 @@ def main(argv=None) -> int:
         )
         hier.append({"inter_node_gbps": gbps, **verdict.__dict__})
     report = {
-        "command": shlex.join(["python", "-m", "placement.bench", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{args.machine + ' (' if args.machine else ''}{platform.machine()} {platform.system()}, Python {platform.python_version()}, numpy {np.__version__}{')' if args.machine else ''}",
-        "date": args.date or time.strftime("%Y-%m-%d"),
+        "command": command,
+        "machine": machine,
+        "date": date,
         "trace_shapes": {t.name: measure(t).__dict__ for t in traces},
         "configs": configs,
         "dispatch": dispatch,
@@ -230,6 +246,23 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return 0
+
+
+def per_batch_report(args, machine: str, command: str, date: str) -> None:
+    """The per-batch figures (placement.bench_batch): markdown to stdout, JSON to --per-batch-out."""
+    started = time.perf_counter()
+    traces = real_traces(args.traces)
+    batches = args.batches or (16 if args.quick else 200)
+    rows = bench_per_batch(traces, batches, 16 if args.quick else 128, args.seed, quick=args.quick,
+                           log=lambda line: print(line, file=sys.stderr))
+    check = cost_model_check(Path(__file__).resolve().parent.parent / "docs" / "benchmarks", traces)
+    print(format_per_batch(rows))
+    print()
+    print(format_cost_check(check))
+    if args.per_batch_out:
+        report = {"command": command, "machine": machine, "date": date, "batches": batches, "rows": rows,
+                  "cost_model_check": check, "seconds": time.perf_counter() - started}
+        Path(args.per_batch_out).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

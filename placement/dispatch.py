@@ -1,9 +1,10 @@
-"""Per-batch split of a replicated expert's tokens across its replicas (reference for the device).
+"""Planned-weights split of a replicated expert's tokens across its replicas (reference for the device).
 
-Shapes:
-    T  tokens in the batch    K  experts per token (top-k)
-    E  logical experts        R  max replicas (log2phy padding)
-    L  MoE layers             S  slots
+Legend: T tokens in the batch, K top-k, E logical experts, R max replicas (log2phy padding),
+L MoE layers, S slots, X any number of rows ((token, k) pairs, or (batch, expert) rows).
+
+This is the fallback of the per-batch split (placement.batch_split), which re-splits every batch
+from its own counts; this rule only needs the planner's weights.
 
 Rule (`split_to_slots`), deterministic and vectorisable with sort / cumsum / searchsorted only:
 for a (token, k) pair routed to expert e, let j be its occurrence rank among this batch's pairs
@@ -22,14 +23,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def occurrence_rank(ids_N: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rank_N, count_E): rank of each entry among equal ids (in order), and count of each id."""
-    order_N = np.argsort(ids_N, kind="stable")
-    sorted_N = ids_N[order_N]
-    first_N = np.searchsorted(sorted_N, sorted_N, side="left")
-    rank_N = np.empty_like(ids_N)
-    rank_N[order_N] = np.arange(len(ids_N)) - first_N
-    return rank_N, np.bincount(ids_N, minlength=num_experts)
+def occurrence_rank(ids_X: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rank_X, count_E): rank of each entry among equal ids (in order), and count of each id."""
+    order_X = np.argsort(ids_X, kind="stable")
+    sorted_X = ids_X[order_X]
+    first_X = np.searchsorted(sorted_X, sorted_X, side="left")
+    rank_X = np.empty_like(ids_X)
+    rank_X[order_X] = np.arange(len(ids_X)) - first_X
+    return rank_X, np.bincount(ids_X, minlength=num_experts)
 
 
 def split_to_slots(topk_ids_TK: np.ndarray, log2phy_ER: np.ndarray, replica_weights_ER: np.ndarray) -> np.ndarray:
@@ -40,14 +41,55 @@ def split_to_slots(topk_ids_TK: np.ndarray, log2phy_ER: np.ndarray, replica_weig
     topk_ids_TK = np.asarray(topk_ids_TK, dtype=np.int64)
     log2phy_ER = np.asarray(log2phy_ER, dtype=np.int64)
     num_experts = log2phy_ER.shape[0]
-    ids_N = topk_ids_TK.ravel()
-    rank_N, count_E = occurrence_rank(ids_N, num_experts)
-    position_N = (rank_N + 0.5) / count_E[ids_N]
+    ids_X = topk_ids_TK.ravel()
+    rank_X, count_E = occurrence_rank(ids_X, num_experts)
+    position_X = (rank_X + 0.5) / count_E[ids_X]
     cumulative_ER = np.cumsum(np.asarray(replica_weights_ER, dtype=np.float64), axis=1)
-    replica_N = (cumulative_ER[ids_N, :-1] <= position_N[:, None]).sum(axis=1)
+    replica_X = (cumulative_ER[ids_X, :-1] <= position_X[:, None]).sum(axis=1)
     logcnt_E = (log2phy_ER >= 0).sum(axis=1)
-    replica_N = np.minimum(replica_N, logcnt_E[ids_N] - 1)
-    return log2phy_ER[ids_N, replica_N].reshape(topk_ids_TK.shape)
+    replica_X = np.minimum(replica_X, logcnt_E[ids_X] - 1)
+    return log2phy_ER[ids_X, replica_X].reshape(topk_ids_TK.shape)
+
+
+def rule_counts(count_X: np.ndarray, weights_XR: np.ndarray, num_replicas_X: np.ndarray) -> np.ndarray:
+    """[X, R] int64: how many of an expert's `count_X` pairs `split_to_slots` sends to each of its
+    `num_replicas_X` replicas (weights in replica order, 0 padded), without looking at any pair.
+
+    Pair j goes to a replica past i iff cum_i <= (j + 0.5) / c, so the pairs up to replica i are
+    B_i = #{j < c : (j + 0.5) / c < cum_i}. The guess ceil(c * cum_i - 0.5) is corrected with the
+    rule's own division, so the counts equal a bincount of `split_to_slots` bit for bit.
+    """
+    count_X = np.asarray(count_X, dtype=np.int64)
+    weights_XR = np.asarray(weights_XR, dtype=np.float64)
+    num_rows, max_replicas = weights_XR.shape
+    valid_X = np.maximum(np.asarray(num_replicas_X, dtype=np.int64), 1)
+    cum_XR = np.cumsum(weights_XR, axis=1)[:, :-1]
+    c_X1 = np.maximum(count_X, 1)[:, None].astype(np.float64)
+    guess_XR = np.clip(np.ceil(c_X1 * cum_XR - 0.5), 0, count_X[:, None]).astype(np.int64)
+    for _ in range(2):  # move the guess onto the rule's exact boundary (floating point differs by < 1 pair)
+        lower = (guess_XR > 0) & ((guess_XR - 1 + 0.5) / c_X1 >= cum_XR)
+        guess_XR -= lower
+        higher = (guess_XR < count_X[:, None]) & ((guess_XR + 0.5) / c_X1 < cum_XR)
+        guess_XR += higher
+    clipped_XR = np.arange(max_replicas - 1)[None, :] >= valid_X[:, None] - 1  # the rule clips to the last replica
+    bounds_XR = np.where(clipped_XR, count_X[:, None], guess_XR)
+    bounds_XR = np.concatenate([np.zeros((num_rows, 1), dtype=np.int64), bounds_XR, count_X[:, None]], axis=1)
+    return np.diff(np.maximum.accumulate(bounds_XR, axis=1), axis=1)
+
+
+def rows_from_weights(counts_XE: np.ndarray, log2phy_XER: np.ndarray, replica_weights_XER: np.ndarray,
+                      num_slots: int) -> np.ndarray:
+    """[X, S] int64 rows each slot gets from `split_to_slots` for batches with these per-expert
+    counts (rows X = batches or layers; log2phy / weights per row, weights 0 padded)."""
+    counts_XE = np.asarray(counts_XE, dtype=np.int64)
+    num_rows, num_experts = counts_XE.shape
+    log2phy_XER = np.asarray(log2phy_XER)
+    per_replica = rule_counts(counts_XE.ravel(), np.asarray(replica_weights_XER, dtype=np.float64).reshape(num_rows * num_experts, -1),
+                              (log2phy_XER >= 0).sum(axis=2).ravel())
+    rows_XS = np.zeros((num_rows, num_slots + 1), dtype=np.int64)
+    slots_XER = np.where(log2phy_XER >= 0, log2phy_XER, num_slots)
+    np.add.at(rows_XS, (np.arange(num_rows)[:, None, None], slots_XER), per_replica.reshape(log2phy_XER.shape))
+    return rows_XS[:, :num_slots]
 
 
 def mod_split(topk_ids_TK: np.ndarray, log2phy_ER: np.ndarray) -> np.ndarray:

@@ -1,9 +1,8 @@
 """Baselines: DeepSeek's EPLB (reimplemented from its published description) and static contiguous.
 
-Shapes:
-    L  MoE layers (rows)      E  logical experts       P  physical experts (slots) = replicas
-    G  expert groups          N  nodes                 M  GPUs (workers)
-    X  rows of a packing problem, n items per row
+Legend (docs/architecture.md): L MoE layers (rows), E logical experts, S physical experts (slots,
+EPLB's "replicas"), G expert groups, W GPUs (workers), X rows of a packing problem with n items
+each (n: a count, not an axis letter). Nodes are spelled out (`num_nodes`).
 
 EPLB in three steps (its README):
   Step 1  pack expert groups onto nodes so every node gets the same number of groups and the
@@ -42,25 +41,25 @@ def balanced_packing(weight_Xn: np.ndarray, num_packs: int) -> tuple[np.ndarray,
         return pack_index, np.zeros_like(pack_index)
     order_Xn = np.argsort(-weight_Xn, axis=1, kind="stable")
     rows = np.arange(num_rows)
-    pack_weight_XK = np.zeros((num_rows, num_packs))
-    pack_items_XK = np.zeros((num_rows, num_packs), dtype=np.int64)
+    pack_weight_XW = np.zeros((num_rows, num_packs))
+    pack_items_XW = np.zeros((num_rows, num_packs), dtype=np.int64)
     pack_index = np.empty((num_rows, num_items), dtype=np.int64)
     rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
     for k in range(num_items):
         item_X = order_Xn[:, k]
-        masked_XK = np.where(pack_items_XK < items_per_pack, pack_weight_XK, np.inf)
-        pack_X = np.argmin(masked_XK, axis=1)
+        masked_XW = np.where(pack_items_XW < items_per_pack, pack_weight_XW, np.inf)
+        pack_X = np.argmin(masked_XW, axis=1)
         pack_index[rows, item_X] = pack_X
-        rank_in_pack[rows, item_X] = pack_items_XK[rows, pack_X]
-        pack_weight_XK[rows, pack_X] += weight_Xn[rows, item_X]
-        pack_items_XK[rows, pack_X] += 1
+        rank_in_pack[rows, item_X] = pack_items_XW[rows, pack_X]
+        pack_weight_XW[rows, pack_X] += weight_Xn[rows, item_X]
+        pack_items_XW[rows, pack_X] += 1
     return pack_index, rank_in_pack
 
 
 def replicate_experts(weight_Xn: np.ndarray, num_physical: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Turn n logical experts into `num_physical` replicas, minimising the max load per replica.
 
-    Returns phy2log_XP (logical expert of each replica), rank_XP (replica index of its expert)
+    Returns phy2log_XS (logical expert of each replica), rank_XS (replica index of its expert)
     and logcnt_Xn (replicas per logical expert).
     """
     weight_Xn = np.asarray(weight_Xn, dtype=np.float64)
@@ -88,7 +87,7 @@ def _inverse(perm_Xn: np.ndarray) -> np.ndarray:
 def rebalance_experts_hierarchical(
     weight_LE: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """EPLB's hierarchical policy. Returns (phy2log_LP, rank_LP, logcnt_LE)."""
+    """EPLB's hierarchical policy. Returns (phy2log_LS, rank_LS, logcnt_LE)."""
     weight_LE = np.asarray(weight_LE, dtype=np.float64)
     num_layers, num_logical = weight_LE.shape
     if num_logical % num_groups or num_groups % num_nodes or num_gpus % num_nodes:
@@ -131,7 +130,7 @@ def rebalance_experts(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """EPLB entry point. Hierarchical when groups divide over nodes, else global.
 
-    Returns (phy2log_LP, log2phy_LER -1 padded, logcnt_LE).
+    Returns (phy2log_LS, log2phy_LER -1 padded, logcnt_LE).
     """
     weight_LE = np.asarray(weight_LE, dtype=np.float64)
     num_layers, num_logical = weight_LE.shape
@@ -180,5 +179,5 @@ def default_num_groups(num_experts: int, num_nodes: int) -> int:
 
 
 def static_placement(num_layers: int, num_experts: int, topology: Topology) -> Placement:
-    """Contiguous baseline: expert e on worker e // (E / N); any extra slots stay free."""
+    """Contiguous baseline: expert e on worker e // (E / W); any extra slots stay free."""
     return Placement.contiguous(num_layers, num_experts, topology.num_workers, topology.slots_per_worker)

@@ -1,19 +1,20 @@
 """Cost model: does hierarchical (node-local) placement pay on a given cluster?
 
-Shapes:
-    L  MoE layers    E  logical experts
+Legend: L MoE layers, E logical experts, W workers, K top-k; n is the number of nodes (a count).
 
 Hierarchical placement packs expert groups onto nodes (every group on one node) and balances
 inside each node; global placement balances over all workers. With group-limited routing
 (each token's top-k experts lie in at most `groups_per_token` groups, as in DeepSeek-V3) and
 dispatch that sends a token once per destination node, a token crosses to
-    global:        (N - 1) * (1 - (1 - 1/N) ** top_k)           other nodes on average,
-    hierarchical:  (N - 1) * (1 - (1 - 1/N) ** groups_per_token)
+    global:        (n - 1) * (1 - (1 - 1/n) ** top_k)           other nodes on average,
+    hierarchical:  (n - 1) * (1 - (1 - 1/n) ** groups_per_token)
 (experts, resp. groups, land on uniformly random nodes). Step time per MoE layer is modelled as
     compute = imbalance * tokens * top_k / W * expert_us_per_token      (the busiest worker)
-    network = 2 * tokens / N * remote_nodes * token_bytes / inter_node_bandwidth   (dispatch + combine)
+    network = 2 * tokens / n * remote_nodes * token_bytes / inter_node_bandwidth   (dispatch + combine)
 and hierarchical pays when its compute + network is lower. It trades a little balance (smaller
 bins) for less inter-node traffic, so it pays on slow inter-node links and large hidden sizes.
+`ClusterCostModel.measured` takes the per-pair compute from the measured kernel rates and the
+inter-node bandwidth from the topology (else placement.cost's documented default).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ class ClusterCostModel:
     token_bytes: int = 7168  # hidden size x bytes per element of the dispatched activation
     inter_node_gbps: float = 50.0  # GB/s per node (e.g. 400 Gb/s InfiniBand)
     expert_us_per_token: float = 0.05  # compute per (token, expert) pair on one worker
+
+    @classmethod
+    def measured(cls, shape, topology: Topology, tokens_per_step: int, groups_per_token: int = 4) -> ClusterCostModel:
+        """Inputs from placement.cost: compute per pair at the measured flops rate (compute-bound
+        rows; the tile overhead is per slot, not per pair), activation bytes of `shape`, and the
+        topology's inter-node GB/s or the cost model's default."""
+        from placement.cost import KernelRates, LinkRates
+
+        inter = topology.inter_node_gbps or LinkRates().inter_node_bytes_per_s / 1e9
+        return cls(tokens_per_step=tokens_per_step, top_k=shape.top_k, groups_per_token=groups_per_token,
+                   token_bytes=int(shape.row_bytes), inter_node_gbps=float(inter),
+                   expert_us_per_token=shape.flops_per_row / KernelRates().flops_per_s * 1e6)
 
 
 @dataclass(frozen=True)

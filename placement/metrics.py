@@ -1,11 +1,14 @@
-"""Load metrics of a placement: per-slot and per-worker tokens, and the imbalance of each layer.
+"""Load metrics of a placement: per-slot rows and compute, per-worker loads, the imbalance of each layer.
 
-Shapes:
-    L  MoE layers    E  logical experts    S  slots    W  workers
+Legend: L MoE layers, E logical experts, S slots (S_w per worker), W workers.
 
-Imbalance of a layer = max over workers of the tokens its slots get / mean over workers (1.0 is
-perfect). An expert's tokens split over its replicas by `replica_weights_LS` (the fraction of
-its expert's tokens each slot takes); equal split when not given.
+An expert's tokens split over its replicas by `replica_weights_LS` (the token share of each slot's
+replica; equal split when not given). Every shard of a replica receives all of the replica's rows
+and computes `shard_width` of each (placement.shards), so
+    rows of a slot    = expert load x replica weight,
+    compute of a slot = rows x width            (in whole-expert rows; = rows without shards).
+Worker loads and the imbalance are computed on compute: max over workers / mean over workers
+(1.0 is perfect). Without shards compute and rows are the same numbers as before shards existed.
 """
 
 from __future__ import annotations
@@ -15,33 +18,60 @@ import numpy as np
 from placement.layout import Placement, expert_counts, take_rows
 
 
-def equal_replica_weights(phy2log_LS: np.ndarray, num_experts: int) -> np.ndarray:
-    """[L, S] float: 1 / (number of slots of the slot's expert); 0 for free slots."""
+def equal_replica_weights(phy2log_LS: np.ndarray, num_experts: int, shard_width_LS: np.ndarray | None = None) -> np.ndarray:
+    """[L, S] float: 1 / (replicas of the slot's expert); 0 for free slots. Replicas are slots
+    for whole experts, and the sum of the expert's widths with shards."""
     phy2log_LS = np.asarray(phy2log_LS)
     held = phy2log_LS >= 0
-    logcnt_LE = expert_counts(phy2log_LS, num_experts)
-    count_LS = take_rows(logcnt_LE, np.where(held, phy2log_LS, 0))
-    return np.where(held, 1.0 / np.maximum(count_LS, 1), 0.0)
+    if shard_width_LS is None:
+        replicas_LE = expert_counts(phy2log_LS, num_experts)
+    else:
+        flat_LS = np.where(held, phy2log_LS + (np.arange(len(phy2log_LS)) * num_experts)[:, None], len(phy2log_LS) * num_experts)
+        sums = np.bincount(flat_LS.ravel(), np.asarray(shard_width_LS, dtype=np.float64).ravel(), minlength=flat_LS.size + 1)
+        replicas_LE = np.rint(sums[: len(phy2log_LS) * num_experts]).reshape(len(phy2log_LS), num_experts)
+    replicas_LS = take_rows(replicas_LE, np.where(held, phy2log_LS, 0))
+    return np.where(held, 1.0 / np.maximum(replicas_LS, 1), 0.0)
 
 
-def slot_loads(load_LE: np.ndarray, phy2log_LS: np.ndarray, replica_weights_LS: np.ndarray | None = None) -> np.ndarray:
-    """[L, S] float tokens each slot receives (0 for free slots)."""
+def slot_rows(load_LE: np.ndarray, phy2log_LS: np.ndarray, replica_weights_LS: np.ndarray | None = None,
+              shard_width_LS: np.ndarray | None = None) -> np.ndarray:
+    """[L, S] float rows (routed (token, k) pairs) each slot receives; 0 for free slots."""
     load_LE = np.asarray(load_LE, dtype=np.float64)
     phy2log_LS = np.asarray(phy2log_LS)
     if replica_weights_LS is None:
-        replica_weights_LS = equal_replica_weights(phy2log_LS, load_LE.shape[1])
+        replica_weights_LS = equal_replica_weights(phy2log_LS, load_LE.shape[1], shard_width_LS)
     held = phy2log_LS >= 0
     expert_load_LS = take_rows(load_LE, np.where(held, phy2log_LS, 0))
     return np.where(held, expert_load_LS * replica_weights_LS, 0.0)
 
 
+def slot_loads(load_LE: np.ndarray, phy2log_LS: np.ndarray, replica_weights_LS: np.ndarray | None = None,
+               shard_width_LS: np.ndarray | None = None) -> np.ndarray:
+    """[L, S] float compute each slot does, in whole-expert rows (= rows without shards)."""
+    rows_LS = slot_rows(load_LE, phy2log_LS, replica_weights_LS, shard_width_LS)
+    return rows_LS if shard_width_LS is None else rows_LS * np.asarray(shard_width_LS, dtype=np.float64)
+
+
+def per_worker(values_LS: np.ndarray, slots_per_worker: int) -> np.ndarray:
+    """[L, W] sum of a per-slot quantity over each worker's slots."""
+    num_layers, num_slots = values_LS.shape
+    return values_LS.reshape(num_layers, num_slots // slots_per_worker, slots_per_worker).sum(axis=2)
+
+
 def worker_loads(
-    load_LE: np.ndarray, phy2log_LS: np.ndarray, slots_per_worker: int, replica_weights_LS: np.ndarray | None = None
+    load_LE: np.ndarray, phy2log_LS: np.ndarray, slots_per_worker: int, replica_weights_LS: np.ndarray | None = None,
+    shard_width_LS: np.ndarray | None = None,
 ) -> np.ndarray:
-    """[L, W] float tokens each worker receives."""
-    per_slot_LS = slot_loads(load_LE, phy2log_LS, replica_weights_LS)
-    num_layers, num_slots = per_slot_LS.shape
-    return per_slot_LS.reshape(num_layers, num_slots // slots_per_worker, slots_per_worker).sum(axis=2)
+    """[L, W] float compute each worker does (whole-expert rows; = rows received without shards)."""
+    return per_worker(slot_loads(load_LE, phy2log_LS, replica_weights_LS, shard_width_LS), slots_per_worker)
+
+
+def worker_rows(
+    load_LE: np.ndarray, phy2log_LS: np.ndarray, slots_per_worker: int, replica_weights_LS: np.ndarray | None = None,
+    shard_width_LS: np.ndarray | None = None,
+) -> np.ndarray:
+    """[L, W] float rows each worker receives (what the exchange carries; shards get every row)."""
+    return per_worker(slot_rows(load_LE, phy2log_LS, replica_weights_LS, shard_width_LS), slots_per_worker)
 
 
 def imbalance_of_worker_loads(worker_load_LW: np.ndarray) -> np.ndarray:
@@ -52,11 +82,13 @@ def imbalance_of_worker_loads(worker_load_LW: np.ndarray) -> np.ndarray:
 
 
 def imbalance(load_LE: np.ndarray, placement: Placement, replica_weights: np.ndarray | None = None) -> np.ndarray:
-    """[L] per-layer imbalance of `placement` under `load_LE`.
+    """[L] per-layer compute imbalance of `placement` under `load_LE`.
 
-    `replica_weights` is [L, S] (fraction of its expert's tokens each slot takes); equal split
-    over an expert's replicas when None.
+    `replica_weights` is [L, S] (token share of each slot's replica); when None, the placement's
+    own `replica_weights`, else an equal split. Shard widths come from the placement.
     """
+    if replica_weights is None:
+        replica_weights = placement.replica_weights
     return imbalance_of_worker_loads(
-        worker_loads(load_LE, placement.phy2log, placement.slots_per_worker, replica_weights)
+        worker_loads(load_LE, placement.phy2log, placement.slots_per_worker, replica_weights, placement.shard_width)
     )

@@ -1,9 +1,8 @@
 """Replication and packing of expert replicas onto workers, vectorised over layers.
 
-Shapes:
-    L  MoE layers      E  logical experts       S  slots (= W * C)
-    W  workers         C  slots per worker      I  items (replicas) to pack, I <= S
-    K  candidate partner workers in one swap search
+Legend (docs/architecture.md): L MoE layers, E logical experts, S slots (= W * S_w), W workers,
+S_w slots per worker (suffix S inside a worker: `phy2log_LWS`); local: I items (replicas) to pack,
+I <= S.
 
 Three pieces, each a pure function:
   `replica_counts`   how many slots each expert gets (greedy on max load per replica,
@@ -64,7 +63,7 @@ def replica_items(load_LE: np.ndarray, count_LE: np.ndarray, num_slots: int) -> 
 
     Weight of a replica = expert load / replica count. Replicas of one expert are adjacent.
     """
-    num_layers, num_experts = load_LE.shape
+    num_layers = load_LE.shape[0]
     per_replica_LE = load_LE / count_LE
     order_LE = np.argsort(-per_replica_LE, axis=1, kind="stable")
     count_sorted_LE = np.take_along_axis(count_LE, order_LE, axis=1)
@@ -83,7 +82,7 @@ def greedy_pack(expert_LI: np.ndarray, weight_LI: np.ndarray, num_workers: int, 
     """Place items (heaviest first) onto workers in rounds; returns phy2log_LS.
 
     Round r hands the next W items, heaviest first, to the workers sorted lightest first (each
-    worker gets one item per round, so every worker ends with C slots). An item whose expert the
+    worker gets one item per round, so every worker ends with S_w slots). An item whose expert the
     chosen worker already holds trades places with a neighbour in the round when that clears the
     clash; `repair_duplicates` removes any clash left. Items with expert -1 are free slots.
     """
@@ -94,7 +93,7 @@ def greedy_pack(expert_LI: np.ndarray, weight_LI: np.ndarray, num_workers: int, 
     expert_LS[:, :num_items] = expert_LI[:, :num_slots]
     weight_LS[:, :num_items] = weight_LI[:, :num_slots]
     rows = np.arange(num_layers)[:, None]
-    phy2log_LWC = np.full((num_layers, num_workers, slots_per_worker), -1, dtype=np.int64)
+    phy2log_LWS = np.full((num_layers, num_workers, slots_per_worker), -1, dtype=np.int64)
     worker_load_LW = np.zeros((num_layers, num_workers))
     for rank in range(slots_per_worker):
         lo = rank * num_workers
@@ -103,7 +102,7 @@ def greedy_pack(expert_LI: np.ndarray, weight_LI: np.ndarray, num_workers: int, 
         workers_LW = np.argsort(worker_load_LW, axis=1, kind="stable")  # item i -> i-th lightest
         if rank > 0:
             for _ in range(2):
-                held_LW = (phy2log_LWC[rows, workers_LW, :rank] == experts_LW[..., None]).any(axis=2) & (experts_LW >= 0)
+                held_LW = (phy2log_LWS[rows, workers_LW, :rank] == experts_LW[..., None]).any(axis=2) & (experts_LW >= 0)
                 if not held_LW.any():
                     break
                 # swap the clashing item's worker with the next item's (or the previous one's at the end)
@@ -111,9 +110,9 @@ def greedy_pack(expert_LI: np.ndarray, weight_LI: np.ndarray, num_workers: int, 
                 partner = np.where(wi + 1 < num_workers, wi + 1, wi - 1)
                 a, b = workers_LW[li, wi].copy(), workers_LW[li, partner].copy()
                 workers_LW[li, wi], workers_LW[li, partner] = b, a
-        phy2log_LWC[rows, workers_LW, rank] = experts_LW
+        phy2log_LWS[rows, workers_LW, rank] = experts_LW
         worker_load_LW[rows, workers_LW] += weights_LW
-    return phy2log_LWC.reshape(num_layers, num_slots)
+    return phy2log_LWS.reshape(num_layers, num_slots)
 
 
 def repair_duplicates(phy2log_LS: np.ndarray, slots_per_worker: int, num_experts: int) -> np.ndarray:
@@ -125,25 +124,25 @@ def repair_duplicates(phy2log_LS: np.ndarray, slots_per_worker: int, num_experts
     phy2log_LS = phy2log_LS.copy()
     num_layers, num_slots = phy2log_LS.shape
     num_workers = num_slots // slots_per_worker
-    sorted_LWC = np.sort(phy2log_LS.reshape(num_layers, num_workers, slots_per_worker), axis=2)
-    clash_L = ((sorted_LWC[..., 1:] == sorted_LWC[..., :-1]) & (sorted_LWC[..., 1:] >= 0)).any(axis=(1, 2))
+    sorted_LWS = np.sort(phy2log_LS.reshape(num_layers, num_workers, slots_per_worker), axis=2)
+    clash_L = ((sorted_LWS[..., 1:] == sorted_LWS[..., :-1]) & (sorted_LWS[..., 1:] >= 0)).any(axis=(1, 2))
     for layer in np.nonzero(clash_L)[0]:
-        row_WC = phy2log_LS[layer].reshape(num_workers, slots_per_worker)  # view into the copy
+        row_WS = phy2log_LS[layer].reshape(num_workers, slots_per_worker)  # view into the copy
         for worker in range(num_workers):
             seen: set[int] = set()
             for rank in range(slots_per_worker):
-                expert = int(row_WC[worker, rank])
+                expert = int(row_WS[worker, rank])
                 if expert < 0 or expert not in seen:
                     seen.add(expert)
                     continue
                 for other in range(num_workers):
-                    if other == worker or expert in row_WC[other]:
+                    if other == worker or expert in row_WS[other]:
                         continue
-                    ok = [r for r in range(slots_per_worker) if row_WC[other, r] < 0 or row_WC[other, r] not in seen]
+                    ok = [r for r in range(slots_per_worker) if row_WS[other, r] < 0 or row_WS[other, r] not in seen]
                     if ok:
-                        row_WC[worker, rank], row_WC[other, ok[0]] = row_WC[other, ok[0]], expert
-                        if row_WC[worker, rank] >= 0:
-                            seen.add(int(row_WC[worker, rank]))
+                        row_WS[worker, rank], row_WS[other, ok[0]] = row_WS[other, ok[0]], expert
+                        if row_WS[worker, rank] >= 0:
+                            seen.add(int(row_WS[worker, rank]))
                         break
                 else:
                     raise ValueError(f"layer {layer}: cannot place expert {expert} without a duplicate")

@@ -1,8 +1,7 @@
 """Our planner: balanced, duplicate-free, migration-aware placement of expert replicas.
 
-Shapes:
-    L  MoE layers      E  logical experts      S  slots (= W * C)
-    W  workers         C  slots per worker     N  nodes
+Legend (docs/architecture.md): L MoE layers, E logical experts, S slots (= W * S_w),
+W workers, S_w slots per worker (`spw`); nodes are spelled out.
 
 `plan(load_LE, topology, current, bytes_per_expert, options) -> Plan`.
 
@@ -196,10 +195,10 @@ def plan(
 
     phy2log_LS = np.asarray(phy2log_LS, dtype=np.int64)
     if current is None:
-        placement = Placement(phy2log_LS, num_experts, spw, 0)
+        placement = Placement(phy2log_LS, num_experts, spw, 0, replica_weights=weights_LS)
         migration = Migration(*(np.zeros(0, dtype=np.int64) for _ in range(4)))
     else:
-        placement = current.with_phy2log(phy2log_LS)
+        placement = current.with_phy2log(phy2log_LS, replica_weights=weights_LS)
         migration = migration_between(current, placement, topology)
     predicted_L = imbalance_of_worker_loads(worker_loads(load_LE, phy2log_LS, spw, weights_LS))
     return Plan(

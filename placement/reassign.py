@@ -1,7 +1,9 @@
 """Migration-aware edits of a current slot map, vectorised over layers.
 
-Shapes:
-    L  MoE layers    E  logical experts    S  slots (= W * C)    W  workers    C  slots per worker
+Legend (docs/placement.md "Shape legend"): L MoE layers, E logical experts, S slots (= W * S_w;
+suffix S inside a worker), W workers, X hand-outs of one round; local to placement/: A layers
+still searching, P needy experts of one layer in one round (the i-th neediest takes from the
+i-th cheapest donor).
 
 `reassign_replicas`  gives slots of surplus replicas (or free slots) to experts whose load per
                      replica is above what a fresh plan would allow; one copy per change, up to
@@ -68,38 +70,38 @@ def reassign_replicas(
         m = int(min(per_round, wanted_A.max()))
         ar = np.arange(len(active))[:, None]
         row_AS = phy2log_LS[active]
-        needy_AM = _top(-per_replica_AE, m)
-        needy_load_AM = per_replica_AE[ar, needy_AM]
+        needy_AP = _top(-per_replica_AE, m)
+        needy_load_AP = per_replica_AE[ar, needy_AP]
         loss_AE = np.where(count_AE >= 2, load_AE / np.maximum(count_AE - 1, 1), np.inf)
-        loss_AE[ar, needy_AM] = np.inf
-        donor_AM = _top(loss_AE, m)  # the i-th neediest expert takes from the i-th cheapest donor
-        donor_ok_AM = loss_AE[ar, donor_AM] < needy_load_AM
+        loss_AE[ar, needy_AP] = np.inf
+        donor_AP = _top(loss_AE, m)  # the i-th neediest expert takes from the i-th cheapest donor
+        donor_ok_AP = loss_AE[ar, donor_AP] < needy_load_AP
         # candidates per worker (at most one slot of the donor per worker), from the holds map
         cell_AW1 = ((active * num_workers)[:, None] + np.arange(num_workers))[:, None, :] * (num_experts + 1)
-        open_AMW = ~flat_holds.take(cell_AW1 + needy_AM[:, :, None])
+        open_APW = ~flat_holds.take(cell_AW1 + needy_AP[:, :, None])
         free_AW = (row_AS < 0).reshape(len(active), num_workers, slots_per_worker).any(axis=2)
         has_free_A = free_AW.any(axis=1)
         # free slots go to the neediest expert only (so two experts never pick the same free slot)
-        candidate_AMW = open_AMW & np.where(
+        candidate_APW = open_APW & np.where(
             has_free_A[:, None, None],
             free_AW[:, None, :] & (np.arange(m) == 0)[None, :, None],
-            flat_holds.take(cell_AW1 + donor_AM[:, :, None]) & donor_ok_AM[:, :, None],
+            flat_holds.take(cell_AW1 + donor_AP[:, :, None]) & donor_ok_AP[:, :, None],
         )
         # worker loads under an equal split over the current counts
         held_AS = row_AS >= 0
         per_slot_AE = load_AE * (1.0 / np.maximum(count_AE, 1))
         slot_load_AS = np.where(held_AS, take_rows(per_slot_AE, np.where(held_AS, row_AS, 0)), 0.0)
         worker_load_AW = slot_load_AS.reshape(len(active), num_workers, slots_per_worker).sum(axis=2)
-        worker_AM = np.argmin(np.where(candidate_AMW, worker_load_AW[:, None, :], np.inf), axis=2)  # lightest, lowest index
-        go_AM = (needy_load_AM > limit_L[active][:, None]) & take_rows(candidate_AMW.reshape(-1, num_workers), worker_AM.reshape(-1, 1)).reshape(worker_AM.shape)
-        if not go_AM.any():
+        worker_AP = np.argmin(np.where(candidate_APW, worker_load_AW[:, None, :], np.inf), axis=2)  # lightest, lowest index
+        go_AP = (needy_load_AP > limit_L[active][:, None]) & take_rows(candidate_APW.reshape(-1, num_workers), worker_AP.reshape(-1, 1)).reshape(worker_AP.shape)
+        if not go_AP.any():
             break
-        a_idx, m_idx = np.nonzero(go_AM)
-        layers, workers, needy = active[a_idx], worker_AM[a_idx, m_idx], needy_AM[a_idx, m_idx]
+        a_idx, p_idx = np.nonzero(go_AP)
+        layers, workers, needy = active[a_idx], worker_AP[a_idx, p_idx], needy_AP[a_idx, p_idx]
         # the slot on that worker: its first free slot, or the donor's slot
-        wanted = np.where(has_free_A[a_idx], -1, donor_AM[a_idx, m_idx])
-        on_worker_GC = row_AS.reshape(len(active), num_workers, slots_per_worker)[a_idx, workers]
-        slots = workers * slots_per_worker + np.argmax(on_worker_GC == wanted[:, None], axis=1)
+        wanted = np.where(has_free_A[a_idx], -1, donor_AP[a_idx, p_idx])
+        on_worker_XS = row_AS.reshape(len(active), num_workers, slots_per_worker)[a_idx, workers]
+        slots = workers * slots_per_worker + np.argmax(on_worker_XS == wanted[:, None], axis=1)
         old = phy2log_LS[layers, slots]
         donated = old >= 0
         holds_LWE[layers[donated], workers[donated], old[donated]] = False
@@ -114,10 +116,10 @@ def reassign_replicas(
 def _top(key_AE: np.ndarray, m: int) -> np.ndarray:
     """[A, m] column indices of the m smallest keys of each row, ascending."""
     if m < key_AE.shape[1]:
-        idx_AM = np.argpartition(key_AE, m - 1, axis=1)[:, :m]
+        idx_AP = np.argpartition(key_AE, m - 1, axis=1)[:, :m]
     else:
-        idx_AM = np.broadcast_to(np.arange(key_AE.shape[1]), key_AE.shape)
-    return take_rows(idx_AM, np.argsort(take_rows(key_AE, idx_AM), axis=1, kind="stable"))
+        idx_AP = np.broadcast_to(np.arange(key_AE.shape[1]), key_AE.shape)
+    return take_rows(idx_AP, np.argsort(take_rows(key_AE, idx_AP), axis=1, kind="stable"))
 
 
 def match_to_current(new_LS: np.ndarray, current_LS: np.ndarray, slots_per_worker: int) -> np.ndarray:
@@ -125,8 +127,8 @@ def match_to_current(new_LS: np.ndarray, current_LS: np.ndarray, slots_per_worke
     new_LS = np.asarray(new_LS, dtype=np.int64)
     current_LS = np.asarray(current_LS, dtype=np.int64)
     num_layers, num_slots = new_LS.shape
-    C = slots_per_worker
-    W = num_slots // C
+    S_w = slots_per_worker
+    W = num_slots // S_w
     if num_layers == 0:
         return new_LS.copy()
     num_experts = int(max(new_LS.max(initial=-1), current_LS.max(initial=-1))) + 1
@@ -143,7 +145,7 @@ def match_to_current(new_LS: np.ndarray, current_LS: np.ndarray, slots_per_worke
     pair_new = np.repeat(np.arange(len(key)), reps)
     pair_old = np.repeat(lo, reps) + (np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps))
     old_slot = old_order_LS.ravel()[pair_old]
-    cell = (layer_idx[pair_new] * W + slot_idx[pair_new] // C) * W + old_slot // C
+    cell = (layer_idx[pair_new] * W + slot_idx[pair_new] // S_w) * W + old_slot // S_w
     overlap_LWW = np.bincount(cell, minlength=num_layers * W * W).reshape(num_layers, W, W).astype(np.float64)
     overlap_LWW += 1e-3 * np.eye(W)  # ties: keep the same worker
     pack_of_worker_LW = np.zeros((num_layers, W), dtype=np.int64)
@@ -155,19 +157,19 @@ def match_to_current(new_LS: np.ndarray, current_LS: np.ndarray, slots_per_worke
         overlap_LWW[rows, pack, :] = -np.inf
         overlap_LWW[rows, :, worker] = -np.inf
 
-    packs_LWC = new_LS.reshape(num_layers, W, C)[rows[:, None], pack_of_worker_LW]  # pack now on worker w
-    old_LWC = current_LS.reshape(num_layers, W, C)
-    same_LWCC = (packs_LWC[..., :, None] == old_LWC[..., None, :]) & (packs_LWC[..., :, None] >= 0)
-    stays_LWC = same_LWCC.any(axis=3)
-    old_pos_LWC = same_LWCC.argmax(axis=3)
-    taken_LWC = np.zeros_like(stays_LWC)
-    li, wi, ci = np.nonzero(stays_LWC)
-    taken_LWC[li, wi, old_pos_LWC[li, wi, ci]] = True
-    open_positions_LWC = np.argsort(taken_LWC, axis=2, kind="stable")  # untaken indices first, ascending
-    mover_rank_LWC = np.cumsum(~stays_LWC, axis=2) - 1
-    dest_LWC = np.where(
-        stays_LWC, old_pos_LWC, np.take_along_axis(open_positions_LWC, np.maximum(mover_rank_LWC, 0), axis=2)
+    packs_LWS = new_LS.reshape(num_layers, W, S_w)[rows[:, None], pack_of_worker_LW]  # pack now on worker w
+    old_LWS = current_LS.reshape(num_layers, W, S_w)
+    same_LWSS = (packs_LWS[..., :, None] == old_LWS[..., None, :]) & (packs_LWS[..., :, None] >= 0)
+    stays_LWS = same_LWSS.any(axis=3)
+    old_pos_LWS = same_LWSS.argmax(axis=3)
+    taken_LWS = np.zeros_like(stays_LWS)
+    li, wi, ci = np.nonzero(stays_LWS)
+    taken_LWS[li, wi, old_pos_LWS[li, wi, ci]] = True
+    open_positions_LWS = np.argsort(taken_LWS, axis=2, kind="stable")  # untaken indices first, ascending
+    mover_rank_LWS = np.cumsum(~stays_LWS, axis=2) - 1
+    dest_LWS = np.where(
+        stays_LWS, old_pos_LWS, np.take_along_axis(open_positions_LWS, np.maximum(mover_rank_LWS, 0), axis=2)
     )
-    out_LWC = np.full_like(packs_LWC, -1)
-    np.put_along_axis(out_LWC, dest_LWC, packs_LWC, axis=2)
-    return out_LWC.reshape(num_layers, num_slots)
+    out_LWS = np.full_like(packs_LWS, -1)
+    np.put_along_axis(out_LWS, dest_LWS, packs_LWS, axis=2)
+    return out_LWS.reshape(num_layers, num_slots)

@@ -1,7 +1,7 @@
 """Migration-aware re-plan of every layer of a current slot map, vectorised over layers.
 
-Shapes:
-    L  MoE layers    E  logical experts    S  slots (= W * C)    W  workers    C  slots per worker
+Legend (docs/architecture.md): L MoE layers, E logical experts, S slots (= W * S_w),
+W workers, S_w slots per worker (`spw`).
 
 Tolerances are relative to the imbalance a fresh plan of the layer would reach. A fresh plan
 costs more than the whole re-plan should, so it is run lazily: with redundant slots (S > E) the
@@ -34,7 +34,6 @@ from placement.packing import replica_counts
 from placement.reassign import match_to_current, reassign_replicas
 from placement.replica_weights import balance_replica_weights
 from placement.swaps import refine_by_swaps
-
 
 LAZY_MAX_ITEM = 0.5  # lazy fresh plans only where the largest replica is <= this x mean worker load
 

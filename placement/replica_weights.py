@@ -1,9 +1,8 @@
 """Split weights of replicated experts: which fraction of an expert's tokens each replica takes.
 
-Shapes:
-    L  MoE layers    E  logical experts    S  slots    W  workers    C  slots per worker
-    G  replicated experts (groups), all layers         N  their replica entries (`ReplicaGroups`)
-    R  replicas of one expert (padded, experts with >= 3 replicas only)
+Legend (docs/placement.md "Shape legend"): L MoE layers, E logical experts, S slots (S_w per
+worker), W workers, R replicas of one expert (padded, experts with >= 3 replicas only), X their
+replica entries (`ReplicaGroups`); local to placement/: Q replicated experts, all layers.
 
 Moving tokens between replicas costs no bytes, so after the slot map is fixed the planner
 re-splits every replicated expert's tokens to even out its workers. Algorithm: damped Jacobi
@@ -28,10 +27,10 @@ class ReplicaGroups:
     """Slots of every expert with >= 2 replicas, flat, in two dense blocks (no per-expert padding
     to the largest replica count, which is 3-4x the real entries on DeepSeek layers):
 
-        entries [0, G2), [G2, 2 * G2)   first and second slot of the experts with exactly 2 replicas;
-        entries [2 * G2, N)             experts with >= 3 replicas, rows of R (-1 slot = padding).
+        entries [0, Q2), [Q2, 2 * Q2)   first and second slot of the experts with exactly 2 replicas;
+        entries [2 * Q2, X)             experts with >= 3 replicas, rows of R (-1 slot = padding).
 
-    Per entry: `slot_N` (-1 padding), `layer_N`; per group (pairs first): `layer_G`, `expert_G`.
+    Per entry: `slot_X` (-1 padding), `layer_X`; per group (pairs first): `layer_Q`, `expert_Q`.
     """
 
     def __init__(self, phy2log_LS: np.ndarray, count_LS: np.ndarray, num_experts: int):
@@ -58,43 +57,43 @@ class ReplicaGroups:
         self.num_pairs = len(pair_slot) // 2
         self.num_many = len(group_start)
         self.many_width = int(rank.max()) + 1 if len(key) else 0
-        many_slot_GR = np.full((self.num_many, self.many_width), -1, dtype=np.int64)
-        many_slot_GR[group_id, rank] = many_slot
-        many_layer_G = many_layer[group_start]
-        self.slot_N = np.concatenate([pair_slot[::2], pair_slot[1::2], many_slot_GR.ravel()])
-        self.layer_G = np.concatenate([pair_layer[::2], many_layer_G])
-        self.expert_G = np.concatenate([pair_expert[::2], many_expert[group_start]])
-        self.layer_N = np.concatenate([pair_layer[::2], pair_layer[::2], np.repeat(many_layer_G, self.many_width)])
+        many_slot_QR = np.full((self.num_many, self.many_width), -1, dtype=np.int64)
+        many_slot_QR[group_id, rank] = many_slot
+        many_layer_Q = many_layer[group_start]
+        self.slot_X = np.concatenate([pair_slot[::2], pair_slot[1::2], many_slot_QR.ravel()])
+        self.layer_Q = np.concatenate([pair_layer[::2], many_layer_Q])
+        self.expert_Q = np.concatenate([pair_expert[::2], many_expert[group_start]])
+        self.layer_X = np.concatenate([pair_layer[::2], pair_layer[::2], np.repeat(many_layer_Q, self.many_width)])
 
     @property
     def num_groups(self) -> int:
         return self.num_pairs + self.num_many
 
 
-def water_fill(base_LR: np.ndarray, total_L: np.ndarray) -> np.ndarray:
-    """[L, R] shares >= 0 summing to total_L that minimise sum((base + share)^2); inf base = absent.
+def water_fill(base_XR: np.ndarray, total_X: np.ndarray) -> np.ndarray:
+    """[X, R] shares >= 0 summing to total_X that minimise sum((base + share)^2); inf base = absent.
 
     The level is lambda = min over k of (total + sum of the k smallest bases) / k (every k gives
     an upper bound, the filled set gives equality), so one sort of the values is all it takes.
     Absent entries count as _ABSENT (finite, so the sums stay finite and their levels huge).
     """
-    padded_LR = np.minimum(base_LR, _ABSENT)
-    sorted_RL = np.ascontiguousarray(np.sort(padded_LR, axis=1).T)  # rows of R: short reductions are slow
-    running_L = np.asarray(total_L, dtype=np.float64).copy()
-    level_L = np.full(len(running_L), np.inf)
-    for k in range(len(sorted_RL)):
-        running_L += sorted_RL[k]
-        np.minimum(level_L, running_L / (k + 1), out=level_L)
-    return np.maximum(level_L[:, None] - padded_LR, 0.0)
+    padded_XR = np.minimum(base_XR, _ABSENT)
+    sorted_RX = np.ascontiguousarray(np.sort(padded_XR, axis=1).T)  # rows of R: short reductions are slow
+    running_X = np.asarray(total_X, dtype=np.float64).copy()
+    level_X = np.full(len(running_X), np.inf)
+    for k in range(len(sorted_RX)):
+        running_X += sorted_RX[k]
+        np.minimum(level_X, running_X / (k + 1), out=level_X)
+    return np.maximum(level_X[:, None] - padded_XR, 0.0)
 
 
-def water_fill_pairs(base_a_G: np.ndarray, base_b_G: np.ndarray, total_G: np.ndarray, out_a_G: np.ndarray, out_b_G: np.ndarray) -> None:
+def water_fill_pairs(base_a_Q: np.ndarray, base_b_Q: np.ndarray, total_Q: np.ndarray, out_a_Q: np.ndarray, out_b_Q: np.ndarray) -> None:
     """`water_fill` of experts with exactly two replicas (bases a and b), in closed form, no sort:
     the level is min(total + lower base, (total + both bases) / 2). Writes the shares to `out_*`."""
-    first_G = total_G + np.minimum(base_a_G, base_b_G)
-    level_G = np.minimum(first_G, (first_G + np.maximum(base_a_G, base_b_G)) / 2)
-    np.maximum(level_G - base_a_G, 0.0, out=out_a_G)
-    np.maximum(level_G - base_b_G, 0.0, out=out_b_G)
+    first_Q = total_Q + np.minimum(base_a_Q, base_b_Q)
+    level_Q = np.minimum(first_Q, (first_Q + np.maximum(base_a_Q, base_b_Q)) / 2)
+    np.maximum(level_Q - base_a_Q, 0.0, out=out_a_Q)
+    np.maximum(level_Q - base_b_Q, 0.0, out=out_b_Q)
 
 
 def balance_replica_weights(
@@ -127,42 +126,42 @@ def balance_replica_weights(
     share_LS = expert_load_LS * weights_LS
     num_workers = phy2log_LS.shape[1] // slots_per_worker
     num_cells = num_layers * num_workers
-    present_N = groups.slot_N >= 0
-    slot_N = np.where(present_N, groups.slot_N, 0)
+    present_X = groups.slot_X >= 0
+    slot_X = np.where(present_X, groups.slot_X, 0)
     # padding entries sit on an extra cell whose load is _ABSENT: never filled, never counted
-    cell_N = np.where(present_N, groups.layer_N * num_workers + slot_N // slots_per_worker, num_cells)
-    share_N = np.where(present_N, share_LS[groups.layer_N, slot_N], 0.0)
-    total_G = load_LE[groups.layer_G, groups.expert_G]
+    cell_X = np.where(present_X, groups.layer_X * num_workers + slot_X // slots_per_worker, num_cells)
+    share_X = np.where(present_X, share_LS[groups.layer_X, slot_X], 0.0)
+    total_Q = load_LE[groups.layer_Q, groups.expert_Q]
     num_pairs = groups.num_pairs
     pair_end = 2 * num_pairs
     load_cells = np.empty(num_cells + 1)
     load_cells[num_cells] = _ABSENT
     load_LW = load_cells[:num_cells].reshape(num_layers, num_workers)  # a view: filled in place
     fixed_LW = share_LS.reshape(num_layers, num_workers, slots_per_worker).sum(axis=2) - np.bincount(
-        cell_N, share_N, minlength=num_cells + 1
+        cell_X, share_X, minlength=num_cells + 1
     )[:num_cells].reshape(num_layers, num_workers)  # load of unreplicated slots
-    best_share_N = share_N.copy()
+    best_share_X = share_X.copy()
     best_max_L = np.full(num_layers, np.inf)
-    fill_N = np.empty_like(share_N)
+    fill_X = np.empty_like(share_X)
     previous_total = np.inf
     for sweep in range(sweeps + 1):
-        np.add(fixed_LW, np.bincount(cell_N, share_N, minlength=num_cells + 1)[:num_cells].reshape(num_layers, num_workers), out=load_LW)
+        np.add(fixed_LW, np.bincount(cell_X, share_X, minlength=num_cells + 1)[:num_cells].reshape(num_layers, num_workers), out=load_LW)
         max_L = load_LW.max(axis=1)
         better_L = max_L < best_max_L
-        np.copyto(best_share_N, share_N, where=better_L[groups.layer_N])
+        np.copyto(best_share_X, share_X, where=better_L[groups.layer_X])
         np.minimum(best_max_L, max_L, out=best_max_L)
         total = best_max_L.sum()
         if sweep == sweeps or (sweep >= 2 and previous_total - total <= min_gain * total):
             break
         previous_total = total
-        base_N = load_cells[cell_N] - share_N  # load of the replica's worker without its own share
-        water_fill_pairs(base_N[:num_pairs], base_N[num_pairs:pair_end], total_G[:num_pairs], fill_N[:num_pairs], fill_N[num_pairs:pair_end])
+        base_X = load_cells[cell_X] - share_X  # load of the replica's worker without its own share
+        water_fill_pairs(base_X[:num_pairs], base_X[num_pairs:pair_end], total_Q[:num_pairs], fill_X[:num_pairs], fill_X[num_pairs:pair_end])
         if groups.num_many:
-            fill_N[pair_end:] = water_fill(
-                base_N[pair_end:].reshape(-1, groups.many_width), total_G[num_pairs:]
+            fill_X[pair_end:] = water_fill(
+                base_X[pair_end:].reshape(-1, groups.many_width), total_Q[num_pairs:]
             ).ravel()
-        share_N += _DAMPING * (fill_N - share_N)
-    share_LS[groups.layer_N[present_N], groups.slot_N[present_N]] = best_share_N[present_N]
+        share_X += _DAMPING * (fill_X - share_X)
+    share_LS[groups.layer_X[present_X], groups.slot_X[present_X]] = best_share_X[present_X]
     with np.errstate(invalid="ignore", divide="ignore"):
         balanced_LS = np.where(expert_load_LS > 0, share_LS / expert_load_LS, weights_LS)
     return np.where(held_LS, balanced_LS, 0.0)

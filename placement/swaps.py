@@ -1,10 +1,10 @@
 """Swap local search on slot maps, vectorised over layers (and over worker pairs).
 
-Shapes:
-    L  MoE layers      E  logical experts       S  slots (= W * C)
-    W  workers         C  slots per worker      A  layers still searching
-    K  candidate partner workers of the busiest one   P  disjoint worker pairs of one round
-    X  (layer, worker pair) rows evaluated together
+Legend (docs/placement.md "Shape legend"): L MoE layers, E logical experts, S slots (= W * S_w;
+suffix S inside a worker), W workers, X (layer, worker pair) rows evaluated together; local to
+placement/: A layers still searching, I candidate partner workers of one busy worker, O busy
+workers of one round (one swap each, disjoint partners); a trailing SS is the flat (slot, slot)
+choice i * S_w + j of one swap.
 
 A swap exchanges one slot of worker a with one slot of worker b; it is legal when neither
 worker ends up with two copies of one expert. Free slots are items of weight 0 (expert -1), so a
@@ -15,8 +15,8 @@ share of its expert's load).
                    with the i-th lightest and applies each pair's best balancing swap at once, so
                    a round fixes W / 2 pairs for the cost of one numpy pass.
 `refine_by_swaps`  migration-aware (every swap is 2 copies): one swap per layer per round, on the
-                   busiest worker, with the best of its K lightest peers (or, with `parallel`,
-                   one swap on each of the P busiest workers, with disjoint partners).
+                   busiest worker, with the best of its I lightest peers (or, with `parallel`,
+                   one swap on each of the O busiest workers, with disjoint partners).
 """
 
 from __future__ import annotations
@@ -38,40 +38,40 @@ def holds_map(phy2log_LS: np.ndarray, slots_per_worker: int, num_experts: int) -
     return holds_LWE
 
 
-def best_pair_swaps(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_b_X, col_a_XC, weight_a_XC, col_b_XC, weight_b_XC, want_best=True):
-    """(best_X, score_XQ): for each pair (layer, a, b) the flat index i * C + j of the legal swap of
+def best_pair_swaps(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_b_X, col_a_XS, weight_a_XS, col_b_XS, weight_b_XS, want_best=True):
+    """(best_X, score_XSS): for each pair (layer, a, b) the flat index i * S_w + j of the legal swap of
     a's slot i with b's slot j that leaves the pair closest to even, by score |delta - gap / 2|
     (delta = tokens a gives b, gap = load a - load b; inf when illegal). The swap lowers the pair
     maximum iff score < gap / 2. `col_*` are expert ids with free slots as E. best_X is None
     unless `want_best`."""
-    num_x, C = col_a_XC.shape
+    num_x, S_w = col_a_XS.shape
     _, W, E1 = holds_LWE.shape
     flat_holds = holds_LWE.reshape(-1)  # a view: one 1-D take is ~3x faster than 3 index arrays
-    a_on_b_XC = flat_holds.take(((layer_X * W + worker_b_X) * E1)[:, None] + col_a_XC)
-    b_on_a_XC = flat_holds.take(((layer_X * W + worker_a_X) * E1)[:, None] + col_b_XC)
-    give_XC = np.where(a_on_b_XC, np.inf, weight_a_XC)
-    take_XC = np.where(b_on_a_XC, -np.inf, weight_b_XC + ((load_a_X - load_b_X) / 2)[:, None])
-    score_XQ = np.abs(give_XC[:, :, None] - take_XC[:, None, :]).reshape(num_x, C * C)
-    return (np.argmin(score_XQ, axis=1) if want_best else None), score_XQ
+    a_on_b_XS = flat_holds.take(((layer_X * W + worker_b_X) * E1)[:, None] + col_a_XS)
+    b_on_a_XS = flat_holds.take(((layer_X * W + worker_a_X) * E1)[:, None] + col_b_XS)
+    give_XS = np.where(a_on_b_XS, np.inf, weight_a_XS)
+    take_XS = np.where(b_on_a_XS, -np.inf, weight_b_XS + ((load_a_X - load_b_X) / 2)[:, None])
+    score_XSS = np.abs(give_XS[:, :, None] - take_XS[:, None, :]).reshape(num_x, S_w * S_w)
+    return (np.argmin(score_XSS, axis=1) if want_best else None), score_XSS
 
 
-def pair_swap_maxima(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_b_X, col_a_XC, weight_a_XC, col_b_XC, weight_b_XC, out_XCC):
-    """[X, C * C] (a view of `out_XCC`): the larger of the two loads of pair (layer, a, b) after
-    swapping a's slot i with b's slot j, at i * C + j; inf when illegal. Same as
+def pair_swap_maxima(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_b_X, col_a_XS, weight_a_XS, col_b_XS, weight_b_XS, out_XSS):
+    """[X, S_w * S_w] (a view of `out_XSS`): the larger of the two loads of pair (layer, a, b) after
+    swapping a's slot i with b's slot j, at i * S_w + j; inf when illegal. Same as
     (load_a + load_b) / 2 + the score of `best_pair_swaps`, computed in place in a buffer the
-    caller reuses across rounds (fresh [X, C, C] temporaries cost ~3x the arithmetic)."""
-    num_x, C = col_a_XC.shape
+    caller reuses across rounds (fresh [X, S_w, S_w] temporaries cost ~3x the arithmetic)."""
+    num_x, S_w = col_a_XS.shape
     _, W, E1 = holds_LWE.shape
     flat_holds = holds_LWE.reshape(-1)
-    a_on_b_XC = flat_holds.take(((layer_X * W + worker_b_X) * E1)[:, None] + col_a_XC)
-    b_on_a_XC = flat_holds.take(((layer_X * W + worker_a_X) * E1)[:, None] + col_b_XC)
-    give_XC = np.where(a_on_b_XC, np.inf, weight_a_XC)
-    take_XC = np.where(b_on_a_XC, -np.inf, weight_b_XC + ((load_a_X - load_b_X) / 2)[:, None])
-    out = out_XCC[:num_x]
-    np.subtract(give_XC[:, :, None], take_XC[:, None, :], out=out)
+    a_on_b_XS = flat_holds.take(((layer_X * W + worker_b_X) * E1)[:, None] + col_a_XS)
+    b_on_a_XS = flat_holds.take(((layer_X * W + worker_a_X) * E1)[:, None] + col_b_XS)
+    give_XS = np.where(a_on_b_XS, np.inf, weight_a_XS)
+    take_XS = np.where(b_on_a_XS, -np.inf, weight_b_XS + ((load_a_X - load_b_X) / 2)[:, None])
+    out = out_XSS[:num_x]
+    np.subtract(give_XS[:, :, None], take_XS[:, None, :], out=out)
     np.abs(out, out=out)
     np.add(out, ((load_a_X + load_b_X) / 2)[:, None, None], out=out)
-    return out.reshape(num_x, C * C)
+    return out.reshape(num_x, S_w * S_w)
 
 
 def _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b):
@@ -90,9 +90,9 @@ def _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, l
     holds_LWE[layers, worker_b, col_a] = expert_a >= 0
 
 
-def _gather(arr_LS, layer_X, worker_X, C):
-    """[X, C] values of the C slots of worker_X in layer_X."""
-    return arr_LS.reshape(arr_LS.shape[0], -1, C)[layer_X, worker_X]
+def _gather(arr_LS, layer_X, worker_X, S_w):
+    """[X, S_w] values of the S_w slots of worker_X in layer_X."""
+    return arr_LS.reshape(arr_LS.shape[0], -1, S_w)[layer_X, worker_X]
 
 
 def balance_pairs(
@@ -114,35 +114,35 @@ def balance_pairs(
     phy2log_LS = phy2log_LS.copy()
     slot_weight_LS = np.asarray(slot_weight_LS, dtype=np.float64).copy()
     num_layers, num_slots = phy2log_LS.shape
-    C = slots_per_worker
-    W = num_slots // C
-    P = W // 2
-    if P < 1:
+    S_w = slots_per_worker
+    W = num_slots // S_w
+    O = W // 2
+    if O < 1:
         return phy2log_LS, slot_weight_LS
-    holds_LWE = holds_map(phy2log_LS, C, num_experts)
+    holds_LWE = holds_map(phy2log_LS, S_w, num_experts)
     col_LS = np.where(phy2log_LS >= 0, phy2log_LS, num_experts)
-    worker_load_LW = slot_weight_LS.reshape(num_layers, W, C).sum(axis=2)
+    worker_load_LW = slot_weight_LS.reshape(num_layers, W, S_w).sum(axis=2)
     active = np.arange(num_layers)
     for _ in range(rounds):
         active = active[worker_load_LW[active].max(axis=1) > target_LAYERS[active] * (1 + _EPS)]
         if len(active) == 0:
             break
         order_AW = np.argsort(worker_load_LW[active], axis=1)
-        heavy_X, light_X = order_AW[:, ::-1][:, :P].ravel(), order_AW[:, :P].ravel()
-        layer_X = np.repeat(active, P)
+        heavy_X, light_X = order_AW[:, ::-1][:, :O].ravel(), order_AW[:, :O].ravel()
+        layer_X = np.repeat(active, O)
         load_a_X, load_b_X = worker_load_LW[layer_X, heavy_X], worker_load_LW[layer_X, light_X]
-        best_X, score_XQ = best_pair_swaps(
+        best_X, score_XSS = best_pair_swaps(
             holds_LWE, layer_X, heavy_X, light_X, load_a_X, load_b_X,
-            _gather(col_LS, layer_X, heavy_X, C), _gather(slot_weight_LS, layer_X, heavy_X, C),
-            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C),
+            _gather(col_LS, layer_X, heavy_X, S_w), _gather(slot_weight_LS, layer_X, heavy_X, S_w),
+            _gather(col_LS, layer_X, light_X, S_w), _gather(slot_weight_LS, layer_X, light_X, S_w),
         )
         gap_X = (load_a_X - load_b_X) / 2
-        sel = np.nonzero(score_XQ[np.arange(len(best_X)), best_X] < gap_X * (1 - 1e-6))[0]
+        sel = np.nonzero(score_XSS[np.arange(len(best_X)), best_X] < gap_X * (1 - 1e-6))[0]
         if len(sel) == 0:
             break
-        ca, cb = np.divmod(best_X[sel], C)
+        ca, cb = np.divmod(best_X[sel], S_w)
         layers, worker_a, worker_b = layer_X[sel], heavy_X[sel], light_X[sel]
-        slot_a, slot_b = worker_a * C + ca, worker_b * C + cb
+        slot_a, slot_b = worker_a * S_w + ca, worker_b * S_w + cb
         _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b)
         col_LS[layers, slot_a], col_LS[layers, slot_b] = col_LS[layers, slot_b], col_LS[layers, slot_a]
         active = np.unique(layers)
@@ -171,29 +171,29 @@ def refine_by_swaps(
 
     `parallel` > 1: each round also works on the next busiest workers, up to `parallel` per layer
     (only those above the target): busy worker i (i-th busiest) gets the lightest workers of rank
-    i, i + P, i + 2P, ... as its K partners, so the pairs are disjoint and all their best swaps
-    apply at once. P = min(parallel, W // (K + 1)).
+    i, i + O, i + 2 O, ... as its I partners, so the pairs are disjoint and all their best swaps
+    apply at once. O = min(parallel, W // (I + 1)).
 
     `holds_LWE`: the caller's `holds_map` of `phy2log_LS` if it has one (taken over and updated).
     """
     phy2log_LS = phy2log_LS.copy()
     slot_weight_LS = np.asarray(slot_weight_LS, dtype=np.float64).copy()
     num_layers, num_slots = phy2log_LS.shape
-    C = slots_per_worker
-    W = num_slots // C
-    K = min(num_partners, W - 1)
+    S_w = slots_per_worker
+    W = num_slots // S_w
+    I = min(num_partners, W - 1)
     swaps_L = np.zeros(num_layers, dtype=np.int64)
-    if K < 1 or num_layers == 0:
+    if I < 1 or num_layers == 0:
         return phy2log_LS, slot_weight_LS, swaps_L
     target_L = np.zeros(num_layers) if target_LAYERS is None else np.asarray(target_LAYERS, dtype=np.float64)
-    holds_LWE = holds_map(phy2log_LS, C, num_experts) if holds_LWE is None else holds_LWE
+    holds_LWE = holds_map(phy2log_LS, S_w, num_experts) if holds_LWE is None else holds_LWE
     col_LS = np.where(phy2log_LS >= 0, phy2log_LS, num_experts)
-    worker_load_LW = slot_weight_LS.reshape(num_layers, W, C).sum(axis=2)
+    worker_load_LW = slot_weight_LS.reshape(num_layers, W, S_w).sum(axis=2)
     active = np.arange(num_layers) if active_LAYERS is None else np.nonzero(active_LAYERS)[0]
-    P = max(1, min(parallel, W // (K + 1)))
-    buffer_XCC = np.empty((len(active) * P * K, C, C))  # the largest round's swap scores, reused
-    if P > 1:
-        _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, C, K, P, target_L, active, max_swaps, buffer_XCC)
+    O = max(1, min(parallel, W // (I + 1)))
+    buffer_XSS = np.empty((len(active) * O * I, S_w, S_w))  # the largest round's swap scores, reused
+    if O > 1:
+        _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, S_w, I, O, target_L, active, max_swaps, buffer_XSS)
         return phy2log_LS, slot_weight_LS, swaps_L
     for _ in range(max_swaps):
         if len(active) == 0:
@@ -208,26 +208,26 @@ def refine_by_swaps(
                 break
         ar = np.arange(len(active))
         load_AW[ar, busiest_A] = np.inf  # never partner with itself
-        if K < W - 1:
-            partners_AK = np.argpartition(load_AW, K - 1, axis=1)[:, :K]
+        if I < W - 1:
+            partners_AI = np.argpartition(load_AW, I - 1, axis=1)[:, :I]
         else:
-            partners_AK = np.argsort(load_AW, axis=1)[:, :K]
-        layer_X, heavy_X, light_X = np.repeat(active, K), np.repeat(busiest_A, K), partners_AK.ravel()
-        load_a_X, load_b_X = np.repeat(busiest_load_A, K), load_AW[ar[:, None], partners_AK].ravel()
-        new_max_AQ = pair_swap_maxima(
+            partners_AI = np.argsort(load_AW, axis=1)[:, :I]
+        layer_X, heavy_X, light_X = np.repeat(active, I), np.repeat(busiest_A, I), partners_AI.ravel()
+        load_a_X, load_b_X = np.repeat(busiest_load_A, I), load_AW[ar[:, None], partners_AI].ravel()
+        new_max_AISS = pair_swap_maxima(
             holds_LWE, layer_X, heavy_X, light_X, load_a_X, load_b_X,
-            np.repeat(_gather(col_LS, active, busiest_A, C), K, axis=0),
-            np.repeat(_gather(slot_weight_LS, active, busiest_A, C), K, axis=0),
-            _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C), buffer_XCC,
-        ).reshape(len(active), K * C * C)  # compare across partners
-        best_A = np.argmin(new_max_AQ, axis=1)
-        sel = np.nonzero(new_max_AQ[ar, best_A] < busiest_load_A * (1 - _EPS))[0]
+            np.repeat(_gather(col_LS, active, busiest_A, S_w), I, axis=0),
+            np.repeat(_gather(slot_weight_LS, active, busiest_A, S_w), I, axis=0),
+            _gather(col_LS, layer_X, light_X, S_w), _gather(slot_weight_LS, layer_X, light_X, S_w), buffer_XSS,
+        ).reshape(len(active), I * S_w * S_w)  # compare across partners
+        best_A = np.argmin(new_max_AISS, axis=1)
+        sel = np.nonzero(new_max_AISS[ar, best_A] < busiest_load_A * (1 - _EPS))[0]
         if len(sel) == 0:
             break
-        best_k, best_q = np.divmod(best_A[sel], C * C)
-        ca, cb = np.divmod(best_q, C)
-        layers, worker_a, worker_b = active[sel], busiest_A[sel], partners_AK[sel, best_k]
-        slot_a, slot_b = worker_a * C + ca, worker_b * C + cb
+        best_k, best_q = np.divmod(best_A[sel], S_w * S_w)
+        ca, cb = np.divmod(best_q, S_w)
+        layers, worker_a, worker_b = active[sel], busiest_A[sel], partners_AI[sel, best_k]
+        slot_a, slot_b = worker_a * S_w + ca, worker_b * S_w + cb
         _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b)
         col_LS[layers, slot_a], col_LS[layers, slot_b] = col_LS[layers, slot_b], col_LS[layers, slot_a]
         swaps_L[layers] += 1
@@ -235,15 +235,15 @@ def refine_by_swaps(
     return phy2log_LS, slot_weight_LS, swaps_L
 
 
-def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, C, K, P, target_L, active, rounds, buffer_XCC):
-    """`refine_by_swaps` with the P busiest workers of each layer searching at once (in place).
+def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, S_w, I, O, target_L, active, rounds, buffer_XSS):
+    """`refine_by_swaps` with the O busiest workers of each layer searching at once (in place).
 
     A busy worker's partners are tried lightest first, in blocks (`_PARTNER_BLOCKS`): after the
     pair max with partner k is known never to go below (load a + load b_k) / 2, a row whose best
     swap so far is already at or below that bound for the next partner (and so for all later,
-    heavier ones) stops. The choice is the one the full search over all K partners makes (ties
+    heavier ones) stops. The choice is the one the full search over all I partners makes (ties
     to the earliest partner, then the lowest slot pair); the lightest partner alone settles
-    ~92% of the rows on DeepSeek drift, so most rows cost one partner instead of K.
+    ~92% of the rows on DeepSeek drift, so most rows cost one partner instead of I.
     """
     for _ in range(rounds):
         if len(active) == 0:
@@ -253,50 +253,50 @@ def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_
             break
         load_AW = worker_load_LW[active]
         order_AW = np.argsort(load_AW, axis=1)
-        busy_AP = order_AW[:, ::-1][:, :P]
-        partners_APK = order_AW[:, : P * K].reshape(len(active), K, P).transpose(0, 2, 1)  # lightest first
+        busy_AO = order_AW[:, ::-1][:, :O]
+        partners_AOI = order_AW[:, : O * I].reshape(len(active), I, O).transpose(0, 2, 1)  # lightest first
         ar = np.arange(len(active))[:, None]
-        busy_load_AP = load_AW[ar, busy_AP]
+        busy_load_AO = load_AW[ar, busy_AO]
         # rows: busy workers above the target (the others never swap)
-        rows_B = np.flatnonzero(busy_load_AP.ravel() > np.repeat(target_L[active], P) * (1 + _EPS))
-        layer_B = np.repeat(active, P)[rows_B]
-        busy_B, busy_load_B = busy_AP.ravel()[rows_B], busy_load_AP.ravel()[rows_B]
-        partners_BK = partners_APK.reshape(-1, K)[rows_B]
-        partner_load_BK = load_AW[np.repeat(np.arange(len(active)), P)[rows_B][:, None], partners_BK]
-        floor_BK = (busy_load_B[:, None] + partner_load_BK) / 2  # pair max never below this (as computed below)
-        busy_col_BC, busy_weight_BC = _gather(col_LS, layer_B, busy_B, C), _gather(slot_weight_LS, layer_B, busy_B, C)
-        best_max_B = np.full(len(rows_B), np.inf)
-        best_k_B = np.zeros(len(rows_B), dtype=np.int64)
-        best_q_B = np.zeros(len(rows_B), dtype=np.int64)
-        todo = np.arange(len(rows_B))
-        for k0, k1 in _partner_blocks(K):
+        rows_O = np.flatnonzero(busy_load_AO.ravel() > np.repeat(target_L[active], O) * (1 + _EPS))
+        layer_O = np.repeat(active, O)[rows_O]
+        busy_O, busy_load_O = busy_AO.ravel()[rows_O], busy_load_AO.ravel()[rows_O]
+        partners_OI = partners_AOI.reshape(-1, I)[rows_O]
+        partner_load_OI = load_AW[np.repeat(np.arange(len(active)), O)[rows_O][:, None], partners_OI]
+        floor_OI = (busy_load_O[:, None] + partner_load_OI) / 2  # pair max never below this (as computed below)
+        busy_col_OS, busy_weight_OS = _gather(col_LS, layer_O, busy_O, S_w), _gather(slot_weight_LS, layer_O, busy_O, S_w)
+        best_max_O = np.full(len(rows_O), np.inf)
+        best_k_O = np.zeros(len(rows_O), dtype=np.int64)
+        best_q_O = np.zeros(len(rows_O), dtype=np.int64)
+        todo = np.arange(len(rows_O))
+        for k0, k1 in _partner_blocks(I):
             n = k1 - k0
-            layer_X = np.repeat(layer_B[todo], n)
-            heavy_X, light_X = np.repeat(busy_B[todo], n), partners_BK[todo, k0:k1].ravel()
-            new_max_TQ = pair_swap_maxima(
-                holds_LWE, layer_X, heavy_X, light_X, np.repeat(busy_load_B[todo], n), partner_load_BK[todo, k0:k1].ravel(),
-                np.repeat(busy_col_BC[todo], n, axis=0), np.repeat(busy_weight_BC[todo], n, axis=0),
-                _gather(col_LS, layer_X, light_X, C), _gather(slot_weight_LS, layer_X, light_X, C), buffer_XCC,
-            ).reshape(len(todo), n * C * C)
-            arg_T = np.argmin(new_max_TQ, axis=1)
-            max_T = new_max_TQ[np.arange(len(todo)), arg_T]
-            better = max_T < best_max_B[todo]  # strict: an earlier (lighter) partner wins ties
+            layer_X = np.repeat(layer_O[todo], n)
+            heavy_X, light_X = np.repeat(busy_O[todo], n), partners_OI[todo, k0:k1].ravel()
+            todo_max_OISS = pair_swap_maxima(
+                holds_LWE, layer_X, heavy_X, light_X, np.repeat(busy_load_O[todo], n), partner_load_OI[todo, k0:k1].ravel(),
+                np.repeat(busy_col_OS[todo], n, axis=0), np.repeat(busy_weight_OS[todo], n, axis=0),
+                _gather(col_LS, layer_X, light_X, S_w), _gather(slot_weight_LS, layer_X, light_X, S_w), buffer_XSS,
+            ).reshape(len(todo), n * S_w * S_w)
+            todo_arg_O = np.argmin(todo_max_OISS, axis=1)
+            todo_max_O = todo_max_OISS[np.arange(len(todo)), todo_arg_O]
+            better = todo_max_O < best_max_O[todo]  # strict: an earlier (lighter) partner wins ties
             won = todo[better]
-            best_max_B[won] = max_T[better]
-            best_k_B[won], best_q_B[won] = np.divmod(arg_T[better], C * C)
-            best_k_B[won] += k0
-            if k1 < K:
-                todo = todo[best_max_B[todo] > floor_BK[todo, k1]]
+            best_max_O[won] = todo_max_O[better]
+            best_k_O[won], best_q_O[won] = np.divmod(todo_arg_O[better], S_w * S_w)
+            best_k_O[won] += k0
+            if k1 < I:
+                todo = todo[best_max_O[todo] > floor_OI[todo, k1]]
             if len(todo) == 0:
                 break
-        sel = np.flatnonzero(best_max_B < busy_load_B * (1 - _EPS))
+        sel = np.flatnonzero(best_max_O < busy_load_O * (1 - _EPS))
         if len(sel) == 0:
             break
-        best_k, best_q = best_k_B[sel], best_q_B[sel]
-        ca, cb = np.divmod(best_q, C)
-        layers, worker_a = layer_B[sel], busy_B[sel]
-        worker_b = partners_BK[sel, best_k]
-        slot_a, slot_b = worker_a * C + ca, worker_b * C + cb
+        best_k, best_q = best_k_O[sel], best_q_O[sel]
+        ca, cb = np.divmod(best_q, S_w)
+        layers, worker_a = layer_O[sel], busy_O[sel]
+        worker_b = partners_OI[sel, best_k]
+        slot_a, slot_b = worker_a * S_w + ca, worker_b * S_w + cb
         _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b)
         col_LS[layers, slot_a], col_LS[layers, slot_b] = col_LS[layers, slot_b], col_LS[layers, slot_a]
         swaps_L += np.bincount(layers, minlength=len(swaps_L))
