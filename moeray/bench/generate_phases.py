@@ -33,24 +33,30 @@ def _hook_phases(model, timer: PhaseTimer) -> list:
     return handles
 
 
-@torch.no_grad()
-def decode_phases(directory: str, batches: list[int], context: int, seed: int = 0, repeats: int = 20
-                  ) -> dict[int, dict[str, float]]:
-    """{batch: {phase: median ms}} for each batch size, on one worker built once."""
+def _one_gpu_worker(directory: str, max_batch: int, tokens_per_seq: int, prompt_len: int):
+    """An in-process Worker (no Ray) holding the whole model on the GPU, statistics off, with KV
+    room for max_batch sequences of tokens_per_seq and a prefill budget of max_batch prompts."""
     from moeray.config import EngineOptions
     from moeray.llm import engine_config_for
     from moeray.worker import Worker
     from placement import Placement
 
-    most = max(batches)
     options = EngineOptions(parallel={"device": "cuda"}, rebalance={"enabled": False}, stats={"enabled": False},
-                            cache={"block_size": 16, "kv_tokens_per_worker": most * (context + repeats + 24) + 64,
-                                   "max_num_seqs": most, "max_num_batched_tokens": most * context})
+                            cache={"block_size": 16, "kv_tokens_per_worker": max_batch * tokens_per_seq + 64,
+                                   "max_num_seqs": max_batch, "max_num_batched_tokens": max_batch * prompt_len})
     config = engine_config_for(directory, options)
     cfg = config.model
     placement = Placement.contiguous(cfg.num_moe_layers, cfg.num_experts, 1, config.slots_per_worker)
-    worker = Worker(0, config, directory, placement.phy2log)
-    runner = worker.runner
+    return Worker(0, config, directory, placement.phy2log)
+
+
+@torch.no_grad()
+def decode_phases(directory: str, batches: list[int], context: int, seed: int = 0, repeats: int = 20
+                  ) -> dict[int, dict[str, float]]:
+    """{batch: {phase: median ms}} for each batch size, on one worker built once."""
+    worker = _one_gpu_worker(directory, max(batches), context + repeats + 24, context)
+    config, runner = worker.config, worker.runner
+    cfg = config.model
     rng = np.random.default_rng(seed)
     results = {}
     for batch in batches:
@@ -137,20 +143,9 @@ def _phases_at(runner, cfg, block_size: int, batch: int, context: int, repeats: 
 def prefill_phases(directory: str, batches: list[int], prompt_len: int, seed: int = 0, repeats: int = 5
                    ) -> dict[int, dict[str, float]]:
     """{batch: {phase: median ms}} of one eager prefill step of `batch` prompts of prompt_len tokens."""
-    from moeray.config import EngineOptions
-    from moeray.llm import engine_config_for
-    from moeray.worker import Worker
-    from placement import Placement
-
-    most = max(batches)
-    options = EngineOptions(parallel={"device": "cuda"}, rebalance={"enabled": False}, stats={"enabled": False},
-                            cache={"block_size": 16, "kv_tokens_per_worker": most * (prompt_len + 24) + 64,
-                                   "max_num_seqs": most, "max_num_batched_tokens": most * prompt_len})
-    config = engine_config_for(directory, options)
+    worker = _one_gpu_worker(directory, max(batches), prompt_len + 24, prompt_len)
+    config, runner = worker.config, worker.runner
     cfg = config.model
-    placement = Placement.contiguous(cfg.num_moe_layers, cfg.num_experts, 1, config.slots_per_worker)
-    worker = Worker(0, config, directory, placement.phy2log)
-    runner = worker.runner
     rng = np.random.default_rng(seed)
     results = {}
     for batch in batches:
