@@ -131,6 +131,11 @@ def render_status(report: dict) -> str:
         f"{_num(report['imbalance_mean'])}, worst {_num(report['imbalance_worst'])}; realised mean "
         f"{_num(report.get('realised_imbalance_mean'))}, worst {_num(report.get('realised_imbalance_worst'))}",
     ]
+    surviving = report.get("surviving_load_after_worker_loss")
+    if surviving:
+        worst = min(range(len(surviving)), key=lambda w: surviving[w])
+        lines.append(f"after losing one worker, the load whose expert keeps a live copy: worst {100 * surviving[worst]:.0f}% "
+                     f"(worker {worst}), best {100 * max(surviving):.0f}% (the rest reloads from the checkpoint)")
     if report.get("last_decision"):
         lines.append(f"last policy decision: {report['last_decision']}")
     if report.get("in_flight_version") is not None:

@@ -92,3 +92,25 @@ def imbalance(load_LE: np.ndarray, placement: Placement, replica_weights: np.nda
     return imbalance_of_worker_loads(
         worker_loads(load_LE, placement.phy2log, placement.slots_per_worker, replica_weights, placement.shard_width)
     )
+
+
+def surviving_load_after_worker_loss(load_LE: np.ndarray, placement: Placement) -> np.ndarray:
+    """[W] fraction of the routed load (all layers) whose expert keeps a whole live copy when
+    worker w is lost: some replica of it has none of its slots (whole or shard) on w. 1.0 = a
+    single loss never needs the checkpoint; the minimum over w is the worst single loss."""
+    load_LE = np.asarray(load_LE, dtype=np.float64)
+    phy2log_LS, replica_LS = placement.phy2log, placement.replica_of_slot
+    num_layers, num_slots = phy2log_LS.shape
+    worker_S = np.arange(num_slots) // placement.slots_per_worker
+    total = load_LE.sum()
+    surviving_W = np.zeros(placement.num_workers)
+    for lost in range(placement.num_workers):
+        for layer in range(num_layers):
+            used = phy2log_LS[layer] >= 0
+            # (expert, replica) pairs with a slot on the lost worker are broken
+            broken = {(int(e), int(r)) for e, r, w in zip(phy2log_LS[layer][used], replica_LS[layer][used],
+                                                         worker_S[used]) if w == lost}
+            alive = {(int(e), int(r)) for e, r in zip(phy2log_LS[layer][used], replica_LS[layer][used])} - broken
+            experts_alive = sorted({e for e, _ in alive})
+            surviving_W[lost] += load_LE[layer, experts_alive].sum()
+    return surviving_W / total if total > 0 else np.ones(placement.num_workers)

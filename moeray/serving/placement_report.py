@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from placement.layout import expert_counts
-from placement.metrics import imbalance_of_worker_loads, worker_loads
+from placement.metrics import imbalance_of_worker_loads, surviving_load_after_worker_loss, worker_loads
 
 SCHEMA = 1
 _REQUIRED_KEYS = ("model", "placement_version", "num_workers", "slots_per_worker", "num_experts", "layers")
@@ -72,6 +72,7 @@ def assemble_report(model: dict, placement, replica_weights_LS, view: dict | Non
         imbalance_L = imbalance_of_worker_loads(worker_LW)
         realised_L = None
     replicas_LE = expert_counts(p.phy2log, p.num_experts)
+    surviving_W = surviving_load_after_worker_loss(load_LE, p)
     layers = [{
         "layer": layer,
         "phy2log": p.phy2log[layer].tolist(),
@@ -95,6 +96,9 @@ def assemble_report(model: dict, placement, replica_weights_LS, view: dict | Non
         "layers": layers,
         "imbalance_mean": float(imbalance_L.mean()),
         "imbalance_worst": float(imbalance_L.max()),
+        # Fault tolerance of the placement: the share of this load whose expert keeps a live copy
+        # when worker w is lost (the rest would come back from the checkpoint).
+        "surviving_load_after_worker_loss": surviving_W.tolist(),
         "realised_imbalance_mean": None if realised_L is None else float(realised_L.mean()),
         "realised_imbalance_worst": None if realised_L is None else float(realised_L.max()),
         "rebalances": [] if view is None else view["rebalances"],

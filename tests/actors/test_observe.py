@@ -136,6 +136,9 @@ def test_placement_report_of_a_real_engine_plots_and_prints(served, tmp_path):
         assert_png(p)
     text = render_status(report)
     assert f"{MODEL_NAME} ({model.architecture}): placement v1" in text and "\nv1 " in text
+    surviving = report["surviving_load_after_worker_loss"]
+    assert len(surviving) == report["num_workers"] and all(0.0 <= s <= 1.0 for s in surviving)
+    assert "after losing one worker" in text
 
 
 def _listening_sockets() -> dict[int, tuple[str, int]]:

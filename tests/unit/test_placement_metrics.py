@@ -29,3 +29,29 @@ def test_replicas_split_equally_by_default_and_by_weights_when_given():
 def test_empty_layer_is_balanced():
     placement = Placement(np.array([[0, 1]]), num_experts=2, slots_per_worker=1)
     assert imbalance(np.zeros((1, 2)), placement).tolist() == [1.0]
+
+
+def test_surviving_load_after_worker_loss_counts_experts_with_a_copy_elsewhere():
+    from placement.metrics import surviving_load_after_worker_loss
+
+    # 1 layer, 4 experts, 2 workers x 3 slots: expert 0 replicated on both workers, 1 and 2 on w0, 3 on w1
+    placement = Placement(np.array([[0, 1, 2, 0, 3, -1]]), 4, 3, 0)
+    load = np.array([[40.0, 10.0, 20.0, 30.0]])
+    got = surviving_load_after_worker_loss(load, placement)
+    np.testing.assert_allclose(got, [(40 + 30) / 100, (40 + 10 + 20) / 100])
+    # Slow oracle on random replicated placements: an expert survives iff a copy is on another worker.
+    rng = np.random.default_rng(0)
+    for seed in range(5):
+        from tests.helpers import random_replicated_placement
+
+        p = random_replicated_placement(2, 7, 3, 4, seed=seed)
+        load = rng.random((2, 7))
+        want = []
+        for lost in range(3):
+            kept = 0.0
+            for layer in range(2):
+                for e in range(7):
+                    workers = {s // 4 for s in range(12) if p.phy2log[layer, s] == e}
+                    kept += load[layer, e] if workers - {lost} else 0.0
+            want.append(kept / load.sum())
+        np.testing.assert_allclose(surviving_load_after_worker_loss(load, p), want)
