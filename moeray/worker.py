@@ -31,8 +31,13 @@ from moeray.generation.runner import SequenceRunner
 from moeray.models.checkpoint import CheckpointReader
 from moeray.models.decoder import MoECausalLM
 from moeray.models.kv_cache import PagedKVCache
-from moeray.slot_transfer import (SlotStaging, StagedVersion, as_source_tensor, export_slot_weights,
-                                  lower_thread_priority)
+from moeray.slot_transfer import (
+    SlotStaging,
+    StagedVersion,
+    as_source_tensor,
+    export_slot_weights,
+    lower_thread_priority,
+)
 from moeray.stats_wire import LoadSnapshot
 from moeray.worker_loop import LoopMessage, LoopReport, WorkerLoop
 from placement import Placement
@@ -97,10 +102,7 @@ class Worker:
 
         def experts_factory(layer: int) -> SlotExperts:
             w13, w2 = self.reader.read_expert_slots(layer, mine_LS[layer], self.dtype)
-            return SlotExperts(
-                w13.to(self.device), w2.to(self.device), self._slot_map(layer), self.dispatcher, cfg.num_experts,
-                overlap_chunks=self.config.parallel.overlap_chunks,
-            )
+            return self._slot_experts_of(layer, w13.to(self.device), w2.to(self.device))
 
         model = MoECausalLM(cfg, experts_factory)
         # Dense parameters were allocated by the constructor; filled from the checkpoint below.
@@ -122,6 +124,11 @@ class Worker:
         return SequenceRunner(self.model, cache, self.config.max_model_len, cfg.eos_token_ids, self.device,
                               seed=self.config.seed + self.rank, cuda_graphs=self._graphs_apply(),
                               max_num_seqs=cache_cfg.max_num_seqs)
+
+    def _slot_experts_of(self, layer: int, w13_SHD: torch.Tensor, w2_SDF: torch.Tensor) -> SlotExperts:
+        """One MoE layer's experts module over these slot weights, under the current placement."""
+        return SlotExperts(w13_SHD, w2_SDF, self._slot_map(layer), self.dispatcher, self.config.model.num_experts,
+                           overlap_chunks=self.config.parallel.overlap_chunks)
 
     def _slot_map(self, layer: int) -> DeviceSlotMap:
         weights_ER = None
@@ -195,8 +202,7 @@ class Worker:
                         w13[slot].copy_(fresh[expert][0])
                         w2[slot].copy_(fresh[expert][1])
                         read += 1
-                experts = SlotExperts(w13, w2, self._slot_map(layer), self.dispatcher, config.model.num_experts,
-                                      overlap_chunks=config.parallel.overlap_chunks)
+                experts = self._slot_experts_of(layer, w13, w2)
                 experts.load_E.copy_(old.load_E)  # routed pairs since start-up (engine.load()) carry on
                 experts.record_load = self.stats_recording
                 block.experts = experts

@@ -90,6 +90,14 @@ class _Outbox:
     def __bool__(self) -> bool:
         return bool(self.updates or self.commits or self.snapshot_refs or self.flushed)
 
+    def add(self, other: _Outbox) -> None:
+        self.updates += other.updates
+        self.commits += other.commits
+        self.snapshot_refs += other.snapshot_refs
+        self.step_ms += other.step_ms
+        self.steps_run += other.steps_run
+        self.flushed = self.flushed or other.flushed
+
 
 class WorkerLoop:
     """Runs on its own thread inside a Worker; the actor's other threads call submit / drain / stop."""
@@ -229,13 +237,7 @@ class WorkerLoop:
                 box.step_ms, box.steps_run = 1e3 * (time.perf_counter() - start), 1
         with self._cond:
             self._flushes_done = max(self._flushes_done, flushes)
-            out = self._outbox
-            out.updates += box.updates
-            out.commits += box.commits
-            out.snapshot_refs += box.snapshot_refs
-            out.step_ms += box.step_ms
-            out.steps_run += box.steps_run
-            out.flushed = out.flushed or box.flushed
+            self._outbox.add(box)
             if box:
                 self._cond.notify_all()
             if stop:

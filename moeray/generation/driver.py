@@ -192,14 +192,10 @@ class GenerationDriver:
             self._recover()
             return []
         except Exception:
-            # A loop ended on another error: the workers may disagree on what they ran, so they
-            # all leave their loops and groups (recover re-forms one), drop their sequences, and
-            # everything in flight is queued again; the caller sees the error.
-            loops.stop()
-            engine.healthy = False
-            engine.recover()
-            engine.reset_sequences()
-            self._requeue_in_flight()
+            # A loop ended on another error: the workers may disagree on what they ran, so the
+            # engine recovers as after a lost worker (loops stopped, a new group, sequences dropped,
+            # everything in flight queued again); the caller sees the error.
+            self._recover()
             raise
         results = [r.result for r in reports]
         now = time.perf_counter()

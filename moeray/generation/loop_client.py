@@ -69,8 +69,7 @@ class LoopClient:
         self.running = False
         self._drains = {}
         self._buffer = []
-        if self._commit is not None:  # never reported by everyone: recover() adopts or drops it
-            self._commit = None
+        self._commit = None  # its switch was never reported: recover() adopts it (engine._committing)
 
     def finish(self) -> list[LoopReport]:
         """Every loop leaves at the same step (a stop message, agreed like a commit), so the
@@ -78,21 +77,12 @@ class LoopClient:
         self.send(stop=True)
         reports, self._buffer = self._buffer, []
         timeout = self.engine.config.parallel.collective_timeout_s + _STOP_MARGIN_S
-        for rank, worker in enumerate(self.engine.workers):
+        for rank in range(len(self.engine.workers)):
             while True:
-                try:
-                    report = ray.get(self._drains[rank], timeout=timeout)
-                except RayActorError as exc:
-                    self.engine.healthy = False
-                    raise WorkerLost(f"worker {rank} died: {str(exc)[:200]}") from exc
-                if report.error is not None:
-                    self.engine.healthy = False
-                    raise report.error
-                self._bookkeep(rank, report)
+                report = self._collect_one(rank, timeout, final=True)
                 reports.append(report)
                 if report.ended:
                     break
-                self._drains[rank] = worker.loop_drain.remote(self._generation, _DRAIN_WAIT_S)
         self.stop()
         return reports
 
@@ -134,10 +124,9 @@ class LoopClient:
         if ready:  # everything else that is ready too, without waiting
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         ready_ids = {ref.hex() for ref in ready}
-        reports = []
-        for rank, ref in list(self._drains.items()):
-            if ref.hex() in ready_ids:
-                reports += self._collect_one(rank)
+        reports = [self._collect_one(rank) for rank, ref in list(self._drains.items()) if ref.hex() in ready_ids]
+        if reports and self.engine.coordinator is not None and self.engine.config.rebalance.enabled:
+            self.engine.poll_rebalance()  # once per collection, not per report
         return reports
 
     def _bookkeep(self, rank: int, report: LoopReport) -> None:
@@ -150,8 +139,6 @@ class LoopClient:
             if self._commit is not None and version == self._commit["version"]:
                 staged, self._commit = self._commit, None
                 engine.committed(staged, step)
-        if engine.coordinator is not None and engine.config.rebalance.enabled:
-            engine.poll_rebalance()
 
     def flush(self) -> None:
         """Every worker ships its statistics at the same step; returns once the coordinator has
@@ -168,24 +155,26 @@ class LoopClient:
             ready, _ = ray.wait(list(self._drains.values()), num_returns=1, timeout=1.0)
             for ref in ready:
                 rank = ranks[ref.hex()]
-                before = len(self._buffer)
-                self._buffer += self._collect_one(rank)
-                for report in self._buffer[before:]:
-                    snapshot_refs += list(report.snapshot_refs)
-                    if report.flushes_done >= target:
-                        done.add(rank)
+                report = self._collect_one(rank)
+                self._buffer.append(report)
+                snapshot_refs += list(report.snapshot_refs)
+                if report.flushes_done >= target:
+                    done.add(rank)
         ray.get(snapshot_refs, timeout=60)
 
-    def _collect_one(self, rank: int) -> list[LoopReport]:
-        ref = self._drains[rank]
+    def _collect_one(self, rank: int, timeout_s: float | None = None, final: bool = False) -> LoopReport:
+        """Worker `rank`'s ready (or, with timeout_s, awaited) report; the next drain is issued
+        unless the loop ended. A dead worker or a loop that ended on an error (or, unless `final`,
+        at all) marks the engine unhealthy and raises."""
         try:
-            report = ray.get(ref)
+            report = ray.get(self._drains[rank], timeout=timeout_s)
         except RayActorError as exc:
             self.engine.healthy = False
             raise WorkerLost(f"worker {rank} died: {str(exc)[:200]}") from exc
-        if report.error is not None or report.ended:
+        if report.error is not None or (report.ended and not final):
             self.engine.healthy = False
             raise report.error if report.error is not None else WorkerLost(f"worker {rank}'s step loop ended")
-        self._drains[rank] = self.engine.workers[rank].loop_drain.remote(self._generation, _DRAIN_WAIT_S)
+        if not report.ended:
+            self._drains[rank] = self.engine.workers[rank].loop_drain.remote(self._generation, _DRAIN_WAIT_S)
         self._bookkeep(rank, report)
-        return [report]
+        return report
