@@ -1,10 +1,10 @@
 """The OpenAI-compatible HTTP service on Ray Serve, end to end on the session's local cluster.
 
-One module-scoped app (the built-in tiny model, 2 CPU workers) that every test talks to over HTTP,
+One app (the built-in tiny model, 2 CPU workers; the session's `service` fixture, shared with
+test_serve_bad_input.py) that every test talks to over HTTP,
 through the official `openai` client and raw requests: answers equal the single-process greedy
 reference (plain, streamed, token-id and batched prompts), concurrent requests share engine steps,
-every bad input is a 4xx in OpenAI's error shape naming the field (and the next request still
-succeeds), a client that goes away frees its request, placement / rebalance / metrics / health,
+placement / rebalance / scale / metrics / health,
 the README's curl lines, and a killed worker replaced transparently. One more app, started and
 deleted inside its test: two replicas (two engines) behind one endpoint, with an API key and a
 chat template. Each test sends the traffic it checks, so the tests pass alone and in any order.
@@ -12,13 +12,10 @@ chat template. Each test sends the traffic it checks, so the tests pass alone an
 
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
 import subprocess
 import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,96 +24,11 @@ serve = pytest.importorskip("ray.serve", reason="needs ray[serve] (pip install -
 requests = pytest.importorskip("requests")
 openai = pytest.importorskip("openai")
 
-from prometheus_client.parser import text_string_to_metric_families
 
 from moeray.config import EngineOptions, ParallelConfig, RebalanceConfig, StatsConfig
-from moeray.generation.reference import greedy_generate
-from moeray.generation.tokenizer import Tokenizer
 from moeray.serving.config import ServeConfig, ServiceConfig
 from moeray.serving.core import PortInUse, check_port_free
-from tests.helpers import make_checkpoint
-
-REPO = Path(__file__).resolve().parents[2]
-VOCAB = 512
-CONTEXT = 1024  # the tiny model's max_position_embeddings
-PROMPT = "The river begins as a thin stream"
-CHAT_TEMPLATE = ("{% for m in messages %}{{ bos_token if loop.first else '' }}<|{{ m.role }}|>\n{{ m.content }}\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(condition, what: str, timeout: float = 60.0, interval: float = 0.05):
-    """Poll `condition()` until it returns something truthy (returned), or fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-class Service:
-    def __init__(self, port: int, ckpt: str, cfg, reference, model_name: str):
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.ckpt, self.cfg, self.reference, self.model_name = ckpt, cfg, reference, model_name
-        self.tokenizer = Tokenizer.from_dir(ckpt)
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def greedy(self, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str, str]:
-        """The reference's (token ids, text, finish_reason), as the service reports them: an EOS
-        ends the output and is not part of its text."""
-        ids = greedy_generate(self.reference, prompt_ids, max_tokens, self.cfg.eos_token_ids)
-        if ids and ids[-1] in self.cfg.eos_token_ids:
-            return ids, self.tokenizer.decode(ids[:-1]), "stop"
-        return ids, self.tokenizer.decode(ids), "length"
-
-    def complete(self, max_tokens: int = 1, **body) -> requests.Response:
-        return requests.post(f"{self.url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": max_tokens,
-                                                                 **body}, timeout=120)
-
-    def metrics(self) -> dict[tuple[str, tuple], float]:
-        """{(sample name, sorted labels without model_name): value} of one /metrics scrape."""
-        resp = requests.get(f"{self.url}/metrics", timeout=60)
-        assert resp.status_code == 200, resp.text
-        assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
-        samples = {}
-        for family in text_string_to_metric_families(resp.text):
-            for s in family.samples:
-                labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
-                samples[(s.name, labels)] = s.value
-        return samples
-
-    def metric(self, name: str, **labels) -> float:
-        return self.metrics()[(name, tuple(sorted(labels.items())))]
-
-
-@pytest.fixture(scope="module")
-def service(ray_cluster, tmp_path_factory):
-    from moeray.serving.deployment import run_service
-
-    ckpt, model_cfg, reference = make_checkpoint(tmp_path_factory.mktemp("serve"), seed=5, vocab_size=VOCAB,
-                                                 num_experts=8, top_k=2)
-    config = ServiceConfig(
-        checkpoint=ckpt,
-        engine=EngineOptions(parallel=ParallelConfig(num_workers=2, redundant_slots_per_worker=1,
-                                                     collective_timeout_s=30),
-                             rebalance=RebalanceConfig(enabled=False, min_tokens=0)),
-        serve=ServeConfig(port=_free_port(), max_tokens_per_request=CONTEXT, app_name="moeray-test",
-                          model_name="tiny-moe"),
-    )
-    run_service(config, blocking=False)
-    yield Service(config.serve.port, ckpt, model_cfg, reference, "tiny-moe")
-    serve.shutdown()
-
+from tests.actors.serving_app import CHAT_TEMPLATE, CONTEXT, PROMPT, REPO, VOCAB, free_port, wait_for
 
 # ---- the OpenAI API ---------------------------------------------------------------------------------
 
@@ -213,104 +125,6 @@ def test_models_lists_the_served_model(service):
     assert models[0].owned_by == "moeray" and models[0].model_extra["max_model_len"] == CONTEXT
 
 
-BAD_BODIES = [
-    # (raw body or JSON, status, param, words in the message)
-    (b"{not json", 400, None, "not valid JSON"),
-    (b"", 400, None, "empty"),
-    (b"[1, 2, 3]", 400, None, "JSON object, got a JSON array"),
-    ({}, 400, "prompt", "field required"),
-    ({"prompt": "x", "bogus": 1}, 400, "bogus", "unknown field"),
-    ({"prompt": 5}, 400, "prompt", "got 5"),
-    ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
-    ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
-    ({"prompt": "x", "stream": "yes"}, 400, "stream", "valid boolean"),
-    ({"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 1"),
-    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
-    ({"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens", "context holds 1024 tokens"),
-    ({"prompt": "x", "temperature": -0.5}, 400, "temperature", "greater than or equal to 0"),
-    (b'{"prompt": "x", "temperature": NaN}', 400, "temperature", "finite number"),
-    (b'{"prompt": "x", "top_p": Infinity}', 400, "top_p", "finite number"),
-    ({"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
-    ({"prompt": "x", "top_p": 1.5}, 400, "top_p", "less than or equal to 1"),
-    ({"prompt": [1, 600, 2]}, 400, "prompt", "token id 600 is outside the vocabulary [0, 512)"),
-    ({"prompt": [-3]}, 400, "prompt", "token id -3"),
-    ({"prompt": [1, 10**20]}, 400, "prompt", "token id 100000000000000000000"),
-    ({"prompt": [1, 2.0]}, 400, "prompt", "prompt[1] = 2.0 is not a token id"),
-    ({"prompt": [1, "7"]}, 400, "prompt", "prompt[1] = '7' is not a token id"),
-    ({"prompt": [1, True]}, 400, "prompt", "prompt[1] = True is not a token id"),
-    ({"prompt": [[1, 2], [3, 2.0]]}, 400, "prompt", "prompt[1][1] = 2.0"),
-    ({"prompt": list(range(1, CONTEXT + 1))}, 400, "prompt", "1024 tokens"),
-    ({"prompt": "x", "n": 2}, 400, "n", "only n=1"),
-    ({"prompt": "x", "echo": True}, 400, "echo", "echo=true is not supported"),
-    ({"prompt": "x", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
-    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "only with stream=true"),
-    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "'gpt-4' does not exist"),
-]
-
-
-@pytest.mark.parametrize("body,status,param,words", BAD_BODIES,
-                         ids=[f"{i}-{param or 'body'}" for i, (_, _, param, _) in enumerate(BAD_BODIES)])
-def test_bad_input_is_a_4xx_naming_the_field_and_the_service_keeps_serving(service, body, status, param, words):
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    resp = requests.post(f"{service.url}/v1/completions", data=raw, headers={"content-type": "application/json"},
-                         timeout=60)
-    assert resp.status_code == status, resp.text
-    error = resp.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == "invalid_request_error" and error["param"] == param
-    assert words in error["message"], error["message"]
-    ok = service.complete(max_tokens=2, temperature=0)
-    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == service.greedy([5, 6, 7], 2)[1]
-
-
-@pytest.mark.parametrize("body,param", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
-])
-def test_bad_chat_input_is_a_400_naming_the_field(service, body, param):
-    resp = requests.post(f"{service.url}/v1/chat/completions", json=body, timeout=60)
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
-
-
-def test_unknown_routes_and_methods_answer_in_the_openai_error_shape(service):
-    for resp, status in ((requests.get(f"{service.url}/v1/nothing", timeout=60), 404),
-                         (requests.get(f"{service.url}/v1/completions", timeout=60), 405)):
-        assert resp.status_code == status and set(resp.json()["error"]) == {"message", "type", "param", "code"}
-
-
-# ---- clients that go away -----------------------------------------------------------------------
-
-def _open_completion(service, body: dict) -> http.client.HTTPConnection:
-    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
-    return conn
-
-
-@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "plain"])
-def test_a_client_that_disconnects_aborts_its_request_and_frees_its_kv(service, streaming):
-    running = lambda: service.metric("moeray:num_requests_running")
-    before = service.metrics()
-    max_tokens = CONTEXT - 8  # minutes of decoding if nobody stopped it
-    conn = _open_completion(service, {"prompt": [5, 6, 7], "max_tokens": max_tokens, "ignore_eos": True,
-                                      "stream": streaming})
-    if streaming:
-        resp = conn.getresponse()
-        assert resp.status == 200 and resp.readline().startswith(b"data: {")  # it is generating
-    else:
-        _wait_for(lambda: running() == 1, "the request to run")
-    conn.sock.shutdown(2)  # the client goes away mid-request
-    conn.close()
-    _wait_for(lambda: running() == 0, "the aborted request to leave the scheduler", timeout=30)
-    after = service.metrics()
-    generated = after[("moeray:generation_tokens_total", ())] - before[("moeray:generation_tokens_total", ())]
-    assert generated < max_tokens, "the request ran to completion: it was not aborted"
-    aborts = [("moeray:request_success_total", (("finished_reason", "abort"),))]
-    assert after[aborts[0]] - before.get(aborts[0], 0) == 1
-    assert all(v == 0 for (name, _), v in after.items() if name == "moeray:kv_cache_usage_perc"), "KV not freed"
-    assert service.complete().status_code == 200
-
 
 # ---- placement, rebalance, metrics, health ---------------------------------------------------------
 
@@ -353,7 +167,7 @@ def test_metrics_after_traffic_have_vllm_names_and_sane_values(service):
         scrape = service.metrics()
         return scrape if any(name == "moeray:expert_imbalance" for name, _ in scrape) else None
 
-    m = _wait_for(with_realised_imbalance, "the coordinator's first routing snapshot", timeout=30)
+    m = wait_for(with_realised_imbalance, "the coordinator's first routing snapshot", timeout=30)
 
     def grew(name, by=None):
         delta = m[(name, ())] - before.get((name, ()), 0)
@@ -407,7 +221,7 @@ def test_a_second_service_on_a_busy_port_is_refused(service):
     same = ServiceConfig(checkpoint=service.ckpt, serve=ServeConfig(port=service.port, app_name="moeray-test"))
     with pytest.raises(RuntimeError, match="'moeray-test' already runs"):
         run_service(same, blocking=False)
-    other_port = ServiceConfig(checkpoint=service.ckpt, serve=ServeConfig(port=_free_port(), app_name="x"))
+    other_port = ServiceConfig(checkpoint=service.ckpt, serve=ServeConfig(port=free_port(), app_name="x"))
     with pytest.raises(RuntimeError, match=f"already runs on this cluster at 127.0.0.1:{service.port}"):
         run_service(other_port, blocking=False)
 
@@ -462,7 +276,7 @@ def test_two_replicas_behind_one_endpoint_with_an_api_key_and_a_chat_template(se
             replicas.add(requests.get(f"{base}/healthz", timeout=60).json()["replica"])
             return len(replicas) == 2
 
-        _wait_for(answer_and_note_replica, "requests answered by both replicas", timeout=60, interval=0)
+        wait_for(answer_and_note_replica, "requests answered by both replicas", timeout=60, interval=0)
     finally:
         serve.delete("moeray-two")
 
@@ -492,7 +306,7 @@ def test_a_killed_worker_is_replaced_and_requests_still_succeed(service):
 
     assert service.complete(max_tokens=2).status_code == 200  # the engine is serving when the worker dies
     recoveries_before = len(requests.get(f"{service.url}/v1/placement", timeout=60).json()["recoveries"])
-    os.kill(_wait_for(engine_workers, "exactly the service's 2 worker processes")[0].pid, signal.SIGKILL)
+    os.kill(wait_for(engine_workers, "exactly the service's 2 worker processes")[0].pid, signal.SIGKILL)
     prompt = (np.arange(30) % VOCAB).tolist()
     resp = requests.post(f"{service.url}/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0},
                          timeout=120)
