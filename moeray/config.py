@@ -209,6 +209,12 @@ class ParallelConfig(_Frozen):
                     "per step (the simple reference path)")
     cuda_graphs: bool = Field(
         default=True, description="replay decode steps as CUDA graphs (one GPU worker only: an all-to-all syncs the host)")
+    recovery: Literal["shrink", "replace"] = Field(
+        default="shrink",
+        description="after a lost worker: the survivors go on at once as a smaller group and a replacement joins "
+                    "later when the cluster has room (shrink), or wait for a replacement at the same count (replace). "
+                    "GPU workers are always replaced")
+    rejoin: bool = Field(default=True, description="grow back to the configured worker count after a shrink")
     overlap_chunks: int = Field(
         default=1, ge=1, le=16,
         description="token chunks per MoE layer step; > 1 hides each chunk's all-to-all behind another chunk's expert math",
@@ -239,6 +245,8 @@ class RebalanceConfig(_Frozen):
     confirmations: int = Field(default=1, ge=1)
     drift_threshold: float = Field(default=0.2, gt=0, le=1,
                                    description="total-variation shift of the expert distribution that counts as a drift")
+    stuck_timeout_s: float = Field(
+        default=120.0, gt=0, description="a rebalance whose prepare or commit takes longer is abandoned and reported")
 
 
 class CacheConfig(_Frozen):

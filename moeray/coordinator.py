@@ -29,7 +29,8 @@ from placement.policy import PolicyConfig
 class Coordinator:
     def __init__(self, phy2log_LS: np.ndarray, version: int, num_experts: int, slots_per_worker: int,
                  bytes_per_expert: int, rebalance: dict, workers: list, epoch: int, timeout_s: float,
-                 device: str = "cpu", replica_weights_LS: np.ndarray | None = None):
+                 device: str = "cpu", replica_weights_LS: np.ndarray | None = None, restored: dict | None = None):
+        """`restored`: what the engine kept when the previous coordinator died (CoordinatorCore.restore)."""
         placement = Placement(phy2log_LS, num_experts, slots_per_worker, version)
         self.core = CoordinatorCore(
             placement=placement,
@@ -43,6 +44,8 @@ class Coordinator:
             drift_threshold=rebalance["drift_threshold"],
             replica_weights_LS=replica_weights_LS,  # a coordinator restarted by Engine.recover
         )
+        if restored is not None:
+            self.core.restore(**restored)
         self.workers = workers
         self.timeout_s = timeout_s
         # Control plane: planning and snapshot handling yield the CPU to the workers' steps.
@@ -120,6 +123,10 @@ class Coordinator:
 
     def committed(self, version: int, step: int) -> None:
         self.core.committed(version, step)
+
+    def records(self) -> list[dict]:
+        """The rebalance log (the engine keeps a copy that outlives this actor)."""
+        return [r.as_dict() for r in self.core.records]
 
     def view(self, timeline: bool = True) -> dict:
         """Compact view for metrics and the placement report (CoordinatorCore.view)."""

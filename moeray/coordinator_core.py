@@ -250,6 +250,18 @@ class CoordinatorCore:
         self.epoch = epoch
         self.pending.clear()  # half-collected ranges of the old epoch would never complete
 
+    def restore(self, highest_version: int, records: list[dict], load_LE: np.ndarray | None) -> None:
+        """A coordinator rebuilt after the previous one died (Engine.restart_coordinator): versions
+        continue above every one any worker ran or staged, the rebalance log the engine kept goes
+        on, and the load the workers counted since start-up stands in for one window until new
+        ranges replace it (the drift check restarts the estimate if traffic moved since)."""
+        self.highest_version = max(self.highest_version, int(highest_version))
+        known = {f for f in RebalanceRecord.__dataclass_fields__}
+        self.records = [RebalanceRecord(**{k: v for k, v in r.items() if k in known}) for r in records]
+        if load_LE is not None and np.asarray(load_LE).sum() > 0:
+            self.window = self.window.update(load_LE, steps=self.window_steps)
+            self.recent = self.recent.update(load_LE, steps=self.window_steps)
+
     def reserve_version(self) -> int:
         """A placement version never used before (Engine.scale numbers its placement with it)."""
         self.highest_version += 1

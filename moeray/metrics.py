@@ -93,11 +93,7 @@ class _Tracked:
 
 def fetch_coordinator_view(engine, timeline: bool) -> dict | None:
     """The coordinator's compact view (CoordinatorCore.view); None without a coordinator."""
-    if engine.coordinator is None:
-        return None
-    import ray
-
-    return ray.get(engine.coordinator.view.remote(timeline), timeout=_COORDINATOR_TIMEOUT_S)
+    return engine.coordinator_view(timeline, _COORDINATOR_TIMEOUT_S)
 
 
 class ServingMetrics:
@@ -212,6 +208,7 @@ class ServingMetrics:
             "num_requests_running": len(scheduler.running),
             "num_requests_waiting": len(scheduler.waiting),
             "workers": len(engine.workers),
+            "target_workers": engine.target_workers,
             "epoch": engine.epoch,
             "placement_version": engine.placement().version,
         }
@@ -219,6 +216,7 @@ class ServingMetrics:
             "num_requests_running": "Requests with a sequence on a worker.",
             "num_requests_waiting": "Requests queued for admission.",
             "workers": "Workers in the expert-parallel group.",
+            "target_workers": "Workers the group should have (more than `workers` after a loss, until a replacement joins).",
             "epoch": "Group epoch (increases at every recovery).",
             "placement_version": "Version of the committed expert placement.",
         }
@@ -236,7 +234,25 @@ class ServingMetrics:
         recoveries.add_metric([m], len(engine.recoveries))
         errors = _family(CounterMetricFamily, "moeray:rebalance_errors", "Migrations abandoned after an error.")
         errors.add_metric([m], len(engine.rebalance_errors))
-        families += [kv, recoveries, errors]
+        events = engine.events
+        last_recovery = next((e for e in reversed(events) if e["kind"] == "recovery"), None)
+        health = engine.rebalance_health()
+        counters = {
+            "scale_events": ("Worker-count changes (requested scales and rejoins after a loss).", "scale"),
+            "coordinator_restarts": ("Coordinators rebuilt after a death or a stuck rebalance.", "coordinator_restart"),
+            "rebalances_stuck": ("Rebalances abandoned because a phase outlasted stuck_timeout_s.", "rebalance_stuck"),
+        }
+        for name, (doc, kind) in counters.items():
+            family = _family(CounterMetricFamily, f"moeray:{name}", doc)
+            family.add_metric([m], sum(e["kind"] == kind for e in events))
+            families.append(family)
+        last = _family(GaugeMetricFamily, "moeray:last_recovery_seconds",
+                       "Detection to recovered, of the last recovery from a lost worker (0: none yet).")
+        last.add_metric([m], 0.0 if last_recovery is None else last_recovery["recovered_at_s"] - last_recovery["detected_at_s"])
+        stopped = _family(GaugeMetricFamily, "moeray:rebalancing_stopped",
+                          "1 while rebalancing is on but no coordinator serves, or a rebalance is stuck.")
+        stopped.add_metric([m], float(health["state"] in ("stopped", "restarting") or health["stuck"]))
+        families += [kv, recoveries, errors, last, stopped]
         view = None
         if engine.coordinator is not None:
             try:

@@ -57,6 +57,11 @@ class SlotStaging:
             raise RuntimeError(f"commit of placement v{version} but v{have} is staged")
         return staged
 
+    @property
+    def newest(self) -> int:
+        """The newest version ever staged here (-1: none)."""
+        return self._newest
+
     def discard(self) -> None:
         with self._lock:
             self._staged = None

@@ -168,11 +168,14 @@ class Worker:
         return self.placement.version
 
     def reconfigure(self, rank: int, config: EngineConfig, phy2log_LS: np.ndarray, version: int,
-                    replica_weights_LS: np.ndarray | None) -> dict:
-        """Take part in a resized group (Engine.scale): a new rank, worker count, slots per worker
-        and placement. The sequences and their KV cache stay. A slot whose expert this worker
-        already holds is copied locally; any other is read from the checkpoint. The group is left:
-        the engine forms the new epoch's next. Returns how many slots came from where."""
+                    replica_weights_LS: np.ndarray | None, sources: dict | None = None) -> dict:
+        """Take part in a resized group (Engine.scale, a recovery that shrinks): a new rank, worker
+        count, slots per worker and placement. The sequences and their KV cache stay. A slot whose
+        expert this worker already holds is copied locally; one in `sources` ({(layer, expert):
+        ([ref], index)}, another worker's live copy exported to the object store) is fetched from
+        there; any other is read from the checkpoint. The group is left: the engine forms the new
+        epoch's next. Returns how many slots came from where."""
+        fetched = self._fetch_sources(sources or {})  # before the lock: steps go on while it arrives
         with self._step_lock:
             self.staging.discard()
             self.leave_group()
@@ -183,12 +186,15 @@ class Worker:
             self.replica_weights_LS = replica_weights_LS
             self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
             mine_LS = self.placement.slots_of_worker(rank)
-            copied = read = 0
+            copied = read = from_replicas = 0
             for layer, block in enumerate(self.model.moe_blocks):
                 old = block.experts
                 held = {int(e): j for j, e in enumerate(old_mine_LS[layer]) if e >= 0}
                 missing = [int(e) for e in mine_LS[layer] if e >= 0 and int(e) not in held]
-                fresh = dict(zip(missing, zip(*self.reader.read_expert_slots(layer, np.array(missing), self.dtype))))
+                fresh = {e: fetched[(layer, e)] for e in missing if (layer, e) in fetched}
+                from_replicas += len(fresh)
+                unread = [e for e in missing if e not in fresh]
+                fresh.update(zip(unread, zip(*self.reader.read_expert_slots(layer, np.array(unread), self.dtype))))
                 w13 = torch.zeros((len(mine_LS[layer]),) + tuple(old.w13_SHD.shape[1:]), dtype=self.dtype, device=self.device)
                 w2 = torch.zeros((len(mine_LS[layer]),) + tuple(old.w2_SDF.shape[1:]), dtype=self.dtype, device=self.device)
                 for slot, expert in enumerate(int(e) for e in mine_LS[layer]):
@@ -199,8 +205,8 @@ class Worker:
                         w2[slot].copy_(old.w2_SDF.data[held[expert]])
                         copied += 1
                     else:
-                        w13[slot].copy_(fresh[expert][0])
-                        w2[slot].copy_(fresh[expert][1])
+                        w13[slot].copy_(as_source_tensor(fresh[expert][0]))
+                        w2[slot].copy_(as_source_tensor(fresh[expert][1]))
                         read += 1
                 experts = self._slot_experts_of(layer, w13, w2)
                 experts.load_E.copy_(old.load_E)  # routed pairs since start-up (engine.load()) carry on
@@ -209,7 +215,31 @@ class Worker:
             self._shipped_load_LE, self._shipped_rows_LS = self._read_counters()
             self._shipped_step, self._commit_ms = self.steps, None
             self.runner.set_cuda_graphs(self._graphs_apply())
-        return {"rank": rank, "slots_copied": copied, "slots_read": read}
+        return {"rank": rank, "slots_copied": copied, "slots_from_replicas": from_replicas,
+                "slots_read": read - from_replicas}
+
+    def _fetch_sources(self, sources: dict) -> dict:
+        """{(layer, expert): (w13_HD, w2_DF)} of other workers' exported live copies (read-only
+        object-store views; copied into the new slot tensors by reconfigure)."""
+        if not sources:
+            return {}
+        timeout = self.config.parallel.collective_timeout_s
+        refs = list({src[0][0].hex(): src[0][0] for src in sources.values()}.values())  # [ref of a slot list]
+        lists = dict(zip([r.hex() for r in refs], ray.get(refs, timeout=timeout)))
+        return {key: lists[ref_box[0].hex()][index] for key, (ref_box, index) in sources.items()}
+
+    def held_slots(self) -> np.ndarray:
+        """[L, S_w] the expert each of this worker's slots holds now (-1: free)."""
+        return self.placement.slots_of_worker(self.rank)
+
+    def discard_staging(self) -> None:
+        """Drop a staged version (its coordinator died: it can never commit)."""
+        self.staging.discard()
+
+    def newest_version(self) -> int:
+        """The newest placement version this worker ran or staged (a coordinator rebuilt after a
+        death counts from above it, so no version is ever reused)."""
+        return max(self.placement.version, self.staging.newest)
 
     def _graphs_apply(self) -> bool:
         par = self.config.parallel

@@ -74,3 +74,17 @@ def resize_plan(load_LE: np.ndarray | None, current: Placement, num_workers: int
     carried = Placement(carry_over(current, num_workers, slots_per_worker, load_LE), num_experts, slots_per_worker,
                         current.version).validate()
     return plan(load_LE, Topology.flat(num_workers, slots_per_worker), carried, bytes_per_expert, options)
+
+
+def survivors_first(current: Placement, surviving_ranks: list[int]) -> Placement:
+    """The current placement with its worker blocks reordered: the surviving ranks first, in the
+    given order (they become ranks 0..W'-1), every other worker after them. `resize_plan(load,
+    survivors_first(p, alive), len(alive), ...)` then plans for the survivors alone, keeping what
+    each of them holds (recovery that shrinks instead of waiting for a replacement)."""
+    surviving = [int(r) for r in surviving_ranks]
+    if len(set(surviving)) != len(surviving) or any(not 0 <= r < current.num_workers for r in surviving):
+        raise ValueError(f"surviving ranks {surviving_ranks} must be distinct ranks of the {current.num_workers} workers")
+    order = surviving + [r for r in range(current.num_workers) if r not in surviving]
+    num_layers, slots = current.phy2log.shape[0], current.slots_per_worker
+    blocks_LWS = current.phy2log.reshape(num_layers, current.num_workers, slots)[:, order]
+    return Placement(blocks_LWS.reshape(num_layers, -1).copy(), current.num_experts, slots, current.version).validate()

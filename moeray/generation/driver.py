@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
 
 from moeray.errors import CollectiveError, WorkerLost
 from moeray.generation.loop_client import LoopClient
@@ -88,6 +89,7 @@ class GenerationDriver:
         self._ids = itertools.count()
         self.last_step: dict = {}
         self._held_outputs: list[RequestOutput] = []  # collected outside step() (a scale), returned by it
+        self.last_scale_event: dict | None = None
         self.poll_timeout_s = 0.005  # how long step() waits for worker output (new requests wait at most this)
 
     # ---- requests in -------------------------------------------------------------------------
@@ -150,6 +152,8 @@ class GenerationDriver:
         sends what the scheduler admitted or aborted and collects what the workers produced
         meanwhile (waiting up to a few ms for it). With "driver" it runs exactly one lockstep
         engine step (the simple reference path)."""
+        if self.engine.target_workers != len(self.engine.workers) and self.engine.healthy:
+            self._advance_membership()
         if self.engine.config.parallel.step_loop == "workers":
             return self._step_with_loops()
         start = time.perf_counter()
@@ -169,7 +173,8 @@ class GenerationDriver:
             raise
         stepped = time.perf_counter()
         self.scheduler.update(results)
-        outputs = self._absorb(results, stepped)
+        outputs, self._held_outputs = self._held_outputs, []
+        outputs += self._absorb(results, stepped)
         self.last_step = {"plan_ms": 1e3 * (planned - start), "engine_ms": 1e3 * (stepped - planned),
                           "absorb_ms": 1e3 * (time.perf_counter() - stepped),
                           "tokens": sum(r.num_tokens for r in results),
@@ -209,13 +214,60 @@ class GenerationDriver:
                               "tokens": sum(len(u.token_ids) for r in results for u in r.updates)}
         return outputs
 
-    def scale(self, num_workers: int) -> dict:
-        """Change the engine's worker count between steps (Engine.scale). The worker loops end at
-        one step (their output is kept for the next step()); requests on leaving workers are
-        re-prefilled elsewhere with what they generated; the others keep their KV cache."""
+    def request_scale(self, num_workers: int) -> None:
+        """Change the worker count without waiting (the serving loop's way): a scale down happens
+        at the next step(); a scale up starts the new workers now and they join at the first
+        step() after they have loaded, while requests keep flowing. ValueError naming a bad count."""
         from moeray.scaling import scaled_config
 
-        scaled_config(self.engine.config, num_workers)  # a bad count is refused before anything stops
+        scaled_config(self.engine.config, num_workers)
+        self.engine.target_workers = num_workers
+        self.last_scale_event = None
+
+    def scale(self, num_workers: int) -> dict:
+        """Change the worker count and wait for it (Engine.scale): serving goes on while new
+        workers load; then the worker loops end at one step (their output is kept for the next
+        step()), requests on leaving workers are re-prefilled elsewhere with what they generated,
+        the others keep their KV cache. RuntimeError naming the resources when the cluster cannot
+        place the new workers within placement_timeout_s (nothing changed)."""
+        self.request_scale(num_workers)
+        engine = self.engine
+        deadline = time.monotonic() + engine.config.parallel.placement_timeout_s
+        collected: list[RequestOutput] = []
+        while len(engine.workers) != num_workers or not engine.healthy:
+            if time.monotonic() > deadline:
+                self.give_up_scale(num_workers)
+            if not self.scheduler.running and engine.joiners is not None:
+                ray_wait_s = min(0.05, max(deadline - time.monotonic(), 0.0))
+                engine.joiners.wait(ray_wait_s)
+            collected += self.step()
+        self._held_outputs = collected + self._held_outputs
+        return self.last_scale_event or {"kind": "scale", "from_workers": num_workers, "to_workers": num_workers,
+                                         "changed": False}
+
+    @property
+    def membership_pending(self) -> bool:
+        """A scale (or a rejoin after a shrink) waits for workers to start or to be let go."""
+        return self.engine.target_workers != len(self.engine.workers)
+
+    def give_up_scale(self, num_workers: int) -> None:
+        engine = self.engine
+        engine.target_workers = len(engine.workers)
+        if engine.joiners is not None:
+            engine.joiners.cancel(engine)
+            engine.joiners = None
+        par = engine.config.parallel
+        raise RuntimeError(f"cannot place {num_workers - len(engine.workers)} more workers within placement_timeout_s="
+                           f"{par.placement_timeout_s:g}; the cluster has {ray.available_resources()} available")
+
+    def _advance_membership(self) -> None:
+        """Between steps: scale down now to a lower target; scale up once the joiners started."""
+        engine = self.engine
+        if engine.target_workers > len(engine.workers) and not engine.poll_rejoin():
+            return
+        self._scale_now(engine.target_workers)
+
+    def _scale_now(self, num_workers: int) -> dict:
         loops = self.engine.loops
         if loops is not None and loops.running:
             reports = loops.finish()
@@ -228,11 +280,13 @@ class GenerationDriver:
             if not self.engine.healthy:  # it failed part-way: recover() re-forms what is left
                 self._extend_prompts(self.scheduler.requeue_all())
                 self.scheduler.resize(len(self.engine.workers))
+            self.engine.target_workers = len(self.engine.workers)
             raise
         # The leaving workers (the highest ranks) are gone: their requests run again elsewhere.
         moved = self.scheduler.resize(num_workers)
         self._extend_prompts(moved)
         event["requests_moved"] = len(moved)
+        self.last_scale_event = event
         return event
 
     def _absorb(self, results: list[StepResult], now: float, versions: list[int] | None = None) -> list[RequestOutput]:
@@ -288,12 +342,19 @@ class GenerationDriver:
     def _recover(self) -> None:
         """The step met a dead worker: recover the engine, then re-run everything that was in
         flight, each request's generated tokens appended to its prompt."""
+        detected_at_s = time.time()
         self.engine.healthy = False  # e.g. a worker found dead while its loop started: recover() must act
         if self.engine.loops is not None and self.engine.loops.running:
             self.engine.loops.stop()
-        self.engine.recover()
+        event = self.engine.recover(detected_at_s=detected_at_s)
         self.engine.reset_sequences()
-        self._requeue_in_flight()
+        requeued = self.scheduler.requeue_all()
+        self._extend_prompts(requeued)
+        # A recovery that shrank the group renumbered the survivors: every sequence was re-queued
+        # above, so the scheduler only needs the new count.
+        self.scheduler.resize(len(self.engine.workers))
+        if event is not None:
+            event["requests_rerun"] = len(requeued)
 
     def _requeue_in_flight(self) -> None:
         """Every running request back to the queue with its generated tokens appended to its prompt

@@ -19,6 +19,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
@@ -31,6 +32,7 @@ from moeray.generation.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer HF checkpoints keep the template in its own file
+_MEMBERSHIP_POLL_S = 0.05  # how often an idle loop looks at workers that are starting (a scale up)
 _ADMITTED = object()  # the first item of a stream whose requests all joined the scheduler
 
 
@@ -222,12 +224,16 @@ class EngineLoop:
     their RequestStream; `call(fn)` runs fn(*args) between steps. `metrics` (a
     moeray.metrics.ServingMetrics, optional) sees every admitted request and every step's outputs."""
 
-    def __init__(self, driver: GenerationDriver, metrics=None):
+    def __init__(self, driver: GenerationDriver, metrics=None, after_step=None):
+        """`after_step()` runs on the loop thread after every step (the replica's saved-state check:
+        commits, recoveries and scales all change the placement inside a step)."""
         self.driver = driver
         self.metrics = metrics
+        self._after_step = after_step
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[RequestStream, int]] = {}  # request id -> its stream and index
         self._stopped = threading.Event()
+        self._scale_waiter: tuple[int, float, Future] | None = None  # (count, deadline, future) of a scale in progress
         self.steps = 0  # driver steps taken
         self.most_in_flight = 0  # most requests in flight at one driver step (> 1: they shared engine steps)
         self._thread = threading.Thread(target=self._run, name="moeray-engine-loop", daemon=True)
@@ -250,6 +256,14 @@ class EngineLoop:
         self._inbox.put(("call", (fn, args), future))
         return await asyncio.wrap_future(future)
 
+    async def scale(self, num_workers: int) -> dict:
+        """Change the worker count; returns the scale event once it is done. Steps go on while new
+        workers load (GenerationDriver.request_scale); ValueError for a bad count, RuntimeError when
+        the cluster cannot place the workers within placement_timeout_s (nothing changed)."""
+        future: Future = Future()
+        self._inbox.put(("scale", num_workers, future))
+        return await asyncio.wrap_future(future)
+
     @property
     def in_flight(self) -> int:
         return len(self._streams)
@@ -263,9 +277,12 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stopped.is_set():
             busy = self.driver.has_unfinished()
+            changing = self.driver.membership_pending
             try:
-                # idle: wait for work; busy: take what is there and step (never wait)
-                item = self._inbox.get(timeout=1.0) if not busy else self._inbox.get_nowait()
+                # idle: wait for work; busy: take what is there and step (never wait); a membership
+                # change in progress (new workers loading): look again soon
+                item = (self._inbox.get_nowait() if busy else
+                        self._inbox.get(timeout=_MEMBERSHIP_POLL_S if changing else 1.0))
             except queue.Empty:
                 item = None
             while item is not None:  # everything that arrived during the last step joins the next one
@@ -277,8 +294,15 @@ class EngineLoop:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     item = None
-            if self.driver.has_unfinished():
+            if self.driver.has_unfinished() or self.driver.membership_pending:
                 self._step()
+                if self._after_step is not None:
+                    try:
+                        self._after_step()
+                    except Exception:  # saving state is best-effort: serving goes on
+                        log.exception("engine loop: after_step failed")
+            if self._scale_waiter is not None:
+                self._check_scale()
 
     @staticmethod
     def _resolve(future: Future, result=None, error: BaseException | None = None) -> None:
@@ -299,11 +323,43 @@ class EngineLoop:
             self._admit(payload)
         elif kind == "abort":
             self._abort(payload)
+        elif kind == "scale":
+            self._start_scale(payload, future)
         elif kind == "call":
             fn, args = payload
             try:
                 self._resolve(future, fn(*args))
             except Exception as exc:  # noqa: BLE001 - handed to the caller
+                self._resolve(future, error=exc)
+
+    def _start_scale(self, num_workers: int, future: Future) -> None:
+        if self._scale_waiter is not None:
+            self._resolve(future, error=RuntimeError(
+                f"a scale to {self._scale_waiter[0]} workers is in progress; try again when it is done"))
+            return
+        try:
+            self.driver.request_scale(num_workers)
+        except ValueError as exc:
+            self._resolve(future, error=exc)
+            return
+        deadline = time.monotonic() + self.driver.engine.config.parallel.placement_timeout_s
+        self._scale_waiter = (num_workers, deadline, future)
+
+    def _check_scale(self) -> None:
+        """After each step: resolve the scale in progress once the engine has its workers, or fail
+        it (and give up the joiners) once placement_timeout_s has passed."""
+        num_workers, deadline, future = self._scale_waiter
+        engine = self.driver.engine
+        if len(engine.workers) == num_workers and engine.healthy:
+            self._scale_waiter = None
+            event = self.driver.last_scale_event or {"kind": "scale", "from_workers": num_workers,
+                                                     "to_workers": num_workers, "changed": False}
+            self._resolve(future, event)
+        elif time.monotonic() > deadline or future.cancelled():
+            self._scale_waiter = None
+            try:
+                self.driver.give_up_scale(num_workers)
+            except RuntimeError as exc:
                 self._resolve(future, error=exc)
 
     def _admit(self, stream: RequestStream) -> None:

@@ -51,7 +51,11 @@ def placement_report(engine, model_name: str | None = None) -> dict:
                "num_experts": model.num_experts, "top_k": model.top_k},
         placement=engine.placement(), replica_weights_LS=engine.replica_weights_LS,
         view=view, load_since_start_LE=engine.load() if view is None else None,
-        engine_state={"epoch": engine.epoch, "steps": engine.steps, "recoveries": engine.recoveries,
+        engine_state={"epoch": engine.epoch, "steps": engine.steps, "target_workers": engine.target_workers,
+                      "workers_joining": 0 if engine.joiners is None else len(engine.joiners.workers),
+                      # membership changes and coordinator rebuilds, oldest first (Engine.events)
+                      "events": engine.events[-50:], "recoveries": engine.recoveries[-20:],
+                      "rebalance_health": engine.rebalance_health(),
                       "rebalance_errors": engine.rebalance_errors[-20:]})
 
 

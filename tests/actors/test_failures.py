@@ -34,8 +34,11 @@ def replicated_engine(tmp_path, seed: int, step_loop: str = "driver"):
     """(engine, reference model, a skewed batch): 3 CPU workers with a spare slot each, so a forced
     rebalance replicates the hot expert."""
     ckpt, model_cfg, reference = make_checkpoint(tmp_path, seed=seed, family="mixtral", num_experts=8, top_k=2)
+    # recovery="replace": these tests are about replacing a dead rank at the same count (the
+    # default, shrinking to the survivors, is tests/actors/test_elastic.py)
     config = EngineConfig(model=model_cfg, parallel=ParallelConfig(num_workers=3, redundant_slots_per_worker=1,
-                                                                   collective_timeout_s=TIMEOUT_S, step_loop=step_loop))
+                                                                   collective_timeout_s=TIMEOUT_S, step_loop=step_loop,
+                                                                   recovery="replace"))
     rng = np.random.default_rng(seed)
     skewed = np.where(rng.random(300) < 0.8, seed + 3, rng.integers(0, model_cfg.vocab_size, 300))
     return Engine(config, ckpt), reference, skewed

@@ -125,9 +125,9 @@ def test_a_bad_checkpoint_is_one_clear_error_before_any_worker_starts(tmp_path, 
 
 
 def test_requests_in_flight_survive_a_killed_worker(tiny, ray_cluster):
-    """A worker dies mid-generation: the driver recovers the engine (replacement, new epoch) and
-    re-runs every request in flight (generated tokens re-prefilled): no request is lost and greedy
-    outputs are unchanged."""
+    """A worker dies mid-generation: the driver recovers the engine (the survivor goes on alone, a
+    new epoch) and re-runs every request in flight (generated tokens re-prefilled): no request is
+    lost and greedy outputs are unchanged."""
     ckpt, cfg, reference = tiny
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     with LLM(ckpt, num_workers=2, parallel={"collective_timeout_s": 5}, rebalance={"enabled": False}) as llm:
@@ -137,7 +137,9 @@ def test_requests_in_flight_survive_a_killed_worker(tiny, ray_cluster):
             driver.step()
         ray.kill(llm.engine.workers[1])
         outs = driver.run_to_completion(ids)
-        assert llm.engine.recoveries and llm.engine.recoveries[-1]["replaced"] == [1]
+        event = llm.engine.recoveries[-1]
+        assert (event["mode"], event["lost_ranks"], event["to_workers"]) == ("shrink", [1], 1)
+        assert event["requests_rerun"] == len(ids)
     for rid in ids:
         out = outs[rid]
         want = greedy_generate(reference, list(out.prompt_token_ids), 16)

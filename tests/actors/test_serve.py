@@ -313,7 +313,7 @@ def test_a_killed_worker_is_replaced_and_requests_still_succeed(service):
     assert resp.status_code == 200, resp.text
     assert resp.json()["choices"][0]["text"] == service.greedy(prompt, 5)[1]
     recoveries = requests.get(f"{service.url}/v1/placement", timeout=60).json()["recoveries"]
-    assert len(recoveries) == recoveries_before + 1 and len(recoveries[-1]["replaced"]) == 1
+    assert len(recoveries) == recoveries_before + 1 and len(recoveries[-1]["lost_ranks"]) == 1
     assert requests.get(f"{service.url}/healthz", timeout=60).json()["status"] == "ok"
 
 

@@ -63,7 +63,13 @@ class FakeEngine:
         self.workers = [object()] * W
         self.epoch = 1
         self.recoveries = [{"step": 3}]
+        self.events = [{"kind": "recovery", "detected_at_s": 10.0, "recovered_at_s": 11.5},
+                       {"kind": "scale"}, {"kind": "coordinator_restart"}, {"kind": "scale"}]
+        self.target_workers = W + 1
         self.rebalance_errors = []
+
+    def rebalance_health(self):
+        return {"state": "ok", "stuck": False}
 
     def placement(self):
         return self.core.placement if self.core is not None else Placement.contiguous(L, E, W, SPW)
@@ -148,6 +154,9 @@ def test_engine_and_expert_metrics_come_from_the_engine_and_the_coordinator_view
         [0.25, 0.5, 0.0, 0.125]
     assert values[("moeray:workers", one)] == W and values[("moeray:epoch", one)] == 1
     assert values[("moeray:recoveries_total", one)] == 1 and values[("moeray:placement_version", one)] == 1
+    assert values[("moeray:target_workers", one)] == W + 1 and values[("moeray:scale_events_total", one)] == 2
+    assert values[("moeray:coordinator_restarts_total", one)] == 1 and values[("moeray:rebalances_stuck_total", one)] == 0
+    assert values[("moeray:last_recovery_seconds", one)] == 1.5 and values[("moeray:rebalancing_stopped", one)] == 0
     record = core.records[-1]
     assert values[("moeray:rebalances_total", one)] == 1
     assert values[("moeray:rebalance_slots_moved_total", one)] == record.slots_moved > 0
