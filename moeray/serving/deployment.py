@@ -9,6 +9,8 @@ speaking the OpenAI-compatible subset vLLM serves.
     GET  /metrics               Prometheus text (moeray.metrics)
     GET  /healthz               200 while the engine's workers answer (never needs the API key)
 
+Every answer carries `x-moeray-replica: <Serve replica id>`: which replica (engine) gave it.
+
 Every error is OpenAI's body {"error": {"message", "type", "param", "code"}} naming the field.
 Bodies are read as JSON whatever the content type (curl -d sends a form type, as vLLM allows).
 Requests become requests of the generation driver (`core.EngineLoop`): they join the next engine
@@ -17,13 +19,17 @@ so a bad one never fails the others. A client that goes away (streaming or not) 
 requests: Serve cancels the handler, and the stream's `close()` frees their KV blocks. When a
 worker dies, the step recovers the engine and re-runs what was in flight; only if recovery fails
 do those requests get 503.
+
+A replica's committed placement and rebalance log outlive it (moeray/serving/persist.py): saved
+in Ray's KV under its app and replica rank whenever the placement changes, read back by the
+replica Serve starts in its place, which builds its engine on that placement.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' types at
 # runtime, and through Serve's ingress wrapper string annotations do not resolve.
 import asyncio
 import hmac
-import os
+import logging
 import sys
 import time
 import uuid
@@ -45,6 +51,7 @@ from moeray.generation.tokenizer import Tokenizer
 from moeray.llm import engine_config_for
 from moeray.metrics import CONTENT_TYPE, ServingMetrics
 from moeray.serving import openai_api as oa
+from moeray.serving import persist
 from moeray.serving.config import API_KEY_ENV, LOOPBACK_HOSTS, ServiceConfig
 from moeray.serving.core import (
     EngineLoop,
@@ -56,12 +63,22 @@ from moeray.serving.core import (
     render_chat,
 )
 from moeray.serving.placement_report import placement_report
+from moeray.serving.replica import NameTheReplica, replica_identity
+from placement import Placement
 
 app = FastAPI(title="moeray", description="Expert-parallel MoE serving with live expert placement (OpenAI API)")
 # The engine or its actors cannot answer now (a lost worker, a coordinator that timed out or died,
 # a cluster that cannot place more workers): 503, the service itself keeps serving.
 _ENGINE_ERRORS = (WorkerLost, CollectiveError, RayActorError, GetTimeoutError)
 _PROBE = SamplingParams(max_tokens=1)  # checks a prompt on its own, before its max_tokens is known
+_log = logging.getLogger("ray.serve")  # Serve's logger: lines carry the replica's app, deployment and id
+
+
+app.add_middleware(NameTheReplica)
+
+
+def _start_engine(engine_config, checkpoint: str, placement: Placement | None) -> Engine:
+    return Engine(engine_config, checkpoint, placement=placement)
 
 
 def _error_response(error: oa.OpenAIError) -> JSONResponse:
@@ -111,22 +128,34 @@ class MoEService:
     def __init__(self, service_config: dict):
         self.config = ServiceConfig.model_validate(service_config)
         checkpoint = self.config.checkpoint
-        self.engine = Engine(engine_config_for(checkpoint, self.config.engine), checkpoint)
+        self.replica, self.rank, app_name = replica_identity()
+        engine_config = engine_config_for(checkpoint, self.config.engine)
+        # What the replica this one replaces left (same app, same rank): its placement and log.
+        record = persist.load_record(app_name, self.rank) if app_name and self.rank is not None else None
+        placement, self.resume_note = persist.resume_placement(record, engine_config, checkpoint)
+        if record is not None:
+            (_log.info if placement is not None else _log.warning)("moeray: replica rank %s: %s", self.rank,
+                                                                  self.resume_note)
+        self.resumed_from = None if record is None else {
+            "replica": record.get("replica"), "version": record.get("version"), "saved_at": record.get("saved_at"),
+            "placement_resumed": placement is not None, "note": self.resume_note}
+        self.engine = _start_engine(engine_config, checkpoint, placement)
+        carried = [] if record is None else [{**entry, "from_previous_replica": True}
+                                             for entry in record.get("rebalances", [])]
+        self.state = (persist.StateSaver(app_name, self.rank, self.replica, checkpoint, carried)
+                      if app_name and self.rank is not None else None)
         self.tokenizer = Tokenizer.from_dir(checkpoint)
         self.driver = GenerationDriver(self.engine, self.tokenizer)
         self.model_name = self.config.serve.model_name or Path(checkpoint).name
         self.metrics = ServingMetrics(self.model_name)
-        self.loop = EngineLoop(self.driver, self.metrics)
+        self.loop = EngineLoop(self.driver, self.metrics, after_step=self._note_placement)
         self.chat_template = load_chat_template(checkpoint, self.tokenizer)
         self.api_key = self.config.serve.resolved_api_key()
         self.max_model_len = self.engine.config.max_model_len
         self.started = int(time.time())
-        try:
-            self.replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # noqa: BLE001 - outside a replica (never in production); the pid still tells them apart
-            self.replica = f"pid-{os.getpid()}"
         self._token_texts: dict[int, str] = {}
         self._recovery: asyncio.Future | None = None  # a recovery started by check_health
+        self._noting: asyncio.Future | None = None  # the saved-state check check_health queued
         self._failed_recoveries = 0
 
     # ---- the OpenAI API --------------------------------------------------------------------------
@@ -200,9 +229,11 @@ class MoEService:
             report = await self.loop.call(placement_report, self.engine, self.model_name)
         except _ENGINE_ERRORS as exc:
             raise _unavailable(exc) from None
-        report["service"] = {"replica": self.replica, "driver_steps": self.loop.steps,
+        report["service"] = {"replica": self.replica, "rank": self.rank, "driver_steps": self.loop.steps,
                              "most_requests_in_flight": self.loop.most_in_flight,
-                             "requests_in_flight": self.loop.in_flight}
+                             "requests_in_flight": self.loop.in_flight, "state": self._state_summary()}
+        if self.state is not None and self.state.carried_log:  # the log of the replicas this one replaced
+            report["rebalances"] = self.state.carried_log + report["rebalances"]
         return report
 
     @app.post("/v1/rebalance")
@@ -217,7 +248,8 @@ class MoEService:
         except _ENGINE_ERRORS as exc:
             raise _unavailable(exc) from None
         errors = self.engine.rebalance_errors
-        return {"staged_version": version, "last_error": errors[-1] if version is None and errors else None}
+        return {"staged_version": version, "last_error": errors[-1] if version is None and errors else None,
+                "replica": self.replica}
 
     @app.post("/v1/scale")
     async def scale(self, request: Request):
@@ -225,7 +257,7 @@ class MoEService:
         self._authorize(request)
         num_workers = oa.parse_request(oa.ScaleRequest, oa.parse_json_body(await request.body())).num_workers
         try:
-            return await self.loop.call(self.driver.scale, num_workers)
+            return await self.loop.scale(num_workers)
         except ValueError as exc:  # e.g. too few slots for every expert at that count
             raise oa.OpenAIError(400, str(exc), param="num_workers") from None
         except (*_ENGINE_ERRORS, RuntimeError) as exc:  # RuntimeError: the cluster cannot place more workers
@@ -243,9 +275,15 @@ class MoEService:
             raise oa.OpenAIError(503, "engine recovering from a lost worker", code="engine_unavailable")
         try:
             await self.loop.call(self.engine.load)  # every worker answers
+            rebalancing = await self.loop.call(self.engine.rebalance_health)
         except Exception as exc:  # noqa: BLE001 - any failure here means: not healthy
             raise _unavailable(exc) from None
-        return {"status": "ok", "workers": len(self.engine.workers), "replica": self.replica}
+        # Serving works, so 200; "degraded" says rebalancing has stopped (no coordinator answers)
+        # or one is stuck past stuck_timeout_s and not abandoned yet.
+        degraded = rebalancing["state"] in ("stopped", "restarting") or rebalancing["stuck"]
+        return {"status": "degraded" if degraded else "ok", "workers": len(self.engine.workers),
+                "target_workers": self.engine.target_workers, "epoch": self.engine.epoch,
+                "rebalancing": rebalancing, "replica": self.replica, "rank": self.rank}
 
     async def check_health(self) -> None:
         """Serve's periodic probe. A dead worker (or a failed step) starts a recovery in the
@@ -261,8 +299,25 @@ class MoEService:
             else:
                 # Through the driver: it stops the worker loops and re-runs what was in flight.
                 self._recovery = asyncio.ensure_future(self.loop.call(self.driver.recover))
+        # The saved state: a placement change the step hook missed, or log entries that gained
+        # their realised imbalance since the last save (the saver writes only what changed).
+        # Queued, not awaited: behind a recovery on the loop thread it would stall the probe.
+        if self._recovery is None and (self._noting is None or self._noting.done()):
+            self._noting = asyncio.ensure_future(self.loop.call(self._note_placement, True))
         if self._failed_recoveries:
             raise RuntimeError(f"{self._failed_recoveries} engine recoveries in a row failed")
+
+    # ---- the state that outlives this replica (persist.py) ---------------------------------------
+    def _note_placement(self, refresh_log: bool = False) -> None:
+        """On the engine-loop thread: save the placement if its version moved since the last note."""
+        if self.state is not None:
+            self.state.note(self.engine, refresh_log)
+
+    def _state_summary(self) -> dict | None:
+        if self.state is None:
+            return None
+        return {"key": self.state.key, "saved_version": self.state.saved_version, "saves": self.state.saves,
+                "last_error": self.state.last_error, "resumed_from": self.resumed_from}
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -383,6 +438,9 @@ class MoEService:
         yield oa.SSE_DONE
 
     def __del__(self):
+        state = getattr(self, "state", None)
+        if state is not None:
+            state.stop()
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop()
@@ -438,6 +496,9 @@ def run_service(config: ServiceConfig, blocking: bool = True):
     if s.host not in LOOPBACK_HOSTS and s.resolved_api_key() is None:
         print(f"moeray: warning: listening on {s.host} without an API key: anyone who can reach this machine can use "
               f"the service (set serve.api_key or ${API_KEY_ENV})", file=sys.stderr)
+    # A new app: no replica of it ran before, so a record left under its name (an app deleted
+    # earlier) is not state to resume from. (`serve deploy` keeps it: a redeploy resumes.)
+    persist.clear_app(s.app_name)
     handle = serve.run(build_app(config), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     if blocking:
         print(f"moeray: serving {config.checkpoint} on http://{s.host}:{s.port}{s.route_prefix} (Ctrl-C to stop)",
@@ -447,4 +508,5 @@ def run_service(config: ServiceConfig, blocking: bool = True):
                 time.sleep(3600)  # the proxy and replicas serve from their own actors
         except KeyboardInterrupt:
             serve.delete(s.app_name)
+            persist.clear_app(s.app_name)
     return handle
