@@ -31,6 +31,7 @@ BENCHMARKS = {
     "exchange": "NCCL all-to-all: ours (NcclGroup) vs raw all_to_all_single, 64 KiB .. 512 MiB (GPUs)",
     "layer": "one EP MoE layer on GPUs: static vs our placement under DeepSeek-V3 skew vs uniform routing",
     "serve": "the HTTP service under concurrent clients (CPU workers)",
+    "chaos": "the HTTP service while workers and the coordinator are SIGKILLed; scale up / down (CPU workers)",
     "generate": "end-to-end generation: prefill / decode tokens/s, time to first token, HBM roofline, phases",
     "memory": "a worker's resident memory after loading vs dense + its slots (CPU, a 1-2 GB checkpoint)",
 }
