@@ -1,4 +1,5 @@
-"""`python -m placement.bench`: placement quality of static / EPLB / ours on real and synthetic traces.
+"""`python -m placement.bench`: placement quality of static / EPLB / ours on real and synthetic traces
+(`--fault-aware`: only the fault-aware option's figures, placement.bench_fault).
 
 Shapes:
     L  MoE layers    E  logical experts    S  slots    T  tokens per batch    K  top-k
@@ -192,10 +193,14 @@ def main(argv=None) -> int:
     parser.add_argument("--per-batch", choices=("yes", "no", "only"), default="yes",
                         help="per-batch figures too (default), not at all, or only them")
     parser.add_argument("--batches", type=int, default=None, help="sampled steps per per-batch configuration")
+    parser.add_argument("--fault-aware", action="store_true",
+                        help="only the fault-aware figures (placement.bench_fault): plain vs fault-aware plans, JSON to --out")
     args = parser.parse_args(argv)
     machine = f"{args.machine + ' (' if args.machine else ''}{platform.machine()} {platform.system()}, Python {platform.python_version()}, numpy {np.__version__}{')' if args.machine else ''}"
     command = shlex.join(["python", "-m", "placement.bench", *(argv if argv is not None else sys.argv[1:])])
     date = args.date or time.strftime("%Y-%m-%d")
+    if args.fault_aware:
+        return fault_aware_report(args, machine, command, date)
     if args.per_batch != "no":
         per_batch_report(args, machine, command, date)
     if args.per_batch == "only":
@@ -263,6 +268,25 @@ def per_batch_report(args, machine: str, command: str, date: str) -> None:
         report = {"command": command, "machine": machine, "date": date, "batches": batches, "rows": rows,
                   "cost_model_check": check, "seconds": time.perf_counter() - started}
         Path(args.per_batch_out).write_text(json.dumps(report, indent=1))
+
+
+def fault_aware_report(args, machine: str, command: str, date: str) -> int:
+    """The fault-aware figures (placement.bench_fault) on the real traces: markdown to stdout, JSON to --out."""
+    from placement.bench_fault import bench_fault_aware, format_fault_aware
+
+    started = time.perf_counter()
+    traces = real_traces(args.traces)
+    if not traces:
+        print(f"no traces under {args.traces or '../shared/traces'}", file=sys.stderr)
+        return 1
+    if args.quick:
+        traces = [Trace(t.name, dict(list(t.workloads.items())[:3]), t.top_k) for t in traces]
+    figures = bench_fault_aware(traces, args.seed, log=lambda line: print(line, file=sys.stderr))
+    print(format_fault_aware(figures))
+    if args.out:
+        report = {"command": command, "machine": machine, "date": date, **figures, "seconds": time.perf_counter() - started}
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from placement.fault_aware import FaultAwareOptions, make_fault_aware
 from placement.layout import Migration, Placement, Topology, migration_between
 from placement.metrics import equal_replica_weights, imbalance_of_worker_loads, slot_loads, worker_loads
 from placement.packing import greedy_pack, repair_duplicates, replica_counts, replica_items
@@ -162,12 +163,16 @@ def plan(
     current: Placement | None = None,
     bytes_per_expert: int = 1,
     options: PlannerOptions | None = None,
+    fault_aware: FaultAwareOptions | None = None,
 ) -> Plan:
     """Plan a placement for `load_LE` [L, E] on `topology`, moving as little of `current` as pays.
 
     With `current`, the new placement is `current.version + 1` and `migration` lists the slot
     copies from `current`; without it, version 0 and an empty migration (weights load from the
     checkpoint).
+
+    `fault_aware` (None: off): a post-pass over the planned slots that gives the hottest experts a
+    second copy on another worker (and node) and re-balances (placement.fault_aware).
     """
     started = time.perf_counter()
     options = options or PlannerOptions()
@@ -193,6 +198,15 @@ def plan(
             load_LE, np.asarray(current.phy2log), topology, options, lambda rows_LE: fresh_plan(rows_LE, topology, options)
         )
 
+    if fault_aware is not None:
+        phy2log_LS, weights_LS = make_fault_aware(
+            load_LE, phy2log_LS, weights_LS, topology, fault_aware,
+            hierarchical=options.hierarchical and topology.num_nodes > 1,
+            current_LS=None if current is None else np.asarray(current.phy2log),
+            num_partners=options.num_partners, swap_parallel=options.swap_parallel, weight_sweeps=options.weight_sweeps,
+        )
+        if current is not None:  # a layer the pass changed did not keep its slots
+            kept_L = kept_L & (phy2log_LS == np.asarray(current.phy2log)).all(axis=1)
     phy2log_LS = np.asarray(phy2log_LS, dtype=np.int64)
     if current is None:
         placement = Placement(phy2log_LS, num_experts, spw, 0, replica_weights=weights_LS)
