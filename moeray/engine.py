@@ -418,6 +418,8 @@ class Engine:
         thread rebuilds it at the next policy check). Keeps a copy of its rebalance log."""
         if self.coordinator is None:
             return None
+        if self._coordinator_starting is not None and not self._coordinator_started(block=False):
+            return None  # a rebuilt one is still starting: never wait for it on the serving thread
         try:
             view = ray.get(self.coordinator.view.remote(timeline), timeout=timeout_s)
         except (RayActorError, GetTimeoutError):

@@ -115,9 +115,21 @@ def _unavailable(exc: Exception) -> oa.OpenAIError:
     return oa.OpenAIError(503, f"engine unavailable: {exc}", code="engine_unavailable")
 
 
-def _sse(events) -> StreamingResponse:
+async def _sse(events) -> StreamingResponse:
+    """Server-sent events. The first event is taken here, before the response starts, so the
+    generator is inside its try block from then on: a client that leaves before the body starts
+    still closes its RequestStream (aborting its requests) when the generator is closed or
+    collected; a generator that never started would run no `finally` and its requests would run
+    to the end for nobody."""
+    first = await events.__anext__()  # a cancelled handler (client gone) raises inside it: finally runs
+
+    async def body():
+        yield first
+        async for event in events:
+            yield event
+
     # no-cache / no buffering: proxies in front must pass each event on as it comes
-    return StreamingResponse(events, media_type="text/event-stream",
+    return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -172,7 +184,7 @@ class MoEService:
         stream = await self._open(prompts, [params] * len(prompts))
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return _sse(self._completion_events(stream, req, response_id, created))
+            return await _sse(self._completion_events(stream, req, response_id, created))
         outs = await self._final(stream)
         choices = [oa.CompletionChoice(
             index=i, text=out.outputs[0].text, finish_reason=out.outputs[0].finish_reason,
@@ -205,7 +217,7 @@ class MoEService:
         stream = await self._open([ids], [params])
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return _sse(self._chat_events(stream, req, response_id, created))
+            return await _sse(self._chat_events(stream, req, response_id, created))
         (out,) = await self._final(stream)
         completion = out.outputs[0]
         choice = oa.ChatChoice(index=0, message=oa.AssistantMessage(content=completion.text),

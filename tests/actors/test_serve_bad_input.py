@@ -91,14 +91,17 @@ def _open_completion(service, body: dict) -> http.client.HTTPConnection:
     return conn
 
 
-@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "plain"])
-def test_a_client_that_disconnects_aborts_its_request_and_frees_its_kv(service, streaming):
+@pytest.mark.parametrize("streaming,read_first", [(True, True), (True, False), (False, False)],
+                         ids=["streaming", "streaming-unread", "plain"])
+def test_a_client_that_disconnects_aborts_its_request_and_frees_its_kv(service, streaming, read_first):
+    """Also a streaming client that leaves without reading a byte (its response may not have
+    started: the SSE generator is primed in the handler, so its close still aborts)."""
     running = lambda: service.metric("moeray:num_requests_running")
     before = service.metrics()
     max_tokens = CONTEXT - 8  # minutes of decoding if nobody stopped it
     conn = _open_completion(service, {"prompt": [5, 6, 7], "max_tokens": max_tokens, "ignore_eos": True,
                                       "stream": streaming})
-    if streaming:
+    if read_first:
         resp = conn.getresponse()
         assert resp.status == 200 and resp.readline().startswith(b"data: {")  # it is generating
     else:
