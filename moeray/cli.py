@@ -32,6 +32,7 @@ BENCHMARKS = {
     "layer": "one EP MoE layer on GPUs: static vs our placement under DeepSeek-V3 skew vs uniform routing",
     "serve": "the HTTP service under concurrent clients (CPU workers)",
     "chaos": "the HTTP service while workers and the coordinator are SIGKILLed; scale up / down (CPU workers)",
+    "kvmove": "a moved sequence: its KV cache through the object store vs re-prefilling it (CPU workers)",
     "generate": "end-to-end generation: prefill / decode tokens/s, time to first token, HBM roofline, phases",
     "memory": "a worker's resident memory after loading vs dense + its slots (CPU, a 1-2 GB checkpoint)",
 }

@@ -48,7 +48,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-settle-s", type=float, default=10.0, help="streaming at each count after a scale")
     p.add_argument("--recovery", choices=("shrink", "replace"), default=None,
                    help="parallel.recovery: go on without a lost worker, or replace it (default: the engine's)")
-    p.add_argument("--seed", type=int, default=0)
 
 
 class ServiceProcesses:
