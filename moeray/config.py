@@ -245,6 +245,9 @@ class RebalanceConfig(_Frozen):
     confirmations: int = Field(default=1, ge=1)
     drift_threshold: float = Field(default=0.2, gt=0, le=1,
                                    description="total-variation shift of the expert distribution that counts as a drift")
+    fault_aware: bool = Field(
+        default=False, description="plan second copies of the hottest experts on other workers / nodes, so one "
+                                   "loss leaves a live copy (placement/fault_aware.py; costs more slot copies per re-plan)")
     stuck_timeout_s: float = Field(
         default=120.0, gt=0, description="a rebalance whose prepare or commit takes longer is abandoned and reported")
 

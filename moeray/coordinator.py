@@ -22,6 +22,7 @@ from moeray.coordinator_core import CoordinatorCore
 from moeray.slot_transfer import lower_process_priority
 from moeray.stats_wire import LoadSnapshot
 from placement import Placement, Topology
+from placement.fault_aware import FaultAwareOptions
 from placement.planner import Plan
 from placement.policy import PolicyConfig
 
@@ -43,6 +44,7 @@ class Coordinator:
             epoch=epoch,
             drift_threshold=rebalance["drift_threshold"],
             replica_weights_LS=replica_weights_LS,  # a coordinator restarted by Engine.recover
+            fault_aware=FaultAwareOptions() if rebalance.get("fault_aware") else None,
         )
         if restored is not None:
             self.core.restore(**restored)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from placement.fault_aware import FaultAwareOptions
 from placement import Placement, Topology
 from placement.metrics import imbalance, imbalance_of_worker_loads, worker_loads
 from placement.planner import Plan, plan
@@ -76,6 +77,7 @@ class CoordinatorCore:
     drift_threshold: float = 0.2  # load_shift above which the decayed estimate restarts
     replica_weights_LS: np.ndarray | None = None
     epoch: int = 0
+    fault_aware: FaultAwareOptions | None = None  # the planner's fault-aware pass (None: off)
     window: LoadWindow = field(init=False)
     recent: DecayedLoad = field(init=False)
     policy_state: PolicyState = field(default_factory=PolicyState)
@@ -176,7 +178,8 @@ class CoordinatorCore:
 
         def planned() -> Plan:
             if "plan" not in cache:
-                cache["plan"] = plan(load_LE, self.topology, self.placement, self.bytes_per_expert)
+                cache["plan"] = plan(load_LE, self.topology, self.placement, self.bytes_per_expert,
+                                     fault_aware=self.fault_aware)
             return cache["plan"]
 
         current = self.current_imbalance(load_LE)

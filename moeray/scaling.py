@@ -37,6 +37,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from moeray.config import EngineConfig
 from moeray.errors import WorkerLost
 from placement import Placement
+from placement.fault_aware import FaultAwareOptions
 from placement.resize import carry_over, resize_plan, survivors_first
 
 _COORDINATOR_TIMEOUT_S = 10.0  # a live coordinator answers at once (its work runs on other threads)
@@ -65,7 +66,8 @@ def scale_engine(engine, num_workers: int, joiners: Joiners | None = None) -> di
     started = time.perf_counter()
     _drop_staged(engine)
     load_LE, version = _load_and_version(engine, flush=True)
-    plan = resize_plan(load_LE, engine._placement, num_workers, config.slots_per_worker, config.model.expert_bytes)
+    plan = resize_plan(load_LE, engine._placement, num_workers, config.slots_per_worker, config.model.expert_bytes,
+                       fault_aware=_fault_aware(config))
     staying = list(range(min(len(engine.workers), num_workers)))
     event = _change_membership(engine, config, plan, version, staying, dead=[], joiners=joiners)
     event.update(kind="scale", seconds=time.perf_counter() - started)
@@ -90,7 +92,8 @@ def shrink_to_survivors(engine, dead_ranks: list[int]) -> dict:
     on_dead = set().union(*(held_by[rank] for rank in dead_ranks))
     on_survivors = set().union(*(held_by[rank] for rank in survivors))
     carried = survivors_first(lost, survivors)
-    plan = resize_plan(load_LE, carried, len(survivors), config.slots_per_worker, config.model.expert_bytes)
+    plan = resize_plan(load_LE, carried, len(survivors), config.slots_per_worker, config.model.expert_bytes,
+                       fault_aware=_fault_aware(config))
     event = _change_membership(engine, config, plan, version, survivors, dead=list(dead_ranks), joiners=None)
     event["experts_lost"] = len(on_dead)
     event["experts_kept_by_replicas"] = len(on_dead & on_survivors)  # served on by a survivor's copy
@@ -135,6 +138,10 @@ def start_joiners(engine, target: int) -> Joiners:
     workers = [engine._start_worker(rank, config=config, bundle=bundles[rank - first], phy2log_LS=carried)
                for rank in range(first, target)]
     return Joiners(target, workers, bundles, carried, config.slots_per_worker, [w.ping.remote() for w in workers])
+
+
+def _fault_aware(config: EngineConfig) -> FaultAwareOptions | None:
+    return FaultAwareOptions() if config.rebalance.fault_aware else None
 
 
 def _load_and_version(engine, flush: bool) -> tuple[np.ndarray | None, int]:

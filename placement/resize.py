@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from placement.fault_aware import FaultAwareOptions
 from placement.layout import FREE_SLOT, Placement, Topology
 from placement.planner import Plan, PlannerOptions, plan
 
@@ -64,7 +65,8 @@ def carry_over(current: Placement, num_workers: int, slots_per_worker: int, load
 
 
 def resize_plan(load_LE: np.ndarray | None, current: Placement, num_workers: int, slots_per_worker: int,
-                bytes_per_expert: int = 1, options: PlannerOptions | None = None) -> Plan:
+                bytes_per_expert: int = 1, options: PlannerOptions | None = None,
+                fault_aware: FaultAwareOptions | None = None) -> Plan:
     """A placement for `num_workers` x `slots_per_worker`, version current.version + 1 (the
     carried layout keeps the version, the planner's step from it adds one). `load_LE` None or all
     zero: uniform load (nothing has been measured yet)."""
@@ -73,7 +75,8 @@ def resize_plan(load_LE: np.ndarray | None, current: Placement, num_workers: int
         load_LE = np.ones((num_layers, num_experts))
     carried = Placement(carry_over(current, num_workers, slots_per_worker, load_LE), num_experts, slots_per_worker,
                         current.version).validate()
-    return plan(load_LE, Topology.flat(num_workers, slots_per_worker), carried, bytes_per_expert, options)
+    return plan(load_LE, Topology.flat(num_workers, slots_per_worker), carried, bytes_per_expert, options,
+                fault_aware=fault_aware)
 
 
 def survivors_first(current: Placement, surviving_ranks: list[int]) -> Placement:

@@ -169,3 +169,21 @@ def test_staging_refuses_versions_that_are_not_newer():
         staging.stage(StagedVersion(3, np.zeros((1, 1)), None), live_version=3)
     staging.stage(StagedVersion(4, np.zeros((1, 1)), None), live_version=3)
     assert staging.take(4).version == 4
+
+
+def test_the_fault_aware_option_reaches_the_coordinators_plans():
+    """rebalance.fault_aware: the coordinator plans with the planner's fault-aware pass, so after a
+    rebalance the worst single-worker loss leaves at least as much load with a live copy as the
+    plain plan of the same load (strictly more for this skew)."""
+    from placement.fault_aware import FaultAwareOptions
+    from placement.metrics import surviving_load_after_worker_loss
+
+    load = np.array([[10, 30, 90, 110, 10, 10, 10, 250], [10, 20, 30, 660, 240, 240, 20, 40]], dtype=np.int64) * W
+    worst = {}
+    for name, fault_aware in (("plain", None), ("fault_aware", FaultAwareOptions())):
+        core = make_core()
+        core.fault_aware = fault_aware
+        feed(core, load, 0, 8)
+        new = core.maybe_plan(now=100.0, force=True)
+        worst[name] = float(surviving_load_after_worker_loss(load, new.placement).min())
+    assert worst["fault_aware"] > worst["plain"], worst
