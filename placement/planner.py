@@ -54,6 +54,11 @@ class PlannerOptions:
     swap_parallel: int = 4  # re-plan: busiest workers per layer searching swaps at once (disjoint partners)
     pair_rounds: int = 4  # fresh plan: rounds of parallel heaviest/lightest pair balancing
     weight_sweeps: int = 8  # damped water-filling iterations over replicated experts (early exit)
+    # re-plan: layers whose edit copies more than this fraction of their slots are edited again by
+    # every variant (reassign tolerance, copy penalty per mean worker load) and keep the one with
+    # the fewest copies whose imbalance is no worse (placement.replan.incremental); () turns it off
+    edit_variants_min_copies: float = 0.2
+    edit_variants: tuple = ((0.02, 0.03), (0.1, 0.03), (0.4, 0.03), (0.1, 0.0), (0.4, 0.0))
 
 
 @dataclass(frozen=True, eq=False)

@@ -152,10 +152,45 @@ def _warm_weights(current_LS, current_weights_LS, phy2log_LS, num_experts):
 
 def incremental(load_LE, current_LS, current_weights_LS, reference_L, count_LE, topology, options):
     """Edit rows of `current_LS` with few copies towards `reference_L * (1 + target_tolerance)`:
-    (phy2log_LS, weights_LS, imbalance_L). `count_LE` are the fresh plan's replica counts."""
+    (phy2log_LS, weights_LS, imbalance_L). `count_LE` are the fresh plan's replica counts.
+
+    Layers whose edit meets the target and copies more than `options.edit_variants_min_copies` of
+    their slots are edited again by every `options.edit_variants` (reassign tolerance, copy penalty) and take the
+    variant with the fewest copies among those whose imbalance is no worse than the first edit's.
+    """
+    first = _edit(load_LE, current_LS, current_weights_LS, reference_L, count_LE, topology, options, options.target_tolerance, 0.0)
+    if not options.edit_variants:
+        return first
+    best_LS, best_w_LS, best_imb_L = first  # updated in place; `limit_L` keeps the first edit's imbalance
+    limit_L = best_imb_L * (1 + 1e-12)
+    copies_L = slot_copies(current_LS, best_LS)
+    # only edits that copy much and already meet the target (a missed one takes the fresh plan)
+    met_L = best_imb_L <= reference_L * (1 + options.target_tolerance) * (1 + 1e-9)
+    rows = np.nonzero((copies_L > options.edit_variants_min_copies * current_LS.shape[1]) & met_L)[0]
+    for reassign_tolerance, copy_penalty in options.edit_variants if len(rows) else ():
+        cand_LS, cand_w_LS, cand_imb_L = _edit(
+            load_LE[rows], current_LS[rows], current_weights_LS[rows], reference_L[rows], count_LE[rows], topology, options,
+            reassign_tolerance, copy_penalty,
+        )
+        cand_copies_L = slot_copies(current_LS[rows], cand_LS)
+        take = (cand_copies_L < copies_L[rows]) & (cand_imb_L <= limit_L[rows])
+        won = rows[take]
+        best_LS[won], best_w_LS[won], best_imb_L[won], copies_L[won] = cand_LS[take], cand_w_LS[take], cand_imb_L[take], cand_copies_L[take]
+    return best_LS, best_w_LS, best_imb_L
+
+
+def slot_copies(current_LS: np.ndarray, new_LS: np.ndarray) -> np.ndarray:
+    """[L] whole-slot copies from `current_LS` to `new_LS` (slots whose expert changed to one)."""
+    return ((new_LS != current_LS) & (new_LS >= 0)).sum(axis=1)
+
+
+def _edit(load_LE, current_LS, current_weights_LS, reference_L, count_LE, topology, options, reassign_tolerance, copy_penalty):
+    """One edit of `incremental`: replica hand-outs within `reassign_tolerance` of the fresh
+    allocation's largest load per replica, then the swap search, each swap's change in copies
+    priced at `copy_penalty` x the mean worker load (0: the best balance only)."""
     spw = topology.slots_per_worker
     num_experts = load_LE.shape[1]
-    phy2log_LS, holds_LWE = reassign_replicas(load_LE, current_LS, spw, options.target_tolerance, fresh_count_LE=count_LE, return_holds=True)
+    phy2log_LS, holds_LWE = reassign_replicas(load_LE, current_LS, spw, reassign_tolerance, fresh_count_LE=count_LE, return_holds=True)
     weights_LS = _warm_weights(current_LS, current_weights_LS, phy2log_LS, num_experts)
     mean_L = load_LE.sum(axis=1) / topology.num_workers
     target_L = reference_L * (1 + options.target_tolerance) * mean_L
@@ -163,6 +198,7 @@ def incremental(load_LE, current_LS, current_weights_LS, reference_L, count_LE, 
         phy2log_LS, slot_loads(load_LE, phy2log_LS, weights_LS), spw, num_experts,
         target_LAYERS=target_L, max_swaps=options.max_swaps, num_partners=options.num_partners,
         parallel=options.swap_parallel, holds_LWE=holds_LWE,
+        origin_LS=current_LS if copy_penalty > 0 else None, copy_penalty_LAYERS=copy_penalty * mean_L,
     )
     weights_LS = _weights_from_slot_tokens(load_LE, phy2log_LS, tokens_LS, equal_replica_weights(phy2log_LS, num_experts))
     weights_LS = balance_replica_weights(load_LE, phy2log_LS, spw, weights_LS, sweeps=options.weight_sweeps)

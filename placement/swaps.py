@@ -74,6 +74,20 @@ def pair_swap_maxima(holds_LWE, layer_X, worker_a_X, worker_b_X, load_a_X, load_
     return out.reshape(num_x, S_w * S_w)
 
 
+def swap_copy_cost(col_a_XS, origin_a_XS, col_b_XS, origin_b_XS, free_col):
+    """[X, S_w * S_w] int: change in slot copies (against the origin map) of swapping a's slot i
+    with b's slot j, at i * S_w + j (-2 .. 2). A slot costs a copy when it holds an expert that
+    is not its origin's; a free slot (`free_col`) costs nothing."""
+    num_x, S_w = col_a_XS.shape
+    now_a_XS = (col_a_XS != origin_a_XS) & (col_a_XS != free_col)
+    now_b_XS = (col_b_XS != origin_b_XS) & (col_b_XS != free_col)
+    # after the swap slot a_i holds b_j and slot b_j holds a_i
+    a_gets_XSS = (col_b_XS[:, None, :] != origin_a_XS[:, :, None]) & (col_b_XS[:, None, :] != free_col)
+    b_gets_XSS = (col_a_XS[:, :, None] != origin_b_XS[:, None, :]) & (col_a_XS[:, :, None] != free_col)
+    cost_XSS = a_gets_XSS.astype(np.int64) + b_gets_XSS - now_a_XS[:, :, None] - now_b_XS[:, None, :]
+    return cost_XSS.reshape(num_x, S_w * S_w)
+
+
 def _apply(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, num_experts, layers, slot_a, slot_b, worker_a, worker_b):
     """Swap slot_a <-> slot_b in the given layers (in place; pairs must be disjoint per layer)."""
     expert_a, expert_b = phy2log_LS[layers, slot_a], phy2log_LS[layers, slot_b]
@@ -160,6 +174,8 @@ def refine_by_swaps(
     active_LAYERS: np.ndarray | None = None,
     parallel: int = 1,
     holds_LWE: np.ndarray | None = None,
+    origin_LS: np.ndarray | None = None,
+    copy_penalty_LAYERS: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Local search on the busiest worker of each layer; returns (phy2log_LS, slot_weight_LS, swaps_L).
 
@@ -175,6 +191,11 @@ def refine_by_swaps(
     apply at once. O = min(parallel, W // (I + 1)).
 
     `holds_LWE`: the caller's `holds_map` of `phy2log_LS` if it has one (taken over and updated).
+
+    `origin_LS` with `copy_penalty_LAYERS` ([L] tokens per slot copy): among the swaps that lower
+    the busy worker, choose the one with the smallest pair max + penalty x its change in copies
+    against `origin_LS` (`swap_copy_cost`), so swaps that move slots back (or move already
+    moved slots again) win over fresh copies of nearly the same balance.
     """
     phy2log_LS = phy2log_LS.copy()
     slot_weight_LS = np.asarray(slot_weight_LS, dtype=np.float64).copy()
@@ -192,8 +213,12 @@ def refine_by_swaps(
     active = np.arange(num_layers) if active_LAYERS is None else np.nonzero(active_LAYERS)[0]
     O = max(1, min(parallel, W // (I + 1)))
     buffer_XSS = np.empty((len(active) * O * I, S_w, S_w))  # the largest round's swap scores, reused
+    penalty = None
+    if origin_LS is not None and copy_penalty_LAYERS is not None:
+        origin_col_LS = np.where(origin_LS >= 0, origin_LS, num_experts)
+        penalty = (origin_col_LS, np.asarray(copy_penalty_LAYERS, dtype=np.float64))
     if O > 1:
-        _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, S_w, I, O, target_L, active, max_swaps, buffer_XSS)
+        _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, S_w, I, O, target_L, active, max_swaps, buffer_XSS, penalty)
         return phy2log_LS, slot_weight_LS, swaps_L
     for _ in range(max_swaps):
         if len(active) == 0:
@@ -220,7 +245,16 @@ def refine_by_swaps(
             np.repeat(_gather(slot_weight_LS, active, busiest_A, S_w), I, axis=0),
             _gather(col_LS, layer_X, light_X, S_w), _gather(slot_weight_LS, layer_X, light_X, S_w), buffer_XSS,
         ).reshape(len(active), I * S_w * S_w)  # compare across partners
-        best_A = np.argmin(new_max_AISS, axis=1)
+        if penalty is None:
+            best_A = np.argmin(new_max_AISS, axis=1)
+        else:
+            origin_col_LS, penalty_L = penalty
+            cost_AISS = swap_copy_cost(
+                np.repeat(_gather(col_LS, active, busiest_A, S_w), I, axis=0), np.repeat(_gather(origin_col_LS, active, busiest_A, S_w), I, axis=0),
+                _gather(col_LS, layer_X, light_X, S_w), _gather(origin_col_LS, layer_X, light_X, S_w), num_experts,
+            ).reshape(len(active), I * S_w * S_w)
+            score_AISS = np.where(new_max_AISS < busiest_load_A[:, None] * (1 - _EPS), new_max_AISS + penalty_L[active][:, None] * cost_AISS, np.inf)
+            best_A = np.argmin(score_AISS, axis=1)
         sel = np.nonzero(new_max_AISS[ar, best_A] < busiest_load_A * (1 - _EPS))[0]
         if len(sel) == 0:
             break
@@ -235,7 +269,7 @@ def refine_by_swaps(
     return phy2log_LS, slot_weight_LS, swaps_L
 
 
-def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, S_w, I, O, target_L, active, rounds, buffer_XSS):
+def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_LS, swaps_L, num_experts, S_w, I, O, target_L, active, rounds, buffer_XSS, penalty=None):
     """`refine_by_swaps` with the O busiest workers of each layer searching at once (in place).
 
     A busy worker's partners are tried lightest first, in blocks (`_PARTNER_BLOCKS`): after the
@@ -244,6 +278,9 @@ def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_
     heavier ones) stops. The choice is the one the full search over all I partners makes (ties
     to the earliest partner, then the lowest slot pair); the lightest partner alone settles
     ~92% of the rows on DeepSeek drift, so most rows cost one partner instead of I.
+    With a copy `penalty` (origin columns, [L] tokens per copy) rows compare pair max + penalty x
+    change in copies; a later partner's score is >= its floor - 2 x penalty, so the same early stop
+    holds with that lower floor.
     """
     for _ in range(rounds):
         if len(active) == 0:
@@ -266,6 +303,8 @@ def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_
         floor_OI = (busy_load_O[:, None] + partner_load_OI) / 2  # pair max never below this (as computed below)
         busy_col_OS, busy_weight_OS = _gather(col_LS, layer_O, busy_O, S_w), _gather(slot_weight_LS, layer_O, busy_O, S_w)
         best_max_O = np.full(len(rows_O), np.inf)
+        best_score_O = best_max_O.copy()  # the max itself without a penalty
+        slack_O = 0.0 if penalty is None else 2 * penalty[1][layer_O]  # a swap's penalty is >= -2 copies
         best_k_O = np.zeros(len(rows_O), dtype=np.int64)
         best_q_O = np.zeros(len(rows_O), dtype=np.int64)
         todo = np.arange(len(rows_O))
@@ -278,15 +317,28 @@ def _parallel_rounds(phy2log_LS, slot_weight_LS, worker_load_LW, holds_LWE, col_
                 np.repeat(busy_col_OS[todo], n, axis=0), np.repeat(busy_weight_OS[todo], n, axis=0),
                 _gather(col_LS, layer_X, light_X, S_w), _gather(slot_weight_LS, layer_X, light_X, S_w), buffer_XSS,
             ).reshape(len(todo), n * S_w * S_w)
-            todo_arg_O = np.argmin(todo_max_OISS, axis=1)
+            if penalty is not None:
+                origin_col_LS, penalty_L = penalty
+                cost_OISS = swap_copy_cost(
+                    np.repeat(busy_col_OS[todo], n, axis=0), np.repeat(_gather(origin_col_LS, layer_O[todo], busy_O[todo], S_w), n, axis=0),
+                    _gather(col_LS, layer_X, light_X, S_w), _gather(origin_col_LS, layer_X, light_X, S_w), num_experts,
+                ).reshape(len(todo), n * S_w * S_w)
+                score_OISS = np.where(todo_max_OISS < busy_load_O[todo][:, None] * (1 - _EPS),
+                                      todo_max_OISS + penalty_L[layer_O[todo]][:, None] * cost_OISS, np.inf)
+                todo_arg_O = np.argmin(score_OISS, axis=1)
+                todo_score_O = score_OISS[np.arange(len(todo)), todo_arg_O]
+            else:
+                todo_arg_O = np.argmin(todo_max_OISS, axis=1)
             todo_max_O = todo_max_OISS[np.arange(len(todo)), todo_arg_O]
-            better = todo_max_O < best_max_O[todo]  # strict: an earlier (lighter) partner wins ties
+            if penalty is None:
+                todo_score_O = todo_max_O
+            better = todo_score_O < best_score_O[todo]  # strict: an earlier (lighter) partner wins ties
             won = todo[better]
-            best_max_O[won] = todo_max_O[better]
+            best_max_O[won], best_score_O[won] = todo_max_O[better], todo_score_O[better]
             best_k_O[won], best_q_O[won] = np.divmod(todo_arg_O[better], S_w * S_w)
             best_k_O[won] += k0
             if k1 < I:
-                todo = todo[best_max_O[todo] > floor_OI[todo, k1]]
+                todo = todo[best_score_O[todo] > floor_OI[todo, k1] - (slack_O if penalty is None else slack_O[todo])]
             if len(todo) == 0:
                 break
         sel = np.flatnonzero(best_max_O < busy_load_O * (1 - _EPS))

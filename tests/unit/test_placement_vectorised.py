@@ -12,7 +12,7 @@ from placement.packing import greedy_pack, repair_duplicates, replica_counts, re
 from placement.reassign import match_to_current, reassign_replicas
 from placement.replan import fresh_lower_bound, permute_weights
 from placement.replica_weights import ReplicaGroups, balance_replica_weights, water_fill, water_fill_pairs
-from placement.swaps import best_pair_swaps, holds_map, pair_swap_maxima, refine_by_swaps
+from placement.swaps import best_pair_swaps, holds_map, pair_swap_maxima, refine_by_swaps, swap_copy_cost
 
 
 def random_map(rng, layers, workers, spw, experts):
@@ -186,6 +186,103 @@ def test_one_round_of_refine_by_swaps_takes_the_best_swap():
         assert np.isclose(after[moved].max(), best_max)  # the pair's new maximum is the best one
         assert swaps[0] == (pair is not None)
         Placement(new_map, 11, 3).validate()
+
+
+def _copies(phy2log_S, origin_S):
+    return int(((phy2log_S != origin_S) & (phy2log_S >= 0)).sum())
+
+
+def test_swap_copy_cost_matches_a_recount():
+    rng = np.random.default_rng(11)
+    layers, workers, spw, experts = 2, 4, 3, 8
+    for _ in range(10):
+        origin = random_map(rng, layers, workers, spw, experts)
+        now = origin.copy()
+        for layer in range(layers):  # a few swaps (legal or not: the cost only counts copies)
+            for _ in range(3):
+                i, j = rng.integers(workers * spw, size=2)
+                now[layer, [i, j]] = now[layer, [j, i]]
+        col, ocol = np.where(now >= 0, now, experts), np.where(origin >= 0, origin, experts)
+        layer_X, a_X, b_X = np.array([0, 0, 1, 1]), np.array([0, 2, 1, 3]), np.array([1, 3, 0, 2])
+
+        def block(arr, w_X):
+            return arr.reshape(layers, workers, spw)[layer_X, w_X]
+
+        cost = swap_copy_cost(block(col, a_X), block(ocol, a_X), block(col, b_X), block(ocol, b_X), experts)
+        for x in range(len(layer_X)):
+            l, a, b = layer_X[x], a_X[x], b_X[x]
+            for i, j in itertools.product(range(spw), range(spw)):
+                swapped = now[l].copy()
+                sa, sb = a * spw + i, b * spw + j
+                swapped[[sa, sb]] = swapped[[sb, sa]]
+                assert cost[x, i * spw + j] == _copies(swapped, origin[l]) - _copies(now[l], origin[l])
+
+
+def test_penalised_swap_round_takes_the_best_scored_swap():
+    """One round with a copy penalty: the improving swap of the busiest worker with the smallest
+    pair max + penalty x change in copies (slow loop oracle)."""
+    rng = np.random.default_rng(12)
+    workers, spw, experts, partners = 5, 3, 11, 4
+    for trial in range(20):
+        origin = random_map(rng, 1, workers, spw, experts)
+        origin_tokens = rng.lognormal(0, 1, size=origin.shape) * (origin >= 0)
+        now, _, _ = refine_by_swaps(origin, origin_tokens, spw, experts, max_swaps=2)  # an edit under way: some slots moved
+        tokens = rng.lognormal(0, 1, size=now.shape) * (now >= 0)
+        penalty = float(tokens.sum() / workers * (0.05 if trial % 2 else 0.5))
+        new_map, new_tokens, swaps = refine_by_swaps(now, tokens, spw, experts, max_swaps=1, num_partners=partners,
+                                                      origin_LS=origin, copy_penalty_LAYERS=np.array([penalty]))
+        loads = tokens[0].reshape(workers, spw).sum(axis=1)
+        a = int(np.argmax(loads))
+        peers = [w for w in np.argsort(loads, kind="stable") if w != a][:partners]
+        best = (np.inf, None)
+        for b in peers:
+            for i, j in itertools.product(range(spw), range(spw)):
+                sa, sb = a * spw + i, b * spw + j
+                ea, eb = now[0, sa], now[0, sb]
+                if (ea >= 0 and ea in now[0, b * spw:(b + 1) * spw]) or (eb >= 0 and eb in now[0, a * spw:(a + 1) * spw]):
+                    continue
+                new_max = max(loads[a] - tokens[0, sa] + tokens[0, sb], loads[b] + tokens[0, sa] - tokens[0, sb])
+                if new_max >= loads[a] * (1 - 1e-9):
+                    continue
+                swapped = now[0].copy()
+                swapped[[sa, sb]] = swapped[[sb, sa]]
+                score = new_max + penalty * (_copies(swapped, origin[0]) - _copies(now[0], origin[0]))
+                if score < best[0] - 1e-9:
+                    best = (score, swapped)
+        assert swaps[0] == (best[1] is not None)
+        if best[1] is not None:
+            got = new_tokens[0].reshape(workers, spw).sum(axis=1)
+            changed = np.flatnonzero(new_map[0] != now[0])
+            expected = np.flatnonzero(best[1] != now[0])
+            # the oracle's swap, or one with the same score (ties)
+            if not np.array_equal(changed, expected):
+                pair_max = max(got[w] for w in {int(c) // spw for c in changed})
+                assert np.isclose(pair_max + penalty * (_copies(new_map[0], origin[0]) - _copies(now[0], origin[0])), best[0])
+        Placement(new_map, experts, spw).validate()
+
+
+def test_edit_variants_never_worse_than_the_first_edit():
+    from placement.layout import Topology
+    from placement.planner import PlannerOptions, fresh_plan
+    from placement.replan import fresh_lower_bound, incremental, slot_copies
+
+    rng = np.random.default_rng(13)
+    topo = Topology(1, 8, 5)
+    load_a = rng.lognormal(0, 1, size=(12, 32)) * 100
+    load_b = rng.lognormal(0, 1, size=(12, 32)) * 100  # unrelated: big edits
+    plain = PlannerOptions(edit_variants=())
+    varied = PlannerOptions(edit_variants_min_copies=0.0)
+    current, _ = fresh_plan(load_a, topo, plain)
+    weights = balance_replica_weights(load_b, current, 5)
+    count = replica_counts(load_b, topo.num_slots, max_replicas=topo.num_workers)
+    reference = fresh_lower_bound(load_b, count, topo.num_workers)
+    first_LS, _, first_imb = incremental(load_b, current, weights, reference, count, topo, plain)
+    best_LS, best_w, best_imb = incremental(load_b, current, weights, reference, count, topo, varied)
+    assert (best_imb <= first_imb * (1 + 1e-12)).all()
+    assert (slot_copies(current, best_LS) <= slot_copies(current, first_LS)).all()
+    assert (slot_copies(current, best_LS) < slot_copies(current, first_LS)).any()
+    Placement(best_LS, 32, 5).validate()
+    assert np.allclose(worker_loads(load_b, best_LS, 5, best_w).max(axis=1) / (load_b.sum(axis=1) / 8), best_imb)
 
 
 # ---- split weights ----------------------------------------------------------------------------------
