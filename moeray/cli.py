@@ -301,9 +301,13 @@ def _scale(args: argparse.Namespace) -> int:
                                         {"num_workers": args.num_workers}, timeout_s=600))
     except ServiceError as exc:
         raise CliError(str(exc), exit_code=1) from None
+    if event.get("changed") is False:
+        print(f"already {event['to_workers']} workers: nothing changed")
+        return 0
     print(f"{event['from_workers']} -> {event['to_workers']} workers in {event['seconds']:.1f} s: epoch {event['epoch']}, "
           f"placement v{event['placement_version']}, {event['requests_moved']} requests moved, "
-          f"{event['slots_read_from_checkpoint']} slots read from the checkpoint")
+          f"{event['slots_from_replicas']} slots from live workers, "
+          f"{event['slots_read_from_checkpoint']} read from the checkpoint")
     return 0
 
 

@@ -106,11 +106,12 @@ class Coordinator:
         return 1e3 * (time.perf_counter() - start)
 
     def resync(self, phy2log_LS: np.ndarray, version: int, replica_weights_LS, workers: list, epoch: int,
-               step: int) -> None:
+               step: int, slots_per_worker: int | None = None) -> None:
         """After Engine.recover: the new group's workers and the engine's committed placement
         (see CoordinatorCore.resync). Idempotent, so a retried recovery can send it again."""
         self.workers = workers
-        placement = Placement(phy2log_LS, self.core.placement.num_experts, self.core.placement.slots_per_worker, version)
+        spw = self.core.placement.slots_per_worker if slots_per_worker is None else slots_per_worker
+        placement = Placement(phy2log_LS, self.core.placement.num_experts, spw, version)
         self.core.resync(placement, replica_weights_LS, epoch, step)
 
     def reserve_version(self) -> int:

@@ -247,6 +247,12 @@ class CoordinatorCore:
                 self.committed(placement.version, step)
             else:
                 self.abandoned(self.in_flight.placement.version, "a worker was lost before the commit")
+        if (placement.num_workers, placement.slots_per_worker) != (self.topology.num_workers,
+                                                                   self.topology.slots_per_worker):
+            # a scale that failed part-way was recovered at another count: rows per worker restart
+            self.topology = Topology.flat(placement.num_workers, placement.slots_per_worker)
+            self.history.clear()
+            self.realised_rows.clear()
         self.placement = placement
         self.replica_weights_LS = replica_weights_LS
         self.highest_version = max(self.highest_version, placement.version)

@@ -83,9 +83,17 @@ class CoordinatorLinkMixin:
             return True
         if not block and not ray.wait([starting["ping"]], timeout=0)[0]:
             return False
-        self._get(starting["ping"], 120, "coordinator start-up")
-        self._get([w.attach_coordinator.remote(self.coordinator, self.epoch) for w in self.workers], 60,
-                  "attach coordinator")
+        try:
+            self._get(starting["ping"], 120, "coordinator start-up")
+            self._get([w.attach_coordinator.remote(self.coordinator, self.epoch) for w in self.workers], 60,
+                      "attach coordinator")
+        except WorkerLost:
+            if block:
+                raise
+            # On the step path a failed start is no step failure: marked down, rebuilt at the next check.
+            self._coordinator_starting = None
+            self._coordinator_down = True
+            return False
         self._coordinator_starting = None
         now = time.time()
         self.events.append({**starting["event"], "recovered_at_s": now,
@@ -102,7 +110,7 @@ class CoordinatorLinkMixin:
                     self._coordinator_records = ray.get(self._records_ref)
                 except Exception:
                     pass  # it died before answering: the copy before it stands
-            self._records_ref = None
+                self._records_ref = None  # (one not answered yet stays asked for)
         return self._coordinator_records
 
     def _coordinator_alive(self) -> bool:
@@ -133,11 +141,14 @@ class CoordinatorLinkMixin:
 
     def newest_version(self) -> int:
         """The newest placement version the engine or any live worker ran or staged."""
-        try:
-            versions = self._get([w.newest_version.remote() for w in self.workers], PING_TIMEOUT_S, "versions")
-        except WorkerLost:
-            versions = []
-        known = [self._placement.version] + [v for v in versions]
+        refs = [w.newest_version.remote() for w in self.workers]
+        versions = []
+        for ref in refs:  # one by one: a dead worker must not hide what the live ones staged
+            try:
+                versions.append(ray.get(ref, timeout=PING_TIMEOUT_S))
+            except Exception:
+                pass
+        known = [self._placement.version] + versions
         known += [e["placement_version"] for e in self.events if e.get("placement_version") is not None]
         known += [r["version"] for r in self._kept_records()]
         return max(known)
@@ -174,7 +185,9 @@ class CoordinatorLinkMixin:
     def _pending_rebalance(self) -> PendingRebalance | None:
         if self._tick_ref is not None:
             return PendingRebalance("prepare", self._tick_started_s)
-        staged = self._staged or self._committing or (self.loops._commit if self.loops is not None else None)
+        # Staged but not sent waits for the next step (an idle server is not stuck); a commit is
+        # pending from the moment it was sent (take_staged) until a worker reports the switch.
+        staged = self._committing or (self.loops._commit if self.loops is not None else None)
         if staged is not None:
             return PendingRebalance("commit", self._staged_at_s, staged["version"])
         return None

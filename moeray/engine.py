@@ -87,6 +87,7 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
         self.events: list[dict] = []
         self.target_workers = par.num_workers  # what a shrunk engine grows back to (rejoin)
         self.joiners = None  # scaling.Joiners: workers starting for a scale up / rejoin
+        self.rejoin_not_before_s = 0.0  # back-off after a failed rejoin
         # split of replicated experts' tokens; None = equal (a resumed placement brings its own)
         self.replica_weights_LS = None if self._placement.replica_weights is None else np.array(self._placement.replica_weights)
         self.workers = [self._start_worker(i) for i in range(par.num_workers)]
@@ -187,6 +188,8 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
         now until `committed`, the workers may be on either version (recover() adopts it)."""
         staged, self._staged = self._staged, None
         self._committing = staged
+        if staged is not None:
+            self._staged_at_s = time.time()  # the commit phase's clock starts when it is sent
         return staged
 
     def committed(self, staged: dict, step: int) -> None:
@@ -237,6 +240,10 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
         if not self._coordinator_started(block=False):
             return
         now = time.time()
+        if self._tick_ref is not None and ray.wait([self._tick_ref], timeout=0)[0]:
+            self._collect_tick(now)  # finished (maybe long ago, on an idle server): never "stuck"
+            if self._coordinator_starting is not None:
+                return  # it met a dead coordinator: the rebuilt one starts first
         if self._abandon_if_stuck(now):
             return
         if self._tick_ref is None:
@@ -246,17 +253,18 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
                 self._tick_ref = self.coordinator.tick.remote()
                 self._tick_started_s = now
             return
-        ready, _ = ray.wait([self._tick_ref], timeout=0)
-        if ready:
-            ref, self._tick_ref = self._tick_ref, None
-            try:
-                self._staged = self._tagged(ray.get(ref))
-                self._staged_at_s = now
-            except RayActorError:
-                self._coordinator_down_since = now
-                self.restart_coordinator("coordinator died during a policy check", wait=False)
-            except Exception as exc:  # the migration was abandoned; serving goes on with the current version
-                self.rebalance_errors.append(f"{type(exc).__name__}: {exc}")
+
+    def _collect_tick(self, now: float) -> None:
+        """The finished policy check's result: a staged placement, an abandoned migration, or a dead
+        coordinator (rebuilt)."""
+        ref, self._tick_ref = self._tick_ref, None
+        try:
+            self._staged = self._tagged(ray.get(ref))
+        except RayActorError:
+            self._coordinator_down_since = now
+            self.restart_coordinator("coordinator died during a policy check", wait=False)
+        except Exception as exc:  # the migration was abandoned; serving goes on with the current version
+            self.rebalance_errors.append(f"{type(exc).__name__}: {exc}")
 
     def _tagged(self, staged: dict | None) -> dict | None:
         """A tick's staged placement, marked with the coordinator that prepared it."""

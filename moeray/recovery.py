@@ -99,7 +99,8 @@ class RecoveryMixin:
             p = self._placement
             try:
                 ray.get(self.coordinator.resync.remote(p.phy2log, p.version, self.replica_weights_LS, self.workers,
-                                                       self.epoch, self.steps), timeout=PING_TIMEOUT_S)
+                                                       self.epoch, self.steps, p.slots_per_worker),
+                        timeout=PING_TIMEOUT_S)
                 self._get([w.attach_coordinator.remote(self.coordinator, self.epoch) for w in self.workers], 60,
                           "attach coordinator")
             except Exception as exc:  # the coordinator died, hangs or failed: rebuilt
@@ -117,7 +118,7 @@ class RecoveryMixin:
                  "experts_lost": shrink["experts_lost"] if shrink else self._slots_of(sorted(replaced)),
                  "experts_from_replicas": shrink["experts_kept_by_replicas"] if shrink else 0,
                  "slots_from_replicas": shrink["slots_from_replicas"] if shrink else 0,
-                 "experts_from_checkpoint": (shrink["slots_read_from_checkpoint"] if shrink
+                 "slots_from_checkpoint": (shrink["slots_read_from_checkpoint"] if shrink
                                              else self._slots_of(sorted(replaced))),
                  "placement_version": self._placement.version,
                  "predicted_imbalance": shrink["predicted_imbalance"] if shrink else None,
@@ -213,17 +214,22 @@ class RecoveryMixin:
         """After a shrink (or a scale up requested): start the missing workers in the background
         when there are fewer than `target_workers`; True once they have started and can join
         (the driver then scales to the target between steps). Never blocks."""
-        if len(self.workers) >= self.target_workers or not self.healthy:
-            if self.joiners is not None and self.joiners.target != self.target_workers:
-                self.joiners.cancel(self)
-                self.joiners = None
-            return False
         if self.joiners is not None and self.joiners.target != self.target_workers:
-            self.joiners.cancel(self)
+            self.joiners.cancel(self)  # started for another count
             self.joiners = None
+        if len(self.workers) >= self.target_workers or not self.healthy:
+            return False
         if self.joiners is None:
+            if time.time() < self.rejoin_not_before_s:
+                return False  # a rejoin failed a moment ago: back off
             from moeray.scaling import start_joiners
 
             self.joiners = start_joiners(self, self.target_workers)
             return False
-        return self.joiners.ready()
+        try:
+            return self.joiners.ready()
+        except Exception:  # a joiner died while loading: let them go, start again after a back-off
+            self.joiners.cancel(self)
+            self.joiners = None
+            self.rejoin_not_before_s = time.time() + 10.0
+            return False

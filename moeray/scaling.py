@@ -113,8 +113,13 @@ class Joiners:
     pings: list  # one ping ref each: ready when the worker has loaded
 
     def ready(self) -> bool:
+        """Whether every joiner has loaded; raises if one failed to start (ray.wait counts a failed
+        ping as ready, so the pings are read)."""
         done, _ = ray.wait(self.pings, num_returns=len(self.pings), timeout=0)
-        return len(done) == len(self.pings)
+        if len(done) < len(self.pings):
+            return False
+        ray.get(self.pings)
+        return True
 
     def wait(self, timeout_s: float) -> None:
         ray.wait(self.pings, num_returns=len(self.pings), timeout=timeout_s)
@@ -183,18 +188,26 @@ def _change_membership(engine, config: EngineConfig, plan, version: int, staying
     joining = [] if joiners is None else joiners.workers
     sources = _live_sources(engine, {rank: old_workers[rank] for rank in alive},
                             [old_workers[rank] for rank in staying] + joining, placement)
-    for rank, worker in enumerate(old_workers):
-        if rank not in staying:
-            ray.kill(worker)
-    engine.workers = [old_workers[rank] for rank in staying]
-    _rebind_bundles(engine, staying, new_bundles)
-    engine.config = config
-    engine._placement = placement
-    engine.replica_weights_LS = plan.replica_weights
-    reconfiguring = engine.workers + ([] if joiners is None else joiners.workers)
-    moved = engine._get([w.reconfigure.remote(rank, config, placement.phy2log, version, plan.replica_weights,
-                                              sources[rank]) for rank, w in enumerate(reconfiguring)],
-                        300, "reconfigure workers")
+    reconfiguring = [old_workers[rank] for rank in staying] + ([] if joiners is None else joiners.workers)
+    try:
+        moved = engine._get([w.reconfigure.remote(rank, config, placement.phy2log, version, plan.replica_weights,
+                                                  sources[rank]) for rank, w in enumerate(reconfiguring)],
+                            300, "reconfigure workers")
+    except Exception:
+        for worker in [] if joiners is None else joiners.workers:
+            ray.kill(worker)  # half-configured: recover() starts fresh ones on their bundles
+        raise
+    finally:
+        # Leaving workers end only now: they own the object-store copies of the slots they
+        # exported, which the others fetch during reconfigure (a dead owner's objects are lost).
+        for rank, worker in enumerate(old_workers):
+            if rank not in staying:
+                ray.kill(worker)
+        engine.workers = [old_workers[rank] for rank in staying]
+        _rebind_bundles(engine, staying, new_bundles)
+        engine.config = config
+        engine._placement = placement
+        engine.replica_weights_LS = plan.replica_weights
     engine.workers = reconfiguring
     fresh = list(range(len(engine.workers), num_workers))
     engine.workers += [engine._start_worker(rank) for rank in fresh]

@@ -77,6 +77,7 @@ class Worker:
         self.runner = self._build_runner()
         self.steps = 0
         self.staging = SlotStaging()
+        self._announced_version = -1  # the newest version a stage call began for (it may never complete)
         # Migration copies run here, below the step threads' priority (see export_slots).
         self._transfer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeray-transfer",
                                                  initializer=lower_thread_priority)
@@ -225,7 +226,10 @@ class Worker:
             return {}
         timeout = self.config.parallel.collective_timeout_s
         refs = list({src[0][0].hex(): src[0][0] for src in sources.values()}.values())  # [ref of a slot list]
-        lists = dict(zip([r.hex() for r in refs], ray.get(refs, timeout=timeout)))
+        try:
+            lists = dict(zip([r.hex() for r in refs], ray.get(refs, timeout=timeout)))
+        except Exception:  # a source died with its export: every such slot is read from the checkpoint
+            return {}
         return {key: lists[ref_box[0].hex()][index] for key, (ref_box, index) in sources.items()}
 
     def held_slots(self) -> np.ndarray:
@@ -239,7 +243,7 @@ class Worker:
     def newest_version(self) -> int:
         """The newest placement version this worker ran or staged (a coordinator rebuilt after a
         death counts from above it, so no version is ever reused)."""
-        return max(self.placement.version, self.staging.newest)
+        return max(self.placement.version, self.staging.newest, self._announced_version)
 
     def _graphs_apply(self) -> bool:
         par = self.config.parallel
@@ -400,6 +404,7 @@ class Worker:
         (wrapped in a list so Ray hands over the reference instead of resolving it here).
         Returns the transfer time in ms.
         """
+        self._announced_version = max(self._announced_version, version)  # counted even if this never ends
         start = time.perf_counter()
         timeout = self.config.parallel.collective_timeout_s
         refs = list({id(src[0][0]): src[0][0] for src in sources}.values())
@@ -420,6 +425,7 @@ class Worker:
         [(layer, src rank, src local slot, dst rank, dst local slot)]; slots move by chunked NCCL
         send/recv on the epoch's transfer group and a side stream while steps continue.
         Returns the transfer time in ms (host sync at the end: the weights are complete when staged)."""
+        self._announced_version = max(self._announced_version, version)
         start = time.perf_counter()
         experts = self._slot_experts()
         slot_copies = [p2p.SlotCopy(*c) for c in copies]

@@ -122,7 +122,7 @@ def _imbalance(sample: dict | None, kill_t: float) -> dict | None:
 
 
 SERVER_EVENT_KEYS = ("kind", "mode", "seconds", "from_workers", "to_workers", "experts_from_replicas",
-                     "experts_from_checkpoint", "requests_rerun", "reason")
+                     "slots_from_checkpoint", "requests_rerun", "reason")
 
 
 def match_server_events(kills: list[dict], events: list[dict] | None) -> None:

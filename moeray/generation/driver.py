@@ -31,6 +31,8 @@ from moeray.generation.scheduler import Scheduler
 from moeray.generation.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
 
 
+_REJOIN_BACKOFF_S = 10.0  # after a failed rejoin, wait this long before starting another
+
 def check_token_ids(input_ids_T, vocab_size: int) -> np.ndarray:
     """ids_T as int64, or ValueError naming the first id outside [0, vocab_size)."""
     try:
@@ -90,6 +92,7 @@ class GenerationDriver:
         self.last_step: dict = {}
         self._held_outputs: list[RequestOutput] = []  # collected outside step() (a scale), returned by it
         self.last_scale_event: dict | None = None
+        self.scale_errors: list[str] = []  # membership changes that failed between steps
         self.poll_timeout_s = 0.005  # how long step() waits for worker output (new requests wait at most this)
 
     # ---- requests in -------------------------------------------------------------------------
@@ -153,7 +156,10 @@ class GenerationDriver:
         meanwhile (waiting up to a few ms for it). With "driver" it runs exactly one lockstep
         engine step (the simple reference path)."""
         if self.engine.target_workers != len(self.engine.workers) and self.engine.healthy:
-            self._advance_membership()
+            try:
+                self._advance_membership()
+            except Exception as exc:  # noqa: BLE001 - a failed change must not fail the requests
+                self._membership_failed(exc)  # recovers if it was left part-way (what was in flight re-runs)
         if self.engine.config.parallel.step_loop == "workers":
             return self._step_with_loops()
         start = time.perf_counter()
@@ -221,7 +227,12 @@ class GenerationDriver:
         from moeray.scaling import scaled_config
 
         scaled_config(self.engine.config, num_workers)
-        self.engine.target_workers = num_workers
+        engine = self.engine
+        engine.target_workers = num_workers
+        engine.rejoin_not_before_s = 0.0  # asked for now: no back-off from an earlier failure
+        if engine.joiners is not None and engine.joiners.target != num_workers:
+            engine.joiners.cancel(engine)
+            engine.joiners = None
         self.last_scale_event = None
 
     def scale(self, num_workers: int) -> dict:
@@ -234,14 +245,23 @@ class GenerationDriver:
         engine = self.engine
         deadline = time.monotonic() + engine.config.parallel.placement_timeout_s
         collected: list[RequestOutput] = []
-        while len(engine.workers) != num_workers or not engine.healthy:
-            if time.monotonic() > deadline:
-                self.give_up_scale(num_workers)
-            if not self.scheduler.running and engine.joiners is not None:
-                ray_wait_s = min(0.05, max(deadline - time.monotonic(), 0.0))
-                engine.joiners.wait(ray_wait_s)
-            collected += self.step()
-        self._held_outputs = collected + self._held_outputs
+        errors_before = len(self.scale_errors)
+        try:
+            while len(engine.workers) != num_workers or not engine.healthy:
+                if time.monotonic() > deadline:
+                    self.give_up_scale(num_workers)
+                if len(self.scale_errors) > errors_before:
+                    engine.target_workers = len(engine.workers)  # a requested scale that failed is not retried
+                    raise RuntimeError(f"scale to {num_workers} workers failed: {self.scale_errors[-1]}")
+                if not self.scheduler.running and engine.joiners is not None:
+                    ray_wait_s = min(0.05, max(deadline - time.monotonic(), 0.0))
+                    engine.joiners.wait(ray_wait_s)
+                collected += self.step()
+            if len(self.scale_errors) > errors_before:  # it failed and the engine recovered at another count
+                engine.target_workers = len(engine.workers)
+                raise RuntimeError(f"scale to {num_workers} workers failed: {self.scale_errors[-1]}")
+        finally:  # outputs collected meanwhile are returned by the next step(), even if this raised
+            self._held_outputs = collected + self._held_outputs
         return self.last_scale_event or {"kind": "scale", "from_workers": num_workers, "to_workers": num_workers,
                                          "changed": False}
 
@@ -260,9 +280,21 @@ class GenerationDriver:
         raise RuntimeError(f"cannot place {num_workers - len(engine.workers)} more workers within placement_timeout_s="
                            f"{par.placement_timeout_s:g}; the cluster has {ray.available_resources()} available")
 
+    def _membership_failed(self, exc: Exception) -> None:
+        """A scale or rejoin that failed between steps: recorded; the engine recovers if it was left
+        part-way; an automatic rejoin is retried after a back-off, a requested scale is not."""
+        self.scale_errors.append(f"{type(exc).__name__}: {exc}")
+        self.engine.events.append({"kind": "scale_failed", "error": self.scale_errors[-1], "step": self.engine.steps,
+                                   "to_workers": self.engine.target_workers, "detected_at_s": time.time()})
+        if not self.engine.healthy:
+            self._recover()
+        self.engine.rejoin_not_before_s = time.time() + _REJOIN_BACKOFF_S
+
     def _advance_membership(self) -> None:
         """Between steps: scale down now to a lower target; scale up once the joiners started."""
         engine = self.engine
+        if time.time() < engine.rejoin_not_before_s:
+            return
         if engine.target_workers > len(engine.workers) and not engine.poll_rejoin():
             return
         self._scale_now(engine.target_workers)
@@ -280,7 +312,6 @@ class GenerationDriver:
             if not self.engine.healthy:  # it failed part-way: recover() re-forms what is left
                 self._extend_prompts(self.scheduler.requeue_all())
                 self.scheduler.resize(len(self.engine.workers))
-            self.engine.target_workers = len(self.engine.workers)
             raise
         # The leaving workers (the highest ranks) are gone: their requests run again elsewhere.
         moved = self.scheduler.resize(num_workers)
@@ -346,13 +377,15 @@ class GenerationDriver:
         self.engine.healthy = False  # e.g. a worker found dead while its loop started: recover() must act
         if self.engine.loops is not None and self.engine.loops.running:
             self.engine.loops.stop()
-        event = self.engine.recover(detected_at_s=detected_at_s)
-        self.engine.reset_sequences()
-        requeued = self.scheduler.requeue_all()
-        self._extend_prompts(requeued)
-        # A recovery that shrank the group renumbered the survivors: every sequence was re-queued
-        # above, so the scheduler only needs the new count.
-        self.scheduler.resize(len(self.engine.workers))
+        try:
+            event = self.engine.recover(detected_at_s=detected_at_s)
+            self.engine.reset_sequences()
+        finally:  # whatever recovery managed, the scheduler matches the engine's workers
+            requeued = self.scheduler.requeue_all()
+            self._extend_prompts(requeued)
+            # A recovery that shrank the group renumbered the survivors: every sequence was
+            # re-queued above, so the scheduler only needs the new count.
+            self.scheduler.resize(len(self.engine.workers))
         if event is not None:
             event["requests_rerun"] = len(requeued)
 

@@ -302,7 +302,10 @@ class EngineLoop:
                     except Exception:  # saving state is best-effort: serving goes on
                         log.exception("engine loop: after_step failed")
             if self._scale_waiter is not None:
-                self._check_scale()
+                try:
+                    self._check_scale()
+                except Exception:  # the only engine thread must survive a bug here
+                    log.exception("engine loop: checking the scale in progress failed")
 
     @staticmethod
     def _resolve(future: Future, result=None, error: BaseException | None = None) -> None:
@@ -342,6 +345,7 @@ class EngineLoop:
         except ValueError as exc:
             self._resolve(future, error=exc)
             return
+        self._scale_errors_before = len(self.driver.scale_errors)
         deadline = time.monotonic() + self.driver.engine.config.parallel.placement_timeout_s
         self._scale_waiter = (num_workers, deadline, future)
 
@@ -350,7 +354,12 @@ class EngineLoop:
         it (and give up the joiners) once placement_timeout_s has passed."""
         num_workers, deadline, future = self._scale_waiter
         engine = self.driver.engine
-        if len(engine.workers) == num_workers and engine.healthy:
+        if len(self.driver.scale_errors) > self._scale_errors_before:
+            self._scale_waiter = None
+            engine.target_workers = len(engine.workers)  # a requested scale that failed is not retried
+            self._resolve(future, error=RuntimeError(f"scale to {num_workers} workers failed: "
+                                                     f"{self.driver.scale_errors[-1]}"))
+        elif len(engine.workers) == num_workers and engine.healthy:
             self._scale_waiter = None
             event = self.driver.last_scale_event or {"kind": "scale", "from_workers": num_workers,
                                                      "to_workers": num_workers, "changed": False}

@@ -56,7 +56,7 @@ def main() -> None:
                 list(outs[rid].outputs[0].token_ids) == greedy_generate(reference, p, PARAMS.max_tokens)
                 for rid, p in zip(ids, prompts))
             result["recovery"] = {k: engine.recoveries[-1][k] for k in
-                                  ("mode", "lost_ranks", "to_workers", "experts_from_checkpoint", "requests_rerun")}
+                                  ("mode", "lost_ranks", "to_workers", "slots_from_checkpoint", "requests_rerun")}
             # No node has room for the lost bundle: the joiner waits, serving goes on at 2.
             for _ in range(20):
                 driver.step()

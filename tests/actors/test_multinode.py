@@ -22,7 +22,7 @@ def test_a_removed_node_shrinks_the_engine_and_a_new_node_restores_it():
     assert result["worker_nodes"] == 3, result
     recovery = result["recovery"]
     assert (recovery["mode"], recovery["lost_ranks"], recovery["to_workers"]) == ("shrink", [1], 2), result
-    assert recovery["experts_from_checkpoint"] == 2 * 3, result  # rank 1's experts had no other copy
+    assert recovery["slots_from_checkpoint"] == 2 * 3, result  # rank 1's experts had no other copy
     assert result["equal_after_loss"] and result["workers_while_no_room"] == 2, result
     assert result["workers_after_new_node"] == 3 and result["equal_after_rejoin"], result
     assert result["rejoin"] == {"from_workers": 2, "to_workers": 3, "joiners_prestarted": 1}, result

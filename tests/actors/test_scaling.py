@@ -95,9 +95,9 @@ def test_scale_refuses_bad_counts_and_changes_nothing(ray_cluster, model):
 
 
 def test_a_scale_that_fails_part_way_recovers_and_loses_no_request(ray_cluster, model):
-    """The new epoch's group fails to form (injected) after the leaving worker was ended: the scale
-    raises, the engine is unhealthy, and the next step recovers at the new count; every request in
-    flight still finishes with the reference output."""
+    """The new epoch's group fails to form (injected) after the leaving worker was ended: the
+    driver records the failure and recovers between steps at the new count, the scale call reports
+    it; every request in flight still finishes with the reference output."""
     from moeray.errors import WorkerLost
 
     ckpt, _, reference = model
@@ -119,9 +119,11 @@ def test_a_scale_that_fails_part_way_recovers_and_loses_no_request(ray_cluster, 
             form_group()
 
         engine._form_group = fails_once
-        with pytest.raises(WorkerLost, match="injected"):
+        with pytest.raises(RuntimeError, match="scale to 2 workers failed: WorkerLost: injected"):
             llm.scale(2)
-        assert not engine.healthy and len(engine.workers) == 2
+        # the failure was recovered between steps (a scale_failed event, then a recovery)
+        assert engine.healthy and len(engine.workers) == 2 and engine.target_workers == 2
+        assert [e["kind"] for e in engine.events[-2:]] == ["scale_failed", "recovery"]
         outs = driver.run_to_completion(ids)
         assert engine.healthy and engine.recoveries and len(engine.workers) == 2
         for rid, prompt in zip(ids, prompts):
