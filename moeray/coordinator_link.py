@@ -58,8 +58,7 @@ class CoordinatorLinkMixin:
         self._tick_ref = None
         self._coordinator_down, self._coordinator_down_since = False, None
         self._coordinator_generation += 1
-        commit_out = self._committing is not None or (self.loops is not None and self.loops._commit is not None)
-        if self._staged is not None or not commit_out:
+        if self._staged is not None or not self._commit_out:
             # Nothing staged can commit any more (a commit already sent still lands: committed()
             # then hands the rebuilt coordinator the result).
             self._staged = None
@@ -122,9 +121,8 @@ class CoordinatorLinkMixin:
 
     def _coordinator_lost(self, exc: BaseException) -> bool:
         """Whether an error of a coordinator call means the coordinator itself is gone."""
-        cause = exc.__cause__ if isinstance(exc, WorkerLost) else exc
-        return isinstance(cause, (RayActorError, GetTimeoutError)) or (
-            isinstance(exc, WorkerLost) and "coordinator" in str(exc))
+        cause = exc.__cause__ if isinstance(exc, WorkerLost) else exc  # _get wraps the Ray error
+        return isinstance(cause, (RayActorError, GetTimeoutError))
 
     def _discard_staging(self) -> None:
         """Every worker drops a staged version (one the lost coordinator prepared can never commit)."""
@@ -181,6 +179,12 @@ class CoordinatorLinkMixin:
             self.restart_coordinator(decision.reason, wait=False)  # the stuck prepare dies with it; staging dropped
             return True
         return False
+
+    @property
+    def _commit_out(self) -> bool:
+        """A commit request is with the workers (driver path: the step carrying it; loops: sent,
+        switch not reported yet)."""
+        return self._committing is not None or (self.loops is not None and self.loops._commit is not None)
 
     def _pending_rebalance(self) -> PendingRebalance | None:
         if self._tick_ref is not None:

@@ -248,7 +248,8 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
             return
         if self._tick_ref is None:
             # Steps since the last check (the worker loops report steps in batches, not one by one).
-            if self.steps - self._last_tick_step >= self.config.rebalance.check_interval_steps:
+            # None while a commit is out: the coordinator would plan from the version being replaced.
+            if not self._commit_out and self.steps - self._last_tick_step >= self.config.rebalance.check_interval_steps:
                 self._last_tick_step = self.steps
                 self._tick_ref = self.coordinator.tick.remote()
                 self._tick_started_s = now

@@ -37,6 +37,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from moeray.config import EngineConfig
 from moeray.errors import WorkerLost
 from placement import Placement
+from moeray.recovery import STEP_MARGIN_S
 from placement.fault_aware import FaultAwareOptions
 from placement.resize import carry_over, resize_plan, survivors_first
 
@@ -108,8 +109,6 @@ class Joiners:
     target: int  # the worker count they make up
     workers: list  # actor handles, for ranks len(engine.workers) .. target - 1
     bundles: list[tuple]  # their placement-group bundles
-    phy2log_LS: np.ndarray  # the placement they were started on (their slots; a guess of the next plan)
-    slots_per_worker: int
     pings: list  # one ping ref each: ready when the worker has loaded
 
     def ready(self) -> bool:
@@ -142,7 +141,7 @@ def start_joiners(engine, target: int) -> Joiners:
                          np.ones((engine._placement.num_layers, config.model.num_experts)))
     workers = [engine._start_worker(rank, config=config, bundle=bundles[rank - first], phy2log_LS=carried)
                for rank in range(first, target)]
-    return Joiners(target, workers, bundles, carried, config.slots_per_worker, [w.ping.remote() for w in workers])
+    return Joiners(target, workers, bundles, [w.ping.remote() for w in workers])
 
 
 def _fault_aware(config: EngineConfig) -> FaultAwareOptions | None:
@@ -286,7 +285,7 @@ def _drop_staged(engine) -> None:
     discards their staging) and the coordinator abandons it (resize)."""
     if engine._tick_ref is not None:
         try:
-            ray.get(engine._tick_ref, timeout=engine.config.parallel.collective_timeout_s + 30)
+            ray.get(engine._tick_ref, timeout=engine.config.parallel.collective_timeout_s + STEP_MARGIN_S)
         except Exception:
             pass  # the coordinator recorded the failed migration itself
         engine._tick_ref = None

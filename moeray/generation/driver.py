@@ -310,7 +310,7 @@ class GenerationDriver:
             event = self.engine.scale(num_workers)
         except Exception:
             if not self.engine.healthy:  # it failed part-way: recover() re-forms what is left
-                self._extend_prompts(self.scheduler.requeue_all())
+                self._requeue_in_flight()
                 self.scheduler.resize(len(self.engine.workers))
             raise
         # The leaving workers (the highest ranks) are gone: their requests run again elsewhere.
@@ -381,18 +381,20 @@ class GenerationDriver:
             event = self.engine.recover(detected_at_s=detected_at_s)
             self.engine.reset_sequences()
         finally:  # whatever recovery managed, the scheduler matches the engine's workers
-            requeued = self.scheduler.requeue_all()
-            self._extend_prompts(requeued)
+            requeued = self._requeue_in_flight()
             # A recovery that shrank the group renumbered the survivors: every sequence was
             # re-queued above, so the scheduler only needs the new count.
             self.scheduler.resize(len(self.engine.workers))
         if event is not None:
             event["requests_rerun"] = len(requeued)
 
-    def _requeue_in_flight(self) -> None:
+    def _requeue_in_flight(self) -> list:
         """Every running request back to the queue with its generated tokens appended to its prompt
-        (re-prefilled: greedy outputs are unchanged; a seeded request's draws restart from its seed)."""
-        self._extend_prompts(self.scheduler.requeue_all())
+        (re-prefilled: greedy outputs are unchanged; a seeded request's draws restart from its seed).
+        Returns them."""
+        requeued = self.scheduler.requeue_all()
+        self._extend_prompts(requeued)
+        return requeued
 
     def _extend_prompts(self, requests) -> None:
         for req in requests:

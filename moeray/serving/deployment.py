@@ -37,14 +37,12 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import SecretStr
 from ray import serve
-from ray.exceptions import GetTimeoutError, RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeray.engine import Engine
-from moeray.errors import CollectiveError, WorkerLost
 from moeray.generation.driver import GenerationDriver
 from moeray.generation.sampling import SamplingParams
 from moeray.generation.tokenizer import Tokenizer
@@ -57,19 +55,18 @@ from moeray.serving.core import (
     EngineLoop,
     RequestRejected,
     RequestStream,
-    StreamCursor,
     check_port_free,
     load_chat_template,
     render_chat,
 )
 from moeray.serving.placement_report import placement_report
 from moeray.serving.replica import NameTheReplica, replica_identity
+from moeray.serving.sse import ENGINE_ERRORS as _ENGINE_ERRORS
+from moeray.serving.sse import chat_events, completion_events, sse_response
+from moeray.serving.sse import unavailable as _unavailable
 from placement import Placement
 
 app = FastAPI(title="moeray", description="Expert-parallel MoE serving with live expert placement (OpenAI API)")
-# The engine or its actors cannot answer now (a lost worker, a coordinator that timed out or died,
-# a cluster that cannot place more workers): 503, the service itself keeps serving.
-_ENGINE_ERRORS = (WorkerLost, CollectiveError, RayActorError, GetTimeoutError)
 _PROBE = SamplingParams(max_tokens=1)  # checks a prompt on its own, before its max_tokens is known
 _log = logging.getLogger("ray.serve")  # Serve's logger: lines carry the replica's app, deployment and id
 
@@ -109,28 +106,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @app.exception_handler(Exception)
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(oa.OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}"))
-
-
-def _unavailable(exc: Exception) -> oa.OpenAIError:
-    return oa.OpenAIError(503, f"engine unavailable: {exc}", code="engine_unavailable")
-
-
-async def _sse(events) -> StreamingResponse:
-    """Server-sent events. The first event is taken here, before the response starts, so the
-    generator is inside its try block from then on: a client that leaves before the body starts
-    still closes its RequestStream (aborting its requests) when the generator is closed or
-    collected; a generator that never started would run no `finally` and its requests would run
-    to the end for nobody."""
-    first = await events.__anext__()  # a cancelled handler (client gone) raises inside it: finally runs
-
-    async def body():
-        yield first
-        async for event in events:
-            yield event
-
-    # no-cache / no buffering: proxies in front must pass each event on as it comes
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 # Serve serializes the class when the decorator runs: everything its methods use is defined above.
@@ -184,7 +159,8 @@ class MoEService:
         stream = await self._open(prompts, [params] * len(prompts))
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return await _sse(self._completion_events(stream, req, response_id, created))
+            return await sse_response(completion_events(stream, req, response_id, created, self.model_name,
+                                                        self._token_text))
         outs = await self._final(stream)
         choices = [oa.CompletionChoice(
             index=i, text=out.outputs[0].text, finish_reason=out.outputs[0].finish_reason,
@@ -217,7 +193,8 @@ class MoEService:
         stream = await self._open([ids], [params])
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return await _sse(self._chat_events(stream, req, response_id, created))
+            return await sse_response(chat_events(stream, req, response_id, created, self.model_name,
+                                                  self._token_text))
         (out,) = await self._final(stream)
         completion = out.outputs[0]
         choice = oa.ChatChoice(index=0, message=oa.AssistantMessage(content=completion.text),
@@ -396,58 +373,6 @@ class MoEService:
                     else self.tokenizer.decode([token_id], skip_special_tokens=False))
             self._token_texts[token_id] = text
         return text
-
-    async def _completion_events(self, stream: RequestStream, req, response_id: str, created: int):
-        cursors = [StreamCursor(p.stop) for p in stream.params]
-
-        def chunk(choices, usage=None) -> str:
-            return oa.sse(oa.CompletionResponse(id=response_id, created=created, model=self.model_name,
-                                                choices=choices, usage=usage))
-        try:
-            async for batch in stream:
-                choices = []
-                for index, out in sorted(batch.items()):
-                    completion, cursor = out.outputs[0], cursors[index]
-                    offset = cursor.text_sent
-                    text, new = cursor.advance(completion)
-                    logprobs = (oa.completion_logprobs(completion.logprobs[new], self._token_text, offset)
-                                if req.logprobs is not None and completion.logprobs else None)
-                    if text or logprobs is not None or completion.finish_reason is not None:
-                        choices.append(oa.CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                                           finish_reason=completion.finish_reason))
-                if choices:
-                    yield chunk(choices)
-            if req.include_usage:
-                yield chunk([], oa.usage_of(stream.latest))
-        except _ENGINE_ERRORS as exc:  # the response has begun: the error goes in the stream (as vLLM does)
-            yield oa.sse(_unavailable(exc).body())
-        finally:
-            stream.close()  # the client went away mid-stream, or the stream ended (then a no-op)
-        yield oa.SSE_DONE
-
-    async def _chat_events(self, stream: RequestStream, req, response_id: str, created: int):
-        cursor = StreamCursor(stream.params[0].stop)
-
-        def chunk(choices, usage=None) -> str:
-            return oa.sse(oa.ChatCompletionChunk(id=response_id, created=created, model=self.model_name,
-                                                 choices=choices, usage=usage))
-        try:
-            yield chunk([oa.ChatChunkChoice(index=0, delta=oa.ChatDelta(role="assistant", content=""))])
-            async for batch in stream:
-                completion = batch[0].outputs[0]
-                text, new = cursor.advance(completion)
-                logprobs = (oa.chat_logprobs(completion.logprobs[new], self._token_text)
-                            if req.logprobs and completion.logprobs else None)
-                if text or logprobs is not None or completion.finish_reason is not None:
-                    yield chunk([oa.ChatChunkChoice(index=0, delta=oa.ChatDelta(content=text), logprobs=logprobs,
-                                                    finish_reason=completion.finish_reason)])
-            if req.include_usage:
-                yield chunk([], oa.usage_of(stream.latest))
-        except _ENGINE_ERRORS as exc:
-            yield oa.sse(_unavailable(exc).body())
-        finally:
-            stream.close()
-        yield oa.SSE_DONE
 
     def __del__(self):
         state = getattr(self, "state", None)
