@@ -29,10 +29,13 @@ def expert_mlp_reference(
     w2_SDF: torch.Tensor,
     slot_offsets_S1: torch.Tensor,
     order_N: torch.Tensor | None = None,
+    width_S: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y_MD[order[n]] = down(silu(gate(x)) * up(x)) of x_MD[order[n]] for the slot owning n.
 
-    Rows of x not listed in ``order_N`` stay 0 in the result.
+    Rows of x not listed in ``order_N`` stay 0 in the result. ``width_S`` (int [S], optional):
+    the FFN columns slot s uses, a sharded slot's gate/up rows [0, w) and [F, F + w) and down
+    columns [0, w) (moeray.expert_parallel's slot layout); None = every slot uses all F.
     """
     M, D = x_MD.shape
     S, H, D_w = w13_SHD.shape
@@ -44,6 +47,7 @@ def expert_mlp_reference(
     y_MD = torch.zeros_like(x_MD)
     # host sync: the reference slices per slot on the host; it is the oracle, not a hot path.
     offsets = slot_offsets_S1.tolist()
+    widths = [F_] * S if width_S is None else width_S.tolist()
     if order_N is None:
         order_N = torch.arange(M, device=x_MD.device)
     for s in range(S):
@@ -52,5 +56,7 @@ def expert_mlp_reference(
             continue  # empty slot: nothing routed here
         rows_n = order_N[lo:hi]
         xs_nD = x_MD.index_select(0, rows_n)
-        y_MD.index_copy_(0, rows_n, swiglu(xs_nD, w13_SHD[s], w2_SDF[s]))
+        w = widths[s]
+        w13_HD = torch.cat([w13_SHD[s, :w], w13_SHD[s, F_:F_ + w]]) if w < F_ else w13_SHD[s]
+        y_MD.index_copy_(0, rows_n, swiglu(xs_nD, w13_HD, w2_SDF[s, :, :w]))
     return y_MD

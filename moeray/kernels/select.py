@@ -54,25 +54,34 @@ def expert_mlp(
     slot_offsets_S1: torch.Tensor,
     order_N: torch.Tensor | None = None,
     impl: str = "auto",
+    width_S: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Grouped SwiGLU experts over the rows of x_MD routed to this worker's slots; returns y_MD."""
+    """Grouped SwiGLU experts over the rows of x_MD routed to this worker's slots; returns y_MD.
+
+    ``width_S`` (int [S] on x's device, optional): FFN columns each slot uses (a sharded slot holds
+    its columns first, zeros after: see moeray.expert_parallel). The reference and Triton paths do
+    only those columns' work; grouped_mm computes the zero columns too (same result: silu(0) * 0 = 0
+    times zero down columns), so it is correct but saves nothing for shards.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     M, D = x_MD.shape
     S, H, D_w = w13_SHD.shape
     if D_w != D or H % 2 or w2_SDF.shape != (S, D, H // 2):
         raise ValueError(f"shape mismatch: x {tuple(x_MD.shape)}, w13 {tuple(w13_SHD.shape)}, w2 {tuple(w2_SDF.shape)}")
+    if width_S is not None and width_S.shape != (S,):
+        raise ValueError(f"width_S must have S={S} entries, got {tuple(width_S.shape)}")
     if slot_offsets_S1.shape != (S + 1,):
         raise ValueError(f"slot_offsets must have S+1={S + 1} entries, got {tuple(slot_offsets_S1.shape)}")
     N = M if order_N is None else order_N.numel()
     if impl == "auto":
         impl = choose_impl(x_MD, S, N, D, H // 2)
     if impl == "reference":
-        return expert_mlp_reference(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_N)
+        return expert_mlp_reference(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_N, width_S)
     if impl == "triton":
         from .triton_swiglu import expert_mlp_triton  # lazy: triton is an optional dependency
 
-        return expert_mlp_triton(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_N)
+        return expert_mlp_triton(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_N, width_S=width_S)
     from .grouped_mm import expert_mlp_grouped_mm
 
     return expert_mlp_grouped_mm(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_N)

@@ -77,17 +77,22 @@ def _tile_ids(num_m_ub, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w13_ptr, h_ptr, order_ptr, offs_ptr,
+    x_ptr, w13_ptr, h_ptr, order_ptr, offs_ptr, width_ptr,
     S, D, F, num_m_ub,
     stride_xm, stride_ws, stride_wh, stride_hn,
-    HAS_ORDER: tl.constexpr, EVEN_K: tl.constexpr, S_POW2: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_ORDER: tl.constexpr, HAS_WIDTH: tl.constexpr, EVEN_K: tl.constexpr, S_POW2: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     b, pid_n = _tile_ids(num_m_ub, tl.cdiv(F, BLOCK_N), GROUP_M)
     slot, row_start, row_end = _find_block(offs_ptr, S, b, BLOCK_M, S_POW2)
     if slot >= S:
         return  # beyond the real number of blocks
+    width = F
+    if HAS_WIDTH:  # a shard uses columns [0, width) of its slot; the down kernel reads no column past it
+        width = tl.load(width_ptr + slot).to(tl.int32)
+    if pid_n * BLOCK_N >= width:
+        return
     rows = row_start + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     if HAS_ORDER:
@@ -95,7 +100,7 @@ def _gate_up_kernel(
     else:
         src = rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < F
+    cmask = cols < width
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + src[:, None] * stride_xm + ks[None, :]
     # B tiles are read as (BK, BN) views of the (out x in) Linear weights: no transposed copy.
@@ -128,17 +133,20 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w2_ptr, y_ptr, order_ptr, offs_ptr,
+    h_ptr, w2_ptr, y_ptr, order_ptr, offs_ptr, width_ptr,
     S, D, F, num_m_ub,
     stride_hn, stride_ws, stride_wd, stride_ym,
-    HAS_ORDER: tl.constexpr, EVEN_K: tl.constexpr, S_POW2: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_ORDER: tl.constexpr, HAS_WIDTH: tl.constexpr, EVEN_K: tl.constexpr, S_POW2: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     b, pid_n = _tile_ids(num_m_ub, tl.cdiv(D, BLOCK_N), GROUP_M)
     slot, row_start, row_end = _find_block(offs_ptr, S, b, BLOCK_M, S_POW2)
     if slot >= S:
         return
+    width = F
+    if HAS_WIDTH:  # only the h columns the gate/up kernel wrote: [0, width)
+        width = tl.load(width_ptr + slot).to(tl.int32)
     rows = row_start + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,12 +155,12 @@ def _down_kernel(
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hn + ks[None, :]
     w_ptrs = w2_ptr + slot.to(tl.int64) * stride_ws + cols[None, :].to(tl.int64) * stride_wd + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(F, BLOCK_K)):
+    for k in range(0, tl.cdiv(width, BLOCK_K)):
         if EVEN_K:
             a = tl.load(h_ptrs, mask=rmask[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=cmask[None, :], other=0.0)
         else:
-            kmask = ks < F - k * BLOCK_K
+            kmask = ks < width - k * BLOCK_K
             a = tl.load(h_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
         if UPCAST:
@@ -228,8 +236,12 @@ def expert_mlp_triton(
     order_N: torch.Tensor | None = None,
     cfg_up: TileConfig | None = None,
     cfg_down: TileConfig | None = None,
+    width_S: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Two launches, no host sync: gate/up + SwiGLU into h_NF, then down + scatter into y_MD."""
+    """Two launches, no host sync: gate/up + SwiGLU into h_NF, then down + scatter into y_MD.
+
+    ``width_S`` (int [S], optional): columns each slot uses; tiles past a slot's width are
+    skipped (gate/up programs return, the down loop stops), so a shard costs its width."""
     M, D = x_MD.shape
     S, H, _ = w13_SHD.shape
     F_ = H // 2
@@ -249,22 +261,24 @@ def expert_mlp_triton(
     h_NF = _empty((N, F_), x_MD)
     has_order = order_N is not None
     order = order_N if has_order else slot_offsets_S1  # dummy pointer, never read when HAS_ORDER=False
+    width = width_S.to(torch.int32).contiguous() if width_S is not None else slot_offsets_S1  # dummy likewise
     common = dict(
         HAS_ORDER=has_order,
+        HAS_WIDTH=width_S is not None,
         S_POW2=max(16, triton.next_power_of_2(S + 1)),
         PRECISION="ieee" if x_MD.dtype == torch.float32 or _INTERPRET else "tf32",
         UPCAST=_INTERPRET and x_MD.dtype != torch.float32,
     )
     _launch(
         _gate_up_kernel, cfg_up, F_, N, S, D, F_,
-        (x_MD, w13_SHD, h_NF, order, slot_offsets_S1),
+        (x_MD, w13_SHD, h_NF, order, slot_offsets_S1, width),
         (x_MD.stride(0), w13_SHD.stride(0), w13_SHD.stride(1), h_NF.stride(0)),
         EVEN_K=D % cfg_up.BK == 0, **common,
     )
     _launch(
         _down_kernel, cfg_down, D, N, S, D, F_,
-        (h_NF, w2_SDF, y_MD, order, slot_offsets_S1),
+        (h_NF, w2_SDF, y_MD, order, slot_offsets_S1, width),
         (h_NF.stride(0), w2_SDF.stride(0), w2_SDF.stride(1), y_MD.stride(0)),
-        EVEN_K=F_ % cfg_down.BK == 0, **common,
+        EVEN_K=F_ % cfg_down.BK == 0 and width_S is None, **common,
     )
     return y_MD

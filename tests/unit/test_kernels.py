@@ -29,6 +29,15 @@ CASES = {
     "zero_rows": (4, 3, 24, 40, [0, 0, 0], "perm"),
     "many_slots": (50, 20, 40, 24, [0, 5, 1, 0, 9, 2, 0, 3, 4, 0, 1, 7, 0, 0, 6, 2, 3, 0, 5, 2], "perm"),
 }
+# Sharded slots (moeray.expert_parallel's layout: a shard's columns first): FFN columns each slot
+# uses, for the cases that run with widths too. Weights past a slot's width hold noise in these
+# tests, so a kernel that reads past the width fails.
+WIDTHS = {
+    "one_row": [17],
+    "empty_slots_missing_rows": [40, 13, 40, 27, 1],
+    "sorted_multiblock": [20, 40, 33],
+    "many_slots": [24, 5, 12, 24, 7, 24, 1, 16, 9, 24, 3, 18, 24, 24, 11, 24, 8, 2, 24, 13],
+}
 # Tile configs for the Triton runs: None = the default table; "tiny" forces many M-blocks and
 # N-tiles per slot and GROUP_M swizzle groups; BK=16 leaves a partial K tile for D or F = 24, 40.
 TINY = dict(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=1, num_stages=1)
@@ -50,11 +59,20 @@ def build(name: str, dtype: torch.dtype, seed: int = 0):
     return x_MD, w13_SHD, w2_SDF, offs_S1, order_N
 
 
-def dense_f64(x_MD, w13_SHD, w2_SDF, offs_S1, order_N):
+def truncated(w13_SHD, w2_SDF, width_S):
+    """The weights a sharded slot means: columns past its width zeroed."""
+    F = w2_SDF.shape[2]
+    used_SF = torch.arange(F)[None, :] < torch.as_tensor(width_S)[:, None]
+    return w13_SHD * used_SF.repeat(1, 2)[:, :, None], w2_SDF * used_SF[:, None, :]
+
+
+def dense_f64(x_MD, w13_SHD, w2_SDF, offs_S1, order_N, width_S=None):
     """Independent of the slot loop: every listed row gets its slot's weights gathered, in float64."""
     M, _ = x_MD.shape
     S, H, _ = w13_SHD.shape
     F = H // 2
+    if width_S is not None:
+        w13_SHD, w2_SDF = truncated(w13_SHD, w2_SDF, width_S)
     N = int(offs_S1[-1])
     order_N = torch.arange(M) if order_N is None else order_N
     slot_N = torch.searchsorted(offs_S1, torch.arange(N), right=True) - 1
@@ -91,6 +109,10 @@ def run_triton_cases() -> dict[str, float]:
                 args = build(name, dtype)
                 y = ts.expert_mlp_triton(*args, cfg_up=cfg, cfg_down=cfg)
                 out[f"{name}-{dname}-{cname}"] = rel_err(y, dense_f64(*args))
+                if name in WIDTHS:
+                    width_S = torch.tensor(WIDTHS[name])
+                    y = ts.expert_mlp_triton(*args, cfg_up=cfg, cfg_down=cfg, width_S=width_S)
+                    out[f"{name}-{dname}-{cname}-widths"] = rel_err(y, dense_f64(*args, width_S))
     return out
 
 
@@ -107,6 +129,30 @@ def triton_results() -> dict[str, float]:
 def test_triton_interpreter(triton_results, name, dname, cfg):
     err = triton_results[f"{name}-{dname}-{cfg}"]
     assert err < TOL[DTYPES[dname]], err  # NaN (unwritten row) fails too
+
+
+@pytest.mark.parametrize("cfg", ["default", "tiny"])
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("name", list(WIDTHS))
+def test_triton_interpreter_widths(triton_results, name, dname, cfg):
+    """Sharded slots: only each slot's columns are computed (noise past them never read)."""
+    err = triton_results[f"{name}-{dname}-{cfg}-widths"]
+    assert err < TOL[DTYPES[dname]], err
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("name", list(WIDTHS))
+def test_reference_widths(name, dname):
+    from moeray.kernels import expert_mlp
+
+    dtype = DTYPES[dname]
+    args = build(name, dtype, seed=2)
+    width_S = torch.tensor(WIDTHS[name])
+    assert rel_err(expert_mlp(*args, impl="reference", width_S=width_S), dense_f64(*args, width_S)) < TOL[dtype]
+    # zero-padded shards (the engine's layout) give the same result without widths (grouped_mm's way)
+    x_MD, w13_SHD, w2_SDF, offs_S1, order_N = args
+    padded = truncated(w13_SHD, w2_SDF, width_S)
+    assert rel_err(expert_mlp(x_MD, *padded, offs_S1, order_N, impl="reference"), dense_f64(*args, width_S)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dname", list(DTYPES))
