@@ -2,7 +2,16 @@
 replaced by `SlotExperts`, which holds only this worker's slots and talks through a Dispatcher.
 
 Legend: T local tokens, K top-k, D hidden, F expert FFN width, H = 2F, E experts,
-S_w local slots, R max replicas.
+S_w local slots, R max replicas, J max shards of a replica, W workers.
+
+Sharded slots (placement.shards): a slot holding columns [c0, c1) of its expert's F keeps them
+first: gate rows [0, w) and up rows [F, F + w) of w13, down columns [0, w) of w2, zeros after
+(w = c1 - c0, `width_S`). Every pair routed to a sharded replica fans out to its shards; the
+kernel does only each slot's w columns and the weighted combine adds the partial outputs.
+
+Per-batch split (`batch_split`): from the batch's global per-expert counts (one fixed-size
+exchange of [E] counts after routing, no host sync) every worker computes the same rows per
+replica (moeray.comm.batch_split) and sends each pair to its replica by its global rank.
 """
 
 from __future__ import annotations
@@ -10,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moeray.comm.batch_split import DeviceReplicaUnits, global_rank_offsets, replica_of_pairs, split_rows
 from moeray.comm.dispatcher import Dispatcher
-from moeray.comm.slot_map import DeviceSlotMap, count_per_index, pairs_to_slots
+from moeray.comm.slot_map import DeviceSlotMap, count_per_index, fan_out_weights, pairs_to_slots
 from moeray.kernels import expert_mlp
 from moeray.kernels.combine import IMPLS as COMBINE_IMPLS
 from moeray.kernels.combine import unpermute_weighted
@@ -24,15 +34,21 @@ class SlotExperts(nn.Module):
     placement puts in local slot s (zeros for a free slot, which no token is ever routed to).
     `load_E` accumulates routed pairs per logical expert and `rows_S` the rows each local slot
     computed, both on the device: no host sync per step (they are read every N steps).
+    `width_S` (int64 [S_w] or None: all whole) is the FFN columns each local slot holds;
+    `batch_split` (DeviceReplicaUnits of this layer or None: the planned weights) turns on the
+    per-batch replica split. Both are set with the slot map, from one placement.
     """
 
     def __init__(self, w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, slot_map: DeviceSlotMap,
                  dispatcher: Dispatcher, num_experts: int, kernel_impl: str = "auto", combine_impl: str = "auto",
-                 overlap_chunks: int = 1):
+                 overlap_chunks: int = 1, width_S: torch.Tensor | None = None,
+                 batch_split: DeviceReplicaUnits | None = None):
         super().__init__()
         self.w13_SHD = nn.Parameter(w13_SHD, requires_grad=False)
         self.w2_SDF = nn.Parameter(w2_SDF, requires_grad=False)
         self.slot_map = slot_map
+        self.width_S = width_S
+        self.batch_split = batch_split
         self.dispatcher = dispatcher
         if combine_impl not in COMBINE_IMPLS:
             raise ValueError(f"combine_impl must be one of {COMBINE_IMPLS}, got {combine_impl!r}")
@@ -60,28 +76,47 @@ class SlotExperts(nn.Module):
             count_E = count_per_index(topk_ids_TK.reshape(-1), self.load_E.numel(), pair_weight_N)
             self.load_E += count_E
         # the replica split ranks every pair, padding included, so it needs the unweighted counts
-        slot_ids_TK = pairs_to_slots(topk_ids_TK, self.slot_map, None if pair_weight_N is not None else count_E)
+        unweighted_E = None if pair_weight_N is not None else count_E
+        replica_TK = None if self.batch_split is None else self._split_batch(topk_ids_TK, unweighted_E)
+        slot_ids_TX = pairs_to_slots(topk_ids_TK, self.slot_map, unweighted_E, replica_TK)  # X = K * J
+        weights_TX = fan_out_weights(topk_weights_TK, slot_ids_TX, self.slot_map)
         if pair_weight_N is not None and self.record_load:  # one worker: slot ids are local slots
-            self.rows_S += count_per_index(slot_ids_TK.reshape(-1), self.rows_S.numel(), pair_weight_N)
+            entry_weight_N = pair_weight_N.repeat_interleave(self.slot_map.max_shards, output_size=slot_ids_TX.numel())
+            self.rows_S += count_per_index(slot_ids_TX.reshape(-1), self.rows_S.numel() + 1, entry_weight_N)[:-1]
         if timer is not None:
             timer.mark("route")
         if self.overlap_chunks > 1 and hasattr(self.dispatcher, "dispatch_start"):  # else nothing to overlap
-            return self._forward_overlapped(x_TD, slot_ids_TK, topk_weights_TK)
-        dispatched = self.dispatcher.dispatch(x_TD, slot_ids_TK)
+            return self._forward_overlapped(x_TD, slot_ids_TX, weights_TX)
+        dispatched = self.dispatcher.dispatch(x_TD, slot_ids_TX)
         y_MD = self._compute(dispatched)
         if timer is not None:
             timer.mark("experts")
-        out_TD = self.dispatcher.combine_weighted(y_MD, dispatched, topk_weights_TK, self.combine_impl)
+        out_TD = self.dispatcher.combine_weighted(y_MD, dispatched, weights_TX, self.combine_impl)
         if timer is not None:
             timer.mark("combine")
         return out_TD
+
+    def _split_batch(self, topk_ids_TK: torch.Tensor, count_E: torch.Tensor | None) -> torch.Tensor:
+        """replica_TK of the per-batch split: every worker's counts (one fixed-size exchange), the
+        same rows per replica on every worker, each pair's replica by its global rank."""
+        if count_E is None:
+            count_E = count_per_index(topk_ids_TK.reshape(-1), self.load_E.numel())
+        counts_WE = self.dispatcher.gather_counts(count_E)
+        global_E, rank_offset_E = global_rank_offsets(counts_WE, self.dispatcher.rank)
+        return replica_of_pairs(topk_ids_TK, split_rows(self.batch_split, global_E), rank_offset_E)
 
     def _compute(self, dispatched) -> torch.Tensor:
         """y_MD: this worker's slots applied to the rows it received (and the rows counted)."""
         if self.record_load and self.row_weight_T is None:
             self.rows_S += dispatched.slot_offsets_S1.diff()
-        return expert_mlp(dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1,
-                          dispatched.order_M, impl=self.kernel_impl)
+        y_MD = expert_mlp(dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1,
+                          dispatched.order_M, impl=self.kernel_impl, width_S=self.width_S)
+        if self.slot_map.max_shards > 1:
+            # rows past the last slot are padding entries of the fan-out (LocalDispatcher keeps them
+            # in place): their kernel output is undefined, and combine must add zeros for them
+            real_M = torch.arange(y_MD.shape[0], device=y_MD.device) < dispatched.slot_offsets_S1[-1]
+            y_MD = torch.where(real_M[:, None], y_MD, torch.zeros((), dtype=y_MD.dtype, device=y_MD.device))
+        return y_MD
 
     def _forward_overlapped(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor,
                             topk_weights_TK: torch.Tensor) -> torch.Tensor:

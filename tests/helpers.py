@@ -122,3 +122,33 @@ def single_worker(ckpt: str, device: str = "cpu", cuda_graphs: bool = False):
     cfg = config.model
     placement = Placement.contiguous(cfg.num_moe_layers, cfg.num_experts, 1, config.slots_per_worker)
     return Worker(0, config, ckpt, placement.phy2log)
+
+
+def random_sharded_placement(num_layers, num_experts, num_workers, slots_per_worker, seed=0,
+                             weighted=False) -> Placement:
+    """`random_replicated_placement`, then each expert's slots (ascending) cut into runs: whole
+    replicas and replicas of 2 or 3 shards (on distinct workers: no worker holds an expert twice)
+    with uneven widths in 1/16ths (exact binary fractions). `weighted`: random planned split
+    weights, the same on every shard of a replica."""
+    base = random_replicated_placement(num_layers, num_experts, num_workers, slots_per_worker, seed)
+    rng = np.random.default_rng(seed + 1000)
+    width_LS = (base.phy2log >= 0).astype(np.float64)
+    weights_LS = np.zeros_like(width_LS)
+    for layer in range(num_layers):
+        for expert in range(num_experts):
+            slots = np.flatnonzero(base.phy2log[layer] == expert)
+            runs, i = [], 0
+            while i < len(slots):
+                k = int(rng.choice([1, 2, 3])) if len(slots) - i >= 2 else 1
+                k = min(k, len(slots) - i)
+                runs.append(slots[i:i + k])
+                i += k
+            shares = rng.random(len(runs)) + 0.2
+            shares /= shares.sum()
+            for run, share in zip(runs, shares):
+                if len(run) > 1:
+                    cuts = np.sort(rng.choice(np.arange(1, 16), size=len(run) - 1, replace=False))
+                    width_LS[layer, run] = np.diff(np.r_[0, cuts, 16]) / 16.0
+                weights_LS[layer, run] = share
+    return Placement(base.phy2log, num_experts, slots_per_worker, shard_width=width_LS,
+                     replica_weights=weights_LS if weighted else None).validate()

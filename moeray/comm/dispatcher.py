@@ -12,6 +12,11 @@ the same y_TKD for the same slot_ids_TK; tests hold them to that.
 Legend: T local tokens, K top-k, D hidden, N = T*K pairs, W workers, S_w slots per worker,
 S = W * S_w slots in the group, M rows received by this worker.
 Slots of worker w are [w * S_w, (w + 1) * S_w), so sorting pairs by slot also sorts them by worker.
+
+Slot id S is padding (a sharded layer fans each pair out to J entries, moeray.comm.slot_map): it
+sorts after every real slot, is never sent or computed, and comes back from combine as a zero row
+(its routing weight is 0). Local rows past the last slot's offset are such padding: their kernel
+output is not defined, and the caller zeroes it before combine (SlotExperts does).
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ class Dispatched:
 
 class Dispatcher(Protocol):
     slots_per_worker: int
+    rank: int
+
+    def gather_counts(self, count_E: torch.Tensor) -> torch.Tensor: ...
 
     def dispatch(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor) -> Dispatched: ...
 
@@ -71,12 +79,17 @@ class LocalDispatcher:
 
     def __init__(self, num_slots: int):
         self.slots_per_worker = num_slots
+        self.rank = 0
+
+    def gather_counts(self, count_E: torch.Tensor) -> torch.Tensor:
+        """counts_WE of every worker (here: this one)."""
+        return count_E[None]
 
     def dispatch(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor) -> Dispatched:
         num_tokens, top_k = slot_ids_TK.shape
         send_order_N = _sort_pairs_by_slot(slot_ids_TK)
-        tokens_MD = x_TD.index_select(0, send_order_N // top_k)  # already grouped by slot
-        count_S = count_per_index(slot_ids_TK.reshape(-1), self.slots_per_worker)
+        tokens_MD = x_TD.index_select(0, send_order_N // top_k)  # already grouped by slot, padding last
+        count_S = count_per_index(slot_ids_TK.reshape(-1), self.slots_per_worker + 1)[:-1]  # padding dropped
         order_M = torch.arange(tokens_MD.shape[0], device=x_TD.device)
         return Dispatched(tokens_MD, order_M, _offsets(count_S), send_order_N, num_tokens, top_k)
 
@@ -101,10 +114,18 @@ class AllToAllDispatcher:
         self.world_size = group.world_size
         self.slots_per_worker = slots_per_worker
         self.timer = None  # a moeray.bench.phases.PhaseTimer while a benchmark profiles phases
+        self.rank = group.rank
 
     def _mark(self, phase: str) -> None:
         if self.timer is not None:
             self.timer.mark(phase)
+
+    def gather_counts(self, count_E: torch.Tensor) -> torch.Tensor:
+        """counts_WE: every worker's [E] counts in rank order, by one fixed-size all_to_all (each
+        rank sends its counts to all): no split sizes, so no host sync, and stream-ordered on NCCL."""
+        counts_WE = count_E.new_empty((self.world_size, count_E.numel()))
+        self.group.all_to_all(counts_WE, count_E[None].expand(self.world_size, -1).contiguous())
+        return counts_WE
 
     def dispatch(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor) -> Dispatched:
         return self.dispatch_start(x_TD, slot_ids_TK, num_chunks=1)[0].wait()
@@ -125,7 +146,7 @@ class AllToAllDispatcher:
             send_order_N = _sort_pairs_by_slot(ids_TK)
             send_orders.append(send_order_N)
             sends.append(x_TD[first:end].index_select(0, send_order_N // top_k))
-            counts.append(count_per_index(ids_TK.reshape(-1), W * S_w).view(W, S_w))
+            counts.append(count_per_index(ids_TK.reshape(-1), W * S_w + 1)[:-1].view(W, S_w))  # padding dropped
         self._mark("sort+gather")
 
         send_count_WCS = torch.stack(counts, dim=1)  # peer first: the exchange splits dim 0 by rank
@@ -151,7 +172,9 @@ class AllToAllDispatcher:
         pending = []
         for c, (first, end) in enumerate(bounds):
             tokens_MD = x_TD.new_empty((sum(recv_splits_CW[c]), x_TD.shape[1]))
-            op = self.group.all_to_all_start(tokens_MD, sends[c], recv_splits_CW[c], send_splits_CW[c])
+            # padding entries sort last: the real rows are a prefix of the gathered ones
+            op = self.group.all_to_all_start(tokens_MD, sends[c][: sum(send_splits_CW[c])], recv_splits_CW[c],
+                                             send_splits_CW[c])
             order_M, slot_offsets_S1 = arranged[c]
             dispatched = Dispatched(tokens_MD, order_M, slot_offsets_S1, send_orders[c], end - first, top_k,
                                     tuple(send_splits_CW[c]), tuple(recv_splits_CW[c]), first)
@@ -160,8 +183,12 @@ class AllToAllDispatcher:
 
     def send_back_start(self, y_MD: torch.Tensor, dispatched: Dispatched) -> PendingRows:
         """Launch the exchange that returns computed rows to the workers that sent them."""
-        back_ND = y_MD.new_empty((dispatched.num_tokens * dispatched.top_k, y_MD.shape[1]))
-        op = self.group.all_to_all_start(back_ND, y_MD, list(dispatched.send_splits), list(dispatched.recv_splits))
+        num_entries, num_sent = dispatched.num_tokens * dispatched.top_k, sum(dispatched.send_splits)
+        if num_sent == num_entries:
+            back_ND = y_MD.new_empty((num_entries, y_MD.shape[1]))
+        else:  # padding entries (never sent) combine as zero rows after the real ones
+            back_ND = y_MD.new_zeros((num_entries, y_MD.shape[1]))
+        op = self.group.all_to_all_start(back_ND[:num_sent], y_MD, list(dispatched.send_splits), list(dispatched.recv_splits))
         return PendingRows(op, back_ND, self)
 
     def combine(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
