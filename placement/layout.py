@@ -146,6 +146,13 @@ class Placement:
             value.setflags(write=False)
             object.__setattr__(self, name, value)
 
+    def __reduce__(self):
+        """Pickle (Ray ships placements between actors) through the constructor: the receiver gets
+        its own read-only arrays (plain unpickling restores writable arrays, or views pinning the
+        sender's buffers, and skips __post_init__), and the derived maps are not shipped."""
+        return (type(self), (self.phy2log, self.num_experts, self.slots_per_worker, self.version,
+                            self.replica_weights, self.shard_width))
+
     # ---- shape -------------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
