@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from placement.cost import LinkRates
 
 
 class _Frozen(BaseModel):
@@ -190,6 +192,23 @@ class ModelConfig(_Frozen):
         return self.num_hidden_layers * heads * (k_dim + v_dim) * self.itemsize
 
 
+class TopologyConfig(_Frozen):
+    """Link rates of the cluster, as the planner's cost models see them (bytes/s per worker per
+    direction; defaults: placement.cost.LinkRates, NVLink measured, inter-node from DeepEP's docs)."""
+
+    intra_node_bytes_per_s: float = Field(default=LinkRates.intra_node_bytes_per_s, gt=0, allow_inf_nan=False,
+                                          description="between workers of one node (e.g. NVLink)")
+    inter_node_bytes_per_s: float = Field(default=LinkRates.inter_node_bytes_per_s, gt=0, allow_inf_nan=False,
+                                          description="between workers of different nodes (e.g. InfiniBand)")
+
+    @field_validator("intra_node_bytes_per_s", "inter_node_bytes_per_s", mode="before")
+    @classmethod
+    def _no_bools(cls, value):
+        if isinstance(value, bool):  # pydantic would read True as 1.0 byte/s
+            raise ValueError(f"a rate in bytes/s, got {value!r}")
+        return value
+
+
 class ParallelConfig(_Frozen):
     """How many workers, how many expert slots each, and where they run."""
 
@@ -219,6 +238,11 @@ class ParallelConfig(_Frozen):
         default=1, ge=1, le=16,
         description="token chunks per MoE layer step; > 1 hides each chunk's all-to-all behind another chunk's expert math",
     )
+    workers_per_node: int | None = Field(
+        default=None, ge=1, strict=True,
+        description="workers per node of the topology the planner sees (ranks 0..n-1 on node 0, ...); None: from the "
+                    "nodes the workers started on (flat when a node's workers are not contiguous ranks)")
+    topology: TopologyConfig = TopologyConfig()
 
     def resolve_slots_per_worker(self, num_experts: int) -> int:
         if self.slots_per_worker is not None:
@@ -250,6 +274,15 @@ class RebalanceConfig(_Frozen):
                                    "loss leaves a live copy (placement/fault_aware.py; costs more slot copies per re-plan)")
     stuck_timeout_s: float = Field(
         default=120.0, gt=0, description="a rebalance whose prepare or commit takes longer is abandoned and reported")
+    planner: Literal["global", "hierarchical", "auto", "layout"] = Field(
+        default="global",
+        description="global: balance over all workers; hierarchical: expert groups onto nodes first, then balance in "
+                    "each node; auto: hierarchical when its modelled layer time (placement.hierarchy) is lower; "
+                    "layout: replicate or shard per layer by the step cost model (placement.layout_planner)")
+    tokens_per_step: int | None = Field(
+        default=None, ge=1, strict=True,
+        description="tokens per step (all workers) the cost models of planner auto / layout plan for; None: measured "
+                    "from the load window")
 
 
 class CacheConfig(_Frozen):

@@ -16,43 +16,45 @@ import asyncio
 import time
 from collections import defaultdict
 
-import numpy as np
-
+from moeray.config import EngineConfig
 from moeray.coordinator_core import CoordinatorCore
+from moeray.planning import PlanningSetup
 from moeray.slot_transfer import lower_process_priority
 from moeray.stats_wire import LoadSnapshot
-from placement import Placement, Topology
+from placement import Placement
 from placement.fault_aware import FaultAwareOptions
 from placement.planner import Plan
 from placement.policy import PolicyConfig
 
 
 class Coordinator:
-    def __init__(self, phy2log_LS: np.ndarray, version: int, num_experts: int, slots_per_worker: int,
-                 bytes_per_expert: int, rebalance: dict, workers: list, epoch: int, timeout_s: float,
-                 device: str = "cpu", replica_weights_LS: np.ndarray | None = None, restored: dict | None = None):
-        """`restored`: what the engine kept when the previous coordinator died (CoordinatorCore.restore)."""
-        placement = Placement(phy2log_LS, num_experts, slots_per_worker, version)
+    def __init__(self, placement: Placement, config: EngineConfig, workers: list, epoch: int,
+                 node_ids: list | None = None, restored: dict | None = None):
+        """`placement`: the engine's committed one (split weights included: a coordinator restarted
+        by Engine.recover starts on them). `node_ids`: the node of each worker rank at the engine's
+        start (the topology when parallel.workers_per_node is None). `restored`: what the engine
+        kept when the previous coordinator died (CoordinatorCore.restore)."""
+        rebalance = config.rebalance
         self.core = CoordinatorCore(
             placement=placement,
-            topology=Topology.flat(placement.num_workers, slots_per_worker),
-            bytes_per_expert=bytes_per_expert,
-            window_steps=rebalance["window_steps"],
+            bytes_per_expert=config.model.expert_bytes,
+            window_steps=rebalance.window_steps,
             policy_config=PolicyConfig(
-                min_gain=rebalance["min_gain"], cooldown_s=rebalance["cooldown_s"],
-                min_tokens=rebalance["min_tokens"], confirmations=rebalance["confirmations"]),
+                min_gain=rebalance.min_gain, cooldown_s=rebalance.cooldown_s,
+                min_tokens=rebalance.min_tokens, confirmations=rebalance.confirmations),
             epoch=epoch,
-            drift_threshold=rebalance["drift_threshold"],
-            replica_weights_LS=replica_weights_LS,  # a coordinator restarted by Engine.recover
-            fault_aware=FaultAwareOptions() if rebalance.get("fault_aware") else None,
+            drift_threshold=rebalance.drift_threshold,
+            fault_aware=FaultAwareOptions() if rebalance.fault_aware else None,
+            planning=PlanningSetup.from_config(config),
+            node_ids=None if node_ids is None else tuple(node_ids),
         )
         if restored is not None:
             self.core.restore(**restored)
         self.workers = workers
-        self.timeout_s = timeout_s
+        self.timeout_s = config.parallel.collective_timeout_s
         # Control plane: planning and snapshot handling yield the CPU to the workers' steps.
         lower_process_priority()
-        self.device = device  # "cuda": slots move by NCCL p2p (Worker.stage_p2p), not the object store
+        self.device = config.parallel.device  # "cuda": slots move by NCCL p2p (Worker.stage_p2p), not the object store
         self.reports = 0
 
     def ping(self) -> int:
@@ -64,7 +66,8 @@ class Coordinator:
 
     async def tick(self, now: float | None = None, force: bool = False) -> dict | None:
         """Policy check; on a rebalance, plan and stage v+1 on every worker. Returns the staged
-        placement for the engine to commit, or None."""
+        placement for the engine to commit ({"version", "placement"}: the plan's Placement as the
+        planner made it, split weights and shard widths included), or None."""
         new_plan = self.core.maybe_plan(time.time() if now is None else now, force=force)
         if new_plan is None:
             return None
@@ -75,7 +78,7 @@ class Coordinator:
             self.core.abandoned(version, f"{type(exc).__name__}: {exc}")
             raise
         self.core.staged(version, transfer_ms)
-        return {"version": version, "phy2log": new_plan.placement.phy2log, "replica_weights": new_plan.replica_weights}
+        return {"version": version, "placement": new_plan.placement}
 
     async def _prepare(self, new_plan: Plan) -> float:
         start = time.perf_counter()
@@ -85,8 +88,7 @@ class Coordinator:
             # Every worker gets the same global list (p2p chunks must line up across ranks).
             copies = [(layer, src // spw, src % spw, dst // spw, dst % spw)
                       for layer, dst, src in zip(mig.layer.tolist(), mig.dst_slot.tolist(), mig.src_slot.tolist())]
-            refs = [w.stage_p2p.remote(new_plan.placement.version, new_plan.placement.phy2log,
-                                       new_plan.replica_weights, copies) for w in self.workers]
+            refs = [w.stage_p2p.remote(new_plan.placement, copies) for w in self.workers]
             await asyncio.wait_for(asyncio.gather(*refs), timeout=self.timeout_s)
             return 1e3 * (time.perf_counter() - start)
         exports: dict[int, list[tuple[int, int]]] = defaultdict(list)  # src worker -> [(layer, local slot)]
@@ -100,29 +102,23 @@ class Coordinator:
         for rank, worker in enumerate(self.workers):
             entries = [e for e, _, _ in gains[rank]]
             sources = [([export_refs[src]], idx) for _, src, idx in gains[rank]]
-            stage_refs.append(worker.stage.remote(
-                new_plan.placement.version, new_plan.placement.phy2log, new_plan.replica_weights, entries, sources))
+            stage_refs.append(worker.stage.remote(new_plan.placement, entries, sources))
         await asyncio.wait_for(asyncio.gather(*stage_refs), timeout=self.timeout_s)
         return 1e3 * (time.perf_counter() - start)
 
-    def resync(self, phy2log_LS: np.ndarray, version: int, replica_weights_LS, workers: list, epoch: int,
-               step: int, slots_per_worker: int | None = None) -> None:
+    def resync(self, placement: Placement, workers: list, epoch: int, step: int) -> None:
         """After Engine.recover: the new group's workers and the engine's committed placement
         (see CoordinatorCore.resync). Idempotent, so a retried recovery can send it again."""
         self.workers = workers
-        spw = self.core.placement.slots_per_worker if slots_per_worker is None else slots_per_worker
-        placement = Placement(phy2log_LS, self.core.placement.num_experts, spw, version)
-        self.core.resync(placement, replica_weights_LS, epoch, step)
+        self.core.resync(placement, epoch, step)
 
     def reserve_version(self) -> int:
         return self.core.reserve_version()
 
-    def resize(self, phy2log_LS: np.ndarray, version: int, slots_per_worker: int, replica_weights_LS, workers: list,
-               epoch: int) -> None:
+    def resize(self, placement: Placement, workers: list, epoch: int) -> None:
         """After Engine.scale: the new group's workers, placement and worker count."""
         self.workers = workers
-        placement = Placement(phy2log_LS, self.core.placement.num_experts, slots_per_worker, version)
-        self.core.resize(placement, replica_weights_LS, epoch)
+        self.core.resize(placement, epoch)
 
     def committed(self, version: int, step: int) -> None:
         self.core.committed(version, step)

@@ -21,10 +21,12 @@ import numpy as np
 from placement.fault_aware import FaultAwareOptions
 from placement import Placement, Topology
 from placement.metrics import imbalance, imbalance_of_worker_loads, worker_loads
-from placement.planner import Plan, plan
+from placement.planner import Plan
 from placement.policy import Decision, PolicyConfig, PolicyState, PolicyStats, decide
 from placement.stats import DecayedLoad, LoadWindow
 
+from moeray.coordinator_timeline import step_timeline, sum_rows
+from moeray.planning import PlannerChoice, PlanningSetup
 from moeray.stats_wire import LoadSnapshot
 
 _HISTORY_LIMIT = 4096  # step ranges kept for stats(); older ones are dropped
@@ -62,6 +64,8 @@ class RebalanceRecord:
     realised_after: float | None = None    # rows each worker computed over the first window after commit
     realised_after_worst: float | None = None
     realised_steps: int = 0
+    planner: str | None = None  # which planner ran: global | hierarchical | layout (moeray/planning.py)
+    planner_reason: str | None = None  # why (planner "auto": the modelled layer times)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,15 +73,23 @@ class RebalanceRecord:
 
 @dataclass
 class CoordinatorCore:
+    """`placement` is the committed one (split weights and shard widths included). The topology is
+    built from `planning` (nodes x workers per node: configured, else from `node_ids`, the node of
+    each worker at start-up) unless one is given, and rebuilt at every resync / resize."""
+
     placement: Placement
-    topology: Topology
     bytes_per_expert: int
     window_steps: int
     policy_config: PolicyConfig
+    topology: Topology | None = None  # None: from `planning` and `node_ids`
     drift_threshold: float = 0.2  # load_shift above which the decayed estimate restarts
-    replica_weights_LS: np.ndarray | None = None
     epoch: int = 0
     fault_aware: FaultAwareOptions | None = None  # the planner's fault-aware pass (None: off)
+    planning: PlanningSetup = field(default_factory=PlanningSetup)  # which planner, link rates, model shape
+    node_ids: tuple | None = None  # node id of each worker rank at start-up (workers_per_node=None)
+    workers_per_node: int | None = field(init=False, default=None)  # kept across resizes; None: flat
+    topology_reason: str = field(init=False, default="")  # which topology and why (the stats view shows it)
+    last_choice: PlannerChoice | None = None  # the planner of the last plan, and why
     window: LoadWindow = field(init=False)
     recent: DecayedLoad = field(init=False)
     policy_state: PolicyState = field(default_factory=PolicyState)
@@ -95,6 +107,11 @@ class CoordinatorCore:
 
     def __post_init__(self) -> None:
         self.highest_version = max(self.highest_version, self.placement.version)
+        self.workers_per_node, self._per_node_reason = self.planning.workers_per_node_for(self.node_ids)
+        if self.topology is None:
+            self._build_topology()
+        else:
+            self.topology_reason = "given to the coordinator"
         self.window = LoadWindow(self.window_steps)
         self.recent = DecayedLoad(max(self.window_steps / 4, 1.0))
 
@@ -145,6 +162,18 @@ class CoordinatorCore:
                 if commit_ms:
                     record.stall_ms = max(record.stall_ms or 0.0, *commit_ms)
 
+    def _build_topology(self) -> None:
+        """nodes x workers_per_node for the placement's worker count (flat with the reason when
+        it is no multiple)."""
+        p = self.placement
+        self.topology, reason = self.planning.topology(p.num_workers, p.slots_per_worker, self.workers_per_node)
+        self.topology_reason = f"{reason} ({self._per_node_reason})"
+
+    @property
+    def replica_weights_LS(self) -> np.ndarray | None:
+        """[L, S] split weights of the committed placement (None: equal split)."""
+        return self.placement.replica_weights
+
     @property
     def load_LE(self) -> np.ndarray:
         """[L, E] routed pairs over the window (zeros before the first complete step range)."""
@@ -161,7 +190,7 @@ class CoordinatorCore:
 
     def current_imbalance(self, load_LE: np.ndarray | None = None) -> np.ndarray:
         """[L] imbalance the current placement gives `load_LE` (default: the windowed load)."""
-        return imbalance(self.load_LE if load_LE is None else load_LE, self.placement, self.replica_weights_LS)
+        return imbalance(self.load_LE if load_LE is None else load_LE, self.placement)
 
     # ---- decisions -----------------------------------------------------------------------------
     def maybe_plan(self, now: float, force: bool = False) -> Plan | None:
@@ -178,8 +207,10 @@ class CoordinatorCore:
 
         def planned() -> Plan:
             if "plan" not in cache:
-                cache["plan"] = plan(load_LE, self.topology, self.placement, self.bytes_per_expert,
-                                     fault_aware=self.fault_aware)
+                top_k = self.planning.shape.top_k if self.planning.shape is not None else 1
+                tokens = float(self.load_LE.sum(axis=1).mean()) / top_k / max(self.window.steps, 1)  # per step
+                cache["plan"], self.last_choice = self.planning.plan(
+                    load_LE, self.topology, self.placement, self.bytes_per_expert, tokens, self.fault_aware)
             return cache["plan"]
 
         current = self.current_imbalance(load_LE)
@@ -195,9 +226,7 @@ class CoordinatorCore:
         if not decision.rebalance:
             return None
         new_plan = planned()
-        same_slots = np.array_equal(new_plan.placement.phy2log, self.placement.phy2log)
-        same_weights = self.replica_weights_LS is not None and np.allclose(new_plan.replica_weights, self.replica_weights_LS)
-        if same_slots and same_weights and not force:
+        if _same_placement(new_plan.placement, self.placement) and not force:
             self.last_decision = Decision(False, "planner kept every slot and split weight", decision.gain)
             return None
         # Zero slot copies with new split weights is still a rebalance: it moves no bytes.
@@ -213,6 +242,7 @@ class CoordinatorCore:
             slots_moved=new_plan.migration.num_copies,
             bytes_moved=new_plan.migration.bytes_moved(self.bytes_per_expert),
             planning_ms=float(new_plan.planning_ms),
+            planner=self.last_choice.planner, planner_reason=self.last_choice.reason,
         ))
         return new_plan
 
@@ -226,7 +256,8 @@ class CoordinatorCore:
         if self.in_flight is None or self.in_flight.placement.version != version:
             raise ValueError(f"commit of v{version} but v{self.in_flight.placement.version if self.in_flight else None} is in flight")
         self.placement = self.in_flight.placement
-        self.replica_weights_LS = self.in_flight.replica_weights
+        if self.placement.slots_per_worker != self.topology.slots_per_worker:
+            self._build_topology()  # a layout plan padded every worker's slots
         self.in_flight = None
         for record in self.records:
             if record.version == version:
@@ -239,7 +270,7 @@ class CoordinatorCore:
         self.records = [r if r.version != version else replace(r, reason=f"{r.reason}; abandoned: {reason}")
                         for r in self.records]
 
-    def resync(self, placement: Placement, replica_weights_LS: np.ndarray | None, epoch: int, step: int) -> None:
+    def resync(self, placement: Placement, epoch: int, step: int) -> None:
         """After Engine.recover: the engine's committed placement is the truth. A migration in
         flight either is that placement (the failed step was committing it) or is abandoned."""
         if self.in_flight is not None:
@@ -250,11 +281,10 @@ class CoordinatorCore:
         if (placement.num_workers, placement.slots_per_worker) != (self.topology.num_workers,
                                                                    self.topology.slots_per_worker):
             # a scale that failed part-way was recovered at another count: rows per worker restart
-            self.topology = Topology.flat(placement.num_workers, placement.slots_per_worker)
             self.history.clear()
             self.realised_rows.clear()
         self.placement = placement
-        self.replica_weights_LS = replica_weights_LS
+        self._build_topology()
         self.highest_version = max(self.highest_version, placement.version)
         self.epoch = epoch
         self.pending.clear()  # half-collected ranges of the old epoch would never complete
@@ -276,15 +306,14 @@ class CoordinatorCore:
         self.highest_version += 1
         return self.highest_version
 
-    def resize(self, placement: Placement, replica_weights_LS: np.ndarray | None, epoch: int) -> None:
+    def resize(self, placement: Placement, epoch: int) -> None:
         """Engine.scale: a new worker count and placement. A migration in flight is abandoned (it
         was planned for the old workers); the per-worker history restarts (rows of different worker
         counts do not add up); the expert load window and the rebalance log stay."""
         if self.in_flight is not None:
             self.abandoned(self.in_flight.placement.version, "the worker count changed")
-        self.topology = Topology.flat(placement.num_workers, placement.slots_per_worker)
         self.placement = placement
-        self.replica_weights_LS = replica_weights_LS
+        self._build_topology()  # the same workers per node (flat when the new count is no multiple)
         self.highest_version = max(self.highest_version, placement.version)
         self.epoch = epoch
         self.pending.clear()
@@ -304,24 +333,33 @@ class CoordinatorCore:
         ranges = sorted(self.history, key=lambda h: h[0])  # ranges complete out of order across workers
         load_LE = self.load_LE
         p = self.placement
-        realised_LW, _ = _sum_rows(reversed(ranges), self.window_steps)
+        realised_LW, _ = sum_rows(reversed(ranges), self.window_steps)
         out = {
             "placement_version": p.version,
             "epoch": self.epoch,
             "window_steps": self.window.steps,
             "load_LE": load_LE,
-            "worker_load_LW": worker_loads(load_LE, p.phy2log, p.slots_per_worker, self.replica_weights_LS),
+            "worker_load_LW": worker_loads(load_LE, p.phy2log, p.slots_per_worker, p.replica_weights, p.shard_width),
             "imbalance_per_layer": self.current_imbalance(load_LE) if load_LE.sum() else np.ones(p.num_layers),
             "realised_imbalance_per_layer": None if realised_LW is None else imbalance_of_worker_loads(realised_LW),
             "rebalances": [r.as_dict() for r in self.records],
             "last_decision": None if self.last_decision is None else self.last_decision.reason,
             "in_flight_version": None if self.in_flight is None else self.in_flight.placement.version,
             "drifts_detected": list(self.drifts_detected),
+            "planner": self.planner_view(),
         }
         if timeline:
-            out["timeline"] = _timeline(ranges, self.window_steps)
+            out["timeline"] = step_timeline(ranges, self.window_steps)
             out["last_rebalance_rows"] = self._rows_around_last_commit(ranges)
         return out
+
+    def planner_view(self) -> dict:
+        """The configured planner, the topology it plans on (and why), the last planner that ran."""
+        t = self.topology
+        return {"configured": self.planning.mode, "nodes": t.num_nodes, "workers_per_node": t.workers_per_node,
+                "topology_reason": self.topology_reason,
+                "last": None if self.last_choice is None else self.last_choice.planner,
+                "last_reason": None if self.last_choice is None else self.last_choice.reason}
 
     def _rows_around_last_commit(self, ranges: list) -> dict | None:
         """Realised rows per worker [L, W] over the window before the last committed rebalance
@@ -333,8 +371,8 @@ class CoordinatorCore:
         step = last.committed_at_step
         before = [h for h in ranges if h[1] <= step and h[2] < last.version]
         after = [h for h in ranges if h[0] >= step and h[2] == last.version]
-        before_LW, before_steps = _sum_rows(reversed(before), self.window_steps)
-        after_LW, after_steps = _sum_rows(after, self.window_steps)
+        before_LW, before_steps = sum_rows(reversed(before), self.window_steps)
+        after_LW, after_steps = sum_rows(after, self.window_steps)
         return {"version": last.version, "committed_at_step": step,
                 "before_version": before[-1][2] if before else None,
                 "before_LW": before_LW, "before_steps": before_steps,
@@ -353,48 +391,13 @@ class CoordinatorCore:
             "rebalances": [r.as_dict() for r in self.records],
             "history": list(self.history),
             "drifts_detected": list(self.drifts_detected),
+            "planner": self.planner_view(),
             "time": time.time(),
         }
 
 
-def _sum_rows(ranges, steps: int) -> tuple[np.ndarray | None, int]:
-    """Sum of the ranges' rows [L, W], taken in the given order until `steps` steps are covered."""
-    total, covered = None, 0
-    for step_lo, step_hi, _, rows_LW in ranges:
-        if covered >= steps:
-            break
-        total = rows_LW.astype(np.float64) if total is None else total + rows_LW
-        covered += step_hi - step_lo
-    return total, covered
-
-
-def _imbalance_RL(rows_RLW: np.ndarray) -> np.ndarray:
-    mean_RL = rows_RLW.mean(axis=2)
-    return np.where(mean_RL > 0, rows_RLW.max(axis=2) / np.where(mean_RL > 0, mean_RL, 1.0), 1.0)
-
-
-def _timeline(ranges: list, window_steps: int) -> dict:
-    """Columns, one entry per step range: where it was, its version, the rows computed, and the
-    realised imbalance (mean and worst over layers) of the range alone and of the window ending
-    with it (whole ranges back to `window_steps` steps, as realised_imbalance_per_layer)."""
-    keys = ("step_lo", "step_hi", "version", "routed_rows", "imbalance_mean", "imbalance_worst",
-            "window_imbalance_mean", "window_imbalance_worst")
-    if not ranges:
-        return {"window_steps": window_steps, **{key: [] for key in keys}}
-    rows_RLW = np.stack([h[3] for h in ranges]).astype(np.float64)
-    covered_R = np.cumsum([h[1] - h[0] for h in ranges])
-    rows_sum_RLW = np.cumsum(rows_RLW, axis=0)
-    first_R = np.minimum(np.searchsorted(covered_R, covered_R - window_steps, side="right"), np.arange(len(ranges)))
-    before_RLW = np.where((first_R > 0)[:, None, None], rows_sum_RLW[np.maximum(first_R - 1, 0)], 0.0)
-    single_RL, window_RL = _imbalance_RL(rows_RLW), _imbalance_RL(rows_sum_RLW - before_RLW)
-    return {
-        "window_steps": window_steps,
-        "step_lo": [int(h[0]) for h in ranges],
-        "step_hi": [int(h[1]) for h in ranges],
-        "version": [int(h[2]) for h in ranges],
-        "routed_rows": rows_RLW.sum(axis=(1, 2)).astype(np.int64).tolist(),
-        "imbalance_mean": single_RL.mean(axis=1).tolist(),
-        "imbalance_worst": single_RL.max(axis=1).tolist(),
-        "window_imbalance_mean": window_RL.mean(axis=1).tolist(),
-        "window_imbalance_worst": window_RL.max(axis=1).tolist(),
-    }
+def _same_placement(a: Placement, b: Placement) -> bool:
+    """The same slots, split weights (b has some) and shard widths."""
+    if a.phy2log.shape != b.phy2log.shape or not np.array_equal(a.phy2log, b.phy2log) or b.replica_weights is None:
+        return False
+    return np.allclose(a.weights_LS, b.replica_weights) and np.allclose(a.width_LS, b.width_LS)

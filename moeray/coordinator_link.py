@@ -37,10 +37,7 @@ class CoordinatorLinkMixin:
         """Create the coordinator actor (returns at once; its process starts in the background)."""
         coordinator_cls = ray.remote(Coordinator)
         self.coordinator = coordinator_cls.options(num_cpus=0).remote(
-            self._placement.phy2log, self._placement.version, self.config.model.num_experts,
-            self.config.slots_per_worker, self.config.model.expert_bytes, self.config.rebalance.model_dump(),
-            self.workers, self.epoch, self.config.parallel.collective_timeout_s, self.config.parallel.device,
-            self.replica_weights_LS, restored)
+            self._placement, self.config, self.workers, self.epoch, self.node_ids, restored)
 
     def restart_coordinator(self, reason: str, wait: bool = True) -> None:
         """A fresh coordinator rebuilt from what outlives the old one: the engine's committed

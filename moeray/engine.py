@@ -88,10 +88,9 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
         self.target_workers = par.num_workers  # what a shrunk engine grows back to (rejoin)
         self.joiners = None  # scaling.Joiners: workers starting for a scale up / rejoin
         self.rejoin_not_before_s = 0.0  # back-off after a failed rejoin
-        # split of replicated experts' tokens; None = equal (a resumed placement brings its own)
-        self.replica_weights_LS = None if self._placement.replica_weights is None else np.array(self._placement.replica_weights)
         self.workers = [self._start_worker(i) for i in range(par.num_workers)]
-        self._get([w.ping.remote() for w in self.workers], timeout=300, what="worker start-up")
+        # the node each rank started on: the coordinator's topology (parallel.workers_per_node=None)
+        self.node_ids = self._get([w.node_id.remote() for w in self.workers], timeout=300, what="worker start-up")
         if par.num_workers > 1:
             self._form_group()
         self.steps = 0
@@ -116,6 +115,12 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
             self._start_coordinator()
 
     @property
+    def replica_weights_LS(self) -> np.ndarray | None:
+        """[L, S] split of replicated experts' tokens of the committed placement (read-only; None =
+        equal split). The placement carries them: set the placement, never the weights."""
+        return self._placement.replica_weights
+
+    @property
     def recoveries(self) -> list[dict]:
         return [e for e in self.events if e["kind"] == "recovery"]
 
@@ -124,9 +129,9 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
         return [e for e in self.events if e["kind"] == "scale"]
 
     def _start_worker(self, rank: int, config: EngineConfig | None = None, bundle: tuple | None = None,
-                      phy2log_LS: np.ndarray | None = None):
+                      placement: Placement | None = None):
         """Worker `rank` on its placement-group bundle (by default the engine's config, bundle of
-        that rank and committed placement; joiners bring their own)."""
+        that rank and committed placement, split weights included; joiners bring their own)."""
         config = config or self.config
         par = config.parallel
         group, index = bundle or self._bundles[rank]
@@ -139,8 +144,7 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
             # NCCL settings must be in the environment before the worker imports torch.
             runtime_env={"env_vars": dict(NCCL_SAFETY_ENV)} if par.device == "cuda" else None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
-        ).remote(rank, config, self.checkpoint_dir, self._placement.phy2log if phy2log_LS is None else phy2log_LS,
-                 self._placement.version, self.replica_weights_LS if phy2log_LS is None else None)
+        ).remote(rank, config, self.checkpoint_dir, self._placement if placement is None else placement)
 
     # ---- membership --------------------------------------------------------------------------
     @property
@@ -202,14 +206,11 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
             self.coordinator.committed.remote(staged["version"], step)
             self._records_ref = self.coordinator.records.remote()  # after the commit (calls run in order)
         else:  # prepared by a coordinator that died since: the rebuilt one takes it as the truth
-            p = self._placement
-            self.coordinator.resync.remote(p.phy2log, p.version, self.replica_weights_LS, self.workers, self.epoch, step)
+            self.coordinator.resync.remote(self._placement, self.workers, self.epoch, step)
 
     def _adopt(self, staged: dict) -> None:
         """Make a staged placement (as the coordinator returned it) the engine's committed one."""
-        self._placement = Placement(staged["phy2log"], self.config.model.num_experts, self.config.slots_per_worker,
-                                    staged["version"])
-        self.replica_weights_LS = staged["replica_weights"]
+        self._placement = staged["placement"]
 
     def scale(self, num_workers: int) -> dict:
         """Change the worker count between steps (moeray/scaling.py): a placement for the new
@@ -331,7 +332,8 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
         summary["target_workers"] = self.target_workers
         summary["rebalance_health"] = self.rebalance_health()
         p = self._placement
-        summary["worker_load_LW"] = worker_loads(summary["load_LE"], p.phy2log, p.slots_per_worker, self.replica_weights_LS)
+        summary["worker_load_LW"] = worker_loads(summary["load_LE"], p.phy2log, p.slots_per_worker, p.replica_weights,
+                                                 p.shard_width)
         return summary
 
     def _flush_stats(self) -> None:
@@ -365,11 +367,12 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
     def worker_load(self, load_LE: np.ndarray | None = None) -> np.ndarray:
         """[L, N] pairs each worker computes under the current placement and replica split weights."""
         p = self._placement
-        return worker_loads(self.load() if load_LE is None else load_LE, p.phy2log, p.slots_per_worker, self.replica_weights_LS)
+        return worker_loads(self.load() if load_LE is None else load_LE, p.phy2log, p.slots_per_worker, p.replica_weights,
+                            p.shard_width)
 
     def imbalance(self, load_LE: np.ndarray | None = None) -> np.ndarray:
         """[L] max/mean worker load per layer under the current placement."""
-        return imbalance(self.load() if load_LE is None else load_LE, self._placement, self.replica_weights_LS)
+        return imbalance(self.load() if load_LE is None else load_LE, self._placement)
 
     # ---- plumbing ----------------------------------------------------------------------------
     def _get(self, refs, timeout: float, what: str):

@@ -96,10 +96,8 @@ class RecoveryMixin:
         if self.coordinator is not None and shrink is None:
             # One idempotent call: the engine's committed placement is the truth (a migration in
             # flight is then committed or abandoned there), so a retried recovery converges.
-            p = self._placement
             try:
-                ray.get(self.coordinator.resync.remote(p.phy2log, p.version, self.replica_weights_LS, self.workers,
-                                                       self.epoch, self.steps, p.slots_per_worker),
+                ray.get(self.coordinator.resync.remote(self._placement, self.workers, self.epoch, self.steps),
                         timeout=PING_TIMEOUT_S)
                 self._get([w.attach_coordinator.remote(self.coordinator, self.epoch) for w in self.workers], 60,
                           "attach coordinator")
@@ -194,8 +192,7 @@ class RecoveryMixin:
         # reconfigure, not just a reload: after a scale that failed part-way a survivor may also be
         # on the old worker count and slots per worker.
         behind = [(rank, w) for rank, (w, v) in enumerate(zip(self.workers, versions)) if v != p.version]
-        self._get([w.reconfigure.remote(rank, self.config, p.phy2log, p.version, self.replica_weights_LS)
-                   for rank, w in behind], 300, "reload slots")
+        self._get([w.reconfigure.remote(rank, self.config, p) for rank, w in behind], 300, "reload slots")
 
     def _slots_of(self, ranks: list[int]) -> int:
         return sum(int((self._placement.slots_of_worker(r) >= 0).sum()) for r in ranks

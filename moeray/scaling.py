@@ -26,6 +26,7 @@ Legend: L layers, E experts, S slots, W workers.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -139,7 +140,8 @@ def start_joiners(engine, target: int) -> Joiners:
     bundles = _reserve_bundles(engine, target - first, config, wait=False)
     carried = carry_over(engine._placement, target, config.slots_per_worker,
                          np.ones((engine._placement.num_layers, config.model.num_experts)))
-    workers = [engine._start_worker(rank, config=config, bundle=bundles[rank - first], phy2log_LS=carried)
+    guess = Placement(carried, config.model.num_experts, config.slots_per_worker, engine._placement.version)
+    workers = [engine._start_worker(rank, config=config, bundle=bundles[rank - first], placement=guess)
                for rank in range(first, target)]
     return Joiners(target, workers, bundles, [w.ping.remote() for w in workers])
 
@@ -173,7 +175,7 @@ def _change_membership(engine, config: EngineConfig, plan, version: int, staying
     timeout = engine.config.parallel.collective_timeout_s
     num_workers = config.parallel.num_workers
     old_workers, old_count = list(engine.workers), len(engine.workers)
-    placement = Placement(plan.placement.phy2log, config.model.num_experts, config.slots_per_worker, version).validate()
+    placement = dataclasses.replace(plan.placement, version=version).validate()  # split weights included
     if joiners is not None and joiners.target != num_workers:
         joiners.cancel(engine)
         joiners = None
@@ -189,9 +191,8 @@ def _change_membership(engine, config: EngineConfig, plan, version: int, staying
                             [old_workers[rank] for rank in staying] + joining, placement)
     reconfiguring = [old_workers[rank] for rank in staying] + ([] if joiners is None else joiners.workers)
     try:
-        moved = engine._get([w.reconfigure.remote(rank, config, placement.phy2log, version, plan.replica_weights,
-                                                  sources[rank]) for rank, w in enumerate(reconfiguring)],
-                            300, "reconfigure workers")
+        moved = engine._get([w.reconfigure.remote(rank, config, placement, sources[rank])
+                             for rank, w in enumerate(reconfiguring)], 300, "reconfigure workers")
     except Exception:
         for worker in [] if joiners is None else joiners.workers:
             ray.kill(worker)  # half-configured: recover() starts fresh ones on their bundles
@@ -206,7 +207,6 @@ def _change_membership(engine, config: EngineConfig, plan, version: int, staying
         _rebind_bundles(engine, staying, new_bundles)
         engine.config = config
         engine._placement = placement
-        engine.replica_weights_LS = plan.replica_weights
     engine.workers = reconfiguring
     fresh = list(range(len(engine.workers), num_workers))
     engine.workers += [engine._start_worker(rank) for rank in fresh]
@@ -215,7 +215,7 @@ def _change_membership(engine, config: EngineConfig, plan, version: int, staying
     engine.epoch += 1
     if num_workers > 1:
         engine._form_group()
-    _follow_coordinator(engine, placement, plan.replica_weights)
+    _follow_coordinator(engine, placement)
     engine.healthy = True
     return {"step": engine.steps, "epoch": engine.epoch, "from_workers": old_count, "to_workers": num_workers,
             "lost_ranks": sorted(dead), "placement_version": version, "slots_per_worker": config.slots_per_worker,
@@ -263,14 +263,13 @@ def _live_sources(engine, holders: dict, targets: list, placement: Placement) ->
     return sources
 
 
-def _follow_coordinator(engine, placement: Placement, replica_weights_LS) -> None:
+def _follow_coordinator(engine, placement: Placement) -> None:
     """The coordinator takes the new topology (a migration in flight is abandoned there); one that
     died or does not answer is rebuilt (Engine.restart_coordinator)."""
     if engine.coordinator is None:
         return
     try:
-        engine._get(engine.coordinator.resize.remote(placement.phy2log, placement.version, placement.slots_per_worker,
-                                                     replica_weights_LS, engine.workers, engine.epoch),
+        engine._get(engine.coordinator.resize.remote(placement, engine.workers, engine.epoch),
                     _COORDINATOR_TIMEOUT_S, "coordinator resize")
         engine._get([w.attach_coordinator.remote(engine.coordinator, engine.epoch) for w in engine.workers], 60,
                     "attach coordinator")

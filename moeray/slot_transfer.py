@@ -20,15 +20,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from placement import Placement
+
 
 @dataclass
 class StagedVersion:
-    version: int
-    phy2log_LS: np.ndarray
-    replica_weights_LS: np.ndarray | None
+    placement: Placement  # the version to switch to (slot map, split weights, shard widths)
     # (layer, local slot) -> (w13_HD, w2_DF) for every slot whose expert changes: tensors (GPU p2p)
     # or read-only numpy views of the object store (CPU; copied once, at commit)
     slots: dict[tuple[int, int], tuple] = field(default_factory=dict)
+
+    @property
+    def version(self) -> int:
+        return self.placement.version
 
 
 class SlotStaging:

@@ -41,7 +41,6 @@ from moeray.slot_transfer import (
 from moeray.stats_wire import LoadSnapshot
 from moeray.worker_loop import LoopMessage, LoopReport, WorkerLoop
 from placement import Placement
-from placement.dispatch import replica_weights_by_expert
 
 
 def resident_bytes() -> int:
@@ -53,9 +52,26 @@ def resident_bytes() -> int:
         return 0
 
 
+def accepted_placement(placement: Placement, config: EngineConfig, rank: int) -> Placement:
+    """`placement` as it arrived from another actor, checked: its invariants (Placement.validate)
+    and that it is a placement for this config and rank. ValueError naming what differs."""
+    if not isinstance(placement, Placement):
+        raise TypeError(f"a worker takes a placement.Placement, got {type(placement).__name__}")
+    placement.validate()
+    model = config.model
+    want = {"num_experts": model.num_experts, "slots_per_worker": config.slots_per_worker,
+            "num_layers": model.num_moe_layers, "num_workers": config.parallel.num_workers}
+    have = {name: getattr(placement, name) for name in want}
+    differs = [f"{name}={have[name]} (config: {want[name]})" for name in want if have[name] != want[name]]
+    if differs:
+        raise ValueError(f"placement v{placement.version} does not match the worker's config: {', '.join(differs)}")
+    if not 0 <= rank < placement.num_workers:
+        raise ValueError(f"rank {rank} is not one of the placement's {placement.num_workers} workers")
+    return placement
+
+
 class Worker:
-    def __init__(self, rank: int, config: EngineConfig, checkpoint_dir: str, phy2log_LS: np.ndarray, version: int = 0,
-                 replica_weights_LS: np.ndarray | None = None):
+    def __init__(self, rank: int, config: EngineConfig, checkpoint_dir: str, placement: Placement):
         self._rss_before_load = resident_bytes()
         torch.set_num_threads(config.parallel.torch_threads_per_worker)
         collective.register_backends()
@@ -68,11 +84,10 @@ class Worker:
         self.xfer_group = None  # cuda: a second NCCL group per epoch for migration p2p
         self.reader = CheckpointReader(checkpoint_dir)  # the driver checked it against config.model
         self.dtype = getattr(torch, config.model.dtype)
-        self.placement = Placement(phy2log_LS, config.model.num_experts, config.slots_per_worker, version).validate()
+        # A replacement worker (Engine.recover) starts on the committed placement's split weights.
+        self.placement = accepted_placement(placement, config, rank)
         self.group_name: str | None = None
         self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
-        # A replacement worker (Engine.recover) starts on the committed placement's split weights.
-        self.replica_weights_LS: np.ndarray | None = replica_weights_LS
         self.model = self._build_model()
         self.runner = self._build_runner()
         self.steps = 0
@@ -132,10 +147,7 @@ class Worker:
                            overlap_chunks=self.config.parallel.overlap_chunks)
 
     def _slot_map(self, layer: int) -> DeviceSlotMap:
-        weights_ER = None
-        if self.replica_weights_LS is not None:
-            weights_ER = replica_weights_by_expert(self.replica_weights_LS[layer : layer + 1], self.placement.log2phy[layer : layer + 1])[0]
-        return DeviceSlotMap.from_numpy(self.placement.log2phy[layer], self.placement.num_slots, weights_ER, device=self.device)
+        return DeviceSlotMap.from_placement(self.placement, layer, device=self.device)
 
     def _slot_experts(self) -> list[SlotExperts]:
         return [block.experts for block in self.model.moe_blocks]
@@ -168,23 +180,21 @@ class Worker:
     def placement_version(self) -> int:
         return self.placement.version
 
-    def reconfigure(self, rank: int, config: EngineConfig, phy2log_LS: np.ndarray, version: int,
-                    replica_weights_LS: np.ndarray | None, sources: dict | None = None) -> dict:
+    def reconfigure(self, rank: int, config: EngineConfig, placement: Placement, sources: dict | None = None) -> dict:
         """Take part in a resized group (Engine.scale, a recovery that shrinks): a new rank, worker
         count, slots per worker and placement. The sequences and their KV cache stay. A slot whose
         expert this worker already holds is copied locally; one in `sources` ({(layer, expert):
         ([ref], index)}, another worker's live copy exported to the object store) is fetched from
         there; any other is read from the checkpoint. The group is left: the engine forms the new
         epoch's next. Returns how many slots came from where."""
+        placement = accepted_placement(placement, config, rank)  # before anything changes
         fetched = self._fetch_sources(sources or {})  # before the lock: steps go on while it arrives
         with self._step_lock:
             self.staging.discard()
             self.leave_group()
             old_mine_LS = self.placement.slots_of_worker(self.rank)
             self.rank, self.config = rank, config
-            self.placement = Placement(phy2log_LS, config.model.num_experts, config.slots_per_worker,
-                                       version).validate()
-            self.replica_weights_LS = replica_weights_LS
+            self.placement = placement
             self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
             mine_LS = self.placement.slots_of_worker(rank)
             copied = read = from_replicas = 0
@@ -396,21 +406,21 @@ class Worker:
 
         return self._transfer_pool.submit(put).result()
 
-    def stage(self, version: int, phy2log_LS: np.ndarray, replica_weights_LS: np.ndarray | None,
-              entries: list[tuple[int, int]], sources: list[tuple]) -> float:
-        """Receive the slots this worker gains in `version`; runs while steps continue.
+    def stage(self, placement: Placement, entries: list[tuple[int, int]], sources: list[tuple]) -> float:
+        """Receive the slots this worker gains in `placement` (the next version); runs while steps continue.
 
         sources[i] = ([ref], index): entry i's weights are item `index` of the export behind `ref`
         (wrapped in a list so Ray hands over the reference instead of resolving it here).
         Returns the transfer time in ms.
         """
-        self._announced_version = max(self._announced_version, version)  # counted even if this never ends
+        self._announced_version = max(self._announced_version, placement.version)  # counted even if this never ends
+        placement = accepted_placement(placement, self.config, self.rank)
         start = time.perf_counter()
         timeout = self.config.parallel.collective_timeout_s
         refs = list({id(src[0][0]): src[0][0] for src in sources}.values())
         boxes = ray.get(refs, timeout=timeout)  # each export call returned [ref of its slot list]
         fetched = dict(zip([id(r) for r in refs], ray.get([box[0] for box in boxes], timeout=timeout)))
-        staged = StagedVersion(version, np.asarray(phy2log_LS), None if replica_weights_LS is None else np.asarray(replica_weights_LS))
+        staged = StagedVersion(placement)
         for (layer, slot), (ref_box, index) in zip(entries, sources):
             w13, w2 = fetched[id(ref_box[0])][index]
             # Read-only views of the object store (zero-copy; Ray keeps them pinned while referenced):
@@ -419,13 +429,13 @@ class Worker:
         self.staging.stage(staged, self.placement.version)
         return 1e3 * (time.perf_counter() - start)
 
-    def stage_p2p(self, version: int, phy2log_LS: np.ndarray, replica_weights_LS: np.ndarray | None,
-                  copies: list[tuple[int, int, int, int, int]]) -> float:
+    def stage_p2p(self, placement: Placement, copies: list[tuple[int, int, int, int, int]]) -> float:
         """GPU migration: every worker calls this with the same global copy list
         [(layer, src rank, src local slot, dst rank, dst local slot)]; slots move by chunked NCCL
         send/recv on the epoch's transfer group and a side stream while steps continue.
         Returns the transfer time in ms (host sync at the end: the weights are complete when staged)."""
-        self._announced_version = max(self._announced_version, version)
+        self._announced_version = max(self._announced_version, placement.version)
+        placement = accepted_placement(placement, self.config, self.rank)
         start = time.perf_counter()
         experts = self._slot_experts()
         slot_copies = [p2p.SlotCopy(*c) for c in copies]
@@ -440,7 +450,7 @@ class Worker:
                 read=lambda layer, slot: (experts[layer].w13_SHD[slot], experts[layer].w2_SDF[slot]),
                 alloc=lambda layer: (torch.empty_like(experts[layer].w13_SHD[0]), torch.empty_like(experts[layer].w2_SDF[0])))
         self._xfer_stream.synchronize()  # host sync: off the step path (transfer thread)
-        staged = StagedVersion(version, np.asarray(phy2log_LS), None if replica_weights_LS is None else np.asarray(replica_weights_LS))
+        staged = StagedVersion(placement)
         staged.slots.update(received)
         self.staging.stage(staged, self.placement.version)
         return 1e3 * (time.perf_counter() - start)
@@ -454,8 +464,7 @@ class Worker:
         for (layer, slot), (w13_HD, w2_DF) in staged.slots.items():
             experts[layer].w13_SHD.data[slot].copy_(as_source_tensor(w13_HD))
             experts[layer].w2_SDF.data[slot].copy_(as_source_tensor(w2_DF))
-        self.placement = Placement(staged.phy2log_LS, self.config.model.num_experts, self.config.slots_per_worker, version)
-        self.replica_weights_LS = staged.replica_weights_LS
+        self.placement = staged.placement  # checked when it was staged
         for layer, layer_experts in enumerate(experts):
             layer_experts.slot_map = self._slot_map(layer)
         self.runner.invalidate_graphs()
@@ -490,3 +499,7 @@ class Worker:
 
     def ping(self) -> int:
         return self.rank
+
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (the engine reads it once, for the planner's topology)."""
+        return ray.get_runtime_context().get_node_id()

@@ -29,7 +29,7 @@ config = engine_config_for(directory, EngineOptions(
     cache={"block_size": 16, "kv_tokens_per_worker": 256 * 220, "max_num_seqs": 256, "max_num_batched_tokens": 65536}))
 cfg = config.model
 worker = Worker(0, config, directory, Placement.contiguous(cfg.num_moe_layers, cfg.num_experts, 1,
-                                                           config.slots_per_worker).phy2log)
+                                                           config.slots_per_worker))
 runner = worker.runner
 default_table = list(triton_swiglu._TABLE)
 

@@ -29,7 +29,7 @@ for stats in (True, False):
                                                         stats={"enabled": stats}, cache=cache))
     cfg = config.model
     worker = Worker(0, config, directory, Placement.contiguous(cfg.num_moe_layers, cfg.num_experts, 1,
-                                                               config.slots_per_worker).phy2log)
+                                                               config.slots_per_worker))
     times = []
     for i in range(8):
         plan = StepPlan(new=(NewSequence(f"r{i}", prompt(), params, 10),))

@@ -121,7 +121,7 @@ def single_worker(ckpt: str, device: str = "cpu", cuda_graphs: bool = False):
         cache={"block_size": 4, "kv_tokens_per_worker": 4096, "max_num_seqs": 32}))
     cfg = config.model
     placement = Placement.contiguous(cfg.num_moe_layers, cfg.num_experts, 1, config.slots_per_worker)
-    return Worker(0, config, ckpt, placement.phy2log)
+    return Worker(0, config, ckpt, placement)
 
 
 def random_sharded_placement(num_layers, num_experts, num_workers, slots_per_worker, seed=0,

@@ -47,7 +47,7 @@ def _one_gpu_worker(directory: str, max_batch: int, tokens_per_seq: int, prompt_
     config = engine_config_for(directory, options)
     cfg = config.model
     placement = Placement.contiguous(cfg.num_moe_layers, cfg.num_experts, 1, config.slots_per_worker)
-    return Worker(0, config, directory, placement.phy2log)
+    return Worker(0, config, directory, placement)
 
 
 @torch.no_grad()

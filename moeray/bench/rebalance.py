@@ -211,7 +211,7 @@ def run_hot_path_overhead(args, ckpt: str, repeats: int = 60) -> dict:
     config = _config(args, stats=True, rebalance=False).model_copy(
         update={"parallel": ParallelConfig(num_workers=1, redundant_slots_per_worker=0)})
     placement = Placement.contiguous(config.model.num_moe_layers, config.model.num_experts, 1, config.slots_per_worker)
-    worker = Worker(0, config, ckpt, placement.phy2log)
+    worker = Worker(0, config, ckpt, placement)
     prompt = tuple(DriftingStream(config.model.vocab_size, args.tokens_per_step, 10**9, seed=args.seed).next_batch().tolist())
     blocks = -(-len(prompt) // config.cache.block_size) + 1
     times = {True: [], False: []}

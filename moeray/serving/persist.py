@@ -1,5 +1,5 @@
 """What a Serve replica leaves behind for the replica that replaces it: its committed placement
-(phy2log, version, replica split weights) and its rebalance log.
+(phy2log, version, replica split weights, shard widths) and its rebalance log.
 
     record = load_record(app_name, rank)             # None: nothing saved for this replica rank
     placement, why = resume_placement(record, engine_config, checkpoint)   # None + why: start contiguous
@@ -116,18 +116,23 @@ def resume_placement(record: dict | None, engine_config, checkpoint: str) -> tup
                       f"asks for {workers}: contiguous placement")
     model = engine_config.model
     weights = record.get("replica_weights")
+    widths = record.get("shard_width")  # absent in records saved before shard widths were kept
     note = ""
     try:
         slots = np.asarray(record["phy2log"], dtype=np.int64)
         version = int(record["version"])
-        bare = Placement(slots, model.num_experts, engine_config.slots_per_worker, version).validate()
+        # Shard widths belong to the slot map (without them a sharded one means other experts'
+        # bytes): a record whose widths do not fit is not used at all.
+        widths = None if widths is None else np.asarray(widths, dtype=np.float64)
+        bare = Placement(slots, model.num_experts, engine_config.slots_per_worker, version,
+                         shard_width=widths).validate()
     except (KeyError, TypeError, ValueError) as exc:
         return None, f"saved placement v{record.get('version')} is not valid ({exc}): contiguous placement"
     placement = bare
     if weights is not None:
         try:
             placement = Placement(slots, model.num_experts, engine_config.slots_per_worker, version,
-                                  replica_weights=np.asarray(weights, dtype=np.float64)).validate()
+                                  replica_weights=np.asarray(weights, dtype=np.float64), shard_width=widths).validate()
         except (TypeError, ValueError) as exc:
             note = f" (its replica split weights are not valid, {exc}: equal split)"
     return placement, (f"resumed placement v{placement.version} saved by replica {record.get('replica')} at "
@@ -179,9 +184,9 @@ class StateSaver:
             if p.version == self._noted_version and not refresh_log:
                 return
             self._noted_version = p.version
-            weights = engine.replica_weights_LS
             snapshot = {"phy2log": np.array(p.phy2log), "version": int(p.version), "num_workers": p.num_workers,
-                        "replica_weights": None if weights is None else np.array(weights, dtype=np.float64),
+                        "replica_weights": None if p.replica_weights is None else np.array(p.replica_weights),
+                        "shard_width": None if p.shard_width is None else np.array(p.shard_width),
                         "fingerprint": fingerprint(engine.config, self.checkpoint),
                         "coordinator": engine.coordinator}
         except Exception:  # noqa: BLE001 - saving is best-effort; it must never fail a step

@@ -49,7 +49,7 @@ def placement_report(engine, model_name: str | None = None) -> dict:
         model={"name": model_name or os.path.basename(os.path.normpath(engine.checkpoint_dir)),
                "architecture": model.architecture, "family": model.family, "num_moe_layers": model.num_moe_layers,
                "num_experts": model.num_experts, "top_k": model.top_k},
-        placement=engine.placement(), replica_weights_LS=engine.replica_weights_LS,
+        placement=engine.placement(),
         view=view, load_since_start_LE=engine.load() if view is None else None,
         engine_state={"epoch": engine.epoch, "steps": engine.steps, "target_workers": engine.target_workers,
                       "workers_joining": 0 if engine.joiners is None else len(engine.joiners.workers),
@@ -59,10 +59,11 @@ def placement_report(engine, model_name: str | None = None) -> dict:
                       "rebalance_errors": engine.rebalance_errors[-20:]})
 
 
-def assemble_report(model: dict, placement, replica_weights_LS, view: dict | None,
-                    load_since_start_LE: np.ndarray | None, engine_state: dict) -> dict:
-    """The report from its parts (no Ray here): the committed placement, the coordinator's view
-    (CoordinatorCore.view with timeline) or, without a coordinator, the load since start-up."""
+def assemble_report(model: dict, placement, view: dict | None, load_since_start_LE: np.ndarray | None,
+                    engine_state: dict) -> dict:
+    """The report from its parts (no Ray here): the committed placement (its split weights and
+    shard widths included), the coordinator's view (CoordinatorCore.view with timeline) or,
+    without a coordinator, the load since start-up."""
     p = placement
     if view is not None:
         load_LE = np.asarray(view["load_LE"], dtype=np.float64)
@@ -72,7 +73,7 @@ def assemble_report(model: dict, placement, replica_weights_LS, view: dict | Non
         realised_L = None if realised is None else np.asarray(realised, dtype=np.float64)
     else:
         load_LE = np.asarray(load_since_start_LE, dtype=np.float64)
-        worker_LW = worker_loads(load_LE, p.phy2log, p.slots_per_worker, replica_weights_LS)
+        worker_LW = worker_loads(load_LE, p.phy2log, p.slots_per_worker, p.replica_weights, p.shard_width)
         imbalance_L = imbalance_of_worker_loads(worker_LW)
         realised_L = None
     replicas_LE = expert_counts(p.phy2log, p.num_experts)
@@ -111,6 +112,7 @@ def assemble_report(model: dict, placement, replica_weights_LS, view: dict | Non
         "drifts_detected": [] if view is None else view["drifts_detected"],
         "last_decision": None if view is None else view["last_decision"],
         "in_flight_version": None if view is None else view["in_flight_version"],
+        "planner": None if view is None else view.get("planner"),  # configured, topology, last one run and why
         "generated_at": time.time(),
     }
     return _jsonable(report)

@@ -145,13 +145,13 @@ def test_resync_commits_the_adopted_version_or_abandons_the_one_in_flight():
     feed(core, hot_load(0), 0, 4)
     in_flight = core.maybe_plan(now=1.0, force=True)
     # the failed step was committing it: the engine adopted it
-    core.resync(in_flight.placement, in_flight.replica_weights, epoch=1, step=9)
+    core.resync(in_flight.placement, epoch=1, step=9)
     assert core.in_flight is None and core.placement.version == 1 and core.records[-1].committed_at_step == 9
     # a migration in flight that the engine did not adopt is abandoned; calling twice is harmless
     feed(core, hot_load(3), 4, 8)
     assert core.maybe_plan(now=2.0, force=True).placement.version == 2
     for _ in range(2):
-        core.resync(core.placement, core.replica_weights_LS, epoch=2, step=12)
+        core.resync(core.placement, epoch=2, step=12)
     assert core.in_flight is None and core.placement.version == 1 and core.epoch == 2
     assert "abandoned" in core.records[-1].reason
     assert core.maybe_plan(now=3.0, force=True).placement.version == 3
@@ -160,14 +160,17 @@ def test_resync_commits_the_adopted_version_or_abandons_the_one_in_flight():
 def test_staging_refuses_versions_that_are_not_newer():
     from moeray.slot_transfer import SlotStaging, StagedVersion
 
+    def version(v):
+        return StagedVersion(Placement(np.zeros((1, 1)), 1, 1, v))
+
     staging = SlotStaging()
-    staging.stage(StagedVersion(2, np.zeros((1, 1)), None), live_version=1)
+    staging.stage(version(2), live_version=1)
     staging.discard()
     with pytest.raises(ValueError, match="cannot stage v2: not newer than v2"):
-        staging.stage(StagedVersion(2, np.zeros((1, 1)), None), live_version=1)  # a late copy of v2
+        staging.stage(version(2), live_version=1)  # a late copy of v2
     with pytest.raises(ValueError, match="not newer than v3"):
-        staging.stage(StagedVersion(3, np.zeros((1, 1)), None), live_version=3)
-    staging.stage(StagedVersion(4, np.zeros((1, 1)), None), live_version=3)
+        staging.stage(version(3), live_version=3)
+    staging.stage(version(4), live_version=3)
     assert staging.take(4).version == 4
 
 

@@ -24,7 +24,7 @@ PLOTS = ("expert-load.png", "worker-load.png", "imbalance-timeline.png", "placem
 
 def report_with_rebalance() -> dict:
     core = rebalanced_core()
-    return assemble_report(MODEL, core.placement, core.replica_weights_LS, core.view(True), None, STATE)
+    return assemble_report(MODEL, core.placement, core.view(True), None, STATE)
 
 
 def assert_png(path, min_width=500, min_height=300):
@@ -74,7 +74,7 @@ def test_plots_from_a_saved_report_are_readable_pngs(tmp_path):
 
 def test_a_report_without_a_coordinator_still_plots_and_prints(tmp_path):
     load_LE = np.arange(L * E, dtype=np.int64).reshape(L, E)
-    report = assemble_report(MODEL, Placement.contiguous(L, E, W, 3), None, None, load_LE, STATE)
+    report = assemble_report(MODEL, Placement.contiguous(L, E, W, 3), None, load_LE, STATE)
     assert report["load_source"] == "since_start" and report["timeline"] is None and report["rebalances"] == []
     assert report["imbalance_worst"] > 1.0
     for p in plot_report(report, tmp_path):
