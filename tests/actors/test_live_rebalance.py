@@ -101,3 +101,32 @@ def test_policy_rebalances_a_drifting_stream_while_outputs_stay_exact(ray_cluste
     assert stats["imbalance_mean"] < 1.15, stats["imbalance_per_layer"]
     first = committed[0]
     assert first["predicted_before"] > 1.5 and first["predicted_after"] < first["predicted_before"]
+
+
+def test_a_hierarchical_plan_on_two_nodes_of_two_workers_keeps_outputs_exact(ray_cluster, tmp_path):
+    """rebalance.planner="hierarchical" with parallel.workers_per_node=2: the coordinator plans on
+    2 nodes x 2 workers, the log names the planner, the migration lands slot by slot."""
+    ckpt, model_cfg, _ = make_checkpoint(tmp_path, seed=8, num_experts=8, top_k=2, num_hidden_layers=2)
+    encode_layer_expert(ckpt, model_cfg.num_moe_layers, model_cfg.num_experts)
+    reference = load_reference_model(ckpt)
+    config = EngineConfig(
+        model=model_cfg,
+        parallel=ParallelConfig(num_workers=4, redundant_slots_per_worker=1, collective_timeout_s=30, workers_per_node=2),
+        stats=StatsConfig(snapshot_interval_steps=2),
+        rebalance=RebalanceConfig(enabled=False, window_steps=8, planner="hierarchical"),
+    )
+    stream = DriftingStream(model_cfg.vocab_size, 48, phase_steps=1000, hot_fraction=0.9, seed=4)
+    with Engine(config, ckpt) as engine:
+        for _ in range(6):
+            ids = stream.next_batch()
+            assert max_rel_error(engine_logits(engine, [ids])[0], reference_logits(reference, ids)) <= 1e-5
+        version = engine.rebalance(force=True)
+        ids = stream.next_batch()  # commits it
+        assert max_rel_error(engine_logits(engine, [ids])[0], reference_logits(reference, ids)) <= 1e-5
+        assert engine.placement().version == version == 1
+        assert_every_slot_holds_its_expert(engine, CheckpointReader(ckpt))
+        stats = engine.stats()
+    assert (stats["planner"]["configured"], stats["planner"]["nodes"], stats["planner"]["workers_per_node"]) == (
+        "hierarchical", 2, 2)
+    record = stats["rebalances"][-1]
+    assert record["planner"] == "hierarchical" and "2 nodes" in record["planner_reason"], record
