@@ -35,6 +35,7 @@ BENCHMARKS = {
     "kvmove": "a moved sequence: its KV cache through the object store vs re-prefilling it (CPU workers)",
     "generate": "end-to-end generation: prefill / decode tokens/s, time to first token, HBM roofline, phases",
     "memory": "a worker's resident memory after loading vs dense + its slots (CPU, a 1-2 GB checkpoint)",
+    "cost": "the cost model calibrated here, its predicted vs measured kernel, exchange and layer times (CPU or one GPU)",
 }
 DEFAULT_URL = "http://127.0.0.1:8000"
 BUILTIN_MODEL_WORKERS, BUILTIN_MODEL_NAME = 2, "moeray-tiny"  # `moeray serve` with no model: workers, served name

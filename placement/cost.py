@@ -6,14 +6,26 @@ F expert FFN width.
 
 Per MoE layer (bulk-synchronous: each phase ends when its slowest worker does):
     compute_w  = max(floor, sum over w's slots with rows of
-                     width * max((rows + tile_rows) * 6 D F / flops_rate, 3 D F * weight_bytes / hbm_rate))
+                     width * max((rows + tile_rows) * 6 D F / flops_rate, 3 D F * weight_bytes / hbm_rate)
+                     + slot_s)
     exchange_w = latency + max over link classes of max(bytes sent, bytes received) / bandwidth
     layer      = max_w exchange_w (dispatch) + max_w compute_w + max_w exchange_w (combine: the same
                  rows back, sends and receives swapped)
     step       = sum over the MoE layers.
 A shard of width w does w of its rows' flops and streams w of the expert's weights, so both terms
 scale with the width. `tile_rows` is the measured cost of a touched slot beyond its rows (tile
-padding, per-slot setup); the weight term is the memory-bound regime (small batches).
+padding: scales with the width); `slot_s` the fixed cost of a touched slot whatever its width (a
+host loop over slots: the CPU reference; 0 in the GPU table); the weight term is the
+memory-bound regime (small batches).
+
+`layer_phases` is the fuller layer the CPU-mode bench checks (`moeray bench cost`): besides the
+above, the counts exchange before the rows (one more latency), the host work of the layer beyond
+the kernel and the exchanges (`HostRates`: sort, gathers, the weighted combine, the token sum;
+fixed + per row, measured on the node's workers together), and workers of one node that share
+fewer cores than they are (`parallel_workers`: the CPU mode, W processes on one machine): the
+kernel phase, in which every worker is busy at once and whose rates come from one process alone,
+then finishes as under processor sharing (m busy workers each run at min(1, parallel_workers / m)
+of their speed). The planner's comparisons (placement.sharding) use `layer_seconds` without these.
 
 Exchange rows: tokens are spread evenly over workers (data-parallel attention). A worker computing
 `pairs` of the step's T * K (token, k) pairs receives each of their tokens once (`dedup_tokens`:
@@ -79,6 +91,7 @@ class KernelRates:
     source: str = ("fit (fit_kernel_rates) to docs/benchmarks/kernel-h200.json (mixtral/olmoe/qwen3, T=16..16384, impl auto) "
                    "and kernel-deepseek-sweep.json (DeepSeek-V3 EP2 T=4096/16384, triton), one H200; floor: T=1 cases "
                    "(launch-bound, 46-49 us)")
+    slot_s: float = 0.0  # seconds per touched slot, not scaled by width (placement.cost_fit fits it)
 
 
 @dataclass(frozen=True)
@@ -91,11 +104,22 @@ class LinkRates:
 
 
 @dataclass(frozen=True)
+class HostRates:
+    """A worker's host work per MoE layer beyond the kernel and the exchanges: fixed + per row."""
+
+    fixed_s: float = 0.0
+    per_row_s: float = 0.0
+    source: str = "not measured (0): the planner's comparisons leave the layer's host work out"
+
+
+@dataclass(frozen=True)
 class StepCostModel:
     shape: ExpertShape
     kernel: KernelRates = KernelRates()
     links: LinkRates = LinkRates()
     dedup_tokens: bool = True
+    host: HostRates = HostRates()
+    parallel_workers: float | None = None  # workers of a node that run at full speed at once; None: all
 
     # ---- compute ---------------------------------------------------------------------------------
     def slot_seconds(self, rows_XS: np.ndarray, width_XS) -> np.ndarray:
@@ -103,7 +127,7 @@ class StepCostModel:
         rows_XS = np.asarray(rows_XS, dtype=np.float64)
         compute = (rows_XS + self.kernel.tile_rows) * (self.shape.flops_per_row / self.kernel.flops_per_s)
         stream = self.shape.expert_bytes / self.kernel.weight_bytes_per_s
-        return np.where(rows_XS > 0, np.asarray(width_XS) * np.maximum(compute, stream), 0.0)
+        return np.where(rows_XS > 0, np.asarray(width_XS) * np.maximum(compute, stream) + self.kernel.slot_s, 0.0)
 
     def compute_seconds(self, rows_XS: np.ndarray, width_XS, slots_per_worker: int) -> np.ndarray:
         """[X, W] expert-kernel time of each worker (one grouped launch over its slots)."""
@@ -148,6 +172,41 @@ class StepCostModel:
     def mean_worker_seconds(compute_XW: np.ndarray, exchange_XW: np.ndarray) -> np.ndarray:
         """[X] what the layer would take if every worker did the mean worker's work (perfect balance)."""
         return compute_XW.mean(axis=-1) + 2.0 * exchange_XW.mean(axis=-1)
+
+    def shared_seconds(self, work_XW: np.ndarray, workers_per_node: int) -> np.ndarray:
+        """[X, W] when each worker ends `work_XW` (its seconds alone) if a node's workers run it at
+        once on `parallel_workers` workers' worth of cores, shared equally (processor sharing)."""
+        work_XW = np.asarray(work_XW, dtype=np.float64)
+        parallel = self.parallel_workers
+        if parallel is None or parallel >= workers_per_node:
+            return work_XW
+        node = work_XW.reshape(*work_XW.shape[:-1], -1, workers_per_node)  # [X, nodes, W_n]
+        order = np.argsort(node, axis=-1, kind="stable")
+        sorted_work = np.take_along_axis(node, order, axis=-1)
+        step = np.diff(sorted_work, axis=-1, prepend=0.0)  # work done between two workers' ends
+        busy = workers_per_node - np.arange(workers_per_node)  # workers still busy in each interval
+        ends = np.cumsum(step * np.maximum(1.0, busy / parallel), axis=-1)
+        out = np.empty_like(node)
+        np.put_along_axis(out, order, ends, axis=-1)
+        return out.reshape(work_XW.shape)
+
+    def host_seconds(self, sent_XW: np.ndarray, received_XW: np.ndarray) -> np.ndarray:
+        """[X, W] host work of each worker: fixed + per row of the mean of rows sent and received."""
+        rows_XW = (np.asarray(sent_XW, dtype=np.float64) + np.asarray(received_XW, dtype=np.float64)) / 2
+        return self.host.fixed_s + self.host.per_row_s * rows_XW
+
+    def layer_phases(self, rows_XS: np.ndarray, width_XS, slots_per_worker: int, tokens: int,
+                     topology: Topology) -> dict:
+        """{phase: [X] seconds} of one layer: compute (shared cores), exchange (the counts' latency +
+        rows there and back), host, total. Tokens are spread evenly: each worker sends 1/W of the rows."""
+        pairs_XW = np.asarray(rows_XS, dtype=np.float64).reshape(*np.shape(rows_XS)[:-1], -1, slots_per_worker).sum(-1)
+        received_XW = self.received_rows(pairs_XW, tokens)
+        sent_XW = np.broadcast_to(received_XW.mean(axis=-1, keepdims=True), received_XW.shape)
+        per_node = topology.workers_per_node
+        compute = self.shared_seconds(self.compute_seconds(rows_XS, width_XS, slots_per_worker), per_node).max(axis=-1)
+        exchange = self.links.latency_s + 2.0 * self.exchange_seconds(pairs_XW, tokens, topology).max(axis=-1)
+        host = self.host_seconds(sent_XW, received_XW).max(axis=-1)
+        return {"compute": compute, "exchange": exchange, "host": host, "total": compute + exchange + host}
 
     def memory_bytes(self, width_LS: np.ndarray, slots_per_worker: int) -> np.ndarray:
         """[L, W] expert weight bytes each worker holds (a shard holds its width of the expert)."""
