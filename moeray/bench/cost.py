@@ -238,6 +238,8 @@ def _workers_part(args, num_workers: int, load_LE, shape, kernel_rates, parts, e
                      **measure.summarize_steps(per_rank, len(host) + i, args.cores)})
     W = f"W={num_workers}"
     errors[f"layer {W}"] = _error_summary(rows)
+    errors[f"layer {W}: vs slowest rank's median step"] = _error_summary(
+        [{"p": r["predicted_s"], "m": max(r["measured_rank_step_s"])} for r in rows], "p", "m")
     errors[f"layer {W}: compute phase"] = _error_summary(rows, "predicted_compute_s", "measured_compute_s")
     errors[f"layer {W}: rest (exchange + host)"] = _error_summary(
         [{"p": r["predicted_exchange_s"] + r["predicted_host_s"], "m": r["measured_rest_s"]} for r in rows], "p", "m")

@@ -181,7 +181,7 @@ def _exchanges(group, sizes: list[int], reps: int) -> list[float]:
 
 def _layer_steps(group, rank: int, cfg: dict, cases: list) -> list[dict]:
     """Each case's layer step on this rank, per iteration: (step, dispatch, compute, combine, host,
-    exchange) seconds, the phases' medians, and the load window of the case's timed iterations."""
+    then each of EXCHANGE_PHASES) seconds, the phases' medians, and the load window of the timing."""
     import torch
 
     from moeray.comm.dispatcher import AllToAllDispatcher
@@ -234,7 +234,7 @@ def _layer_steps(group, rank: int, cfg: dict, cases: list) -> list[dict]:
             m = step()
             p = dict(timer.phases)
             samples.append((m[3] - m[0], m[1] - m[0], m[2] - m[1], m[3] - m[2],
-                            sum(p.get(k, 0.0) for k in HOST_PHASES), sum(p.get(k, 0.0) for k in EXCHANGE_PHASES)))
+                            sum(p.get(k, 0.0) for k in HOST_PHASES), *(p.get(k, 0.0) for k in EXCHANGE_PHASES)))
             phases.append(p)
         group.barrier()
         out.append({"samples": samples, "phases": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
@@ -267,18 +267,21 @@ def run_on_ranks(num_workers: int, cfg: dict, sizes: list[int], cases: list) -> 
 
 def summarize_steps(per_rank: list[dict], index: int, cores: int) -> dict:
     """Case `index` of every rank's layer steps, medians over iterations of the slowest rank of each
-    phase; the exchange phases: of the rank that waited least (a rank's exchange includes waiting
-    for its peers, which the slowest rank's compute and host already count)."""
+    phase. A rank's exchange includes waiting for its peers (which the slowest rank's compute and
+    host already count): each exchange is taken from the rank that waited least at it, then summed.
+    `measured_rank_step_s`: each rank's median step; the slowest rank per iteration (`measured_s`)
+    is above the slowest of these by what per-iteration stragglers add."""
     import numpy as np
 
-    samples = np.array([r["layer"][index]["samples"] for r in per_rank])  # [W, iters, 6]
-    slowest = samples.max(axis=0)  # [iters, 6]
+    samples = np.array([r["layer"][index]["samples"] for r in per_rank])  # [W, iters, 5 + exchanges]
+    slowest = samples.max(axis=0)  # [iters, ...]
     median = lambda a: float(np.median(a))  # noqa: E731
     return {"measured_s": median(slowest[:, 0]), "measured_compute_s": median(slowest[:, 2]),
             "measured_rest_s": median(slowest[:, 0] - slowest[:, 2]),
             "measured_dispatch_s": median(slowest[:, 1]), "measured_combine_s": median(slowest[:, 3]),
             "measured_host_s": median(slowest[:, 4]),
-            "measured_exchange_s": median(samples[:, :, 5].min(axis=0)),  # the last to arrive waits least
+            "measured_exchange_s": median(samples[:, :, 5:].min(axis=0).sum(axis=-1)),
+            "measured_rank_step_s": np.median(samples[:, :, 0], axis=1).tolist(),
             "measured_rank_compute_s": np.median(samples[:, :, 2], axis=1).tolist(),
             "measured_phases_s_by_rank": [r["layer"][index]["phases"] for r in per_rank],
             "others_cpu_share": others_share([r["layer"][index]["window"] for r in per_rank], cores)}
