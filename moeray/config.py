@@ -238,6 +238,11 @@ class ParallelConfig(_Frozen):
         default=1, ge=1, le=16,
         description="token chunks per MoE layer step; > 1 hides each chunk's all-to-all behind another chunk's expert math",
     )
+    replica_split: Literal["planned", "per_batch"] = Field(
+        default="planned",
+        description="how a replicated expert's tokens are split across its replicas each step: by the planned weights "
+                    "(planned), or from the batch's global per-expert counts, water-filling the busiest worker's rows "
+                    "(per_batch: one small all-to-all of the counts per MoE layer, no host sync)")
     workers_per_node: int | None = Field(
         default=None, ge=1, strict=True,
         description="workers per node of the topology the planner sees (ranks 0..n-1 on node 0, ...); None: from the "

@@ -64,11 +64,11 @@ class Coordinator:
         self.reports += 1
         self.core.ingest(LoadSnapshot.decode(payload))
 
-    async def tick(self, now: float | None = None, force: bool = False) -> dict | None:
+    async def tick(self, now: float | None = None, force: bool = False, requested: Placement | None = None) -> dict | None:
         """Policy check; on a rebalance, plan and stage v+1 on every worker. Returns the staged
         placement for the engine to commit ({"version", "placement"}: the plan's Placement as the
         planner made it, split weights and shard widths included), or None."""
-        new_plan = self.core.maybe_plan(time.time() if now is None else now, force=force)
+        new_plan = self.core.maybe_plan(time.time() if now is None else now, force=force, requested=requested)
         if new_plan is None:
             return None
         version = new_plan.placement.version
@@ -84,19 +84,20 @@ class Coordinator:
         start = time.perf_counter()
         spw = new_plan.placement.slots_per_worker
         mig = new_plan.migration
+        # each copy: columns [c0, c1) (fractions of F; (0, 1) whole) of old slot src into new slot dst
+        entries = mig.column_copies()
         if self.device == "cuda":
             # Every worker gets the same global list (p2p chunks must line up across ranks).
-            copies = [(layer, src // spw, src % spw, dst // spw, dst % spw)
-                      for layer, dst, src in zip(mig.layer.tolist(), mig.dst_slot.tolist(), mig.src_slot.tolist())]
+            copies = [(layer, src // spw, src % spw, dst // spw, dst % spw, c0, c1) for layer, dst, src, c0, c1 in entries]
             refs = [w.stage_p2p.remote(new_plan.placement, copies) for w in self.workers]
             await asyncio.wait_for(asyncio.gather(*refs), timeout=self.timeout_s)
             return 1e3 * (time.perf_counter() - start)
         exports: dict[int, list[tuple[int, int]]] = defaultdict(list)  # src worker -> [(layer, local slot)]
-        gains: dict[int, list[tuple[tuple[int, int], int, int]]] = defaultdict(list)  # dst -> [((l, slot), src, idx)]
-        for layer, dst, src in zip(mig.layer.tolist(), mig.dst_slot.tolist(), mig.src_slot.tolist()):
+        gains: dict[int, list[tuple[tuple, int, int]]] = defaultdict(list)  # dst -> [((l, slot, src, c0, c1), src worker, idx)]
+        for layer, dst, src, c0, c1 in entries:
             src_worker = src // spw
             exports[src_worker].append((layer, src % spw))
-            gains[dst // spw].append(((layer, dst % spw), src_worker, len(exports[src_worker]) - 1))
+            gains[dst // spw].append(((layer, dst % spw, src, c0, c1), src_worker, len(exports[src_worker]) - 1))
         export_refs = {w: self.workers[w].export_slots.remote(entries) for w, entries in exports.items()}
         stage_refs = []
         for rank, worker in enumerate(self.workers):

@@ -26,7 +26,7 @@ from placement.policy import Decision, PolicyConfig, PolicyState, PolicyStats, d
 from placement.stats import DecayedLoad, LoadWindow
 
 from moeray.coordinator_timeline import step_timeline, sum_rows
-from moeray.planning import PlannerChoice, PlanningSetup
+from moeray.planning import PlannerChoice, PlanningSetup, requested_plan
 from moeray.stats_wire import LoadSnapshot
 
 _HISTORY_LIMIT = 4096  # step ranges kept for stats(); older ones are dropped
@@ -193,12 +193,18 @@ class CoordinatorCore:
         return imbalance(self.load_LE if load_LE is None else load_LE, self.placement)
 
     # ---- decisions -----------------------------------------------------------------------------
-    def maybe_plan(self, now: float, force: bool = False) -> Plan | None:
-        """Ask the policy (or skip it when forced); return the plan for version + 1, or None."""
+    def maybe_plan(self, now: float, force: bool = False, requested: Placement | None = None) -> Plan | None:
+        """Ask the policy (or skip it when forced); return the plan for version + 1, or None.
+        `requested`: this placement instead of the planner's (no policy check)."""
         if self.in_flight is not None:
             self.last_decision = Decision(False, f"migration to v{self.in_flight.placement.version} in flight")
             return None
         load_LE = self.planning_load_LE
+        if requested is not None:
+            self.last_decision = Decision(True, "requested placement")
+            self.last_choice = PlannerChoice("requested", "placement given by the caller")
+            return self._begin(requested_plan(self.placement, requested, self.topology, load_LE), now,
+                               self.last_decision, self.current_imbalance(load_LE))
         tokens = float(self.load_LE.sum())
         if tokens == 0:
             self.last_decision = Decision(False, "no load observed yet")
@@ -230,6 +236,10 @@ class CoordinatorCore:
             self.last_decision = Decision(False, "planner kept every slot and split weight", decision.gain)
             return None
         # Zero slot copies with new split weights is still a rebalance: it moves no bytes.
+        return self._begin(new_plan, now, decision, current)
+
+    def _begin(self, new_plan: Plan, now: float, decision: Decision, current: np.ndarray) -> Plan:
+        """Number the plan (versions are never reused), put it in flight and log it."""
         self.highest_version += 1
         if new_plan.placement.version != self.highest_version:
             new_plan = replace(new_plan, placement=replace(new_plan.placement, version=self.highest_version))

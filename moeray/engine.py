@@ -274,8 +274,10 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
             staged["coordinator"] = self._coordinator_generation
         return staged
 
-    def rebalance(self, force: bool = True) -> int | None:
+    def rebalance(self, force: bool = True, placement: Placement | None = None) -> int | None:
         """Plan and stage a new placement now; it is committed at the next step. Returns its version.
+        `placement`: stage this one instead of the planner's (any slot map, split weights and shard
+        widths for the running group's shape; a ValueError names what does not fit).
         A coordinator found dead is rebuilt first (one retry)."""
         if self.coordinator is None:
             raise RuntimeError("rebalancing needs stats.enabled=True")
@@ -283,27 +285,31 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
         if self._coordinator_down:
             self.restart_coordinator("coordinator found dead")
         try:
-            return self._rebalance(force)
+            return self._rebalance(force, placement)
         except (WorkerLost, RayActorError) as exc:
             if self._coordinator_alive():
                 raise
             self.restart_coordinator(f"coordinator lost: {type(exc).__name__}")
-            return self._rebalance(force)
+            return self._rebalance(force, placement)
 
-    def _rebalance(self, force: bool) -> int | None:
+    def _rebalance(self, force: bool, requested: Placement | None = None) -> int | None:
         if self._tick_ref is not None:
             self._staged = self._tagged(self._get(self._tick_ref, self.config.parallel.collective_timeout_s + STEP_MARGIN_S,
                                                   "rebalance"))
             self._tick_ref = None
+        if self._staged is not None and requested is not None:
+            raise RuntimeError(f"placement v{self._staged['version']} is staged: step once to commit it, then request another")
         if self._staged is None:
             if force:
                 self._flush_stats()  # plan from every step served so far, not from the last snapshot
             try:
-                self._staged = self._tagged(self._get(self.coordinator.tick.remote(None, force),
+                self._staged = self._tagged(self._get(self.coordinator.tick.remote(None, force, requested),
                                                       self.config.parallel.collective_timeout_s + STEP_MARGIN_S,
                                                       "rebalance"))
                 self._staged_at_s = time.time()
             except RayTaskError as exc:  # the migration failed and was abandoned; serving is unaffected
+                if requested is not None and isinstance(exc.cause, ValueError):
+                    raise exc.cause from None  # a requested placement that does not fit: the caller's error
                 self.rebalance_errors.append(f"{type(exc.cause).__name__}: {exc.cause}")
                 return None
         return None if self._staged is None else self._staged["version"]

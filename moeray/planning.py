@@ -28,6 +28,7 @@ Legend: L layers, E experts, W workers.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ import numpy as np
 from placement import Placement, Topology
 from placement.cost import ExpertShape, LinkRates, StepCostModel
 from placement.fault_aware import FaultAwareOptions
+from placement.metrics import imbalance
+from placement.migration import migration_between
 from placement.planner import Plan, PlannerOptions, plan
 
 log = logging.getLogger(__name__)
@@ -189,3 +192,18 @@ class PlanningSetup:
         if verdict.pays:
             return PlannerChoice("hierarchical", f"planner=auto: hierarchical pays: {figures}")
         return PlannerChoice("global", f"planner=auto: hierarchical does not pay: {figures}")
+
+
+def requested_plan(current: Placement, requested: Placement, topology, load_LE: np.ndarray) -> Plan:
+    """A caller's placement (Engine.rebalance(placement=...): an operator's pin, a test) as a plan
+    from `current`: the migration between them and the imbalance it gives the windowed load.
+    Raises ValueError naming what does not match the running group."""
+    requested = requested.validate()
+    for name in ("num_layers", "num_experts", "num_workers", "slots_per_worker"):
+        if getattr(requested, name) != getattr(current, name):
+            raise ValueError(f"the requested placement has {name}={getattr(requested, name)}, "
+                             f"the engine runs {getattr(current, name)}")
+    start = time.perf_counter()
+    migration = migration_between(current, requested, topology)
+    return Plan(requested, migration, imbalance(load_LE, requested), requested.weights_LS,
+                1e3 * (time.perf_counter() - start))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from moeray.slot_transfer import as_source_tensor
+
 
 def pack_columns(w13_XHD: torch.Tensor, w2_XDF: torch.Tensor, columns_X2: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole experts' weights -> slots holding columns [c0, c1) of each, packed first, zeros after.
@@ -84,3 +86,32 @@ def put_columns(w13_HD: torch.Tensor, w2_DF: torch.Tensor, slot_columns: tuple[i
     w13_HD[lo:hi] = gate_up_2XD[0]
     w13_HD[ffn + lo:ffn + hi] = gate_up_2XD[1]
     w2_DF[:, lo:hi] = down_DX
+
+
+def assemble_slot(new_columns: tuple[int, int], shape_13: tuple, shape_2: tuple, dtype, device,
+                  kept: tuple | None = None, pieces: list = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slot's weights for the next placement version: columns `new_columns` of its expert,
+    packed first, from what the worker already holds and what other slots send.
+
+    kept: (w13_HD, w2_DF, columns) of the live slot when it holds the same expert (its overlap
+    with new_columns is kept); pieces: [(w13_HD, w2_DF, source columns, piece columns)], whole
+    source slots (as exported) and the columns to take from each. Raises ValueError unless every
+    new column comes from exactly one place (a migration that misses or repeats a column)."""
+    s0, s1 = new_columns
+    w13_HD = torch.zeros(shape_13, dtype=dtype, device=device)
+    w2_DF = torch.zeros(shape_2, dtype=dtype, device=device)
+    covered = np.zeros(s1 - s0, dtype=np.int64)
+    sources = list(pieces)
+    if kept is not None:
+        k0, k1 = max(s0, kept[2][0]), min(s1, kept[2][1])
+        if k0 < k1:
+            sources.append((kept[0], kept[1], kept[2], (k0, k1)))
+    for src13, src2, have, want in sources:
+        src13, src2 = as_source_tensor(src13), as_source_tensor(src2)  # object-store views are only read
+        piece = take_columns(src13, src2, tuple(have), tuple(want))
+        put_columns(w13_HD, w2_DF, new_columns, tuple(want), piece[0].to(device, dtype), piece[1].to(device, dtype))
+        covered[want[0] - s0:want[1] - s0] += 1
+    if (covered != 1).any():
+        column = s0 + int(np.flatnonzero(covered != 1)[0])
+        raise ValueError(f"column {column} of the slot's [{s0}, {s1}) comes from {int(covered[column - s0])} sources, not 1")
+    return w13_HD, w2_DF

@@ -29,6 +29,9 @@ class StagedVersion:
     # (layer, local slot) -> (w13_HD, w2_DF) for every slot whose expert changes: tensors (GPU p2p)
     # or read-only numpy views of the object store (CPU; copied once, at commit)
     slots: dict[tuple[int, int], tuple] = field(default_factory=dict)
+    # per layer: the slot map, widths and split units of `placement` (slot_loading.LayerRouting),
+    # built at stage time so that the commit pause only swaps them in
+    routings: list | None = None
 
     @property
     def version(self) -> int:

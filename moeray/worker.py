@@ -23,7 +23,6 @@ import torch
 from moeray.comm import group as collective
 from moeray.comm import p2p
 from moeray.comm.dispatcher import AllToAllDispatcher, LocalDispatcher
-from moeray.comm.slot_map import DeviceSlotMap
 from moeray.config import EngineConfig
 from moeray.expert_parallel import SlotExperts
 from moeray.generation.messages import StepPlan, StepResult
@@ -31,6 +30,7 @@ from moeray.generation.runner import SequenceRunner
 from moeray.models.checkpoint import CheckpointReader
 from moeray.models.decoder import MoECausalLM
 from moeray.models.kv_cache import PagedKVCache
+from moeray.slot_loading import assemble_next_slots, layer_routings, read_slots, receipts, sharded
 from moeray.slot_transfer import (
     SlotStaging,
     StagedVersion,
@@ -88,6 +88,7 @@ class Worker:
         self.placement = accepted_placement(placement, config, rank)
         self.group_name: str | None = None
         self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
+        self._routings = self._routings_of(self.placement)
         self.model = self._build_model()
         self.runner = self._build_runner()
         self.steps = 0
@@ -114,10 +115,9 @@ class Worker:
         """The family's model with this worker's slots in every MoE layer (the experts factory seam:
         the model code itself never sees the distribution). Reads only dense + own slots."""
         cfg = self.config.model
-        mine_LS = self.placement.slots_of_worker(self.rank)
 
         def experts_factory(layer: int) -> SlotExperts:
-            w13, w2 = self.reader.read_expert_slots(layer, mine_LS[layer], self.dtype)
+            w13, w2 = read_slots(self.reader, self.placement, layer, self.rank, self.dtype)
             return self._slot_experts_of(layer, w13.to(self.device), w2.to(self.device))
 
         model = MoECausalLM(cfg, experts_factory)
@@ -143,11 +143,15 @@ class Worker:
 
     def _slot_experts_of(self, layer: int, w13_SHD: torch.Tensor, w2_SDF: torch.Tensor) -> SlotExperts:
         """One MoE layer's experts module over these slot weights, under the current placement."""
-        return SlotExperts(w13_SHD, w2_SDF, self._slot_map(layer), self.dispatcher, self.config.model.num_experts,
-                           overlap_chunks=self.config.parallel.overlap_chunks)
+        routing = self._routings[layer]
+        return SlotExperts(w13_SHD, w2_SDF, routing.slot_map, self.dispatcher, self.config.model.num_experts,
+                           overlap_chunks=self.config.parallel.overlap_chunks, width_S=routing.width_S,
+                           batch_split=routing.batch_split)
 
-    def _slot_map(self, layer: int) -> DeviceSlotMap:
-        return DeviceSlotMap.from_placement(self.placement, layer, device=self.device)
+    def _routings_of(self, placement: Placement) -> list:
+        """Every layer's slot map, slot widths and per-batch split units of `placement` here."""
+        return layer_routings(placement, self.rank, self.config.model.moe_intermediate_size,
+                              self.config.parallel.replica_split == "per_batch", self.device)
 
     def _slot_experts(self) -> list[SlotExperts]:
         return [block.experts for block in self.model.moe_blocks]
@@ -193,13 +197,22 @@ class Worker:
             self.staging.discard()
             self.leave_group()
             old_mine_LS = self.placement.slots_of_worker(self.rank)
+            # shards in either version: every slot comes from the checkpoint (a live copy or a held
+            # slot may hold other columns than the new slot needs)
+            from_checkpoint = sharded(self.placement, placement)
             self.rank, self.config = rank, config
             self.placement = placement
             self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
+            self._routings = self._routings_of(placement)
             mine_LS = self.placement.slots_of_worker(rank)
             copied = read = from_replicas = 0
             for layer, block in enumerate(self.model.moe_blocks):
                 old = block.experts
+                if from_checkpoint:
+                    w13, w2 = read_slots(self.reader, placement, layer, rank, self.dtype)
+                    read += int((mine_LS[layer] >= 0).sum())
+                    self._replace_layer_experts(layer, block, w13.to(self.device), w2.to(self.device))
+                    continue
                 held = {int(e): j for j, e in enumerate(old_mine_LS[layer]) if e >= 0}
                 missing = [int(e) for e in mine_LS[layer] if e >= 0 and int(e) not in held]
                 fresh = {e: fetched[(layer, e)] for e in missing if (layer, e) in fetched}
@@ -219,15 +232,19 @@ class Worker:
                         w13[slot].copy_(as_source_tensor(fresh[expert][0]))
                         w2[slot].copy_(as_source_tensor(fresh[expert][1]))
                         read += 1
-                experts = self._slot_experts_of(layer, w13, w2)
-                experts.load_E.copy_(old.load_E)  # routed pairs since start-up (engine.load()) carry on
-                experts.record_load = self.stats_recording
-                block.experts = experts
+                self._replace_layer_experts(layer, block, w13, w2)
             self._shipped_load_LE, self._shipped_rows_LS = self._read_counters()
             self._shipped_step, self._commit_ms = self.steps, None
             self.runner.set_cuda_graphs(self._graphs_apply())
         return {"rank": rank, "slots_copied": copied, "slots_from_replicas": from_replicas,
                 "slots_read": read - from_replicas}
+
+    def _replace_layer_experts(self, layer: int, block, w13_SHD: torch.Tensor, w2_SDF: torch.Tensor) -> None:
+        old = block.experts
+        experts = self._slot_experts_of(layer, w13_SHD, w2_SDF)
+        experts.load_E.copy_(old.load_E)  # routed pairs since start-up (engine.load()) carry on
+        experts.record_load = self.stats_recording
+        block.experts = experts
 
     def _fetch_sources(self, sources: dict) -> dict:
         """{(layer, expert): (w13_HD, w2_DF)} of other workers' exported live copies (read-only
@@ -420,12 +437,20 @@ class Worker:
         refs = list({id(src[0][0]): src[0][0] for src in sources}.values())
         boxes = ray.get(refs, timeout=timeout)  # each export call returned [ref of its slot list]
         fetched = dict(zip([id(r) for r in refs], ray.get([box[0] for box in boxes], timeout=timeout)))
-        staged = StagedVersion(placement)
-        for (layer, slot), (ref_box, index) in zip(entries, sources):
-            w13, w2 = fetched[id(ref_box[0])][index]
-            # Read-only views of the object store (zero-copy; Ray keeps them pinned while referenced):
-            # the one copy happens at commit, straight into the live slot.
-            staged.slots[(layer, slot)] = (w13, w2)
+        staged = StagedVersion(placement, routings=self._routings_of(placement))
+        if sharded(self.placement, placement):
+            # entries: (layer, local slot, source global slot, col_start, col_stop); the slots are
+            # assembled here, off the step path, from kept columns and the pieces
+            pieces: dict = {}
+            for (layer, slot, src, c0, c1), (ref_box, index) in zip(entries, sources):
+                pieces.setdefault((layer, slot), []).append((*fetched[id(ref_box[0])][index], src, c0, c1))
+            staged.slots.update(self._assemble(placement, pieces))
+        else:
+            for (layer, slot, *_), (ref_box, index) in zip(entries, sources):
+                w13, w2 = fetched[id(ref_box[0])][index]
+                # Read-only views of the object store (zero-copy; Ray keeps them pinned while
+                # referenced): the one copy happens at commit, straight into the live slot.
+                staged.slots[(layer, slot)] = (w13, w2)
         self.staging.stage(staged, self.placement.version)
         return 1e3 * (time.perf_counter() - start)
 
@@ -438,7 +463,11 @@ class Worker:
         placement = accepted_placement(placement, self.config, self.rank)
         start = time.perf_counter()
         experts = self._slot_experts()
-        slot_copies = [p2p.SlotCopy(*c) for c in copies]
+        sharded_move = sharded(self.placement, placement)
+        if sharded_move:  # whole source slots move once per (source, destination worker)
+            slot_copies, numbers = receipts(copies)
+        else:
+            slot_copies = [p2p.SlotCopy(*c[:5]) for c in copies]
         if self._xfer_stream is None:
             self._xfer_stream = torch.cuda.Stream(self.device)
         # Reading live slots while a step runs is safe: steps only read them and commit (the only
@@ -449,11 +478,27 @@ class Worker:
                 None if self.xfer_group is None else self.xfer_group.process_group, self.rank, self.placement.num_workers, slot_copies,
                 read=lambda layer, slot: (experts[layer].w13_SHD[slot], experts[layer].w2_SDF[slot]),
                 alloc=lambda layer: (torch.empty_like(experts[layer].w13_SHD[0]), torch.empty_like(experts[layer].w2_SDF[0])))
+            if sharded_move:
+                pieces: dict = {}
+                for (layer, src, src_slot, dst, dst_slot, c0, c1), number in zip(copies, numbers):
+                    if dst == self.rank:
+                        pieces.setdefault((layer, dst_slot), []).append(
+                            (*received[(layer, number)], src * placement.slots_per_worker + src_slot, c0, c1))
+                received = self._assemble(placement, pieces)
         self._xfer_stream.synchronize()  # host sync: off the step path (transfer thread)
-        staged = StagedVersion(placement)
+        staged = StagedVersion(placement, routings=self._routings_of(placement))
         staged.slots.update(received)
         self.staging.stage(staged, self.placement.version)
         return 1e3 * (time.perf_counter() - start)
+
+    def _assemble(self, placement: Placement, pieces: dict) -> dict:
+        """The next version's changed slots of a sharded migration (slot_loading.assemble_next_slots).
+        Reads live slots while steps run: steps only read them too, and the commit (the only writer)
+        waits for this version to be staged."""
+        experts = self._slot_experts()
+        return assemble_next_slots(self.placement, placement, self.rank,
+                                   lambda layer: (experts[layer].w13_SHD.data, experts[layer].w2_SDF.data),
+                                   pieces, self.dtype, self.device)
 
     def _commit(self, version: int) -> None:
         """Switch to the staged version (called at a step boundary, under the step lock)."""
@@ -465,8 +510,10 @@ class Worker:
             experts[layer].w13_SHD.data[slot].copy_(as_source_tensor(w13_HD))
             experts[layer].w2_SDF.data[slot].copy_(as_source_tensor(w2_DF))
         self.placement = staged.placement  # checked when it was staged
-        for layer, layer_experts in enumerate(experts):
-            layer_experts.slot_map = self._slot_map(layer)
+        self._routings = staged.routings  # built when it was staged: off the commit pause
+        for layer_experts, routing in zip(experts, self._routings):
+            layer_experts.slot_map, layer_experts.width_S = routing.slot_map, routing.width_S
+            layer_experts.batch_split = routing.batch_split
         self.runner.invalidate_graphs()
         self._commit_ms = 1e3 * (time.perf_counter() - start)
 

@@ -49,6 +49,13 @@ class Migration:
             return np.ones(self.num_copies)
         return np.asarray(self.col_stop) - np.asarray(self.col_start)
 
+    def column_copies(self) -> list[tuple[int, int, int, float, float]]:
+        """[(layer, dst slot, src slot, col_start, col_stop)] of every copy, as plain Python values
+        (fractions of F; (0.0, 1.0) for whole-expert copies): what the coordinator sends to workers."""
+        starts = np.zeros(self.num_copies) if self.col_start is None else np.asarray(self.col_start, dtype=np.float64)
+        stops = np.ones(self.num_copies) if self.col_stop is None else np.asarray(self.col_stop, dtype=np.float64)
+        return list(zip(self.layer.tolist(), self.dst_slot.tolist(), self.src_slot.tolist(), starts.tolist(), stops.tolist()))
+
     def bytes_moved(self, bytes_per_expert: int) -> int:
         if self.col_start is None:
             return self.num_copies * int(bytes_per_expert)

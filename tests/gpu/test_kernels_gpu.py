@@ -101,6 +101,35 @@ def test_no_host_sync(impl):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 64, 96), (77, 70, 5, 24, 40), (3000, 2900, 16, 2048, 768)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_shard_widths(poisoned, dtype, shape):
+    """Sharded slots (columns first, zeros after): the Triton kernel given width_S equals float64
+    over the same zero-padded weights, for widths 1, odd, tile-straddling and whole; no host sync."""
+    from moeray.kernels import expert_mlp
+
+    x_MD, w13_SHD, w2_SDF, offs_S1, order_N = make(*shape, dtype, seed=11)
+    S, F = w13_SHD.shape[0], w2_SDF.shape[2]
+    g = torch.Generator().manual_seed(sum(shape))
+    width_S = torch.randint(1, F + 1, (S,), generator=g)
+    width_S[0], width_S[-1] = 1, F
+    cols = torch.arange(F)[None, :] < width_S[:, None]  # [S, F]
+    keep_SH = torch.cat([cols, cols], 1).to("cuda")
+    w13_SHD = w13_SHD * keep_SH[:, :, None]
+    w2_SDF = w2_SDF * cols.to("cuda")[:, None, :]
+    width_S = width_S.to("cuda")
+    got = expert_mlp(x_MD, w13_SHD, w2_SDF, offs_S1, order_N, impl="triton", width_S=width_S)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(got, dense_f64(x_MD, w13_SHD, w2_SDF, offs_S1, order_N)) < tol
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        expert_mlp(x_MD, w13_SHD, w2_SDF, offs_S1, order_N, impl="triton", width_S=width_S)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("T,K,D", [(1, 1, 7), (1, 8, 7168), (37, 3, 1030), (4096, 8, 7168)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unpermute_weighted_triton(T, K, D, dtype):

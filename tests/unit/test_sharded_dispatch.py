@@ -15,7 +15,7 @@ from moeray.comm.batch_split import DeviceReplicaUnits
 from moeray.comm.dispatcher import AllToAllDispatcher, LocalDispatcher
 from moeray.comm.slot_map import DeviceSlotMap, fan_out_weights, pairs_to_slots
 from moeray.expert_parallel import SlotExperts
-from moeray.shard_slots import columns_of_worker, pack_columns, put_columns, take_columns, width_of_worker
+from moeray.shard_slots import assemble_slot, columns_of_worker, pack_columns, put_columns, take_columns, width_of_worker
 from placement.batch_split import ReplicaUnits
 
 from tests.helpers import random_replicated_placement, random_sharded_placement
@@ -146,3 +146,20 @@ def test_columns_round_trip_through_take_and_put():
     assert torch.equal(target13[:4], w13[0, 9:13]) and torch.equal(target2[:, :4], w2[0, :, 9:13])
     with pytest.raises(ValueError, match=r"\[3, 13\)"):
         take_columns(packed13[0], packed2[0], (5, 17), (3, 13))
+
+
+def test_assemble_slot_from_kept_columns_and_pieces():
+    gen = torch.Generator().manual_seed(1)
+    w13, w2 = torch.randn(1, 2 * F, D, generator=gen), torch.randn(1, D, F, generator=gen)
+    live13, live2 = pack_columns(w13, w2, [[0, 8]])        # this slot held [0, 8)
+    other13, other2 = pack_columns(w13, w2, [[8, F]])      # another worker's shard [8, 21)
+    # the slot now holds [4, 15): [4, 8) kept, [8, 15) from the other shard
+    got13, got2 = assemble_slot((4, 15), (2 * F, D), (D, F), torch.float32, "cpu", kept=(live13[0], live2[0], (0, 8)),
+                                pieces=[(other13[0], other2[0], (8, F), (8, 15))])
+    want13, want2 = pack_columns(w13, w2, [[4, 15]])
+    assert torch.equal(got13, want13[0]) and torch.equal(got2, want2[0])
+    with pytest.raises(ValueError, match="column 8 .* 0 sources"):
+        assemble_slot((4, 15), (2 * F, D), (D, F), torch.float32, "cpu", kept=(live13[0], live2[0], (0, 8)))
+    with pytest.raises(ValueError, match="column 4 .* 2 sources"):
+        assemble_slot((4, 15), (2 * F, D), (D, F), torch.float32, "cpu", kept=(live13[0], live2[0], (0, 8)),
+                      pieces=[(w13[0], w2[0], (0, F), (4, 15))])
