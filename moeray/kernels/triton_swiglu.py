@@ -83,15 +83,21 @@ def _gate_up_kernel(
     HAS_ORDER: tl.constexpr, HAS_WIDTH: tl.constexpr, EVEN_K: tl.constexpr, S_POW2: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    K_ALIGN: tl.constexpr,
 ):
     b, pid_n = _tile_ids(num_m_ub, tl.cdiv(F, BLOCK_N), GROUP_M)
     slot, row_start, row_end = _find_block(offs_ptr, S, b, BLOCK_M, S_POW2)
     if slot >= S:
         return  # beyond the real number of blocks
     width = F
-    if HAS_WIDTH:  # a shard uses columns [0, width) of its slot; the down kernel reads no column past it
+    written = F  # h columns this slot's programs write
+    if HAS_WIDTH:
+        # A shard uses columns [0, width) of its slot (weights are zero past it). Its h columns are
+        # written up to the down kernel's next K block boundary (K_ALIGN), zeros past the width, so
+        # the down kernel reads whole, unmasked K blocks (a K mask there cost 2-4x on one H200).
         width = tl.load(width_ptr + slot).to(tl.int32)
-    if pid_n * BLOCK_N >= width:
+        written = tl.minimum(tl.cdiv(width, K_ALIGN) * K_ALIGN, F)
+    if pid_n * BLOCK_N >= written:
         return
     rows = row_start + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
@@ -126,9 +132,9 @@ def _gate_up_kernel(
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
     # SwiGLU epilogue in fp32, rounded once to the activation dtype.
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    h = acc_g * tl.sigmoid(acc_g) * acc_u  # 0 in columns past the width: their weights loaded as 0
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hn + cols[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & (cols < written)[None, :])
 
 
 @triton.jit
@@ -155,39 +161,21 @@ def _down_kernel(
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hn + ks[None, :]
     w_ptrs = w2_ptr + slot.to(tl.int64) * stride_ws + cols[None, :].to(tl.int64) * stride_wd + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_WIDTH:
-        # Full K blocks without a K mask, then one masked tail: a K mask on every block (any
-        # width) measured 2x slower at prefill sizes and up to 14x at Mixtral decode on one H200.
-        for k in range(0, width // BLOCK_K):
+    # With widths: cdiv(width, BLOCK_K) blocks, all written by the gate/up kernel (BLOCK_K == its
+    # K_ALIGN; zeros past the width), so the K mask is the one of F, as for whole slots.
+    for k in range(0, tl.cdiv(width, BLOCK_K)):
+        if EVEN_K:
             a = tl.load(h_ptrs, mask=rmask[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=cmask[None, :], other=0.0)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-            h_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        tail = width % BLOCK_K
-        if tail != 0:
-            kmask = ks < tail
+        else:
+            kmask = ks < F - k * BLOCK_K
             a = tl.load(h_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    else:
-        for k in range(0, tl.cdiv(width, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(h_ptrs, mask=rmask[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=cmask[None, :], other=0.0)
-            else:
-                kmask = ks < width - k * BLOCK_K
-                a = tl.load(h_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-            h_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     if HAS_ORDER:
         dst = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)  # the scatter index
     else:
@@ -293,12 +281,12 @@ def expert_mlp_triton(
         _gate_up_kernel, cfg_up, F_, N, S, D, F_,
         (x_MD, w13_SHD, h_NF, order, slot_offsets_S1, width),
         (x_MD.stride(0), w13_SHD.stride(0), w13_SHD.stride(1), h_NF.stride(0)),
-        EVEN_K=D % cfg_up.BK == 0, **common,
+        EVEN_K=D % cfg_up.BK == 0, K_ALIGN=cfg_down.BK, **common,
     )
     _launch(
         _down_kernel, cfg_down, D, N, S, D, F_,
         (h_NF, w2_SDF, y_MD, order, slot_offsets_S1, width),
         (h_NF.stride(0), w2_SDF.stride(0), w2_SDF.stride(1), y_MD.stride(0)),
-        EVEN_K=F_ % cfg_down.BK == 0, **common,  # HAS_WIDTH: masked tail only
+        EVEN_K=F_ % cfg_down.BK == 0, **common,
     )
     return y_MD
