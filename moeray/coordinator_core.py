@@ -143,9 +143,20 @@ class CoordinatorCore:
         self._record_realised(snaps, steps)
         return True
 
+    def _slot_widths(self, version: int) -> np.ndarray | None:
+        """[L, W, S_w] slot widths of a sharded placement `version` (live or in flight); None otherwise."""
+        known = [self.placement] + ([self.in_flight.placement] if self.in_flight is not None else [])
+        for placement in known:
+            if placement.version == version and placement.is_sharded:
+                return placement.width_LS.reshape(placement.num_layers, placement.num_workers, placement.slots_per_worker)
+        return None
+
     def _record_realised(self, snaps: list[LoadSnapshot], steps: int) -> None:
         version = snaps[0].version
-        rows_LW = np.stack([s.rows_LS.sum(axis=1) for s in sorted(snaps, key=lambda s: s.worker)], axis=1)
+        # compute per worker: rows x the slot's share of F (a shard of width w does w of a row's work)
+        width_LWS = self._slot_widths(version)
+        rows_LW = np.stack([(s.rows_LS if width_LWS is None else s.rows_LS * width_LWS[:, s.worker]).sum(axis=1)
+                            for s in sorted(snaps, key=lambda s: s.worker)], axis=1)
         self.history.append((snaps[0].step_lo, snaps[0].step_hi, version, rows_LW))
         del self.history[:-_HISTORY_LIMIT]
         total, seen = self.realised_rows.get(version, (np.zeros_like(rows_LW), 0))

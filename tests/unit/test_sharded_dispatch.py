@@ -163,3 +163,23 @@ def test_assemble_slot_from_kept_columns_and_pieces():
     with pytest.raises(ValueError, match="column 4 .* 2 sources"):
         assemble_slot((4, 15), (2 * F, D), (D, F), torch.float32, "cpu", kept=(live13[0], live2[0], (0, 8)),
                       pieces=[(w13[0], w2[0], (0, F), (4, 15))])
+
+
+def test_realised_compute_weights_a_shards_rows_by_its_width():
+    """The coordinator's realised imbalance counts a shard's rows at its width (rows x w / F)."""
+    from moeray.coordinator_core import CoordinatorCore
+    from moeray.stats_wire import LoadSnapshot
+    from placement import Placement, Topology
+    from placement.policy import PolicyConfig
+
+    # one layer, 2 workers x 2 slots: expert 0 sharded 0.25 / 0.75 over both workers, 1 and 2 whole
+    placement = Placement(np.array([[0, 1, 0, 2]]), 3, 2, shard_width=np.array([[0.25, 1, 0.75, 1]])).validate()
+    core = CoordinatorCore(placement=placement, topology=Topology.flat(2, 2), bytes_per_expert=100, window_steps=8,
+                           policy_config=PolicyConfig())
+    rows = {0: np.array([[8, 4]]), 1: np.array([[8, 4]])}  # expert 0's 8 rows reach both shards
+    for worker in (0, 1):
+        core.ingest(LoadSnapshot(worker=worker, epoch=0, version=0, step_lo=0, step_hi=1,
+                                 counts_LE=np.array([[8, 4, 4]]) if worker == 0 else np.zeros((1, 3), dtype=np.int64),
+                                 rows_LS=rows[worker]))
+    _, _, _, rows_LW = core.history[-1]
+    assert np.allclose(rows_LW, [[8 * 0.25 + 4, 8 * 0.75 + 4]])
