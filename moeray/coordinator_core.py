@@ -64,7 +64,7 @@ class RebalanceRecord:
     realised_after: float | None = None    # rows each worker computed over the first window after commit
     realised_after_worst: float | None = None
     realised_steps: int = 0
-    planner: str | None = None  # which planner ran: global | hierarchical | layout (moeray/planning.py)
+    planner: str | None = None  # which planner ran: global | hierarchical | layout (moeray/planning.py), or requested (Engine.rebalance(placement=...))
     planner_reason: str | None = None  # why (planner "auto": the modelled layer times)
 
     def as_dict(self) -> dict:

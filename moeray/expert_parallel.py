@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moeray.comm.batch_split import DeviceReplicaUnits, global_rank_offsets, replica_of_pairs, split_rows
-from moeray.comm.dispatcher import Dispatcher
+from moeray.comm.dispatcher import Dispatcher, LocalDispatcher
 from moeray.comm.slot_map import DeviceSlotMap, count_per_index, fan_out_weights, pairs_to_slots
 from moeray.kernels import expert_mlp
 from moeray.kernels.combine import IMPLS as COMBINE_IMPLS
@@ -34,7 +34,7 @@ class SlotExperts(nn.Module):
     placement puts in local slot s (zeros for a free slot, which no token is ever routed to).
     `load_E` accumulates routed pairs per logical expert and `rows_S` the rows each local slot
     computed, both on the device: no host sync per step (they are read every N steps).
-    `width_S` (int64 [S_w] or None: all whole) is the FFN columns each local slot holds;
+    `width_S` (int32 [S_w] or None: all whole) is the FFN columns each local slot holds;
     `batch_split` (DeviceReplicaUnits of this layer or None: the planned weights) turns on the
     per-batch replica split. Both are set with the slot map, from one placement.
     """
@@ -111,9 +111,10 @@ class SlotExperts(nn.Module):
             self.rows_S += dispatched.slot_offsets_S1.diff()
         y_MD = expert_mlp(dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1,
                           dispatched.order_M, impl=self.kernel_impl, width_S=self.width_S)
-        if self.slot_map.max_shards > 1:
+        if self.slot_map.max_shards > 1 and isinstance(self.dispatcher, LocalDispatcher):
             # rows past the last slot are padding entries of the fan-out (LocalDispatcher keeps them
-            # in place): their kernel output is undefined, and combine must add zeros for them
+            # in place; an exchange never sends them): their kernel output is undefined, and combine
+            # must add zeros for them
             real_M = torch.arange(y_MD.shape[0], device=y_MD.device) < dispatched.slot_offsets_S1[-1]
             y_MD = torch.where(real_M[:, None], y_MD, torch.zeros((), dtype=y_MD.dtype, device=y_MD.device))
         return y_MD

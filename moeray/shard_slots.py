@@ -49,7 +49,7 @@ def columns_of_worker(placement, layer: int, worker: int, ffn: int) -> np.ndarra
 
 
 def width_of_worker(placement, layer: int, worker: int, ffn: int, device) -> torch.Tensor | None:
-    """int64 [S_w] columns each of the worker's slots holds, on `device`; None when the layer's
+    """int32 [S_w] columns each of the worker's slots holds, on `device`; None when the layer's
     slots of this worker are all whole or free (the kernels' plain path)."""
     if not placement.is_sharded:
         return None
@@ -58,7 +58,7 @@ def width_of_worker(placement, layer: int, worker: int, ffn: int, device) -> tor
     held_S = placement.slots_of_worker(worker)[layer] >= 0
     if (width_S[held_S] == ffn).all():
         return None
-    return torch.as_tensor(np.where(held_S, width_S, ffn), dtype=torch.int64, device=device)
+    return torch.as_tensor(np.where(held_S, width_S, ffn), dtype=torch.int32, device=device)  # the kernel's dtype
 
 
 def take_columns(w13_HD: torch.Tensor, w2_DF: torch.Tensor, have: tuple[int, int], want: tuple[int, int]

@@ -13,9 +13,9 @@ slot travels and the destination takes its piece out (at most one slot's bytes p
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from moeray.comm import p2p
@@ -33,6 +33,18 @@ class LayerRouting:
     slot_map: DeviceSlotMap
     width_S: torch.Tensor | None
     batch_split: DeviceReplicaUnits | None
+
+    def to(self, device) -> LayerRouting:
+        """The same routing with every tensor on `device` (no copy where it is there already)."""
+        return LayerRouting(_tensors_to(self.slot_map, device), None if self.width_S is None else self.width_S.to(device),
+                            None if self.batch_split is None else _tensors_to(self.batch_split, device))
+
+
+def _tensors_to(obj, device):
+    """A frozen dataclass with its tensor fields moved to `device`."""
+    moved = {f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)
+             if isinstance(getattr(obj, f.name), torch.Tensor)}
+    return dataclasses.replace(obj, **moved)
 
 
 def layer_routings(placement: Placement, rank: int, ffn: int, per_batch_split: bool, device) -> list[LayerRouting]:
@@ -57,18 +69,44 @@ def sharded(*placements: Placement) -> bool:
     return any(p.is_sharded for p in placements)
 
 
-def piece_columns(col_start: float, col_stop: float, ffn: int) -> tuple[int, int]:
-    """A migration's column fractions as columns: the rounding of placement.shards.shard_columns."""
-    return int(np.rint(col_start * ffn)), int(np.rint(col_stop * ffn))
+def _missing(new_columns: tuple[int, int], kept: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """Column ranges of new_columns = [s0, s1) not in kept (at most two)."""
+    s0, s1 = new_columns
+    if kept is None or kept[1] <= s0 or kept[0] >= s1:
+        return [(s0, s1)] if s0 < s1 else []
+    return [(lo, hi) for lo, hi in ((s0, kept[0]), (kept[1], s1)) if lo < hi]
 
 
-def assemble_next_slots(old: Placement, new: Placement, rank: int, live, pieces: dict, dtype, device) -> dict:
+def cover_columns(ranges: list[tuple[int, int]], sources: list[tuple]) -> list[tuple]:
+    """Pieces [(w13_HD, w2_DF, source columns, piece columns)] covering every range left to right
+    from sources [(w13_HD, w2_DF, source columns)], the one reaching furthest first.
+
+    Decided here in integer columns (the rounding of Placement.shard_columns), not from the
+    migration's fractions: a boundary that two fractions put within float noise of each other
+    rounds to one column on both sides, so the pieces always tile the slot. ValueError naming the
+    first column no shipped source holds."""
+    pieces = []
+    for lo, hi in ranges:
+        at = lo
+        while at < hi:
+            holding = [src for src in sources if src[2][0] <= at < src[2][1]]
+            if not holding:
+                raise ValueError(f"column {at} of [{lo}, {hi}) is in none of the shipped source slots "
+                                 f"{sorted(src[2] for src in sources)}")
+            w13, w2, have = max(holding, key=lambda src: src[2][1])
+            end = min(hi, have[1])
+            pieces.append((w13, w2, have, (at, end)))
+            at = end
+    return pieces
+
+
+def assemble_next_slots(old: Placement, new: Placement, rank: int, live, shipped: dict, dtype, device) -> dict:
     """{(layer, local slot): (w13_HD, w2_DF)} of every slot of this worker whose expert or columns
-    change from `old` to `new`, assembled from its kept columns and `pieces`
-    ({(layer, local slot): [(w13_HD, w2_DF, source global slot, col_start, col_stop)]}).
+    change from `old` to `new`: the columns it keeps from its live slot (same expert), the rest cut
+    from the whole source slots the migration shipped for it (`shipped`: {(layer, local slot):
+    [(w13_HD, w2_DF, source global slot)]}; `cover_columns` picks the columns).
 
-    live(layer) -> (w13_SHD, w2_SDF) of the worker's live slots (only read). Raises ValueError
-    when a piece is for a slot that does not change or a slot's columns are not covered once."""
+    live(layer) -> (w13_SHD, w2_SDF) of the worker's live slots (only read)."""
     spw = new.slots_per_worker
     out: dict = {}
     for layer in range(new.num_layers):
@@ -82,13 +120,10 @@ def assemble_next_slots(old: Placement, new: Placement, rank: int, live, pieces:
             if new_e[slot] < 0 or (same_expert and tuple(old_cols[slot]) == tuple(new_cols[slot])):
                 continue
             kept = (w13_SHD[slot], w2_SDF[slot], tuple(old_cols[slot])) if same_expert else None
-            sources = [(w13, w2, tuple(old_columns_S[src]), piece_columns(c0, c1, ffn))
-                       for w13, w2, src, c0, c1 in pieces.get((layer, slot), [])]
+            sources = [(w13, w2, tuple(old_columns_S[src])) for w13, w2, src in shipped.get((layer, slot), [])]
+            pieces = cover_columns(_missing(tuple(new_cols[slot]), None if kept is None else kept[2]), sources)
             out[(layer, slot)] = assemble_slot(tuple(new_cols[slot]), tuple(w13_SHD.shape[1:]), tuple(w2_SDF.shape[1:]),
-                                               dtype, device, kept, sources)
-    stray = sorted(set(pieces) - set(out))
-    if stray:
-        raise ValueError(f"migration pieces for slots {stray} that keep their expert and columns")
+                                               dtype, device, kept, pieces)
     return out
 
 

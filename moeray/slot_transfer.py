@@ -32,6 +32,7 @@ class StagedVersion:
     # per layer: the slot map, widths and split units of `placement` (slot_loading.LayerRouting),
     # built at stage time so that the commit pause only swaps them in
     routings: list | None = None
+    base_version: int | None = None  # the live version the slots were assembled from
 
     @property
     def version(self) -> int:

@@ -123,10 +123,11 @@ class Worker(SlotMigration):
                            overlap_chunks=self.config.parallel.overlap_chunks, width_S=routing.width_S,
                            batch_split=routing.batch_split)
 
-    def _routings_of(self, placement: Placement) -> list:
-        """Every layer's slot map, slot widths and per-batch split units of `placement` here."""
+    def _routings_of(self, placement: Placement, device=None) -> list:
+        """Every layer's slot map, slot widths and per-batch split units of `placement` here
+        (on `device`, default this worker's)."""
         return layer_routings(placement, self.rank, self.config.model.moe_intermediate_size,
-                              self.config.parallel.replica_split == "per_batch", self.device)
+                              self.config.parallel.replica_split == "per_batch", self.device if device is None else device)
 
     def _slot_experts(self) -> list[SlotExperts]:
         return [block.experts for block in self.model.moe_blocks]
@@ -167,7 +168,8 @@ class Worker(SlotMigration):
         there; any other is read from the checkpoint. The group is left: the engine forms the new
         epoch's next. Returns how many slots came from where."""
         placement = accepted_placement(placement, config, rank)  # before anything changes
-        fetched = self._fetch_sources(sources or {})  # before the lock: steps go on while it arrives
+        # before the lock: steps go on while it arrives (not used when shards force checkpoint reads)
+        fetched = {} if sharded(self.placement, placement) else self._fetch_sources(sources or {})
         with self._step_lock:
             self.staging.discard()
             self.leave_group()
@@ -235,8 +237,14 @@ class Worker(SlotMigration):
         return {key: lists[ref_box[0].hex()][index] for key, (ref_box, index) in sources.items()}
 
     def held_slots(self) -> np.ndarray:
-        """[L, S_w] the expert each of this worker's slots holds now (-1: free)."""
-        return self.placement.slots_of_worker(self.rank)
+        """[L, S_w] the expert each of this worker's slots holds whole now (-1: free, or a shard:
+        a shard is no copy of its expert for another worker to start from)."""
+        experts_LS = self.placement.slots_of_worker(self.rank)
+        if not self.placement.is_sharded:
+            return experts_LS
+        lo = self.rank * self.placement.slots_per_worker
+        whole_LS = self.placement.width_LS[:, lo:lo + self.placement.slots_per_worker] >= 1.0
+        return np.where(whole_LS, experts_LS, -1)
 
     def discard_staging(self) -> None:
         """Drop a staged version (its coordinator died: it can never commit)."""

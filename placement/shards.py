@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 WIDTH_TOLERANCE = 1e-9  # widths are float fractions; sums of shards are equal to 1 within this
+_TIE_TOLERANCE = 1e-6  # in columns: fraction x F this close below a half rounds down (shard_columns)
 
 
 def whole_widths(phy2log_LS: np.ndarray) -> np.ndarray:
@@ -107,11 +108,16 @@ def check_widths(phy2log_LS: np.ndarray, width_LS: np.ndarray) -> None:
 def shard_columns(start_LS: np.ndarray, stop_LS: np.ndarray, ffn_width: int) -> np.ndarray:
     """[L, S, 2] int64 column range [start, stop) of F held by each slot (free slots: [0, 0)).
 
-    Rounds the fraction boundaries to the nearest column; adjacent shards share one boundary value
+    Rounds the fraction boundaries to the nearest column, halves down, with a tolerance: two
+    fractions within float noise of each other (0.1 + 0.6 and 0.3 + 0.4 of F = 15, on either side of
+    the tie 10.5) give the same column, so two placements whose boundaries agree within
+    WIDTH_TOLERANCE agree on columns too. Adjacent shards share one boundary value
     (`replica_structure`), so a replica's shards tile [0, F) exactly, with no gap or overlap.
     """
-    columns_LS2 = np.stack([np.rint(np.asarray(start_LS) * ffn_width), np.rint(np.asarray(stop_LS) * ffn_width)], axis=-1)
-    return columns_LS2.astype(np.int64)
+    def column(fraction):
+        return np.floor(np.asarray(fraction, dtype=np.float64) * ffn_width + 0.5 - _TIE_TOLERANCE)
+
+    return np.stack([column(start_LS), column(stop_LS)], axis=-1).astype(np.int64)
 
 
 def replica_weights_are_shared(phy2log_LS: np.ndarray, replica_LS: np.ndarray, weights_LS: np.ndarray, num_experts: int) -> np.ndarray:

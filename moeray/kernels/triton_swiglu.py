@@ -151,7 +151,7 @@ def _down_kernel(
     if slot >= S:
         return
     width = F
-    if HAS_WIDTH:  # only the h columns the gate/up kernel wrote: [0, width)
+    if HAS_WIDTH:  # up to the next K block past the width: the h columns the gate/up kernel wrote
         width = tl.load(width_ptr + slot).to(tl.int32)
     rows = row_start + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
@@ -269,7 +269,8 @@ def expert_mlp_triton(
     h_NF = _empty((N, F_), x_MD)
     has_order = order_N is not None
     order = order_N if has_order else slot_offsets_S1  # dummy pointer, never read when HAS_ORDER=False
-    width = width_S.to(torch.int32).contiguous() if width_S is not None else slot_offsets_S1  # dummy likewise
+    # int32 (shard_slots.width_of_worker builds it so: no conversion per step); dummy pointer likewise
+    width = width_S.to(torch.int32).contiguous() if width_S is not None else slot_offsets_S1
     common = dict(
         HAS_ORDER=has_order,
         HAS_WIDTH=width_S is not None,

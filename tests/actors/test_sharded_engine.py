@@ -140,3 +140,19 @@ def test_a_lost_worker_with_shards_is_recovered_and_outputs_stay_exact(model):
         assert_matches_reference(engine, want)
         assert engine.placement().is_sharded
         assert_slots_hold_their_columns(engine, ckpt)
+
+
+def test_scaling_up_from_shards_starts_joiners_on_whole_copies_only(model):
+    """A scale from a sharded placement: joiners take live copies only of whole slots (a shard is
+    no copy of its expert) and read the rest from the checkpoint; outputs stay exact."""
+    from moeray.generation.driver import GenerationDriver
+
+    ckpt, model_cfg, _, want = model
+    start = random_sharded_placement(LAYERS, EXPERTS, 2, 4, seed=2)
+    config = config_for(model_cfg, 2, 4, "planned")
+    with Engine(config, ckpt, placement=start) as engine:
+        assert_matches_reference(engine, want)
+        GenerationDriver(engine).scale(3)
+        assert len(engine.workers) == 3
+        assert_matches_reference(engine, want)
+        assert_slots_hold_their_columns(engine, ckpt)

@@ -31,7 +31,8 @@ CASES = {
 }
 # Sharded slots (moeray.expert_parallel's layout: a shard's columns first): FFN columns each slot
 # uses, for the cases that run with widths too. Weights past a slot's width hold noise in these
-# tests, so a kernel that reads past the width fails.
+# tests, so a gate/up pass that reads weights past the width fails (the Triton down pass reads h
+# and w2 columns up to its next K block, where h is 0, so noise there adds nothing).
 WIDTHS = {
     "one_row": [17],
     "empty_slots_missing_rows": [40, 13, 40, 27, 1],

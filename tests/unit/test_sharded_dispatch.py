@@ -183,3 +183,48 @@ def test_realised_compute_weights_a_shards_rows_by_its_width():
                                  rows_LS=rows[worker]))
     _, _, _, rows_LW = core.history[-1]
     assert np.allclose(rows_LW, [[8 * 0.25 + 4, 8 * 0.75 + 4]])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_migrations_between_non_dyadic_widths_assemble_exactly(seed):
+    """Widths in tenths on an odd F (fractions that are not exact floats, rint ties): the worker's
+    integer-column assembly of every changed slot equals packing the checkpoint's columns."""
+    from placement import Placement, migration_between
+    from moeray.slot_loading import assemble_next_slots
+
+    rng = np.random.default_rng(seed)
+    ffn, experts, workers, spw = int(rng.choice([5, 7, 15, 21])), 2, 4, 2
+
+    def sharded_placement():
+        phy2log = np.full((1, workers * spw), -1)
+        width = np.zeros((1, workers * spw))
+        for expert in range(experts):
+            k = int(rng.integers(1, workers + 1))
+            cuts = np.sort(rng.choice(np.arange(1, 10), size=k - 1, replace=False)) / 10
+            slots = [w * spw + expert for w in rng.permutation(workers)[:k]]
+            slots.sort()
+            phy2log[0, slots], width[0, slots] = expert, np.diff(np.r_[0, cuts, 1])
+        return Placement(phy2log, experts, spw, shard_width=width).validate()
+
+    old, new = sharded_placement(), sharded_placement()
+    gen = torch.Generator().manual_seed(seed)
+    whole13, whole2 = torch.randn(experts, 2 * ffn, 3, generator=gen), torch.randn(experts, 3, ffn, generator=gen)
+
+    def slots_of(placement, rank):
+        experts_S = placement.slots_of_worker(rank)[0]
+        w13 = torch.where(torch.as_tensor(experts_S >= 0)[:, None, None], whole13[np.maximum(experts_S, 0)], 0)
+        w2 = torch.where(torch.as_tensor(experts_S >= 0)[:, None, None], whole2[np.maximum(experts_S, 0)], 0)
+        return pack_columns(w13, w2, columns_of_worker(placement, 0, rank, ffn))
+
+    live = {rank: slots_of(old, rank) for rank in range(workers)}
+    migration = migration_between(old, new)
+    for rank in range(workers):
+        shipped = {}
+        for layer, dst, src, _, _ in migration.column_copies():
+            if dst // spw == rank:
+                src13, src2 = live[src // spw]
+                shipped.setdefault((layer, dst % spw), []).append((src13[src % spw], src2[src % spw], src))
+        got = assemble_next_slots(old, new, rank, lambda layer: live[rank], shipped, torch.float32, "cpu")
+        want13, want2 = slots_of(new, rank)
+        for (_, slot), (w13, w2) in got.items():
+            assert torch.equal(w13, want13[slot]) and torch.equal(w2, want2[slot]), (rank, slot)
