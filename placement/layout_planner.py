@@ -15,9 +15,11 @@ T tokens per step, K top-k, X candidate layouts.
    tokens per step (multinomial counts, a seed of their own), with the per-batch split.
 3. Per layer choice: start from the candidate whose uniform use has the lowest p99 step time,
    then coordinate descent, layer by layer, to the candidate that lowers the p99 of the step time
-   (sum over layers) most; two passes. So the choice is never worse, on the planning batches, than
-   any candidate used for every layer (replicate-only and full sharding among them). Gains below
-   0.1% of the step's p99 are planning noise and change nothing.
+   (sum over layers) most; two passes. Gains below 0.1% of the step's p99 are planning noise and
+   change nothing, and a change must not raise the p99 of either half of the planning batches
+   (a layout that wins on a few tail batches only is an accident of the sample). So the choice is
+   never worse, on the planning batches, than replicate-only, and no worse than another candidate
+   used for every layer unless that one's win did not hold on both halves.
 4. The chosen layers, materialised on the real workers and padded to the widest layer's slot
    count, make one Placement (version: current + 1, or 0).
 
@@ -95,28 +97,38 @@ def p99(step_B: np.ndarray) -> float:
     return float(np.quantile(step_B, 0.99))
 
 
-def choose_per_layer(times_XBL: np.ndarray, passes: int = 2, min_gain: float = 1e-3) -> np.ndarray:
+def choose_per_layer(times_XBL: np.ndarray, passes: int = 2, min_gain: float = 1e-3,
+                     confirm_halves: bool = True) -> np.ndarray:
     """[L] candidate index per layer (step 3 of the module docstring) from layer times [X, B, L].
 
     A change must lower the planning p99 by more than `min_gain` (relative): smaller differences
-    are within the sampling noise of the planning batches, and candidate 0 (replicate) stays."""
-    num_candidates, _, num_layers = times_XBL.shape
-    uniform = np.array([p99(times_XBL[c].sum(axis=1)) for c in range(num_candidates)])
-    start = int(np.argmin(uniform))
-    if uniform[start] > uniform[0] * (1 - min_gain):
+    are within the sampling noise of the planning batches, and candidate 0 (replicate) stays.
+    `confirm_halves`: it must also not raise the p99 of either half of the batches (even / odd),
+    so a layout that wins on a few tail batches only (an accident of the sample) is not taken."""
+    num_candidates, num_batches, num_layers = times_XBL.shape
+    halves = [np.arange(num_batches) % 2 == h for h in (0, 1)] if confirm_halves and num_batches >= 4 else []
+
+    def better(new_B: np.ndarray, old_B: np.ndarray) -> bool:
+        if p99(new_B) >= p99(old_B) * (1 - min_gain):
+            return False
+        return all(p99(new_B[half]) <= p99(old_B[half]) for half in halves)
+
+    uniform_B = [times_XBL[c].sum(axis=1) for c in range(num_candidates)]
+    start = int(np.argmin([p99(step_B) for step_B in uniform_B]))
+    if start != 0 and not better(uniform_B[start], uniform_B[0]):
         start = 0
     choice_L = np.full(num_layers, start)
     step_B = times_XBL[choice_L, :, np.arange(num_layers)].sum(axis=0)
-    best = p99(step_B)
     for _ in range(passes):
         changed = False
         for layer in range(num_layers):
             without_B = step_B - times_XBL[choice_L[layer], :, layer]
             scores = [p99(without_B + times_XBL[c, :, layer]) for c in range(num_candidates)]
             pick = int(np.argmin(scores))
-            if scores[pick] < best * (1 - min_gain):
-                choice_L[layer], best, changed = pick, scores[pick], True
-                step_B = without_B + times_XBL[pick, :, layer]
+            candidate_B = without_B + times_XBL[pick, :, layer]
+            if pick != choice_L[layer] and better(candidate_B, step_B):
+                choice_L[layer], changed = pick, True
+                step_B = candidate_B
         if not changed:
             break
     return choice_L
