@@ -14,7 +14,7 @@ and at each commit), so their ranges line up exactly and a range never mixes pla
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from placement.policy import Decision, PolicyConfig, PolicyState, PolicyStats, d
 from placement.stats import DecayedLoad, LoadWindow
 
 from moeray.coordinator_timeline import step_timeline, sum_rows
+from moeray.rebalance_log import RebalanceRecord
 from moeray.planning import PlannerChoice, PlanningSetup, requested_plan
 from moeray.stats_wire import LoadSnapshot
 
@@ -43,32 +44,6 @@ def load_shift(a_LE: np.ndarray, b_LE: np.ndarray) -> float:
 def decision_metric(imbalance_L: np.ndarray) -> float:
     """What the policy's gain compares: (mean over layers + worst layer) / 2."""
     return 0.5 * (float(np.mean(imbalance_L)) + float(np.max(imbalance_L)))
-
-
-@dataclass
-class RebalanceRecord:
-    """One rebalance, as logged. Imbalances are means over layers (worst layer in *_worst)."""
-
-    version: int
-    started_at: float
-    reason: str
-    predicted_before: float
-    predicted_after: float
-    predicted_after_worst: float
-    slots_moved: int
-    bytes_moved: int
-    planning_ms: float
-    transfer_ms: float | None = None
-    committed_at_step: int | None = None
-    stall_ms: float | None = None          # longest commit pause of any worker
-    realised_after: float | None = None    # rows each worker computed over the first window after commit
-    realised_after_worst: float | None = None
-    realised_steps: int = 0
-    planner: str | None = None  # which planner ran: global | hierarchical | layout (moeray/planning.py), or requested (Engine.rebalance(placement=...))
-    planner_reason: str | None = None  # why (planner "auto": the modelled layer times)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

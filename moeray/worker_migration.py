@@ -1,6 +1,7 @@
-"""The worker's side of a live migration (a mixin of `moeray.worker.Worker`): export live slots,
-stage the next version's slots while steps go on, commit them at a step boundary; and the check
-every placement passes when it arrives from another actor.
+"""The worker's slot changes (a mixin of `moeray.worker.Worker`): a resize (`reconfigure`: new
+rank, worker count and placement), and a live migration (export live slots, stage the next
+version's slots while steps go on, commit them at a step boundary); and the check every placement
+passes when it arrives from another actor.
 
 Legend: L MoE layers, S slots in the group, S_w local slots, D hidden, F expert FFN width.
 """
@@ -15,7 +16,8 @@ import torch
 
 from moeray.comm import p2p
 from moeray.config import EngineConfig
-from moeray.slot_loading import assemble_next_slots, receipts, sharded
+from moeray.comm.dispatcher import LocalDispatcher
+from moeray.slot_loading import assemble_next_slots, read_slots, receipts, sharded
 from moeray.slot_transfer import StagedVersion, as_source_tensor, export_slot_weights
 from placement import Placement
 
@@ -49,6 +51,82 @@ def accepted_placement(placement: Placement, config: EngineConfig, rank: int) ->
 
 class SlotMigration:
     """Migration methods of Worker; they use its placement, slots, staging, step lock and transfer pool."""
+
+    def reconfigure(self, rank: int, config: EngineConfig, placement: Placement, sources: dict | None = None) -> dict:
+        """Take part in a resized group (Engine.scale, a recovery that shrinks): a new rank, worker
+        count, slots per worker and placement. The sequences and their KV cache stay. A slot whose
+        expert this worker already holds is copied locally; one in `sources` ({(layer, expert):
+        ([ref], index)}, another worker's live copy exported to the object store) is fetched from
+        there; any other is read from the checkpoint. The group is left: the engine forms the new
+        epoch's next. Returns how many slots came from where."""
+        placement = accepted_placement(placement, config, rank)  # before anything changes
+        # before the lock: steps go on while it arrives (not used when shards force checkpoint reads)
+        fetched = {} if sharded(self.placement, placement) else self._fetch_sources(sources or {})
+        with self._step_lock:
+            self.staging.discard()
+            self.leave_group()
+            old_mine_LS = self.placement.slots_of_worker(self.rank)
+            # shards in either version: every slot comes from the checkpoint (a live copy or a held
+            # slot may hold other columns than the new slot needs)
+            from_checkpoint = sharded(self.placement, placement)
+            self.rank, self.config = rank, config
+            self.placement = placement
+            self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
+            self._routings = self._routings_of(placement)
+            mine_LS = self.placement.slots_of_worker(rank)
+            copied = read = from_replicas = 0
+            for layer, block in enumerate(self.model.moe_blocks):
+                old = block.experts
+                if from_checkpoint:
+                    w13, w2 = read_slots(self.reader, placement, layer, rank, self.dtype)
+                    read += int((mine_LS[layer] >= 0).sum())
+                    self._replace_layer_experts(layer, block, w13.to(self.device), w2.to(self.device))
+                    continue
+                held = {int(e): j for j, e in enumerate(old_mine_LS[layer]) if e >= 0}
+                missing = [int(e) for e in mine_LS[layer] if e >= 0 and int(e) not in held]
+                fresh = {e: fetched[(layer, e)] for e in missing if (layer, e) in fetched}
+                from_replicas += len(fresh)
+                unread = [e for e in missing if e not in fresh]
+                fresh.update(zip(unread, zip(*self.reader.read_expert_slots(layer, np.array(unread), self.dtype))))
+                w13 = torch.zeros((len(mine_LS[layer]),) + tuple(old.w13_SHD.shape[1:]), dtype=self.dtype, device=self.device)
+                w2 = torch.zeros((len(mine_LS[layer]),) + tuple(old.w2_SDF.shape[1:]), dtype=self.dtype, device=self.device)
+                for slot, expert in enumerate(int(e) for e in mine_LS[layer]):
+                    if expert < 0:
+                        continue
+                    if expert in held:
+                        w13[slot].copy_(old.w13_SHD.data[held[expert]])
+                        w2[slot].copy_(old.w2_SDF.data[held[expert]])
+                        copied += 1
+                    else:
+                        w13[slot].copy_(as_source_tensor(fresh[expert][0]))
+                        w2[slot].copy_(as_source_tensor(fresh[expert][1]))
+                        read += 1
+                self._replace_layer_experts(layer, block, w13, w2)
+            self._shipped_load_LE, self._shipped_rows_LS = self._read_counters()
+            self._shipped_step, self._commit_ms = self.steps, None
+            self.runner.set_cuda_graphs(self._graphs_apply())
+        return {"rank": rank, "slots_copied": copied, "slots_from_replicas": from_replicas,
+                "slots_read": read - from_replicas}
+
+    def _replace_layer_experts(self, layer: int, block, w13_SHD: torch.Tensor, w2_SDF: torch.Tensor) -> None:
+        old = block.experts
+        experts = self._slot_experts_of(layer, w13_SHD, w2_SDF)
+        experts.load_E.copy_(old.load_E)  # routed pairs since start-up (engine.load()) carry on
+        experts.record_load = self.stats_recording
+        block.experts = experts
+
+    def _fetch_sources(self, sources: dict) -> dict:
+        """{(layer, expert): (w13_HD, w2_DF)} of other workers' exported live copies (read-only
+        object-store views; copied into the new slot tensors by reconfigure)."""
+        if not sources:
+            return {}
+        timeout = self.config.parallel.collective_timeout_s
+        refs = list({src[0][0].hex(): src[0][0] for src in sources.values()}.values())  # [ref of a slot list]
+        try:
+            lists = dict(zip([r.hex() for r in refs], ray.get(refs, timeout=timeout)))
+        except Exception:  # a source died with its export: every such slot is read from the checkpoint
+            return {}
+        return {key: lists[ref_box[0].hex()][index] for key, (ref_box, index) in sources.items()}
 
     def export_slots(self, entries: list[tuple[int, int]]) -> list:
         """(layer, local slot) weights of the current version for other workers: returns [ref] of
