@@ -94,10 +94,14 @@ class Coordinator:
             return 1e3 * (time.perf_counter() - start)
         exports: dict[int, list[tuple[int, int]]] = defaultdict(list)  # src worker -> [(layer, local slot)]
         gains: dict[int, list[tuple[tuple, int, int]]] = defaultdict(list)  # dst -> [((l, slot, src, c0, c1), src worker, idx)]
+        exported: dict[tuple[int, int, int], int] = {}  # (src worker, layer, local slot) -> index in its export
         for layer, dst, src, c0, c1 in entries:
             src_worker = src // spw
-            exports[src_worker].append((layer, src % spw))
-            gains[dst // spw].append(((layer, dst % spw, src, c0, c1), src_worker, len(exports[src_worker]) - 1))
+            key = (src_worker, layer, src % spw)
+            if key not in exported:  # a slot that feeds several copies is exported once
+                exported[key] = len(exports[src_worker])
+                exports[src_worker].append((layer, src % spw))
+            gains[dst // spw].append(((layer, dst % spw, src, c0, c1), src_worker, exported[key]))
         export_refs = {w: self.workers[w].export_slots.remote(entries) for w, entries in exports.items()}
         stage_refs = []
         for rank, worker in enumerate(self.workers):
