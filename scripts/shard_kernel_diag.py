@@ -8,17 +8,12 @@ import torch
 import triton
 
 from moeray.kernels import triton_swiglu as ts
+from shard_kernel_timing import make_inputs  # scripts/ is this script's sys.path[0]
 
 
 def launches(D, F, S, rows, width, mode):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ffn = width if mode == "narrow" else F
-    M = S * rows
-    x = torch.randn(M, D, device="cuda", generator=g).to(torch.bfloat16)
-    w13 = (torch.randn(S, 2 * ffn, D, device="cuda", generator=g) / D**0.5).to(torch.bfloat16)
-    w2 = (torch.randn(S, D, ffn, device="cuda", generator=g) / ffn**0.5).to(torch.bfloat16)
-    offs = torch.arange(S + 1, device="cuda") * rows
-    width_S = torch.full((S,), width, device="cuda", dtype=torch.int32) if mode == "sharded" else None
+    x, w13, w2, offs, width_S = make_inputs(D, F, S, rows, width, mode)
+    M, ffn = x.shape[0], w2.shape[2]
     up, down = ts.pick_configs(M, S, D, ffn)
     h = torch.empty(M, ffn, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(M, D, device="cuda", dtype=torch.bfloat16)

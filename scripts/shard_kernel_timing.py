@@ -19,7 +19,9 @@ import triton
 from moeray.kernels import expert_mlp
 
 
-def case(D, F, S, rows_per_slot, width, mode, seed=0):
+def make_inputs(D, F, S, rows_per_slot, width, mode, seed=0):
+    """(x, w13, w2, slot offsets, width_S or None) of one case: S slots of `rows_per_slot` rows, bf16;
+    `narrow` experts are `width` wide, the others F (`sharded`: width_S = width)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     ffn = width if mode == "narrow" else F
     M = S * rows_per_slot
@@ -27,7 +29,13 @@ def case(D, F, S, rows_per_slot, width, mode, seed=0):
     w13 = (torch.randn(S, 2 * ffn, D, device="cuda", generator=g) / D**0.5).to(torch.bfloat16)
     w2 = (torch.randn(S, D, ffn, device="cuda", generator=g) / ffn**0.5).to(torch.bfloat16)
     offs = torch.arange(S + 1, device="cuda") * rows_per_slot
-    width_S = torch.full((S,), width, device="cuda", dtype=torch.int64) if mode == "sharded" else None
+    width_S = torch.full((S,), width, device="cuda", dtype=torch.int32) if mode == "sharded" else None
+    return x, w13, w2, offs, width_S
+
+
+def case(D, F, S, rows_per_slot, width, mode, seed=0):
+    x, w13, w2, offs, width_S = make_inputs(D, F, S, rows_per_slot, width, mode, seed)
+    M = x.shape[0]
     fn = lambda: expert_mlp(x, w13, w2, offs, None, impl="triton", width_S=width_S)  # noqa: E731
     fn()
     torch.cuda.synchronize()
