@@ -89,8 +89,10 @@ class LLM:
         return self.driver.prompt_logits(list(prompts))
 
     # ---- the engine beneath -------------------------------------------------------------------
-    def rebalance(self, force: bool = True) -> int | None:
-        return self.engine.rebalance(force=force)
+    def rebalance(self, force: bool = True, placement=None) -> int | None:
+        """Plan and stage v+1 now (committed at the next step); `placement`: stage this
+        placement.Placement instead of the planner's (Engine.rebalance)."""
+        return self.engine.rebalance(force=force, placement=placement)
 
     def stats(self) -> dict:
         return self.engine.stats()
