@@ -42,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 
 from placement.dispatch import occurrence_rank, rule_counts
-from placement.shards import replica_structure, whole_widths
+from placement.shards import rank_in_runs, replica_structure, whole_widths
 
 _DAMPING = 0.5
 _ABSENT = 1e300  # level of a padding replica: never filled (R * 1e300 stays finite)
@@ -78,10 +78,7 @@ class ReplicaUnits:
         group_key = layer_X * num_experts + expert_X
         new_group = np.r_[True, group_key[1:] != group_key[:-1]] if len(group_key) else np.zeros(0, dtype=bool)
         group_X = np.cumsum(new_group) - 1
-        unit_key = group_key * (self.num_slots + 1) + replica_X
-        new_unit = np.r_[True, unit_key[1:] != unit_key[:-1]] if len(unit_key) else np.zeros(0, dtype=bool)
-        position = np.arange(len(unit_key))
-        shard_X = position - np.maximum.accumulate(np.where(new_unit, position, 0)) if len(unit_key) else position
+        shard_X = rank_in_runs(group_key * (self.num_slots + 1) + replica_X)
         self.num_groups = int(new_group.sum())
         self.max_replicas = int(replica_X.max(initial=-1)) + 1
         self.max_shards = int(shard_X.max(initial=-1)) + 1

@@ -28,6 +28,7 @@ import numpy as np
 from placement.shards import (
     WIDTH_TOLERANCE,
     check_widths,
+    rank_in_runs,
     replica_structure,
     replica_weights_are_shared,
     shard_columns,
@@ -183,12 +184,7 @@ class Placement:
         experts = self.phy2log[layer_idx, slot_idx]
         order = np.argsort((layer_idx * self.num_experts + experts) * self.num_slots + slot_idx)  # unique keys
         layer_idx, slot_idx, experts = layer_idx[order], slot_idx[order], experts[order]
-        key = layer_idx * self.num_experts + experts
-        # rank inside each run of equal keys: position minus the run's start (no binary search)
-        position = np.arange(len(key))
-        run_start = np.maximum.accumulate(np.where(np.concatenate([[True], key[1:] != key[:-1]]), position, 0))
-        rank = position - run_start
-        out[layer_idx, experts, rank] = slot_idx
+        out[layer_idx, experts, rank_in_runs(layer_idx * self.num_experts + experts)] = slot_idx
         out.setflags(write=False)
         return out
 

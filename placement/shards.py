@@ -25,6 +25,17 @@ WIDTH_TOLERANCE = 1e-9  # widths are float fractions; sums of shards are equal t
 _TIE_TOLERANCE = 1e-6  # in columns: fraction x F this close below a half rounds down (shard_columns)
 
 
+def rank_in_runs(sorted_keys_X: np.ndarray) -> np.ndarray:
+    """[X] int64 position of each entry inside its run of equal keys (keys sorted, or at least
+    grouped): 0 for a run's first entry. Position minus the run's start, no binary search."""
+    sorted_keys_X = np.asarray(sorted_keys_X)
+    if len(sorted_keys_X) == 0:
+        return np.zeros(0, dtype=np.int64)
+    position_X = np.arange(len(sorted_keys_X))
+    first_X = np.r_[True, sorted_keys_X[1:] != sorted_keys_X[:-1]]
+    return position_X - np.maximum.accumulate(np.where(first_X, position_X, 0))
+
+
 def whole_widths(phy2log_LS: np.ndarray) -> np.ndarray:
     """[L, S] float: 1.0 for held slots, 0.0 for free ones (a placement without shards)."""
     return (np.asarray(phy2log_LS) >= 0).astype(np.float64)

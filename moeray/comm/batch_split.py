@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moeray.comm.slot_map import count_per_index
+from moeray.comm.slot_map import count_per_index, occurrence_rank
 
 _DAMPING = 0.5  # = placement.batch_split._DAMPING
 _ABSENT = 1e300  # level of a padding replica: never filled
@@ -196,12 +196,7 @@ def replica_of_pairs(topk_ids_TK: torch.Tensor, rows_ER: torch.Tensor,
     placement.batch_split.pairs_to_slots): global occurrence rank j = rank_offset_E[e] + the local
     rank in row-major (token, k) order; replica r with cum_{r-1} <= j < cum_r, cum = cumsum of rows_ER[e]."""
     ids_X = topk_ids_TK.reshape(-1).to(torch.int64)
-    num_experts = rows_ER.shape[0]
-    order_X = torch.sort(ids_X, stable=True).indices
-    local_E = count_per_index(ids_X, num_experts)  # scatter_add on int64: no sync, exact
-    start_E = torch.cumsum(local_E, 0) - local_E
-    position_X = torch.arange(ids_X.numel(), device=ids_X.device)
-    rank_X = torch.empty_like(ids_X).scatter_(0, order_X, position_X - start_E[ids_X[order_X]])
+    rank_X = occurrence_rank(ids_X, count_per_index(ids_X, rows_ER.shape[0]))  # scatter_add on int64: no sync
     if rank_offset_E is not None:
         rank_X = rank_X + rank_offset_E[ids_X]
     replica_X = (torch.cumsum(rows_ER, dim=1)[ids_X] <= rank_X[:, None]).sum(dim=1)

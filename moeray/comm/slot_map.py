@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from placement.shards import rank_in_runs
+
 
 @dataclass(frozen=True)
 class DeviceSlotMap:
@@ -55,9 +57,8 @@ class DeviceSlotMap:
         unit_X = phy2log_S[held_X] * num_replicas + replica_S[held_X]
         order = np.argsort(unit_X, kind="stable")
         held_X, unit_X = held_X[order], unit_X[order]
-        first_X = np.r_[True, unit_X[1:] != unit_X[:-1]] if len(unit_X) else np.zeros(0, dtype=bool)
-        start_X = np.maximum.accumulate(np.where(first_X, np.arange(len(unit_X)), 0)) if len(unit_X) else unit_X
-        shard_X = np.arange(len(unit_X)) - start_X
+        shard_X = rank_in_runs(unit_X)
+        first_X = shard_X == 0
         max_shards = int(shard_X.max(initial=0)) + 1
         slots_ERJ = np.full((num_experts, num_replicas, max_shards), num_slots, dtype=np.int64)
         slots_ERJ.reshape(-1, max_shards)[unit_X, shard_X] = held_X
@@ -121,15 +122,19 @@ def pairs_to_slots(topk_ids_TK: torch.Tensor, slot_map: DeviceSlotMap,
     return slot_map.replica_slots_ERJ[ids_X, replica_X].view(num_tokens, top_k * slot_map.max_shards)
 
 
-def _replica_by_weights(ids_X: torch.Tensor, slot_map: DeviceSlotMap, count_E: torch.Tensor | None) -> torch.Tensor:
-    num_experts = slot_map.replica_slots_ERJ.shape[0]
-    # Occurrence rank of each pair within its expert: stable sort by expert, subtract group start.
+def occurrence_rank(ids_X: torch.Tensor, count_E: torch.Tensor) -> torch.Tensor:
+    """[X] rank of each pair among this batch's pairs of its expert, in row-major (token, k) order:
+    a stable sort by expert, minus the expert's first position (count_E: pairs per expert)."""
     order_X = torch.sort(ids_X, stable=True).indices
-    if count_E is None:
-        count_E = count_per_index(ids_X, num_experts)
     start_E = torch.cumsum(count_E, 0) - count_E
-    rank_X = torch.empty_like(ids_X)
-    rank_X[order_X] = torch.arange(ids_X.numel(), device=ids_X.device) - start_E[ids_X[order_X]]
+    position_X = torch.arange(ids_X.numel(), device=ids_X.device)
+    return torch.empty_like(ids_X).scatter_(0, order_X, position_X - start_E[ids_X[order_X]])
+
+
+def _replica_by_weights(ids_X: torch.Tensor, slot_map: DeviceSlotMap, count_E: torch.Tensor | None) -> torch.Tensor:
+    if count_E is None:
+        count_E = count_per_index(ids_X, slot_map.replica_slots_ERJ.shape[0])
+    rank_X = occurrence_rank(ids_X, count_E)
     frac_X = (rank_X.double() + 0.5) / count_E[ids_X].double()
     cumw_XR = slot_map.cumw_ER[ids_X]
     return (cumw_XR[:, :-1] <= frac_X.unsqueeze(1)).sum(dim=1)
