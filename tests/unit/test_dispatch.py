@@ -53,19 +53,25 @@ CASES = [  # (workers, experts, top_k, slots_per_worker, tokens per rank)
 ]
 
 
-def make_case(workers, experts, top_k, spw, tokens):
-    """Deterministic weights, placement and per-rank inputs (rebuilt identically in every rank)."""
-    D, F = 12, 20
-    gen = torch.Generator().manual_seed(workers * 100 + experts)
+def weights_and_inputs(seed, experts, top_k, tokens, D, F):
+    """Deterministic expert weights and per-rank (x, ids, weights) inputs of `tokens[rank]` tokens
+    (top_k distinct experts each), rebuilt identically in every rank."""
+    gen = torch.Generator().manual_seed(seed)
     w13_EHD = torch.randn(experts, 2 * F, D, generator=gen)
     w2_EDF = torch.randn(experts, D, F, generator=gen)
-    placement = random_replicated_placement(1, experts, workers, spw, seed=workers)
     inputs = []
     for t in tokens:
         x = torch.randn(t, D, generator=gen)
         ids = (torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(t)]) if t
                else torch.zeros(0, top_k, dtype=torch.long))
         inputs.append((x, ids, torch.rand(t, top_k, generator=gen)))
+    return w13_EHD, w2_EDF, inputs
+
+
+def make_case(workers, experts, top_k, spw, tokens):
+    """Deterministic weights, placement and per-rank inputs (rebuilt identically in every rank)."""
+    w13_EHD, w2_EDF, inputs = weights_and_inputs(workers * 100 + experts, experts, top_k, tokens, D=12, F=20)
+    placement = random_replicated_placement(1, experts, workers, spw, seed=workers)
     return w13_EHD, w2_EDF, placement, inputs
 
 

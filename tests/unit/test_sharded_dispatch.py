@@ -19,7 +19,7 @@ from moeray.shard_slots import assemble_slot, columns_of_worker, pack_columns, p
 from placement.batch_split import ReplicaUnits
 
 from tests.helpers import random_replicated_placement, random_sharded_placement
-from tests.unit.test_dispatch import dense_reference
+from tests.unit.test_dispatch import dense_reference, weights_and_inputs
 
 D, F = 12, 21  # F odd: shard boundaries round
 
@@ -38,16 +38,8 @@ CASES = [  # (workers, experts, top_k, slots_per_worker, tokens per rank, weight
 
 
 def make_case(workers, experts, top_k, spw, tokens, weighted):
-    gen = torch.Generator().manual_seed(workers * 100 + experts)
-    w13_EHD = torch.randn(experts, 2 * F, D, generator=gen)
-    w2_EDF = torch.randn(experts, D, F, generator=gen)
+    w13_EHD, w2_EDF, inputs = weights_and_inputs(workers * 100 + experts, experts, top_k, tokens, D, F)
     placement = random_sharded_placement(1, experts, workers, spw, seed=workers + experts, weighted=weighted)
-    inputs = []
-    for t in tokens:
-        x = torch.randn(t, D, generator=gen)
-        ids = (torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(t)]) if t
-               else torch.zeros(0, top_k, dtype=torch.long))
-        inputs.append((x, ids, torch.rand(t, top_k, generator=gen)))
     return w13_EHD, w2_EDF, placement, inputs
 
 
