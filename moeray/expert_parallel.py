@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moeray.comm.batch_split import DeviceReplicaUnits, global_rank_offsets, replica_of_pairs, split_rows
-from moeray.comm.dispatcher import Dispatcher, LocalDispatcher
+from moeray.comm.dispatcher import Dispatcher
 from moeray.comm.slot_map import DeviceSlotMap, count_per_index, fan_out_weights, pairs_to_slots
 from moeray.kernels import expert_mlp
 from moeray.kernels.combine import IMPLS as COMBINE_IMPLS
@@ -109,15 +109,8 @@ class SlotExperts(nn.Module):
         """y_MD: this worker's slots applied to the rows it received (and the rows counted)."""
         if self.record_load and self.row_weight_T is None:
             self.rows_S += dispatched.slot_offsets_S1.diff()
-        y_MD = expert_mlp(dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1,
+        return expert_mlp(dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1,
                           dispatched.order_M, impl=self.kernel_impl, width_S=self.width_S)
-        if self.slot_map.max_shards > 1 and isinstance(self.dispatcher, LocalDispatcher):
-            # rows past the last slot are padding entries of the fan-out (LocalDispatcher keeps them
-            # in place; an exchange never sends them): their kernel output is undefined, and combine
-            # must add zeros for them
-            real_M = torch.arange(y_MD.shape[0], device=y_MD.device) < dispatched.slot_offsets_S1[-1]
-            y_MD = torch.where(real_M[:, None], y_MD, torch.zeros((), dtype=y_MD.dtype, device=y_MD.device))
-        return y_MD
 
     def _forward_overlapped(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor,
                             topk_weights_TK: torch.Tensor) -> torch.Tensor:

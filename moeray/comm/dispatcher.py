@@ -15,8 +15,9 @@ Slots of worker w are [w * S_w, (w + 1) * S_w), so sorting pairs by slot also so
 
 Slot id S is padding (a sharded layer fans each pair out to J entries, moeray.comm.slot_map): it
 sorts after every real slot, is never sent or computed, and comes back from combine as a zero row
-(its routing weight is 0). Local rows past the last slot's offset are such padding: their kernel
-output is not defined, and the caller zeroes it before combine (SlotExperts does).
+(its routing weight is 0). Only AllToAllDispatcher meets it: one worker holds no shards (no worker
+holds two slots of one expert: Placement.validate), so LocalDispatcher's slot ids are all < S,
+and a padding id there fails its count (an index out of range) instead of computing garbage.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ class LocalDispatcher:
     def dispatch(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor) -> Dispatched:
         num_tokens, top_k = slot_ids_TK.shape
         send_order_N = _sort_pairs_by_slot(slot_ids_TK)
-        tokens_MD = x_TD.index_select(0, send_order_N // top_k)  # already grouped by slot, padding last
-        count_S = count_per_index(slot_ids_TK.reshape(-1), self.slots_per_worker + 1)[:-1]  # padding dropped
+        tokens_MD = x_TD.index_select(0, send_order_N // top_k)  # already grouped by slot
+        count_S = count_per_index(slot_ids_TK.reshape(-1), self.slots_per_worker)
         order_M = torch.arange(tokens_MD.shape[0], device=x_TD.device)
         return Dispatched(tokens_MD, order_M, _offsets(count_S), send_order_N, num_tokens, top_k)
 
