@@ -80,9 +80,8 @@ class SlotExperts(nn.Module):
         replica_TK = None if self.batch_split is None else self._split_batch(topk_ids_TK, unweighted_E)
         slot_ids_TX = pairs_to_slots(topk_ids_TK, self.slot_map, unweighted_E, replica_TK)  # X = K * J
         weights_TX = fan_out_weights(topk_weights_TK, slot_ids_TX, self.slot_map)
-        if pair_weight_N is not None and self.record_load:  # one worker: slot ids are local slots
-            entry_weight_N = pair_weight_N.repeat_interleave(self.slot_map.max_shards, output_size=slot_ids_TX.numel())
-            self.rows_S += count_per_index(slot_ids_TX.reshape(-1), self.rows_S.numel() + 1, entry_weight_N)[:-1]
+        if pair_weight_N is not None and self.record_load:  # one worker: local slots, no shards (J = 1)
+            self.rows_S += count_per_index(slot_ids_TX.reshape(-1), self.rows_S.numel(), pair_weight_N)
         if timer is not None:
             timer.mark("route")
         if self.overlap_chunks > 1 and hasattr(self.dispatcher, "dispatch_start"):  # else nothing to overlap
