@@ -23,8 +23,12 @@ policy keeps the resident set from flapping on noise: a cold expert replaces the
 one only when its load is `margin` above it, at most `max_swaps` per layer and decision, after a
 cooldown. The rates are inputs measured on the machine (TierRates), never constants here.
 
-Pure numpy: the coordinator calls it; promotions and demotions are slot moves of the staged
-migration (not wired yet: see docs/architecture.md, Not built yet).
+On a worker the tier of an expert is the position of its slot: local slots [0, budget) are in
+device memory, the rest in host memory. A promotion swaps a cold expert's slot with a resident
+one's on the same worker (`placement_tiers`, `arrange_tiers`), so the coordinator's staged
+migration carries it out like any other slot move: no stall, commit at a step boundary.
+
+Pure numpy: the coordinator calls it.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from placement.layout import Placement
+
 
 @dataclass(frozen=True)
 class TierRates:
-    """Measured rates of one worker's machine for one model's experts."""
+    """Measured rates of one worker's machine for one model's experts (moeray.host_tier.measure_rates)."""
 
     device_row_s: float  # seconds per routed row of one expert on the device (grouped kernel, rows-bound)
     host_row_s: float  # seconds per routed row computed on the host (CPU grouped kernel, its threads)
@@ -44,29 +50,74 @@ class TierRates:
     expert_bytes: float  # one expert's weights
     row_bytes: float  # one row's activations (hidden x dtype bytes), each way
     device_floor_s: float = 0.0  # a launch's fixed cost
+    host_expert_s: float = 0.0  # a touched host expert's fixed cost (its weights stream from host memory once)
 
     def __post_init__(self) -> None:
         for name in ("device_row_s", "host_row_s", "pcie_bytes_per_s", "expert_bytes", "row_bytes"):
             value = getattr(self, name)
             if not np.isfinite(value) or value <= 0:
                 raise ValueError(f"TierRates.{name} must be finite and > 0, got {value}")
+        for name in ("device_floor_s", "host_expert_s"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"TierRates.{name} must be finite and >= 0, got {value}")
+
+    @property
+    def fetch_expert_s(self) -> float:
+        """Seconds to copy one expert's weights to a device staging slot."""
+        return self.expert_bytes / self.pcie_bytes_per_s
+
+    def host_seconds(self, rows_X: np.ndarray) -> float:
+        """Host compute of these cold experts' rows (touched ones only), activations both ways included."""
+        rows_X = np.asarray(rows_X, dtype=np.float64)
+        touched = int((rows_X > 0).sum())
+        return touched * self.host_expert_s + float(rows_X.sum()) * (self.host_row_s + 2 * self.row_bytes / self.pcie_bytes_per_s)
+
+    def fetch_seconds(self, rows_X: np.ndarray) -> float:
+        """Device time these cold experts add when fetched: their copies, then their rows."""
+        rows_X = np.asarray(rows_X, dtype=np.float64)
+        return int((rows_X > 0).sum()) * self.fetch_expert_s + float(rows_X.sum()) * self.device_row_s
+
+
+def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float) -> np.ndarray:
+    """[X] bool: which cold experts to fetch (the rest are computed on the host) so that
+    max(device part + fetches, host part) is smallest; device_s is the resident experts' part.
+
+    Greedy, the most rows first: a fetch costs a fixed copy and device rows, a host expert a fixed
+    read and host rows, so the experts with most rows gain most from fetching; it stops at the first
+    move that does not shorten the step."""
+    rows_X = np.asarray(rows_X, dtype=np.float64)
+    fetch_X = np.zeros(len(rows_X), dtype=bool)
+    best = max(device_s, rates.host_seconds(rows_X))
+    for x in np.lexsort((np.arange(len(rows_X)), -rows_X)):
+        if rows_X[x] <= 0:
+            break
+        fetch_X[x] = True
+        step = max(device_s + rates.fetch_seconds(rows_X[fetch_X]), rates.host_seconds(rows_X[~fetch_X]))
+        if step >= best:
+            fetch_X[x] = False
+            break
+        best = step
+    return fetch_X
 
 
 def step_seconds(rows_X: np.ndarray, resident_X: np.ndarray, rates: TierRates, mode: str = "host") -> float:
     """Predicted seconds of one layer step on one worker: rows_X routed to each of its experts,
     resident_X True for the device-resident ones; mode "host" (cold experts computed in host
-    memory, overlapped with the device) or "fetch" (cold experts copied to the device on demand)."""
+    memory, overlapped with the device), "fetch" (cold experts copied to the device on demand) or
+    "auto" (per cold expert, whichever `split_cold` picks)."""
     rows_X = np.asarray(rows_X, dtype=np.float64)
     resident_X = np.asarray(resident_X, dtype=bool)
     device = rates.device_floor_s + float(rows_X[resident_X].sum()) * rates.device_row_s
     cold = rows_X[~resident_X]
     if mode == "fetch":
-        touched = int((cold > 0).sum())
-        return device + float(cold.sum()) * rates.device_row_s + touched * rates.expert_bytes / rates.pcie_bytes_per_s
+        return device + rates.fetch_seconds(cold)
+    if mode == "auto":
+        fetch = split_cold(cold, rates, device)
+        return max(device + rates.fetch_seconds(cold[fetch]), rates.host_seconds(cold[~fetch]))
     if mode != "host":
-        raise ValueError(f"mode must be 'host' or 'fetch', got {mode!r}")
-    host = float(cold.sum()) * (rates.host_row_s + 2 * rates.row_bytes / rates.pcie_bytes_per_s)
-    return max(device, host)
+        raise ValueError(f"mode must be 'host', 'fetch' or 'auto', got {mode!r}")
+    return max(device, rates.host_seconds(cold))
 
 
 def hottest(load_X: np.ndarray, budget: int) -> np.ndarray:
@@ -86,9 +137,11 @@ class TierConfig:
     margin: float = 0.2  # a cold expert must carry (1 + margin) x the coolest resident one's load
     max_swaps: int = 2  # promotions (each with a demotion) per layer and decision
     cooldown_s: float = 5.0  # between two decisions that move anything
+    min_gain: float = 0.0  # placement_tiers: a worker's swaps must shorten its modelled step by this fraction
+    mode: str = "host"  # how the worker serves cold experts (step_seconds' mode), for the gain check
 
     def __post_init__(self) -> None:
-        if self.budget < 0 or self.margin < 0 or self.max_swaps < 1 or self.cooldown_s < 0:
+        if self.budget < 0 or self.margin < 0 or self.max_swaps < 1 or self.cooldown_s < 0 or self.min_gain < 0:
             raise ValueError(f"invalid TierConfig {self}")
 
 
@@ -139,3 +192,91 @@ def decide_tiers(state: TierState, load_LX: np.ndarray, now: float, config: Tier
         return TierDecision(resident_LX, (), (), "every resident expert within the margin"), state
     reason = f"{len(promoted)} promotions past a {config.margin:.0%} margin"
     return TierDecision(resident_LX, tuple(promoted), tuple(demoted), reason), TierState(resident_LX, now)
+
+
+# ---- placements: the tier of a slot is its position on its worker ---------------------------------
+def slot_loads(placement: Placement, load_LE: np.ndarray, worker: int) -> np.ndarray:
+    """[L, S_w] load each of the worker's slots carries (its expert's load x the slot's split weight)."""
+    lo, spw = worker * placement.slots_per_worker, placement.slots_per_worker
+    experts_LS = placement.slots_of_worker(worker)
+    weights_LS = placement.weights_LS[:, lo:lo + spw]
+    load_LS = np.take_along_axis(np.asarray(load_LE, dtype=np.float64), np.maximum(experts_LS, 0), axis=1)
+    return np.where(experts_LS >= 0, load_LS * weights_LS, 0.0)
+
+
+def swap_slots(placement: Placement, swaps: list[tuple[int, int, int]]) -> Placement:
+    """The next version with the (layer, global slot a, global slot b) pairs exchanged (experts and
+    split weights move together; both slots are on one worker, so worker loads do not change)."""
+    if placement.is_sharded:
+        raise ValueError("the host tier holds whole experts: a sharded placement cannot be tiered")
+    phy2log = np.array(placement.phy2log, copy=True)
+    weights = None if placement.replica_weights is None else np.array(placement.replica_weights, copy=True)
+    spw = placement.slots_per_worker
+    for layer, a, b in swaps:
+        if a // spw != b // spw:
+            raise ValueError(f"layer {layer}: slots {a} and {b} are on different workers")
+        phy2log[layer, [a, b]] = phy2log[layer, [b, a]]
+        if weights is not None:
+            weights[layer, [a, b]] = weights[layer, [b, a]]
+    return placement.with_phy2log(phy2log, weights)
+
+
+def arrange_tiers(placement: Placement, load_LE: np.ndarray, budget: int) -> Placement:
+    """`placement` (same version) with every worker's `budget` most loaded experts in its device
+    slots; experts already in the right tier keep their slots (the fewest moves). Used on the
+    planner's placements, which know nothing of tiers."""
+    swaps = []
+    spw = placement.slots_per_worker
+    for worker in range(placement.num_workers):
+        held_LS = placement.slots_of_worker(worker) >= 0
+        # a free slot is the coolest of all: an expert with no load still goes before it
+        load_LS = np.where(held_LS, slot_loads(placement, load_LE, worker), -1.0)
+        for layer, load_X in enumerate(load_LS):
+            want_X = hottest(load_X, budget)
+            up = [int(x) for x in np.flatnonzero(want_X[budget:]) + budget]
+            down = [int(x) for x in np.flatnonzero(~want_X[:budget])]
+            swaps += [(layer, worker * spw + a, worker * spw + b) for a, b in zip(up, down)]
+    if not swaps:
+        return placement
+    swapped = swap_slots(placement, swaps)
+    return Placement(swapped.phy2log, placement.num_experts, spw, placement.version, swapped.replica_weights)
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    placement: Placement | None  # the next version (None: no change)
+    reason: str
+    promotions: int = 0
+    predicted_step_s: tuple = ()  # per worker (before, after) modelled step seconds summed over layers
+
+
+def placement_tiers(placement: Placement, load_LE: np.ndarray, steps: float, now: float, config: TierConfig,
+                    last_change_s: float | None, rates: TierRates | None) -> tuple[TierPlan, float | None]:
+    """(plan, new last_change_s): decide_tiers on every worker's slots (resident = the first
+    `budget`), kept on a worker only where the modelled step (`rates`, rows per step = load /
+    steps) gets at least `min_gain` shorter. rates=None: the margin alone decides."""
+    if last_change_s is not None and now - last_change_s < config.cooldown_s:
+        return TierPlan(None, "tier cooldown"), last_change_s
+    spw, budget = placement.slots_per_worker, min(config.budget, placement.slots_per_worker)
+    resident_X = np.arange(spw) < budget
+    swaps, figures = [], []
+    for worker in range(placement.num_workers):
+        load_LX = slot_loads(placement, load_LE, worker)
+        decision, _ = decide_tiers(TierState(np.tile(resident_X, (placement.num_layers, 1))), load_LX, now, config)
+        if not decision.changes:
+            continue
+        if rates is not None:
+            rows_LX = load_LX / max(steps, 1e-12)
+            before = sum(step_seconds(rows, resident_X, rates, config.mode) for rows in rows_LX)
+            after = sum(step_seconds(rows, res, rates, config.mode) for rows, res in zip(rows_LX, decision.resident_LX))
+            if before - after < config.min_gain * before:
+                continue
+            figures.append((worker, before, after))
+        lo = worker * spw
+        swaps += [(layer, lo + hot, lo + cool) for (layer, hot), (_, cool) in zip(decision.promoted, decision.demoted)]
+    if not swaps:
+        return TierPlan(None, f"no worker gains {config.min_gain:.0%} from a tier swap past the margin"), last_change_s
+    reason = f"tiering: {len(swaps)} promotions past a {config.margin:.0%} margin"
+    if figures:
+        reason += "; modelled step " + ", ".join(f"w{w} {1e3 * b:.3f} -> {1e3 * a:.3f} ms" for w, b, a in figures)
+    return TierPlan(swap_slots(placement, swaps), reason, len(swaps), tuple(figures)), now

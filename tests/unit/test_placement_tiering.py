@@ -7,7 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from placement.tiering import TierConfig, TierRates, TierState, decide_tiers, hottest, initial_tiers, step_seconds
+from placement import Placement
+from placement.tiering import (TierConfig, TierPlan, TierRates, TierState, arrange_tiers, decide_tiers, hottest,
+                               initial_tiers, placement_tiers, slot_loads, step_seconds, swap_slots)
 
 RATES = TierRates(device_row_s=1e-6, host_row_s=2e-5, pcie_bytes_per_s=25e9, expert_bytes=3 * 4096 * 14336 * 2,
                   row_bytes=4096 * 2, device_floor_s=5e-5)
@@ -74,3 +76,77 @@ def test_decide_tiers_checks_shapes_and_config():
         decide_tiers(TierState(np.zeros((1, 3), dtype=bool)), np.zeros((1, 4)), 0.0, TierConfig(budget=1))
     with pytest.raises(ValueError, match="TierConfig"):
         TierConfig(budget=1, max_swaps=0)
+
+
+# ---- placements: a slot's tier is its position on its worker --------------------------------------
+
+
+def two_workers() -> Placement:
+    # 2 layers, 6 experts, 2 workers x 4 slots; expert 1 replicated in layer 0, a free slot in layer 1
+    return Placement(np.array([[0, 1, 2, 3, 4, 5, 1, 0],
+                               [5, 4, 3, -1, 2, 1, 0, -1]]), 6, 4, version=3).validate()
+
+
+def test_slot_loads_split_a_replicas_load_and_leave_free_slots_empty():
+    load_LE = np.array([[10.0, 8, 6, 4, 2, 1], [1, 2, 3, 4, 5, 6]])
+    p = two_workers()
+    w0 = slot_loads(p, load_LE, 0)
+    assert w0[0].tolist() == pytest.approx([5.0, 4.0, 6.0, 4.0])  # experts 0 and 1 have two replicas each
+    assert w0[1].tolist() == pytest.approx([6.0, 5.0, 4.0, 0.0])
+    total = slot_loads(p, load_LE, 0).sum(axis=1) + slot_loads(p, load_LE, 1).sum(axis=1)
+    assert total == pytest.approx(load_LE.sum(axis=1))
+
+
+def test_swap_slots_moves_experts_within_a_worker_and_refuses_across():
+    p = two_workers()
+    q = swap_slots(p, [(0, 0, 3), (1, 5, 7)])
+    assert q.version == 4 and q.phy2log[0].tolist() == [3, 1, 2, 0, 4, 5, 1, 0]
+    assert q.phy2log[1].tolist() == [5, 4, 3, -1, 2, -1, 0, 1]
+    q.validate()
+    np.testing.assert_array_equal(q.logcnt, p.logcnt)  # nothing replicated or lost
+    with pytest.raises(ValueError, match="slots 3 and 4 are on different workers"):
+        swap_slots(p, [(0, 3, 4)])
+
+
+def test_arrange_tiers_puts_the_hottest_first_with_the_fewest_moves():
+    load_LE = np.array([[1.0, 2, 3, 9, 5, 6], [9, 2, 3, 4, 5, 7]])  # no ties
+    p = two_workers()
+    q = arrange_tiers(p, load_LE, budget=2)
+    assert q.version == p.version  # a planner's placement, rearranged, not a new step
+    # slots moved per (worker, layer): two swaps, none (already arranged), none, one swap
+    want_moved = {(0, 0): 4, (1, 0): 0, (0, 1): 0, (1, 1): 2}
+    for worker in range(2):
+        before, after = slot_loads(p, load_LE, worker), slot_loads(q, load_LE, worker)
+        for layer in range(2):
+            assert sorted(after[layer]) == sorted(before[layer])
+            assert after[layer, :2].min() >= after[layer, 2:].max()  # hottest in the device slots
+            moved = (q.slots_of_worker(worker)[layer] != p.slots_of_worker(worker)[layer]).sum()
+            assert moved == want_moved[worker, layer]
+    assert q.phy2log[0, :4].tolist() == [2, 3, 0, 1] and q.phy2log[1, 4:].tolist() == [2, 0, 1, -1]
+    assert arrange_tiers(q, load_LE, budget=2) is q  # already arranged: unchanged
+
+
+def test_placement_tiers_margin_cooldown_and_modelled_gain():
+    p = Placement(np.array([[0, 1, 2, 3]]), 4, 4)
+    cfg = TierConfig(budget=2, margin=0.2, max_swaps=2, cooldown_s=5.0, min_gain=0.05, mode="host")
+    load_LE = np.array([[10.0, 10, 11, 40]])  # expert 3 is hot on the host, expert 2 within the margin
+    plan, last = placement_tiers(p, load_LE, 10.0, now=100.0, config=cfg, last_change_s=None, rates=RATES)
+    assert isinstance(plan, TierPlan) and plan.promotions == 1 and last == 100.0
+    assert plan.placement.phy2log[0].tolist() == [3, 1, 2, 0]  # the coolest resident (0, ties low) leaves
+    before, after = plan.predicted_step_s[0][1:]
+    assert after < before
+    again, last2 = placement_tiers(plan.placement, load_LE, 10.0, now=103.0, config=cfg, last_change_s=last, rates=RATES)
+    assert again.placement is None and again.reason == "tier cooldown" and last2 == 100.0
+    settled, _ = placement_tiers(plan.placement, load_LE, 10.0, now=200.0, config=cfg, last_change_s=last, rates=RATES)
+    assert settled.placement is None  # the swapped-out expert (10) does not clear the margin over 11 / 10
+    # a swap that clears the margin but gains nothing modelled: a device-bound step (host rows free)
+    free_host = TierRates(device_row_s=1e-3, host_row_s=1e-9, pcie_bytes_per_s=1e12, expert_bytes=1.0, row_bytes=1.0)
+    none, last3 = placement_tiers(p, load_LE, 10.0, now=100.0, config=cfg, last_change_s=None, rates=free_host)
+    assert none.placement is None and last3 is None
+
+
+def test_a_sharded_placement_cannot_be_tiered():
+    sharded = Placement(np.array([[0, 1, 0, 2]]), 3, 2, shard_width=np.array([[0.5, 1, 0.5, 1]])).validate()
+    assert sharded.is_sharded
+    with pytest.raises(ValueError, match="whole experts"):
+        swap_slots(sharded, [(0, 0, 1)])
