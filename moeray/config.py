@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from moeray.tier_config import HostTierConfig
 from placement.cost import LinkRates
 
 
@@ -312,6 +313,7 @@ class EngineConfig(_Frozen):
     stats: StatsConfig = StatsConfig()
     rebalance: RebalanceConfig = RebalanceConfig()
     cache: CacheConfig = CacheConfig()
+    tier: HostTierConfig = HostTierConfig()
     seed: int = 0
 
     @property
@@ -331,6 +333,9 @@ class EngineConfig(_Frozen):
                 f"num_workers={workers} x slots_per_worker={spw} = {workers * spw} slots < "
                 f"num_experts={experts}: every expert needs at least one slot"
             )
+        if self.tier.device_slots is not None and self.tier.device_slots > spw:
+            raise ValueError(f"tier.device_slots={self.tier.device_slots} > slots_per_worker={spw}: a worker has "
+                             f"only {spw} slots per layer")
         return self
 
     @property
@@ -352,6 +357,7 @@ class EngineOptions(_Frozen):
     stats: StatsConfig = StatsConfig()
     rebalance: RebalanceConfig = RebalanceConfig()
     cache: CacheConfig = CacheConfig()
+    tier: HostTierConfig = HostTierConfig()
     seed: int = 0
 
 

@@ -9,6 +9,9 @@ first: gate rows [0, w) and up rows [F, F + w) of w13, down columns [0, w) of w2
 (w = c1 - c0, `width_S`). Every pair routed to a sharded replica fans out to its shards; the
 kernel does only each slot's w columns and the weighted combine adds the partial outputs.
 
+Host tier (`host`, moeray.host_tier): local slots [0, B) are the parameters below, on the device;
+slots [B, S_w) live in host memory and are computed there or fetched on demand. Whole experts only.
+
 Per-batch split (`batch_split`): from the batch's global per-expert counts (one fixed-size
 exchange of [E] counts after routing, no host sync) every worker computes the same rows per
 replica (moeray.comm.batch_split) and sends each pair to its replica by its global rank.
@@ -22,6 +25,7 @@ from torch import nn
 from moeray.comm.batch_split import DeviceReplicaUnits, global_rank_offsets, replica_of_pairs, split_rows
 from moeray.comm.dispatcher import Dispatcher
 from moeray.comm.slot_map import DeviceSlotMap, count_per_index, fan_out_weights, pairs_to_slots
+from moeray.host_tier import HostSlots
 from moeray.kernels import expert_mlp
 from moeray.kernels.combine import IMPLS as COMBINE_IMPLS
 from moeray.kernels.combine import unpermute_weighted
@@ -37,13 +41,19 @@ class SlotExperts(nn.Module):
     `width_S` (int32 [S_w] or None: all whole) is the FFN columns each local slot holds;
     `batch_split` (DeviceReplicaUnits of this layer or None: the planned weights) turns on the
     per-batch replica split. Both are set with the slot map, from one placement.
+    `host` (HostSlots or None): local slots from host.first_slot on live in host memory; the
+    parameters then hold only the device slots [0, host.first_slot).
     """
 
     def __init__(self, w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, slot_map: DeviceSlotMap,
                  dispatcher: Dispatcher, num_experts: int, kernel_impl: str = "auto", combine_impl: str = "auto",
                  overlap_chunks: int = 1, width_S: torch.Tensor | None = None,
-                 batch_split: DeviceReplicaUnits | None = None):
+                 batch_split: DeviceReplicaUnits | None = None, host: HostSlots | None = None):
         super().__init__()
+        if host is not None and (host.first_slot != w13_SHD.shape[0] or width_S is not None or overlap_chunks > 1):
+            raise ValueError(f"host slots start at {host.first_slot} after {w13_SHD.shape[0]} device slots, hold whole "
+                             f"experts and run without overlap chunks")
+        self.host = host
         self.w13_SHD = nn.Parameter(w13_SHD, requires_grad=False)
         self.w2_SDF = nn.Parameter(w2_SDF, requires_grad=False)
         self.slot_map = slot_map
@@ -64,7 +74,32 @@ class SlotExperts(nn.Module):
         # (moeray/generation/cuda_graphs.py); padding is computed but never counted as load.
         self.row_weight_T: torch.Tensor | None = None
         self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.int64, device=w13_SHD.device))
-        self.register_buffer("rows_S", torch.zeros(w13_SHD.shape[0], dtype=torch.int64, device=w13_SHD.device))
+        self.register_buffer("rows_S", torch.zeros(self.num_slots, dtype=torch.int64, device=w13_SHD.device))
+
+    @property
+    def num_slots(self) -> int:
+        """S_w: device slots, then host slots."""
+        return self.w13_SHD.shape[0] + (0 if self.host is None else self.host.num_slots)
+
+    def slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13_HD, w2_DF) of local slot `slot`, where it lives (a view: only read it)."""
+        device_slots = self.w13_SHD.shape[0]
+        if slot < device_slots:
+            return self.w13_SHD.data[slot], self.w2_SDF.data[slot]
+        return self.host.w13_XHD[slot - device_slots], self.host.w2_XDF[slot - device_slots]
+
+    def write_slot(self, slot: int, w13_HD: torch.Tensor, w2_DF: torch.Tensor) -> None:
+        """Copy one expert's weights into local slot `slot` (a commit, under the step lock)."""
+        dst13, dst2 = self.slot_weights(slot)
+        dst13.copy_(w13_HD)
+        dst2.copy_(w2_DF)
+
+    def all_slot_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13_SHD, w2_SDF) of every local slot on the host (checks, resizes)."""
+        if self.host is None:
+            return self.w13_SHD.detach().cpu(), self.w2_SDF.detach().cpu()
+        return (torch.cat([self.w13_SHD.detach().cpu(), self.host.w13_XHD]),
+                torch.cat([self.w2_SDF.detach().cpu(), self.host.w2_XDF]))
 
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         timer = self.timer
@@ -108,6 +143,9 @@ class SlotExperts(nn.Module):
         """y_MD: this worker's slots applied to the rows it received (and the rows counted)."""
         if self.record_load and self.row_weight_T is None:
             self.rows_S += dispatched.slot_offsets_S1.diff()
+        if self.host is not None:
+            return self.host.compute(dispatched.tokens_MD, dispatched.order_M, dispatched.slot_offsets_S1,
+                                     self.w13_SHD, self.w2_SDF, self.kernel_impl)
         return expert_mlp(dispatched.tokens_MD, self.w13_SHD, self.w2_SDF, dispatched.slot_offsets_S1,
                           dispatched.order_M, impl=self.kernel_impl, width_S=self.width_S)
 

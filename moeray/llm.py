@@ -46,10 +46,10 @@ class LLM:
     def __init__(self, model: str, num_workers: int = 1, device: str = "cpu", dtype: str | None = None,
                  redundant_slots_per_worker: int = 0, seed: int = 0, *, parallel: dict | None = None,
                  cache: dict | None = None, stats: dict | None = None, rebalance: dict | None = None,
-                 placement=None):
+                 tier: dict | None = None, placement=None):
         par = dict(num_workers=num_workers, device=device, redundant_slots_per_worker=redundant_slots_per_worker)
         options = EngineOptions(dtype=dtype, seed=seed, parallel={**par, **(parallel or {})}, cache=cache or {},
-                                stats=stats or {}, rebalance=rebalance or {})
+                                stats=stats or {}, rebalance=rebalance or {}, tier=tier or {})
         config = engine_config_for(model, options)
         self.tokenizer = Tokenizer.from_dir(model)
         self.engine = Engine(config, model, placement=placement)

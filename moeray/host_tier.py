@@ -1,0 +1,258 @@
+"""A worker's host tier (issue 13): the expert slots of one layer that live in host memory, and
+how the rows routed to them are computed while the device computes its own slots.
+
+Legend: M rows this worker received, D hidden, F expert FFN width, H = 2F, B device slots of a
+layer, X host slots of a layer (local slots B .. B + X - 1), Y rows of the host slots.
+
+Local slots [0, B) are device slots (SlotExperts' parameters), [B, S_w) host slots: pinned host
+tensors on a GPU worker (so copies to the device are asynchronous), plain ones on a CPU worker,
+where "device" is the same memory and the budget only picks the path (the tests run all paths).
+Per layer step, for the rows of each touched host slot, the cold path is
+    host   the rows go to the host, the slot's expert runs there (torch on the CPU, its threads),
+           and the results come back: small activations move, the weights stay;
+    fetch  the slot's weights are copied into a device staging slot (rounds of `fetch_slots`,
+           two rounds in flight) and the device kernel runs them;
+    auto   per slot and step, whichever `placement.tiering.split_cold` predicts is shorter from
+           the measured rates (few rows: host; many rows: fetch).
+The device kernel of the resident slots is launched before the host waits for anything, so the
+host part runs beside it; the results join before the combine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moeray.kernels import expert_mlp
+from moeray.kernels.reference import swiglu
+from placement.tiering import TierRates, split_cold
+
+
+@dataclass(frozen=True)
+class ColdPath:
+    """How one worker serves its host slots (shared by its layers)."""
+
+    mode: str  # "host" | "fetch" | "auto"
+    rates: TierRates | None  # measured on this worker (auto needs them)
+    fetch_slots: int = 4
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("host", "fetch", "auto"):
+            raise ValueError(f"cold path must be 'host', 'fetch' or 'auto', got {self.mode!r}")
+        if self.mode == "auto" and self.rates is None:
+            raise ValueError("cold path 'auto' needs measured TierRates")
+
+
+def host_threads(configured: int | None, workers_on_node: int) -> int:
+    """A GPU worker's host compute threads: configured, else this process's CPUs shared by the workers."""
+    if configured is not None:
+        return configured
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, workers_on_node))
+
+
+class HostSlots:
+    """The host slots of one layer: w13_XHD / w2_XDF in host memory, local slots first_slot + x."""
+
+    def __init__(self, w13_XHD: torch.Tensor, w2_XDF: torch.Tensor, first_slot: int, device: torch.device, path: ColdPath):
+        pin = device.type == "cuda"
+        self.w13_XHD = w13_XHD.cpu().contiguous()
+        self.w2_XDF = w2_XDF.cpu().contiguous()
+        if pin:
+            self.w13_XHD, self.w2_XDF = self.w13_XHD.pin_memory(), self.w2_XDF.pin_memory()
+        self.first_slot = first_slot
+        self.device = device
+        self.path = path
+        self._staging = None  # (w13 [2, fetch_slots, H, D], w2 [2, fetch_slots, D, F]) on the device, at first fetch
+        self._streams = None  # (rows stream, weights stream) on a GPU
+
+    @property
+    def num_slots(self) -> int:
+        return self.w13_XHD.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w13_XHD, self.w2_XDF))
+
+    def staging_bytes(self) -> int:
+        return 0 if self._staging is None else sum(t.numel() * t.element_size() for t in self._staging)
+
+    # ---- the layer step ----------------------------------------------------------------------
+    def compute(self, tokens_MD: torch.Tensor, order_M: torch.Tensor, slot_offsets_S1: torch.Tensor,
+                w13_BHD: torch.Tensor, w2_BDF: torch.Tensor, impl: str) -> torch.Tensor:
+        """y_MD of every slot (device and host), the expert_mlp contract over all S_w slots."""
+        first = self.first_slot
+        # host sync: the host slots' row counts size the host work (one [S_w + 1] read per layer step)
+        offsets = slot_offsets_S1.tolist()
+        rows_X = np.diff(offsets[first:])
+        cold_Y = order_M[offsets[first]:offsets[-1]]  # rows of the host slots, grouped by slot
+        host_slots, fetch_slots = self._plan(rows_X, offsets[first]) if rows_X.sum() else ([], [])
+        sent = None
+        if host_slots:
+            # gathered and on their way to the host before the device kernel is queued: the copy
+            # then waits for nothing but this gather
+            starts_X = np.concatenate([[0], np.cumsum(rows_X)])
+            positions_Y = torch.cat([torch.arange(int(starts_X[x]), int(starts_X[x + 1])) for x in host_slots])
+            rows_Y = cold_Y.index_select(0, positions_Y.to(cold_Y.device))
+            sent = (rows_Y, self._send_rows(tokens_MD.index_select(0, rows_Y)))
+        if first > 0 and offsets[first] > 0:
+            y_MD = expert_mlp(tokens_MD, w13_BHD, w2_BDF, slot_offsets_S1[:first + 1], order_M[:offsets[first]], impl=impl)
+        else:
+            y_MD = torch.zeros_like(tokens_MD)
+        if fetch_slots:
+            y_MD = y_MD + self._fetched(tokens_MD, cold_Y, rows_X, fetch_slots, impl)
+        if sent is not None:
+            rows_Y, x_host_YD = sent
+            y_MD.index_copy_(0, rows_Y, self._back_from_host(x_host_YD, rows_X, host_slots))
+        return y_MD
+
+    def _plan(self, rows_X: np.ndarray, device_rows: int) -> tuple[list[int], list[int]]:
+        """(host slots, fetched slots), indices into the host slots, touched ones only."""
+        touched = [int(x) for x in np.flatnonzero(rows_X)]
+        if self.path.mode == "host":
+            return touched, []
+        if self.path.mode == "fetch":
+            return [], touched
+        rates = self.path.rates
+        fetch_X = split_cold(rows_X, rates, rates.device_floor_s + device_rows * rates.device_row_s)
+        return [x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]]
+
+    def _send_rows(self, x_YD: torch.Tensor) -> torch.Tensor:
+        """The rows' copy in host memory (on a GPU: a pinned buffer filled on the rows stream, which
+        waits only for what the main stream queued so far: the gather)."""
+        if self.device.type != "cuda":
+            return x_YD
+        rows_stream, _ = self._cuda_streams()
+        rows_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(rows_stream):
+            x_host_YD = torch.empty(x_YD.shape, dtype=x_YD.dtype, pin_memory=True)
+            x_host_YD.copy_(x_YD, non_blocking=True)
+        x_YD.record_stream(rows_stream)
+        return x_host_YD
+
+    def _back_from_host(self, x_host_YD: torch.Tensor, rows_X: np.ndarray, slots: list[int]) -> torch.Tensor:
+        """y_YD on the device of the host slots' rows (in `slots` order), computed on the host while
+        the device runs the kernels queued before."""
+        if self.device.type != "cuda":
+            return self._host_math(x_host_YD, rows_X, slots)
+        rows_stream, _ = self._cuda_streams()
+        rows_stream.synchronize()  # host sync: the rows' copy only (the device kernel goes on)
+        y_host_YD = self._host_math(x_host_YD, rows_X, slots, pin=True)
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(rows_stream):
+            y_YD = y_host_YD.to(self.device, non_blocking=True)
+        main.wait_stream(rows_stream)
+        y_YD.record_stream(main)
+        return y_YD
+
+    def _host_math(self, x_YD: torch.Tensor, rows_X: np.ndarray, slots: list[int], pin: bool = False) -> torch.Tensor:
+        y_YD = torch.empty(x_YD.shape, dtype=x_YD.dtype, pin_memory=pin)
+        at = 0
+        for x in slots:
+            n = int(rows_X[x])
+            y_YD[at:at + n] = swiglu(x_YD[at:at + n], self.w13_XHD[x], self.w2_XDF[x])
+            at += n
+        return y_YD
+
+    def _fetched(self, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, rows_X: np.ndarray, slots: list[int],
+                 impl: str) -> torch.Tensor:
+        """y_MD of the fetched slots' rows (zeros elsewhere): their weights copied to staging slots
+        in rounds, round r + 1's copies in flight while round r computes."""
+        w13_2GHD, w2_2GDF = self._staging_buffers()
+        per_round = w13_2GHD.shape[1]
+        starts_X = np.concatenate([[0], np.cumsum(rows_X)])
+        cuda = self.device.type == "cuda"
+        main = torch.cuda.current_stream(self.device) if cuda else None
+        weights_stream = self._cuda_streams()[1] if cuda else None
+        freed = [None, None]  # per buffer: the event after the last kernel that read it
+        y_MD = torch.zeros_like(tokens_MD)
+        for r, lo in enumerate(range(0, len(slots), per_round)):
+            group = slots[lo:lo + per_round]
+            buf = r % 2
+            if cuda:
+                with torch.cuda.stream(weights_stream):
+                    if freed[buf] is not None:
+                        weights_stream.wait_event(freed[buf])
+                    for j, x in enumerate(group):
+                        w13_2GHD[buf, j].copy_(self.w13_XHD[x], non_blocking=True)
+                        w2_2GDF[buf, j].copy_(self.w2_XDF[x], non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record(weights_stream)
+                main.wait_event(ready)
+            else:
+                for j, x in enumerate(group):
+                    w13_2GHD[buf, j].copy_(self.w13_XHD[x])
+                    w2_2GDF[buf, j].copy_(self.w2_XDF[x])
+            order_G = torch.cat([cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
+            counts = [0] + [int(rows_X[x]) for x in group]
+            offsets_G1 = torch.tensor(np.cumsum(counts), dtype=torch.int64).to(tokens_MD.device)
+            y_MD += expert_mlp(tokens_MD, w13_2GHD[buf, :len(group)], w2_2GDF[buf, :len(group)], offsets_G1, order_G, impl=impl)
+            if cuda:
+                freed[buf] = torch.cuda.Event()
+                freed[buf].record(main)
+        return y_MD
+
+    def _staging_buffers(self):
+        if self._staging is None:
+            g = self.path.fetch_slots
+            self._staging = (torch.empty((2, g) + tuple(self.w13_XHD.shape[1:]), dtype=self.w13_XHD.dtype, device=self.device),
+                             torch.empty((2, g) + tuple(self.w2_XDF.shape[1:]), dtype=self.w2_XDF.dtype, device=self.device))
+        return self._staging
+
+    def _cuda_streams(self):
+        if self._streams is None:
+            self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        return self._streams
+
+
+# ---- measured rates ----------------------------------------------------------------------------
+def _median_s(fn, reps: int, sync) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_rates(hidden: int, ffn: int, dtype: torch.dtype, device: torch.device, reps: int = 5) -> TierRates:
+    """TierRates of this machine for experts of this shape: host compute with the current torch
+    threads (1 and 33 rows: fixed cost and per row), the pinned host-to-device copy of one expert,
+    and the device kernel (16 and 272 rows of one slot). About a second for a Mixtral-sized expert."""
+    gen = torch.Generator().manual_seed(0)
+    w13_HD = (torch.randn(2 * ffn, hidden, generator=gen) * 0.02).to(dtype)
+    w2_DF = (torch.randn(hidden, ffn, generator=gen) * 0.02).to(dtype)
+    x_1D = torch.randn(33, hidden, generator=gen).to(dtype)
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    one = _median_s(lambda: swiglu(x_1D[:1], w13_HD, w2_DF), reps, lambda: None)
+    many = _median_s(lambda: swiglu(x_1D, w13_HD, w2_DF), reps, lambda: None)
+    host_row_s = max((many - one) / 32, 1e-9)
+    host_expert_s = max(one - host_row_s, 0.0)
+    expert_bytes = float((w13_HD.numel() + w2_DF.numel()) * w13_HD.element_size())
+    src = (w13_HD.pin_memory(), w2_DF.pin_memory()) if cuda else (w13_HD, w2_DF)
+    dst = (torch.empty_like(w13_HD, device=device), torch.empty_like(w2_DF, device=device))
+
+    def copy():
+        for s, d in zip(src, dst):
+            d.copy_(s, non_blocking=True)
+
+    pcie_bytes_per_s = expert_bytes / max(_median_s(copy, reps, sync), 1e-9)
+    w13_1HD, w2_1DF = dst[0][None], dst[1][None]
+    xs = torch.randn(272, hidden, generator=gen).to(dtype).to(device)
+
+    def kernel(rows: int):
+        offsets = torch.tensor([0, rows], device=device)
+        return lambda: expert_mlp(xs[:rows], w13_1HD, w2_1DF, offsets)
+
+    few, lots = _median_s(kernel(16), reps, sync), _median_s(kernel(272), reps, sync)
+    device_row_s = max((lots - few) / 256, 1e-9)
+    return TierRates(device_row_s=device_row_s, host_row_s=host_row_s, pcie_bytes_per_s=pcie_bytes_per_s,
+                     expert_bytes=expert_bytes, row_bytes=float(hidden * w13_HD.element_size()),
+                     device_floor_s=max(few - 16 * device_row_s, 0.0), host_expert_s=host_expert_s)

@@ -1,0 +1,52 @@
+"""The host tier's configuration (issue 13): how many of a worker's expert slots live in device
+memory, how cold experts are served, and how the coordinator moves experts between the tiers.
+
+A worker's local slots [0, device_slots) are in device memory and [device_slots, S_w) in host
+memory (pinned on a GPU worker). On a CPU worker both are host memory and the budget only
+decides which path computes a slot (the tests run every path that way).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class HostTierConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device_slots: int | None = Field(
+        default=None, ge=0, strict=True,
+        description="expert slots per MoE layer each worker keeps in device memory; the rest of its slots live in "
+                    "host memory. None: every slot on the device (no host tier)")
+    cold_path: Literal["host", "fetch", "auto"] = Field(
+        default="auto",
+        description="how rows routed to a host-memory slot are computed: on the host beside the device (host), by "
+                    "copying the expert's weights to a device staging slot on demand (fetch), or per slot and step, "
+                    "whichever the measured rates predict is shorter (auto)")
+    tiering: Literal["live", "static"] = Field(
+        default="live",
+        description="live: the coordinator swaps hot host-memory experts into device slots from the routing "
+                    "statistics (staged migrations); static: the experts stay in the slots the placement gave them")
+    host_threads: int | None = Field(
+        default=None, ge=1, strict=True,
+        description="CPU threads of a GPU worker's host compute; None: the CPUs this process may run on, shared "
+                    "by the workers (a CPU worker uses parallel.torch_threads_per_worker)")
+    fetch_slots: int = Field(default=4, ge=1, strict=True,
+                             description="device staging slots per round of on-demand fetches (two rounds in flight)")
+    margin: float = Field(default=0.2, ge=0, allow_inf_nan=False,
+                          description="a host-memory expert must carry (1 + margin) x the load of the device expert it replaces")
+    max_swaps: int = Field(default=2, ge=1, strict=True, description="promotions per layer, worker and decision")
+    cooldown_s: float = Field(default=5.0, ge=0, allow_inf_nan=False, description="between two tier changes")
+    min_gain: float = Field(
+        default=0.02, ge=0, allow_inf_nan=False,
+        description="a tier change must shorten the modelled step (measured rates) by this fraction on some worker")
+
+    @property
+    def enabled(self) -> bool:
+        return self.device_slots is not None
+
+    def device_slots_of(self, slots_per_worker: int) -> int:
+        """Device slots per layer of a worker with `slots_per_worker` slots."""
+        return slots_per_worker if self.device_slots is None else min(self.device_slots, slots_per_worker)

@@ -1,0 +1,112 @@
+"""The host tier through the real layer path (moeray.host_tier via SlotExperts) against the dense
+reference: every budget from no device slot to all, every cold path (host compute, on-demand
+fetch in rounds, the per-step auto split), awkward sizes, and expert parallelism over Gloo ranks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moeray.comm import local_ranks
+from moeray.comm.dispatcher import AllToAllDispatcher, LocalDispatcher
+from moeray.comm.slot_map import DeviceSlotMap
+from moeray.expert_parallel import SlotExperts
+from moeray.host_tier import ColdPath, HostSlots, measure_rates
+from placement import Placement
+from placement.tiering import TierRates, split_cold
+
+from tests.helpers import random_replicated_placement
+from tests.unit.test_dispatch import dense_reference, weights_and_inputs
+
+D, F = 12, 20
+# a host row costs 3 device rows, a fetch 4 host rows' worth: auto fetches a slot from ~2 rows on
+RATES = TierRates(device_row_s=1e-6, host_row_s=3e-6, pcie_bytes_per_s=1e9, expert_bytes=6e3, row_bytes=48,
+                  host_expert_s=2e-6)
+
+
+def tiered_layer(placement, rank, dispatcher, w13_EHD, w2_EDF, budget: int, path: ColdPath) -> SlotExperts:
+    mine = placement.slots_of_worker(rank)[0]
+    held = torch.as_tensor(mine >= 0)[:, None, None]
+    w13 = torch.where(held, w13_EHD[np.maximum(mine, 0)], 0)
+    w2 = torch.where(held, w2_EDF[np.maximum(mine, 0)], 0)
+    host = None if budget >= len(mine) else HostSlots(w13[budget:], w2[budget:], budget, torch.device("cpu"), path)
+    return SlotExperts(w13[:budget].clone(), w2[:budget].clone(), DeviceSlotMap.from_placement(placement, 0), dispatcher,
+                       placement.num_experts, kernel_impl="reference", host=host)
+
+
+PATHS = [ColdPath("host", None), ColdPath("fetch", None, fetch_slots=1), ColdPath("fetch", None, fetch_slots=3),
+         ColdPath("auto", RATES, fetch_slots=2)]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p.mode}{p.fetch_slots}")
+@pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 3), (9, 3), (40, 2)])
+def test_one_worker_every_budget_equals_the_dense_reference(path, tokens, top_k):
+    experts, spw = 7, 8  # one free slot
+    w13_EHD, w2_EDF, [(x, ids, w)] = weights_and_inputs(tokens * 10 + top_k, experts, top_k, [tokens], D, F)
+    placement = Placement(np.array([[3, 0, 6, -1, 2, 5, 1, 4]]), experts, spw)
+    want = dense_reference(x, ids, w, w13_EHD, w2_EDF)
+    for budget in range(spw + 1):
+        layer = tiered_layer(placement, 0, LocalDispatcher(spw), w13_EHD, w2_EDF, budget, path)
+        got = layer(x, ids, w)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"budget {budget}")
+        assert layer.rows_S.sum().item() == tokens * top_k  # counted per slot, device and host alike
+
+
+def test_slot_views_and_writes_cross_the_tiers():
+    w13_EHD, w2_EDF, _ = weights_and_inputs(1, 4, 1, [0], D, F)
+    placement = Placement(np.array([[0, 1, 2, 3]]), 4, 4)
+    layer = tiered_layer(placement, 0, LocalDispatcher(4), w13_EHD, w2_EDF, 1, PATHS[0])
+    assert layer.num_slots == 4 and layer.rows_S.numel() == 4
+    w13_SHD, w2_SDF = layer.all_slot_weights()
+    torch.testing.assert_close(w13_SHD, w13_EHD)
+    layer.write_slot(0, w13_EHD[3], w2_EDF[3])  # a promotion lands in a device slot ...
+    layer.write_slot(3, w13_EHD[0], w2_EDF[0])  # ... the demoted expert in a host slot
+    torch.testing.assert_close(layer.slot_weights(0)[0], w13_EHD[3])
+    torch.testing.assert_close(layer.host.w2_XDF[2], w2_EDF[0])
+
+
+def test_auto_split_fetches_the_slots_with_many_rows():
+    # by hand: all on the host 147.5 us; fetching the 30-row slot gives max(41, 52.5) us; also
+    # fetching the 12-row one max(59, 13.3) us, longer: it stays
+    fetch = split_cold(np.array([1, 0, 30, 2, 12]), RATES, device_s=5e-6)
+    assert fetch.tolist() == [False, False, True, False, False]
+    assert split_cold(np.array([30, 30]), RATES, device_s=0.0).tolist() == [True, True]  # 72 us < 95 us < 190 us
+    assert not split_cold(np.array([1, 1]), RATES, device_s=1.0).any()  # a long device part: all on the host
+
+
+def test_measured_rates_are_positive_and_finite():
+    rates = measure_rates(D, F, torch.float32, torch.device("cpu"), reps=2)
+    assert rates.expert_bytes == 3 * D * F * 4 and rates.row_bytes == D * 4
+    assert all(np.isfinite(v) and v > 0 for v in (rates.host_row_s, rates.device_row_s, rates.pcie_bytes_per_s))
+
+
+def test_cold_path_needs_rates_for_auto():
+    with pytest.raises(ValueError, match="needs measured TierRates"):
+        ColdPath("auto", None)
+    with pytest.raises(ValueError, match="'host', 'fetch' or 'auto'"):
+        ColdPath("disk", None)
+
+
+# ---- expert parallelism: every worker has its own host tier ---------------------------------------
+EP_CASE = (3, 7, 3, 4, [6, 1, 0])  # workers, experts, top-k, slots per worker, tokens per rank (an idle one)
+
+
+def _ep_rank(group, rank, budget, mode):
+    workers, experts, top_k, spw, tokens = EP_CASE
+    w13_EHD, w2_EDF, inputs = weights_and_inputs(77, experts, top_k, tokens, D, F)
+    placement = random_replicated_placement(1, experts, workers, spw, seed=5)
+    path = ColdPath(mode, RATES if mode == "auto" else None, fetch_slots=2)
+    layer = tiered_layer(placement, rank, AllToAllDispatcher(group, spw), w13_EHD, w2_EDF, budget, path)
+    x, ids, w = inputs[rank]
+    with torch.no_grad():
+        return layer(x, ids, w).numpy(), dense_reference(x, ids, w, w13_EHD, w2_EDF).numpy()
+
+
+@pytest.mark.parametrize("budget,mode", [(0, "host"), (1, "fetch"), (2, "auto"), (3, "host")])
+def test_expert_parallel_host_tiers_equal_the_dense_reference(budget, mode):
+    results = local_ranks.run_ranks(EP_CASE[0], _ep_rank, (budget, mode), timeout_s=20.0, wait_s=60.0,
+                                    preload=("tests.unit.test_host_tier",))
+    for got, want in results:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
