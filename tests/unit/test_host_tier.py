@@ -16,7 +16,6 @@ from moeray.expert_parallel import SlotExperts
 from moeray.host_tier import ColdPath, HostSlots, measure_rates
 from placement import Placement
 from placement.tiering import TierRates, split_cold
-
 from tests.helpers import random_replicated_placement
 from tests.unit.test_dispatch import dense_reference, weights_and_inputs
 
@@ -61,6 +60,7 @@ def test_slot_views_and_writes_cross_the_tiers():
     assert layer.num_slots == 4 and layer.rows_S.numel() == 4
     w13_SHD, w2_SDF = layer.all_slot_weights()
     torch.testing.assert_close(w13_SHD, w13_EHD)
+    torch.testing.assert_close(w2_SDF, w2_EDF)
     layer.write_slot(0, w13_EHD[3], w2_EDF[3])  # a promotion lands in a device slot ...
     layer.write_slot(3, w13_EHD[0], w2_EDF[0])  # ... the demoted expert in a host slot
     torch.testing.assert_close(layer.slot_weights(0)[0], w13_EHD[3])

@@ -8,8 +8,20 @@ import numpy as np
 import pytest
 
 from placement import Placement
-from placement.tiering import (TierConfig, TierPlan, TierRates, TierState, arrange_tiers, decide_tiers, hottest,
-                               initial_tiers, placement_tiers, slot_loads, step_seconds, swap_slots)
+from placement.tiering import (
+    TierConfig,
+    TierPlan,
+    TierRates,
+    TierState,
+    arrange_tiers,
+    decide_tiers,
+    hottest,
+    initial_tiers,
+    placement_tiers,
+    slot_loads,
+    step_seconds,
+    swap_slots,
+)
 
 RATES = TierRates(device_row_s=1e-6, host_row_s=2e-5, pcie_bytes_per_s=25e9, expert_bytes=3 * 4096 * 14336 * 2,
                   row_bytes=4096 * 2, device_floor_s=5e-5)
