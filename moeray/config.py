@@ -333,10 +333,15 @@ class EngineConfig(_Frozen):
                 f"num_workers={workers} x slots_per_worker={spw} = {workers * spw} slots < "
                 f"num_experts={experts}: every expert needs at least one slot"
             )
-        if self.tier.device_slots is not None and self.tier.device_slots > spw:
-            raise ValueError(f"tier.device_slots={self.tier.device_slots} > slots_per_worker={spw}: a worker has "
-                             f"only {spw} slots per layer")
+        if self.tier.live(spw) and not self.stats.enabled:
+            raise ValueError("tier.tiering='live' needs stats.enabled=True: the coordinator tiers from routing stats")
         return self
+
+    @property
+    def coordinator_ticks(self) -> bool:
+        """Whether the engine asks the coordinator to decide every check_interval steps: the
+        rebalance policy, or live host-tier swaps (which run with the policy off too)."""
+        return self.rebalance.enabled or self.tier.live(self.slots_per_worker)
 
     @property
     def slots_per_worker(self) -> int:

@@ -21,6 +21,7 @@ from moeray.coordinator_core import CoordinatorCore
 from moeray.planning import PlanningSetup
 from moeray.slot_transfer import lower_process_priority
 from moeray.stats_wire import LoadSnapshot
+from moeray.tier_control import TierControl
 from placement import Placement
 from placement.fault_aware import FaultAwareOptions
 from placement.planner import Plan
@@ -47,6 +48,8 @@ class Coordinator:
             fault_aware=FaultAwareOptions() if rebalance.fault_aware else None,
             planning=PlanningSetup.from_config(config),
             node_ids=None if node_ids is None else tuple(node_ids),
+            tiers=TierControl(config.tier, config.slots_per_worker) if config.tier.enabled else None,
+            rebalance_enabled=rebalance.enabled,
         )
         if restored is not None:
             self.core.restore(**restored)
@@ -68,6 +71,12 @@ class Coordinator:
         """Policy check; on a rebalance, plan and stage v+1 on every worker. Returns the staged
         placement for the engine to commit ({"version", "placement"}: the plan's Placement as the
         planner made it, split weights and shard widths included), or None."""
+        tiers = self.core.tiers
+        if tiers is not None and tiers.live and not tiers.rates_asked and self.device == "cuda":
+            # the measured rates the tier swaps are modelled with (one worker's: the workers are alike).
+            # CPU workers: no model; "device" and host slots share one memory and CPU, the margin decides
+            tiers.rates_asked = True
+            tiers.rates = await asyncio.wait_for(self.workers[0].tier_rates.remote(), timeout=self.timeout_s)
         new_plan = self.core.maybe_plan(time.time() if now is None else now, force=force, requested=requested)
         if new_plan is None:
             return None

@@ -29,6 +29,7 @@ from moeray.coordinator_timeline import step_timeline, sum_rows
 from moeray.rebalance_log import RebalanceRecord
 from moeray.planning import PlannerChoice, PlanningSetup, requested_plan
 from moeray.stats_wire import LoadSnapshot
+from moeray.tier_control import TierControl
 
 _HISTORY_LIMIT = 4096  # step ranges kept for stats(); older ones are dropped
 
@@ -62,6 +63,8 @@ class CoordinatorCore:
     fault_aware: FaultAwareOptions | None = None  # the planner's fault-aware pass (None: off)
     planning: PlanningSetup = field(default_factory=PlanningSetup)  # which planner, link rates, model shape
     node_ids: tuple | None = None  # node id of each worker rank at start-up (workers_per_node=None)
+    tiers: TierControl | None = None  # the host tier's device slots (moeray.tier_control); None: no host tier
+    rebalance_enabled: bool = True  # False: only forced or requested plans, and tier swaps
     workers_per_node: int | None = field(init=False, default=None)  # kept across resizes; None: flat
     topology_reason: str = field(init=False, default="")  # which topology and why (the stats view shows it)
     last_choice: PlannerChoice | None = None  # the planner of the last plan, and why
@@ -154,6 +157,8 @@ class CoordinatorCore:
         p = self.placement
         self.topology, reason = self.planning.topology(p.num_workers, p.slots_per_worker, self.workers_per_node)
         self.topology_reason = f"{reason} ({self._per_node_reason})"
+        if self.tiers is not None:
+            self.tiers.slots_per_worker = p.slots_per_worker
 
     @property
     def replica_weights_LS(self) -> np.ndarray | None:
@@ -206,6 +211,9 @@ class CoordinatorCore:
             return cache["plan"]
 
         current = self.current_imbalance(load_LE)
+        if not force and not self.rebalance_enabled:
+            self.last_decision = Decision(False, "rebalance policy off")
+            return self._tier_plan(now, load_LE, current)
         if force:
             decision = Decision(True, "forced")
             self.policy_state = PolicyState(last_rebalance_s=now)
@@ -216,13 +224,26 @@ class CoordinatorCore:
             decision, self.policy_state = decide(self.policy_state, stats, now, self.policy_config)
         self.last_decision = decision
         if not decision.rebalance:
-            return None
+            return self._tier_plan(now, load_LE, current)
         new_plan = planned()
         if _same_placement(new_plan.placement, self.placement) and not force:
             self.last_decision = Decision(False, "planner kept every slot and split weight", decision.gain)
-            return None
+            return self._tier_plan(now, load_LE, current)
+        if self.tiers is not None:  # the planner knows nothing of tiers: hottest experts into device slots
+            new_plan = self.tiers.arrange(new_plan, self.placement, load_LE, self.topology, now)
         # Zero slot copies with new split weights is still a rebalance: it moves no bytes.
         return self._begin(new_plan, now, decision, current)
+
+    def _tier_plan(self, now: float, load_LE: np.ndarray, current: np.ndarray) -> Plan | None:
+        """No rebalance: swaps between each worker's device and host slots (TierControl.decide), or None."""
+        tiered = None if self.tiers is None else self.tiers.decide(self.placement, load_LE, self.recent.effective_steps, now)
+        if tiered is None:
+            if self.tiers is not None and self.tiers.last is not None:
+                self.last_decision = replace(self.last_decision, reason=f"{self.last_decision.reason}; {self.tiers.last.reason}")
+            return None
+        self.last_decision = Decision(True, self.tiers.last.reason)
+        self.last_choice = PlannerChoice("tiering", self.tiers.last.reason)
+        return self._begin(requested_plan(self.placement, tiered, self.topology, load_LE), now, self.last_decision, current)
 
     def _begin(self, new_plan: Plan, now: float, decision: Decision, current: np.ndarray) -> Plan:
         """Number the plan (versions are never reused), put it in flight and log it."""
@@ -343,6 +364,7 @@ class CoordinatorCore:
             "in_flight_version": None if self.in_flight is None else self.in_flight.placement.version,
             "drifts_detected": list(self.drifts_detected),
             "planner": self.planner_view(),
+            "tier": None if self.tiers is None else self.tiers.view(),
         }
         if timeline:
             out["timeline"] = step_timeline(ranges, self.window_steps)
@@ -388,6 +410,7 @@ class CoordinatorCore:
             "history": list(self.history),
             "drifts_detected": list(self.drifts_detected),
             "planner": self.planner_view(),
+            "tier": None if self.tiers is None else self.tiers.view(),
             "time": time.time(),
         }
 

@@ -183,7 +183,7 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
         self.steps += 1
         if staged:  # every worker ran this step with the new version: it is committed
             self.committed(staged, self.steps - 1)
-        if self.coordinator is not None and self.config.rebalance.enabled:
+        if self.coordinator is not None and self.config.coordinator_ticks:
             self.poll_rebalance()
         return outs
 

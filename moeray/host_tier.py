@@ -208,6 +208,16 @@ class HostSlots:
         return self._streams
 
 
+def split_tiers(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, budget: int, device: torch.device,
+                path: ColdPath | None) -> tuple[torch.Tensor, torch.Tensor, HostSlots | None]:
+    """A layer's S_w slot weights (any device) as (device w13_BHD, device w2_BDF, host slots or
+    None): the first `budget` slots go to `device`, the rest to host memory. path None: no host tier."""
+    if path is None or budget >= w13_SHD.shape[0]:
+        return w13_SHD.to(device), w2_SDF.to(device), None
+    host = HostSlots(w13_SHD[budget:], w2_SDF[budget:], budget, device, path)
+    return w13_SHD[:budget].to(device).clone(), w2_SDF[:budget].to(device).clone(), host
+
+
 # ---- measured rates ----------------------------------------------------------------------------
 def _median_s(fn, reps: int, sync) -> float:
     fn()

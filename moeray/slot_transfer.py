@@ -75,13 +75,13 @@ class SlotStaging:
             self._staged = None
 
 
-def export_slot_weights(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, local_slots: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Host views of the given local slots' weights (on GPU: one device-to-host copy per slot).
+def export_slot_weights(w13_HD: torch.Tensor, w2_DF: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Host views of one slot's weights (on GPU: one device-to-host copy; host tier: none).
 
     No copy on CPU: Ray serialises the return value into the object store before the call
     completes, and the live slots change only at a commit, which waits for the migration.
     """
-    return [(w13_SHD[s].detach().cpu().numpy(), w2_SDF[s].detach().cpu().numpy()) for s in local_slots]
+    return w13_HD.detach().cpu().numpy(), w2_DF.detach().cpu().numpy()
 
 
 def lower_thread_priority(niceness: int = 10) -> None:

@@ -18,8 +18,9 @@ class HostTierConfig(BaseModel):
 
     device_slots: int | None = Field(
         default=None, ge=0, strict=True,
-        description="expert slots per MoE layer each worker keeps in device memory; the rest of its slots live in "
-                    "host memory. None: every slot on the device (no host tier)")
+        description="expert slots per MoE layer each worker keeps in device memory (at most: a worker with fewer "
+                    "slots keeps all of them there); the rest of its slots live in host memory. None: every slot on "
+                    "the device (no host tier)")
     cold_path: Literal["host", "fetch", "auto"] = Field(
         default="auto",
         description="how rows routed to a host-memory slot are computed: on the host beside the device (host), by "
@@ -46,6 +47,10 @@ class HostTierConfig(BaseModel):
     @property
     def enabled(self) -> bool:
         return self.device_slots is not None
+
+    def live(self, slots_per_worker: int) -> bool:
+        """Whether the coordinator swaps experts between the tiers of workers with this many slots."""
+        return self.tiering == "live" and self.device_slots_of(slots_per_worker) < slots_per_worker
 
     def device_slots_of(self, slots_per_worker: int) -> int:
         """Device slots per layer of a worker with `slots_per_worker` slots."""

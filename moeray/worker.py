@@ -25,6 +25,7 @@ from moeray.config import EngineConfig
 from moeray.expert_parallel import SlotExperts
 from moeray.generation.messages import StepPlan, StepResult
 from moeray.generation.runner import SequenceRunner
+from moeray.host_tier import ColdPath, host_threads, measure_rates, split_tiers
 from moeray.models.checkpoint import CheckpointReader
 from moeray.models.decoder import MoECausalLM
 from moeray.models.kv_cache import PagedKVCache
@@ -59,6 +60,7 @@ class Worker(SlotMigration):
         self.xfer_group = None  # cuda: a second NCCL group per epoch for migration p2p
         self.reader = CheckpointReader(checkpoint_dir)  # the driver checked it against config.model
         self.dtype = getattr(torch, config.model.dtype)
+        self._cold_path = self._host_tier_setup()
         # A replacement worker (Engine.recover) starts on the committed placement's split weights.
         self.placement = accepted_placement(placement, config, rank)
         self.group_name: str | None = None
@@ -92,8 +94,8 @@ class Worker(SlotMigration):
         cfg = self.config.model
 
         def experts_factory(layer: int) -> SlotExperts:
-            w13, w2 = read_slots(self.reader, self.placement, layer, self.rank, self.dtype)
-            return self._slot_experts_of(layer, w13.to(self.device), w2.to(self.device))
+            w13, w2 = read_slots(self.reader, self.placement, layer, self.rank, self.dtype)  # on the host
+            return self._slot_experts_of(layer, w13, w2)
 
         model = MoECausalLM(cfg, experts_factory)
         # Dense parameters were allocated by the constructor; filled from the checkpoint below.
@@ -116,12 +118,33 @@ class Worker(SlotMigration):
                               seed=self.config.seed + self.rank, cuda_graphs=self._graphs_apply(),
                               max_num_seqs=cache_cfg.max_num_seqs)
 
+    def _host_tier_setup(self) -> ColdPath | None:
+        """The cold path of this worker's host tier (None: no host tier). On a GPU worker the host
+        compute gets its share of the node's CPUs; the rates the auto path and the coordinator's
+        tiering decide by are measured here, once, for this model's expert shape (about a second)."""
+        tier = self.config.tier
+        if not tier.enabled or tier.device_slots_of(self.config.slots_per_worker) >= self.config.slots_per_worker:
+            self.tier_rates_measured = None
+            return None
+        if self.device.type == "cuda":
+            torch.set_num_threads(host_threads(tier.host_threads, self.config.parallel.num_workers))
+        cfg = self.config.model
+        self.tier_rates_measured = measure_rates(cfg.hidden_size, cfg.moe_intermediate_size, self.dtype, self.device)
+        return ColdPath(tier.cold_path, self.tier_rates_measured, tier.fetch_slots)
+
+    def tier_rates(self):
+        """The measured TierRates of this worker's host tier (None without one), for the coordinator."""
+        return self.tier_rates_measured
+
     def _slot_experts_of(self, layer: int, w13_SHD: torch.Tensor, w2_SDF: torch.Tensor) -> SlotExperts:
-        """One MoE layer's experts module over these slot weights, under the current placement."""
+        """One MoE layer's experts module over these S_w slot weights (anywhere: the device slots
+        are moved to the device, host-tier slots to host memory), under the current placement."""
         routing = self._routings[layer]
-        return SlotExperts(w13_SHD, w2_SDF, routing.slot_map, self.dispatcher, self.config.model.num_experts,
+        budget = self.config.tier.device_slots_of(self.config.slots_per_worker)
+        w13_BHD, w2_BDF, host = split_tiers(w13_SHD, w2_SDF, budget, self.device, self._cold_path)
+        return SlotExperts(w13_BHD, w2_BDF, routing.slot_map, self.dispatcher, self.config.model.num_experts,
                            overlap_chunks=self.config.parallel.overlap_chunks, width_S=routing.width_S,
-                           batch_split=routing.batch_split)
+                           batch_split=routing.batch_split, host=host)
 
     def _routings_of(self, placement: Placement, device=None) -> list:
         """Every layer's slot map, slot widths and per-batch split units of `placement` here
@@ -181,7 +204,9 @@ class Worker(SlotMigration):
 
     def _graphs_apply(self) -> bool:
         par = self.config.parallel
-        return par.cuda_graphs and self.device.type == "cuda" and par.num_workers == 1 and par.overlap_chunks == 1
+        # a host tier reads its row counts on the host every layer step: no graph can hold that
+        return (par.cuda_graphs and self.device.type == "cuda" and par.num_workers == 1 and par.overlap_chunks == 1
+                and self._cold_path is None)
 
     def resync_steps(self, step: int) -> None:
         """Start counting from the engine's step (after a recovery, a replacement starts at 0 and the
@@ -324,8 +349,8 @@ class Worker(SlotMigration):
     def slot_weights(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(w13_SHD, w2_SDF) of this worker's slots in one layer, for checks and migrations."""
         with self._step_lock:
-            experts = self._slot_experts()[layer]
-            return experts.w13_SHD.detach().cpu().numpy(), experts.w2_SDF.detach().cpu().numpy()
+            w13_SHD, w2_SDF = self._slot_experts()[layer].all_slot_weights()
+            return w13_SHD.numpy(), w2_SDF.numpy()
 
     def memory_report(self) -> dict:
         """Resident memory against what this worker must hold: dense weights, its slots, its KV cache."""
@@ -338,8 +363,11 @@ class Worker(SlotMigration):
                 dense_bytes += size
         cache = self.runner.cache
         kv_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+        hosts = [e.host for e in self._slot_experts() if e.host is not None]
         return {"rank": self.rank, "pid": os.getpid(), "rss_before_load": self._rss_before_load,
-                "rss_now": resident_bytes(), "dense_bytes": dense_bytes, "slot_bytes": slot_bytes, "kv_bytes": kv_bytes}
+                "rss_now": resident_bytes(), "dense_bytes": dense_bytes, "slot_bytes": slot_bytes, "kv_bytes": kv_bytes,
+                # the host tier: slots in (pinned) host memory, and the device staging slots of fetches
+                "host_slot_bytes": sum(h.nbytes() for h in hosts), "staging_bytes": sum(h.staging_bytes() for h in hosts)}
 
     def ping(self) -> int:
         return self.rank

@@ -45,6 +45,9 @@ def accepted_placement(placement: Placement, config: EngineConfig, rank: int) ->
                              f"{placement.width_LS[layer, slot]:.6g}, no column of F={ffn}")
     if not 0 <= rank < placement.num_workers:
         raise ValueError(f"rank {rank} is not one of the placement's {placement.num_workers} workers")
+    if placement.is_sharded and config.tier.enabled:
+        raise ValueError(f"placement v{placement.version} shards experts, but a host tier (tier.device_slots="
+                         f"{config.tier.device_slots}) holds whole experts only")
     return placement
 
 
@@ -88,14 +91,19 @@ class SlotMigration:
                 from_replicas += len(fresh)
                 unread = [e for e in missing if e not in fresh]
                 fresh.update(zip(unread, zip(*self.reader.read_expert_slots(layer, np.array(unread), self.dtype))))
-                w13 = torch.zeros((len(mine_LS[layer]),) + tuple(old.w13_SHD.shape[1:]), dtype=self.dtype, device=self.device)
-                w2 = torch.zeros((len(mine_LS[layer]),) + tuple(old.w2_SDF.shape[1:]), dtype=self.dtype, device=self.device)
+                # with a host tier the new slots are assembled in host memory (they need not fit the
+                # device); _slot_experts_of moves the device ones there
+                where = "cpu" if self._cold_path is not None else self.device
+                w13_0, w2_0 = old.slot_weights(0)
+                w13 = torch.zeros((len(mine_LS[layer]),) + tuple(w13_0.shape), dtype=self.dtype, device=where)
+                w2 = torch.zeros((len(mine_LS[layer]),) + tuple(w2_0.shape), dtype=self.dtype, device=where)
                 for slot, expert in enumerate(int(e) for e in mine_LS[layer]):
                     if expert < 0:
                         continue
                     if expert in held:
-                        w13[slot].copy_(old.w13_SHD.data[held[expert]])
-                        w2[slot].copy_(old.w2_SDF.data[held[expert]])
+                        w13_HD, w2_DF = old.slot_weights(held[expert])
+                        w13[slot].copy_(w13_HD)
+                        w2[slot].copy_(w2_DF)
                         copied += 1
                     else:
                         w13[slot].copy_(as_source_tensor(fresh[expert][0]))
@@ -138,7 +146,7 @@ class SlotMigration:
         experts = self._slot_experts()
 
         def put():
-            views = [export_slot_weights(experts[layer].w13_SHD, experts[layer].w2_SDF, [slot])[0] for layer, slot in entries]
+            views = [export_slot_weights(*experts[layer].slot_weights(slot)) for layer, slot in entries]
             return [ray.put(views)]
 
         return self._transfer_pool.submit(put).result()
@@ -198,8 +206,9 @@ class SlotMigration:
         with torch.cuda.stream(self._xfer_stream):
             received = p2p.transfer_slots(
                 None if self.xfer_group is None else self.xfer_group.process_group, self.rank, self.placement.num_workers, slot_copies,
-                read=lambda layer, slot: (experts[layer].w13_SHD[slot], experts[layer].w2_SDF[slot]),
-                alloc=lambda layer: (torch.empty_like(experts[layer].w13_SHD[0]), torch.empty_like(experts[layer].w2_SDF[0])))
+                # a host-tier slot goes to the device first (NCCL sends device memory)
+                read=lambda layer, slot: tuple(t.to(self.device, non_blocking=True) for t in experts[layer].slot_weights(slot)),
+                alloc=lambda layer: tuple(torch.empty_like(t, device=self.device) for t in experts[layer].slot_weights(0)))
             if sharded_move:
                 pieces: dict = {}
                 for (layer, src, src_slot, dst, dst_slot, c0, c1), number in zip(copies, numbers):
@@ -231,8 +240,7 @@ class SlotMigration:
             raise RuntimeError(f"v{version} was staged on v{staged.base_version}, but v{self.placement.version} is live")
         experts = self._slot_experts()
         for (layer, slot), (w13_HD, w2_DF) in staged.slots.items():
-            experts[layer].w13_SHD.data[slot].copy_(as_source_tensor(w13_HD))
-            experts[layer].w2_SDF.data[slot].copy_(as_source_tensor(w2_DF))
+            experts[layer].write_slot(slot, as_source_tensor(w13_HD), as_source_tensor(w2_DF))  # device or host tier
         self.placement = staged.placement  # checked when it was staged
         # built on the host when it was staged; moved here, under the step lock (a CUDA call from
         # the stage thread could land inside a CUDA-graph capture of a step)

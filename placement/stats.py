@@ -69,6 +69,9 @@ class DecayedLoad:
     half_life_steps: float
     load: np.ndarray | None = field(default=None, repr=False)
     steps: int = 0
+    # steps' worth of counts `load` holds (each update's steps, decayed like its counts):
+    # load_LE / effective_steps is a per-step load
+    effective_steps: float = 0.0
 
     def __post_init__(self) -> None:
         if self.half_life_steps <= 0:
@@ -80,10 +83,11 @@ class DecayedLoad:
             raise ValueError(f"steps must be >= 1, got {steps}")
         decay = 0.5 ** (steps / self.half_life_steps)
         new = counts_LE if self.load is None else self.load * decay + counts_LE
-        return DecayedLoad(self.half_life_steps, new, self.steps + int(steps))
+        return DecayedLoad(self.half_life_steps, new, self.steps + int(steps), self.effective_steps * decay + steps)
 
     @property
     def load_LE(self) -> np.ndarray:
         if self.load is None:
             raise ValueError("DecayedLoad has no data yet")
         return self.load
+

@@ -125,7 +125,7 @@ class LoopClient:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         ready_ids = {ref.hex() for ref in ready}
         reports = [self._collect_one(rank) for rank, ref in list(self._drains.items()) if ref.hex() in ready_ids]
-        if reports and self.engine.coordinator is not None and self.engine.config.rebalance.enabled:
+        if reports and self.engine.coordinator is not None and self.engine.config.coordinator_ticks:
             self.engine.poll_rebalance()  # once per collection, not per report
         return reports
 

@@ -64,3 +64,25 @@ def test_engine_options_take_everything_but_the_model():
     assert opts.parallel.num_workers == 3 and opts.dtype == "bfloat16"
     with pytest.raises(ValidationError, match="model"):
         EngineOptions.model_validate({"model": {}})
+
+
+def test_host_tier_config_names_bad_values_and_live_tiering_needs_stats():
+    from moeray.config import StatsConfig
+    from moeray.tier_config import HostTierConfig
+
+    model = tiny_model_config(num_experts=8)
+    with pytest.raises(ValidationError, match="device_slots"):
+        EngineConfig(model=model, tier={"device_slots": "2"})  # strict: a string is not a slot count
+    with pytest.raises(ValidationError, match="cold_path"):
+        HostTierConfig(device_slots=1, cold_path="disk")
+    with pytest.raises(ValidationError, match="margin"):
+        HostTierConfig(margin=float("nan"))
+    with pytest.raises(ValidationError, match="needs stats.enabled=True"):
+        EngineConfig(model=model, stats=StatsConfig(enabled=False), rebalance={"enabled": False},
+                     tier={"device_slots": 1})
+    config = EngineConfig(model=model, parallel=ParallelConfig(num_workers=2), rebalance={"enabled": False},
+                          tier={"device_slots": 1})
+    assert config.slots_per_worker == 4 and config.tier.device_slots_of(4) == 1 and config.coordinator_ticks
+    assert HostTierConfig(device_slots=9).device_slots_of(4) == 4  # a budget above the slots: all on the device
+    static = EngineConfig(model=model, rebalance={"enabled": False}, tier={"device_slots": 1, "tiering": "static"})
+    assert not static.coordinator_ticks

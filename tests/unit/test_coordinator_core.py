@@ -5,8 +5,12 @@ import pytest
 
 from moeray.coordinator_core import CoordinatorCore
 from moeray.stats_wire import LoadSnapshot
+from moeray.tier_config import HostTierConfig
+from moeray.tier_control import TierControl
 from placement import Placement, Topology
+from placement.migration import migration_between
 from placement.policy import PolicyConfig
+from placement.tiering import TierRates, slot_loads
 
 L, E, W, SPW = 2, 8, 4, 3
 
@@ -190,3 +194,55 @@ def test_the_fault_aware_option_reaches_the_coordinators_plans():
         new = core.maybe_plan(now=100.0, force=True)
         worst[name] = float(surviving_load_after_worker_loss(load, new.placement).min())
     assert worst["fault_aware"] > worst["plain"], worst
+
+
+# ---- the host tier (moeray.tier_control) ----------------------------------------------------------
+
+
+def tiered_core(rebalance_enabled=True, rates=None, **tier):
+    core = make_core()
+    config = HostTierConfig(**{"device_slots": 1, "cooldown_s": 5.0, "min_gain": 0.0, **tier})
+    core.tiers = TierControl(config, SPW, rates=rates)
+    core.rebalance_enabled = rebalance_enabled
+    return core
+
+
+def test_with_the_policy_off_live_tiering_swaps_a_hot_host_expert_in_then_cools_down():
+    core = tiered_core(rebalance_enabled=False)
+    # contiguous: worker 1 holds experts 2, 3 in its slots 3 (the device slot), 4; expert 3 is hot
+    feed(core, hot_load(hot_expert=3), 0, 4)
+    plan = core.maybe_plan(now=100.0)
+    assert plan is not None and plan.placement.version == 1
+    assert plan.placement.phy2log[:, 3:6].tolist() == [[3, 2, -1]] * L and plan.migration.num_copies == 2 * L
+    assert core.records[-1].planner == "tiering" and "2 promotions" in core.records[-1].reason  # one per layer
+    core.committed(1, step=4)
+    feed(core, hot_load(hot_expert=2), 4, 8, version=1)
+    assert core.maybe_plan(now=102.0) is None and "tier cooldown" in core.last_decision.reason
+    assert "rebalance policy off" in core.last_decision.reason
+    feed(core, hot_load(hot_expert=2, scale=500), 8, 12, version=1)
+    later = core.maybe_plan(now=106.0)  # past the cooldown, expert 2 out-carries expert 3 by far: back
+    assert later is not None and later.placement.phy2log[:, 3:5].tolist() == [[2, 3]] * L
+
+
+def test_a_planner_plan_is_rearranged_so_the_hottest_experts_take_the_device_slots():
+    core = tiered_core(rebalance_enabled=True)
+    feed(core, hot_load(hot_expert=2), 0, 4)
+    plan = core.maybe_plan(now=100.0)
+    assert plan is not None and core.records[-1].planner != "tiering"
+    load_LE = core.planning_load_LE
+    for worker in range(W):
+        load_LS = slot_loads(plan.placement, load_LE, worker)
+        assert (load_LS[:, 0] >= load_LS[:, 1:].max(axis=1)).all(), (worker, load_LS)
+    # the migration is from the live placement to the arranged one, copy for copy
+    assert plan.migration.num_copies == migration_between(core.placement, plan.placement, core.topology).num_copies
+
+
+def test_static_tiering_and_a_modelled_loss_change_nothing():
+    static = tiered_core(rebalance_enabled=False, tiering="static")
+    feed(static, hot_load(hot_expert=3), 0, 4)
+    assert static.maybe_plan(now=100.0) is None and "rebalance policy off" == static.last_decision.reason
+    # host rows nearly free, device rows dear: a promotion would lengthen the modelled step
+    dear_device = TierRates(device_row_s=1e-3, host_row_s=1e-9, pcie_bytes_per_s=1e12, expert_bytes=1.0, row_bytes=1.0)
+    modelled = tiered_core(rebalance_enabled=False, rates=dear_device, cold_path="host")
+    feed(modelled, hot_load(hot_expert=3), 0, 4)
+    assert modelled.maybe_plan(now=100.0) is None and "no worker gains" in modelled.last_decision.reason

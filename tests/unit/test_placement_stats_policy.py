@@ -25,6 +25,12 @@ def test_decayed_load_half_life():
     assert d2.load_LE[0, 0] == pytest.approx(4.0) and d.load_LE[0, 0] == 8.0
     with pytest.raises(ValueError):
         d.update(-np.ones((1, 1)))
+    # steps' worth of counts it holds, decayed alike: 2 steps of weight 1/2 after 2 more steps of 0
+    assert d.effective_steps == 1 and d2.effective_steps == pytest.approx(0.5 + 2)
+    steady = DecayedLoad(half_life_steps=3)
+    for _ in range(60):
+        steady = steady.update(np.array([[12.0]]), steps=4)
+    assert steady.load_LE[0, 0] / steady.effective_steps == pytest.approx(3.0)  # a per-step load
 
 
 def test_policy_hysteresis_cooldown_and_min_tokens():

@@ -1,0 +1,81 @@
+"""The coordinator's host-tier control (issue 13): which experts sit in each worker's device slots.
+No Ray here; `CoordinatorCore` owns one and asks it at every decision.
+
+Legend: L layers, E experts, S slots, S_w slots per worker.
+
+A worker's local slots [0, budget) are in device memory, the rest in host memory, so moving an
+expert between the tiers is a placement change inside one worker: a swap of two slots, carried
+out by the same staged migration as any rebalance (staged while steps go on, committed at a step
+boundary). Two ways in:
+  - a rebalance plan from the planner (which knows nothing of tiers) is rearranged so every
+    worker's hottest experts take its device slots, moving as few slots as it can;
+  - between rebalances, `placement_tiers` swaps a host expert that out-carries a device one by
+    the margin, after the cooldown, where the modelled step (rates measured on a worker) gains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from moeray.tier_config import HostTierConfig
+from placement import Placement
+from placement.migration import migration_between
+from placement.planner import Plan
+from placement.tiering import TierConfig, TierPlan, TierRates, arrange_tiers, placement_tiers
+
+
+@dataclass
+class TierControl:
+    config: HostTierConfig
+    slots_per_worker: int
+    rates: TierRates | None = None  # measured by a worker (Worker.tier_rates); None: the margin alone decides
+    rates_asked: bool = False
+    last_change_s: float | None = None
+    last: TierPlan | None = None  # the last live decision, for the stats view
+
+    @property
+    def budget(self) -> int:
+        return self.config.device_slots_of(self.slots_per_worker)
+
+    @property
+    def active(self) -> bool:
+        """A host tier exists (some slot of every worker is in host memory)."""
+        return self.budget < self.slots_per_worker
+
+    @property
+    def live(self) -> bool:
+        return self.config.live(self.slots_per_worker)
+
+    def policy(self) -> TierConfig:
+        c = self.config
+        # cold_path "auto" is modelled as such; the gain check needs a mode step_seconds knows
+        return TierConfig(budget=self.budget, margin=c.margin, max_swaps=c.max_swaps, cooldown_s=c.cooldown_s,
+                          min_gain=c.min_gain, mode=c.cold_path)
+
+    def arrange(self, plan: Plan, current: Placement, load_LE: np.ndarray, topology, now: float) -> Plan:
+        """The planner's plan with every worker's hottest experts in its device slots (live
+        tiering only; static keeps the planner's slots). The worker loads, hence the predicted
+        imbalance, do not change; the migration is recomputed from `current`."""
+        if not self.live:
+            return plan
+        arranged = arrange_tiers(plan.placement, load_LE, self.budget)
+        if arranged is plan.placement:
+            return plan
+        self.last_change_s = now
+        return replace(plan, placement=arranged, migration=migration_between(current, arranged, topology))
+
+    def decide(self, current: Placement, load_LE: np.ndarray, steps: float, now: float) -> Placement | None:
+        """The next placement with hot host experts swapped into device slots, or None."""
+        if not self.live:
+            return None
+        self.last, self.last_change_s = placement_tiers(current, load_LE, steps, now, self.policy(),
+                                                        self.last_change_s, self.rates)
+        return self.last.placement
+
+    def view(self) -> dict:
+        return {"device_slots": self.budget, "slots_per_worker": self.slots_per_worker,
+                "cold_path": self.config.cold_path, "tiering": self.config.tiering,
+                "rates": None if self.rates is None else vars(self.rates),
+                "last": None if self.last is None else self.last.reason}
