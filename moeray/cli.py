@@ -36,6 +36,7 @@ BENCHMARKS = {
     "generate": "end-to-end generation: prefill / decode tokens/s, time to first token, HBM roofline, phases",
     "memory": "a worker's resident memory after loading vs dense + its slots (CPU, a 1-2 GB checkpoint)",
     "cost": "the cost model calibrated here, its predicted vs measured kernel, exchange and layer times (CPU or one GPU)",
+    "tier": "MoE layers over a GPU slot budget: all on GPU vs on-demand fetch vs host compute vs live tiering (one GPU)",
 }
 DEFAULT_URL = "http://127.0.0.1:8000"
 BUILTIN_MODEL_WORKERS, BUILTIN_MODEL_NAME = 2, "moeray-tiny"  # `moeray serve` with no model: workers, served name

@@ -1,0 +1,310 @@
+"""`moeray bench tier`: MoE layers whose experts exceed a GPU slot budget (issue 13), one GPU.
+
+Legend: L layers, E experts, K top-k, T tokens of a step, D hidden, F expert FFN width, B device
+slots per layer (the budget).
+
+Shapes: Mixtral (D 4096, F 14336, E 8, top-2) and OLMoE (D 2048, F 1024, E 64, top-8), bf16, one
+MoE layer per layer of the real routing trace (layers 0, 7, 15 of
+olmoe_mixtral_domain_expert_counts.json under --traces), random weights. Each step routes T tokens
+per layer by the trace's per-domain expert distribution (top-k distinct experts per token, drawn
+in proportion): "stationary" keeps one domain, "drifting" moves to the next domain every quarter
+of the run. Decode steps have --decode-tokens tokens, prefill steps --prefill-tokens.
+
+Every configuration runs the layer path a worker runs (SlotExperts with LocalDispatcher: slot map,
+routing counts, grouped kernel, weighted combine; moeray.host_tier for the host slots):
+  all      every expert in device slots: the upper bound (eager; a full model would also use CUDA graphs)
+  fetch    B device slots (experts 0..B-1, checkpoint order), every other touched expert copied to
+           a device staging slot on demand each step (PCIe, two rounds in flight)
+  host     the same B resident, the rows of every other expert computed in host memory
+  profiled host compute with the B hottest experts of the first domain resident, fixed (an offline
+           profile: right for a stationary workload, stale once it drifts)
+  ours     cold path "auto" (per slot and step: host compute or fetch, from the measured rates) and
+           live tiering: every --check-every steps the coordinator's tier policy (moeray.tier_control:
+           margin, max swaps, modelled gain from the measured rates) reads the layers' routing counts
+           and swaps hot host experts into device slots with the slot writes a commit does.
+           Starts from the same resident set as fetch/host; the swaps run inline and count in the
+           time (in the engine they are staged off the step path).
+tokens/s = T x steps / wall time of the steps (CUDA synchronised per step), the adaptation of
+"ours" included. Only the MoE layers are timed: a model's dense layers add the same time to every
+configuration, so the fractions of "all" here are the lowest a full model would show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import numpy as np
+import torch
+
+from moeray.bench import standalone, write_json
+
+SHAPES = {
+    "mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2, trace_model="mistral"),
+    "olmoe": dict(hidden=2048, ffn=1024, experts=64, top_k=8, trace_model="olmoe"),
+}
+MODES = ("all", "fetch", "host", "profiled", "ours")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", default="mixtral,olmoe")
+    p.add_argument("--budgets", default="0.25,0.5", help="device slots as fractions of the experts")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--decode-steps", type=int, default=48)
+    p.add_argument("--prefill-steps", type=int, default=12)
+    p.add_argument("--domains", default="arxiv,github,book,wikipedia", help="stationary: the first; drifting: in turn")
+    p.add_argument("--traces", default=None, help="traces directory (default ../shared/traces)")
+    p.add_argument("--host-threads", type=int, default=None, help="torch CPU threads (default: every CPU)")
+    p.add_argument("--fetch-slots", type=int, default=4)
+    p.add_argument("--margin", type=float, default=0.2)
+    p.add_argument("--max-swaps", type=int, default=2)
+    p.add_argument("--check-every", type=int, default=4, help="steps between tier decisions (ours)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke run of the code paths only")
+    p.add_argument("--small", action="store_true", help="shapes / 16 in D and F (a smoke run)")
+    p.add_argument("--json", default=None)
+
+
+def routing(probs_LE: np.ndarray, tokens: int, top_k: int, rng: np.random.Generator):
+    """([L, T, K] expert ids, [L, T, K] weights): top-k distinct experts per token, drawn in
+    proportion to probs (Gumbel top-k), weights softmax-like positive and summing to 1."""
+    gumbel_LTE = rng.gumbel(size=(probs_LE.shape[0], tokens, probs_LE.shape[1]))
+    scores_LTE = np.log(np.maximum(probs_LE, 1e-12))[:, None, :] + gumbel_LTE
+    ids_LTK = np.argsort(-scores_LTE, axis=2)[:, :, :top_k]
+    weights_LTK = rng.random((probs_LE.shape[0], tokens, top_k)) + 0.5
+    return ids_LTK, weights_LTK / weights_LTK.sum(axis=2, keepdims=True)
+
+
+def domain_schedule(workloads: dict, domains: list[str], steps: int, drifting: bool) -> list[str]:
+    if not drifting:
+        return [domains[0]] * steps
+    phase = max(1, steps // len(domains))
+    return [domains[min(s // phase, len(domains) - 1)] for s in range(steps)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stack:
+    """L SlotExperts layers over one set of random weights, rebuilt per budget; `reset` puts every
+    layer back to a given placement (slot writes, as a commit does) and cold path."""
+
+    def __init__(self, w13_LEHD, w2_LEDF, budget: int, rates, fetch_slots: int, device: torch.device):
+        from moeray.comm.dispatcher import LocalDispatcher
+        from moeray.comm.slot_map import DeviceSlotMap
+        from moeray.expert_parallel import SlotExperts
+        from moeray.host_tier import ColdPath, split_tiers
+        from placement import Placement
+
+        self.cuda = device
+        self.w13_LEHD, self.w2_LEDF = w13_LEHD, w2_LEDF  # host masters
+        L, E = len(w13_LEHD), w13_LEHD[0].shape[0]
+        self.budget, self.rates, self.fetch_slots = budget, rates, fetch_slots
+        self.placement = Placement(np.tile(np.arange(E), (L, 1)), E, E)
+        path = ColdPath("host", None, fetch_slots)
+        self.layers = []
+        for layer in range(L):
+            w13_BHD, w2_BDF, host = split_tiers(w13_LEHD[layer], w2_LEDF[layer], budget, self.cuda,
+                                                path if budget < E else None)
+            self.layers.append(SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(self.placement, layer, self.cuda),
+                                           LocalDispatcher(E), E, host=host))
+
+    def reset(self, phy2log_LS: np.ndarray, mode: str) -> None:
+        from moeray.comm.slot_map import DeviceSlotMap
+        from moeray.host_tier import ColdPath
+        from placement import Placement
+
+        E = self.placement.num_experts
+        self.placement = Placement(np.asarray(phy2log_LS), E, E)
+        for layer, experts in enumerate(self.layers):
+            for slot, expert in enumerate(self.placement.phy2log[layer]):
+                experts.write_slot(slot, self.w13_LEHD[layer][expert], self.w2_LEDF[layer][expert])
+            experts.slot_map = DeviceSlotMap.from_placement(self.placement, layer, self.cuda)
+            experts.load_E.zero_()
+            if experts.host is not None:
+                cold = {"fetch": "fetch", "ours": "auto"}.get(mode, "host")
+                experts.host.path = ColdPath(cold, self.rates if cold == "auto" else None, self.fetch_slots)
+        sync(self.cuda)
+
+
+class LiveTiers:
+    """The coordinator's tier control in this process: decayed routing counts in, slot swaps out."""
+
+    def __init__(self, stack: Stack, args, rates):
+        from moeray.tier_config import HostTierConfig
+        from moeray.tier_control import TierControl
+        from placement.stats import DecayedLoad
+
+        E = stack.placement.num_experts
+        config = HostTierConfig(device_slots=stack.budget, cold_path="auto", tiering="live", margin=args.margin,
+                                max_swaps=args.max_swaps, cooldown_s=0.0, min_gain=0.02, fetch_slots=args.fetch_slots)
+        self.stack, self.control = stack, TierControl(config, E, rates=rates)
+        self.recent = DecayedLoad(2.0 * args.check_every)
+        self.last_LE = np.zeros((len(stack.layers), E), dtype=np.int64)
+        self.swaps, self.swap_s = 0, 0.0
+
+    def after(self, steps: int, now: float) -> None:
+        from moeray.comm.slot_map import DeviceSlotMap
+        from placement.migration import migration_between
+
+        start = time.perf_counter()
+        load_LE = torch.stack([e.load_E for e in self.stack.layers]).cpu().numpy()  # host sync
+        self.recent = self.recent.update(load_LE - self.last_LE, steps=steps)
+        self.last_LE = load_LE
+        current = self.stack.placement
+        new = self.control.decide(current, self.recent.load_LE, self.recent.effective_steps, now)
+        if new is None:
+            return
+        mig = migration_between(current, new)
+        # every source read before any slot is written: a swap reads both slots first
+        sources = [(int(layer), int(dst), tuple(t.to(self.stack.cuda, copy=True) for t in
+                                                self.stack.layers[layer].slot_weights(int(src))))
+                   for layer, dst, src in zip(mig.layer, mig.dst_slot, mig.src_slot)]
+        for layer, dst, (w13_HD, w2_DF) in sources:
+            self.stack.layers[layer].write_slot(dst, w13_HD, w2_DF)
+        self.stack.placement = new
+        for layer, experts in enumerate(self.stack.layers):
+            experts.slot_map = DeviceSlotMap.from_placement(new, layer, self.stack.cuda)
+        sync(self.stack.cuda)
+        self.swaps += mig.num_copies // 2
+        self.swap_s += time.perf_counter() - start
+
+
+def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, tokens: int, top_k: int, args, rates):
+    stack.reset(phy2log_LS, mode)
+    rng = np.random.default_rng(args.seed)
+    D = stack.w13_LEHD[0].shape[2]
+    x_TD = (torch.randn(tokens, D, generator=torch.Generator().manual_seed(args.seed)) * 0.1).to(torch.bfloat16).to(stack.cuda)
+    steps = []
+    for domain in schedule:
+        ids, weights = routing(probs[domain], tokens, top_k, rng)
+        steps.append((torch.as_tensor(ids, device=stack.cuda), torch.as_tensor(weights, device=stack.cuda,
+                                                                               dtype=torch.bfloat16)))
+    live = LiveTiers(stack, args, rates) if mode == "ours" else None
+    step_s = []
+    sync(stack.cuda)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for s, (ids_LTK, weights_LTK) in enumerate(steps):
+            t0 = time.perf_counter()
+            for layer, experts in enumerate(stack.layers):
+                experts(x_TD, ids_LTK[layer], weights_LTK[layer])
+            sync(stack.cuda)
+            step_s.append(time.perf_counter() - t0)
+            if live is not None and (s + 1) % args.check_every == 0:
+                live.after(args.check_every, time.time())
+    total = time.perf_counter() - start
+    out = {"tokens_per_s": tokens * len(steps) / total, "median_step_ms": 1e3 * float(np.median(step_s)),
+           "steps": len(steps)}
+    if live is not None:
+        out.update(swaps=live.swaps, swap_ms_total=1e3 * live.swap_s, last_tier_reason=live.control.last and live.control.last.reason)
+    return out
+
+
+def hottest_first(probs_LE: np.ndarray, budget: int) -> np.ndarray:
+    """[L, E] slot order with each layer's `budget` hottest experts in the first slots."""
+    order_LE = np.argsort(-probs_LE, axis=1, kind="stable")
+    rows = []
+    for order in order_LE:
+        hot = sorted(order[:budget].tolist())
+        rows.append(hot + [e for e in range(probs_LE.shape[1]) if e not in hot])
+    return np.array(rows)
+
+
+def run_shape(name: str, args, trace_dir) -> dict:
+    from moeray.host_tier import measure_rates
+    from placement.traces import load_olmoe_mixtral
+
+    shape = SHAPES[name]
+    trace = load_olmoe_mixtral(trace_dir, shape["trace_model"])
+    probs = {d: w / w.sum(axis=1, keepdims=True) for d, w in trace.workloads.items()}
+    domains = [d for d in args.domains.split(",") if d in probs]
+    D, F, E, K = shape["hidden"], shape["ffn"], shape["experts"], shape["top_k"]
+    if args.small:
+        D, F = D // 16, F // 16
+    L = trace.shape[0]
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    w13, w2 = [], []
+    for _ in range(L):  # drawn on the GPU (fast), kept on the host as the masters
+        w13.append((torch.randn(E, 2 * F, D, device=device, generator=gen) * D ** -0.5).to(torch.bfloat16).cpu())
+        w2.append((torch.randn(E, D, F, device=device, generator=gen) * F ** -0.5).to(torch.bfloat16).cpu())
+    rates = measure_rates(D, F, torch.bfloat16, device)
+    print(f"{name}: rates {rates}", flush=True)
+    modes = args.modes.split(",")
+    results = []
+    budgets = sorted({E} | {max(1, round(float(b) * E)) for b in args.budgets.split(",")}, reverse=True)
+    for budget in budgets:
+        stack = Stack(w13, w2, budget, rates, args.fetch_slots, device)
+        identity = np.tile(np.arange(E), (L, 1))
+        for phase, tokens, steps in (("decode", args.decode_tokens, args.decode_steps),
+                                     ("prefill", args.prefill_tokens, args.prefill_steps)):
+            # warm-up: compiles the kernels for this token count on every path
+            warm = domain_schedule(probs, domains, 2, False)
+            for mode in (["all"] if budget == E else ["fetch", "host"]):
+                run_config(stack, mode, identity, warm, probs, tokens, K, args, rates)
+            for drifting in (False, True):
+                schedule = domain_schedule(probs, domains, steps, drifting)
+                for mode in modes:
+                    if (mode == "all") != (budget == E):
+                        continue
+                    start = hottest_first(probs[domains[0]], budget) if mode == "profiled" else identity
+                    r = run_config(stack, mode, start, schedule, probs, tokens, K, args, rates)
+                    row = dict(shape=name, budget=budget, budget_fraction=budget / E, phase=phase, tokens=tokens,
+                               workload="drifting" if drifting else "stationary", mode=mode, **r)
+                    results.append(row)
+                    print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        del stack
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"shape": dict(shape, name=name, hidden=D, ffn=F, layers=L, trace_layers=[0, 7, 15]), "rates": vars(rates),
+            "results": results}
+
+
+def summarise(shapes: list[dict]) -> list[dict]:
+    """Per (shape, budget, phase, workload): tokens/s of every mode and ours / all."""
+    rows = []
+    for entry in shapes:
+        results = entry["results"]
+        upper = {(r["phase"], r["workload"]): r["tokens_per_s"] for r in results if r["mode"] == "all"}
+        keys = sorted({(r["budget"], r["phase"], r["workload"]) for r in results if r["mode"] != "all"})
+        for budget, phase, workload in keys:
+            by_mode = {r["mode"]: r["tokens_per_s"] for r in results
+                       if (r["budget"], r["phase"], r["workload"]) == (budget, phase, workload)}
+            all_ = upper.get((phase, workload))
+            ours = by_mode.get("ours")
+            rows.append(dict(shape=entry["shape"]["name"], budget=budget, phase=phase, workload=workload,
+                             all=all_, **by_mode,
+                             ours_over_all=None if ours is None or not all_ else ours / all_,
+                             ours_beats_fetch_and_host=None if ours is None else
+                             all(ours > by_mode[m] for m in ("fetch", "host") if m in by_mode)))
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("moeray bench tier needs a CUDA GPU (--device cpu: a smoke run)")
+    if args.host_threads:
+        torch.set_num_threads(args.host_threads)
+    shapes = []
+    result = {
+        "bench": "tier", "command": getattr(args, "command", None), "machine": platform.node(),
+        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None, "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "shapes": shapes,
+    }
+    for name in args.shapes.split(","):
+        shapes.append(run_shape(name, args, args.traces))
+        result["summary"] = summarise(shapes)
+        write_json(args.json, result)  # after every shape: a cut-off run keeps what it measured
+    for row in result["summary"]:
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+    return result
+
+
+if __name__ == "__main__":
+    standalone("tier", __doc__, add_arguments, run)
