@@ -25,7 +25,8 @@ routing counts, grouped kernel, weighted combine; moeray.host_tier for the host 
            Starts from the same resident set as fetch/host; the swaps run inline and count in the
            time (in the engine they are staged off the step path).
 tokens/s = T x steps / wall time of the steps (CUDA synchronised per step), the adaptation of
-"ours" included. Only the MoE layers are timed: a model's dense layers add the same time to every
+"ours" (and the time of its swaps) included; second_half_tokens_per_s: the steps of the second
+half alone (after adapting). Only the MoE layers are timed: a model's dense layers add the same time to every
 configuration, so the fractions of "all" here are the lowest a full model would show.
 """
 
@@ -60,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-threads", type=int, default=None, help="torch CPU threads (default: every CPU)")
     p.add_argument("--fetch-slots", type=int, default=4)
     p.add_argument("--margin", type=float, default=0.2)
-    p.add_argument("--max-swaps", type=int, default=2)
+    p.add_argument("--max-swaps", type=int, default=8, help="promotions per layer and decision (ours)")
     p.add_argument("--check-every", type=int, default=4, help="steps between tier decisions (ours)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke run of the code paths only")
@@ -199,8 +200,10 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
             if live is not None and (s + 1) % args.check_every == 0:
                 live.after(args.check_every, time.time())
     total = time.perf_counter() - start
+    second_half_s = float(np.sum(step_s[len(step_s) // 2:]))
     out = {"tokens_per_s": tokens * len(steps) / total, "median_step_ms": 1e3 * float(np.median(step_s)),
-           "steps": len(steps)}
+           # the second half of the run: after ours adapted (swaps excluded: none are due in a settled state)
+           "second_half_tokens_per_s": tokens * (len(steps) - len(steps) // 2) / second_half_s, "steps": len(steps)}
     if live is not None:
         out.update(swaps=live.swaps, swap_ms_total=1e3 * live.swap_s, last_tier_reason=live.control.last and live.control.last.reason)
     return out
