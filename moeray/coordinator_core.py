@@ -25,9 +25,9 @@ from placement.planner import Plan
 from placement.policy import Decision, PolicyConfig, PolicyState, PolicyStats, decide
 from placement.stats import DecayedLoad, LoadWindow
 
-from moeray.coordinator_timeline import step_timeline, sum_rows
+from moeray.coordinator_timeline import rows_around_last_commit, step_timeline, sum_rows
 from moeray.rebalance_log import RebalanceRecord
-from moeray.planning import PlannerChoice, PlanningSetup, requested_plan
+from moeray.planning import PlannerChoice, PlanningSetup, requested_plan, same_placement
 from moeray.stats_wire import LoadSnapshot
 from moeray.tier_control import TierControl
 
@@ -226,7 +226,7 @@ class CoordinatorCore:
         if not decision.rebalance:
             return self._tier_plan(now, load_LE, current)
         new_plan = planned()
-        if _same_placement(new_plan.placement, self.placement) and not force:
+        if same_placement(new_plan.placement, self.placement) and not force:
             self.last_decision = Decision(False, "planner kept every slot and split weight", decision.gain)
             return self._tier_plan(now, load_LE, current)
         if self.tiers is not None:  # the planner knows nothing of tiers: hottest experts into device slots
@@ -368,7 +368,7 @@ class CoordinatorCore:
         }
         if timeline:
             out["timeline"] = step_timeline(ranges, self.window_steps)
-            out["last_rebalance_rows"] = self._rows_around_last_commit(ranges)
+            out["last_rebalance_rows"] = rows_around_last_commit(self.records, ranges, self.window_steps)
         return out
 
     def planner_view(self) -> dict:
@@ -378,23 +378,6 @@ class CoordinatorCore:
                 "topology_reason": self.topology_reason,
                 "last": None if self.last_choice is None else self.last_choice.planner,
                 "last_reason": None if self.last_choice is None else self.last_choice.reason}
-
-    def _rows_around_last_commit(self, ranges: list) -> dict | None:
-        """Realised rows per worker [L, W] over the window before the last committed rebalance
-        and over the first window after it (None where no range was served yet)."""
-        committed = [r for r in self.records if r.committed_at_step is not None]
-        if not committed:
-            return None
-        last = committed[-1]
-        step = last.committed_at_step
-        before = [h for h in ranges if h[1] <= step and h[2] < last.version]
-        after = [h for h in ranges if h[0] >= step and h[2] == last.version]
-        before_LW, before_steps = sum_rows(reversed(before), self.window_steps)
-        after_LW, after_steps = sum_rows(after, self.window_steps)
-        return {"version": last.version, "committed_at_step": step,
-                "before_version": before[-1][2] if before else None,
-                "before_LW": before_LW, "before_steps": before_steps,
-                "after_LW": after_LW, "after_steps": after_steps}
 
     def summary(self) -> dict:
         current = self.current_imbalance() if self.load_LE.sum() else np.ones(self.placement.num_layers)
@@ -413,10 +396,3 @@ class CoordinatorCore:
             "tier": None if self.tiers is None else self.tiers.view(),
             "time": time.time(),
         }
-
-
-def _same_placement(a: Placement, b: Placement) -> bool:
-    """The same slots, split weights (b has some) and shard widths."""
-    if a.phy2log.shape != b.phy2log.shape or not np.array_equal(a.phy2log, b.phy2log) or b.replica_weights is None:
-        return False
-    return np.allclose(a.weights_LS, b.replica_weights) and np.allclose(a.width_LS, b.width_LS)

@@ -50,3 +50,21 @@ def step_timeline(ranges: list, window_steps: int) -> dict:
         "window_imbalance_mean": window_RL.mean(axis=1).tolist(),
         "window_imbalance_worst": window_RL.max(axis=1).tolist(),
     }
+
+
+def rows_around_last_commit(records: list, ranges: list, window_steps: int) -> dict | None:
+    """Realised rows per worker [L, W] over the window before the last committed rebalance
+    and over the first window after it (None where no range was served yet)."""
+    committed = [r for r in records if r.committed_at_step is not None]
+    if not committed:
+        return None
+    last = committed[-1]
+    step = last.committed_at_step
+    before = [h for h in ranges if h[1] <= step and h[2] < last.version]
+    after = [h for h in ranges if h[0] >= step and h[2] == last.version]
+    before_LW, before_steps = sum_rows(reversed(before), window_steps)
+    after_LW, after_steps = sum_rows(after, window_steps)
+    return {"version": last.version, "committed_at_step": step,
+            "before_version": before[-1][2] if before else None,
+            "before_LW": before_LW, "before_steps": before_steps,
+            "after_LW": after_LW, "after_steps": after_steps}

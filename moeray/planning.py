@@ -207,3 +207,10 @@ def requested_plan(current: Placement, requested: Placement, topology, load_LE: 
     migration = migration_between(current, requested, topology)
     return Plan(requested, migration, imbalance(load_LE, requested), requested.weights_LS,
                 1e3 * (time.perf_counter() - start))
+
+
+def same_placement(a: Placement, b: Placement) -> bool:
+    """The same slots, split weights (b has some) and shard widths."""
+    if a.phy2log.shape != b.phy2log.shape or not np.array_equal(a.phy2log, b.phy2log) or b.replica_weights is None:
+        return False
+    return np.allclose(a.weights_LS, b.replica_weights) and np.allclose(a.width_LS, b.width_LS)
