@@ -265,4 +265,38 @@ def measure_rates(hidden: int, ffn: int, dtype: torch.dtype, device: torch.devic
     device_row_s = max((lots - few) / 256, 1e-9)
     return TierRates(device_row_s=device_row_s, host_row_s=host_row_s, pcie_bytes_per_s=pcie_bytes_per_s,
                      expert_bytes=expert_bytes, row_bytes=float(hidden * w13_HD.element_size()),
-                     device_floor_s=max(few - 16 * device_row_s, 0.0), host_expert_s=host_expert_s)
+                     device_floor_s=max(few - 16 * device_row_s, 0.0), host_expert_s=host_expert_s,
+                     overlap=_measured_overlap(w13_HD, w2_DF, x_1D[:4], device, reps, sync))
+
+
+def _measured_overlap(w13_HD, w2_DF, x_RD, device: torch.device, reps: int, sync) -> float:
+    """TierRates.overlap: fetches of K experts and the host compute of K others, alone and at once
+    (K: about 256 MiB of weights each, 2 to 8 experts). Where both draw on one host memory (the
+    fetches' DMA reads it too), at once takes longer than the longer alone."""
+    expert_bytes = (w13_HD.numel() + w2_DF.numel()) * w13_HD.element_size()
+    k = int(min(8, max(2, -(-(1 << 28) // expert_bytes))))
+    cuda = device.type == "cuda"
+
+    def experts():
+        out = [(w13_HD.clone(), w2_DF.clone()) for _ in range(k)]  # own pages: no cache sharing
+        return [(a.pin_memory(), b.pin_memory()) for a, b in out] if cuda else out
+
+    fetched, computed = experts(), experts()
+    dst = [(torch.empty_like(a, device=device), torch.empty_like(b, device=device)) for a, b in fetched]
+
+    def fetch():
+        for (a, b), (da, db) in zip(fetched, dst):
+            da.copy_(a, non_blocking=True)
+            db.copy_(b, non_blocking=True)
+
+    def host():
+        for a, b in computed:
+            swiglu(x_RD, a, b)
+
+    def both():
+        fetch()  # queued: the copies run while the host computes
+        host()
+
+    fetch_s, host_s = _median_s(fetch, reps, sync), _median_s(host, reps, lambda: None)
+    both_s = _median_s(both, reps, sync)
+    return float(np.clip((fetch_s + host_s - both_s) / max(min(fetch_s, host_s), 1e-12), 0.0, 1.0))

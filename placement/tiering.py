@@ -10,9 +10,13 @@ slots, the rest are cold. Per step, with r_e rows routed to expert e on this wor
     device part  = floor + sum over resident e of r_e * device_row_s   (+ a fetch per touched cold
                    expert, mode "fetch": expert_bytes / pcie_bytes_per_s, the device waits for it)
     host part    = sum over cold e of r_e * host_row_s + the rows' activations both ways over PCIe
-                   (mode "host": computed where the weights live, beside the device part)
-    step         = max(device part, host part)   ("host": the two run at once)
+                   (+ host_expert_s per touched cold expert; mode "host": computed where the
+                   weights live, beside the device part)
+    step         = max(device part, host part)   ("host": the two run at once; with a measured
+                   overlap < 1 the shorter part hides only partly: TierRates.concurrent)
                    device part                   ("fetch")
+A step model over mean rows per step (the policy's) counts an expert as touched with probability
+1 - e^-r (Poisson arrivals); one over a step's actual rows (split_cold in the layer) counts r > 0.
 
 All experts of one model have the same size and the row costs are per row, so for a fixed budget
 the hottest experts resident is the best choice for "fetch", and for "host" while the host part is
@@ -51,6 +55,10 @@ class TierRates:
     row_bytes: float  # one row's activations (hidden x dtype bytes), each way
     device_floor_s: float = 0.0  # a launch's fixed cost
     host_expert_s: float = 0.0  # a touched host expert's fixed cost (its weights stream from host memory once)
+    # how much of the shorter of (device part, host part) hides under the longer when both run: 1
+    # fully (max), 0 not at all (they add up: e.g. the fetches' DMA and the host compute share one
+    # host memory bandwidth); measured by running both at once
+    overlap: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("device_row_s", "host_row_s", "pcie_bytes_per_s", "expert_bytes", "row_bytes"):
@@ -61,39 +69,55 @@ class TierRates:
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"TierRates.{name} must be finite and >= 0, got {value}")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise ValueError(f"TierRates.overlap must be in [0, 1], got {self.overlap}")
 
     @property
     def fetch_expert_s(self) -> float:
         """Seconds to copy one expert's weights to a device staging slot."""
         return self.expert_bytes / self.pcie_bytes_per_s
 
-    def host_seconds(self, rows_X: np.ndarray) -> float:
-        """Host compute of these cold experts' rows (touched ones only), activations both ways included."""
+    def host_seconds(self, rows_X: np.ndarray, expected: bool = False) -> float:
+        """Host compute of these cold experts' rows (touched ones only), activations both ways included.
+        expected: rows_X are mean rows per step (an expert is touched with probability 1 - e^-rows)."""
         rows_X = np.asarray(rows_X, dtype=np.float64)
-        touched = int((rows_X > 0).sum())
-        return touched * self.host_expert_s + float(rows_X.sum()) * (self.host_row_s + 2 * self.row_bytes / self.pcie_bytes_per_s)
+        return (touched(rows_X, expected) * self.host_expert_s
+                + float(rows_X.sum()) * (self.host_row_s + 2 * self.row_bytes / self.pcie_bytes_per_s))
 
-    def fetch_seconds(self, rows_X: np.ndarray) -> float:
+    def fetch_seconds(self, rows_X: np.ndarray, expected: bool = False) -> float:
         """Device time these cold experts add when fetched: their copies, then their rows."""
         rows_X = np.asarray(rows_X, dtype=np.float64)
-        return int((rows_X > 0).sum()) * self.fetch_expert_s + float(rows_X.sum()) * self.device_row_s
+        return touched(rows_X, expected) * self.fetch_expert_s + float(rows_X.sum()) * self.device_row_s
+
+    def concurrent(self, device_s: float, host_s: float) -> float:
+        """The step of a device part and a host part that run at once."""
+        return device_s + host_s - self.overlap * min(device_s, host_s)
 
 
-def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float) -> np.ndarray:
-    """[X] bool: which cold experts to fetch (the rest are computed on the host) so that
-    max(device part + fetches, host part) is smallest; device_s is the resident experts' part.
+def touched(rows_X: np.ndarray, expected: bool = False) -> float:
+    """How many of these experts a step touches: those with rows, or (expected: rows are per-step
+    means of Poisson arrivals) the sum of 1 - e^-rows."""
+    rows_X = np.asarray(rows_X, dtype=np.float64)
+    return float((-np.expm1(-rows_X)).sum()) if expected else float((rows_X > 0).sum())
+
+
+def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: bool = False) -> np.ndarray:
+    """[X] bool: which cold experts to fetch (the rest are computed on the host) so that the step
+    (device part + fetches, host part; TierRates.concurrent) is shortest; device_s is the resident
+    experts' part.
 
     Greedy, the most rows first: a fetch costs a fixed copy and device rows, a host expert a fixed
     read and host rows, so the experts with most rows gain most from fetching; it stops at the first
     move that does not shorten the step."""
     rows_X = np.asarray(rows_X, dtype=np.float64)
     fetch_X = np.zeros(len(rows_X), dtype=bool)
-    best = max(device_s, rates.host_seconds(rows_X))
+    best = rates.concurrent(device_s, rates.host_seconds(rows_X, expected))
     for x in np.lexsort((np.arange(len(rows_X)), -rows_X)):
         if rows_X[x] <= 0:
             break
         fetch_X[x] = True
-        step = max(device_s + rates.fetch_seconds(rows_X[fetch_X]), rates.host_seconds(rows_X[~fetch_X]))
+        step = rates.concurrent(device_s + rates.fetch_seconds(rows_X[fetch_X], expected),
+                                rates.host_seconds(rows_X[~fetch_X], expected))
         if step >= best:
             fetch_X[x] = False
             break
@@ -102,22 +126,23 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float) -> np.ndar
 
 
 def step_seconds(rows_X: np.ndarray, resident_X: np.ndarray, rates: TierRates, mode: str = "host") -> float:
-    """Predicted seconds of one layer step on one worker: rows_X routed to each of its experts,
-    resident_X True for the device-resident ones; mode "host" (cold experts computed in host
-    memory, overlapped with the device), "fetch" (cold experts copied to the device on demand) or
-    "auto" (per cold expert, whichever `split_cold` picks)."""
+    """Predicted seconds of one layer step on one worker: rows_X (mean rows per step, Poisson)
+    routed to each of its experts, resident_X True for the device-resident ones; mode "host" (cold
+    experts computed in host memory, beside the device), "fetch" (cold experts copied to the device
+    on demand) or "auto" (per cold expert, whichever `split_cold` picks)."""
     rows_X = np.asarray(rows_X, dtype=np.float64)
     resident_X = np.asarray(resident_X, dtype=bool)
     device = rates.device_floor_s + float(rows_X[resident_X].sum()) * rates.device_row_s
     cold = rows_X[~resident_X]
     if mode == "fetch":
-        return device + rates.fetch_seconds(cold)
+        return device + rates.fetch_seconds(cold, expected=True)
     if mode == "auto":
-        fetch = split_cold(cold, rates, device)
-        return max(device + rates.fetch_seconds(cold[fetch]), rates.host_seconds(cold[~fetch]))
+        fetch = split_cold(cold, rates, device, expected=True)
+        return rates.concurrent(device + rates.fetch_seconds(cold[fetch], expected=True),
+                                rates.host_seconds(cold[~fetch], expected=True))
     if mode != "host":
         raise ValueError(f"mode must be 'host', 'fetch' or 'auto', got {mode!r}")
-    return max(device, rates.host_seconds(cold))
+    return rates.concurrent(device, rates.host_seconds(cold, expected=True))
 
 
 def hottest(load_X: np.ndarray, budget: int) -> np.ndarray:

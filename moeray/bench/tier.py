@@ -8,7 +8,7 @@ MoE layer per layer of the real routing trace (layers 0, 7, 15 of
 olmoe_mixtral_domain_expert_counts.json under --traces), random weights. Each step routes T tokens
 per layer by the trace's per-domain expert distribution (top-k distinct experts per token, drawn
 in proportion): "stationary" keeps one domain, "drifting" moves to the next domain every quarter
-of the run. Decode steps have --decode-tokens tokens, prefill steps --prefill-tokens.
+of the run. Decode steps have --decode-tokens tokens (a list: one run each), prefill steps --prefill-tokens.
 
 Every configuration runs the layer path a worker runs (SlotExperts with LocalDispatcher: slot map,
 routing counts, grouped kernel, weighted combine; moeray.host_tier for the host slots):
@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default="mixtral,olmoe")
     p.add_argument("--budgets", default="0.25,0.5", help="device slots as fractions of the experts")
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--decode-tokens", default="8,64", help="tokens per decode step (one run each)")
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--decode-steps", type=int, default=48)
     p.add_argument("--prefill-steps", type=int, default=12)
@@ -245,8 +245,8 @@ def run_shape(name: str, args, trace_dir) -> dict:
     for budget in budgets:
         stack = Stack(w13, w2, budget, rates, args.fetch_slots, device)
         identity = np.tile(np.arange(E), (L, 1))
-        for phase, tokens, steps in (("decode", args.decode_tokens, args.decode_steps),
-                                     ("prefill", args.prefill_tokens, args.prefill_steps)):
+        phases = [("decode", int(t), args.decode_steps) for t in str(args.decode_tokens).split(",")]
+        for phase, tokens, steps in phases + [("prefill", args.prefill_tokens, args.prefill_steps)]:
             # warm-up: compiles the kernels for this token count on every path
             warm = domain_schedule(probs, domains, 2, False)
             for mode in (["all"] if budget == E else ["fetch", "host"]):
@@ -274,14 +274,14 @@ def summarise(shapes: list[dict]) -> list[dict]:
     rows = []
     for entry in shapes:
         results = entry["results"]
-        upper = {(r["phase"], r["workload"]): r["tokens_per_s"] for r in results if r["mode"] == "all"}
-        keys = sorted({(r["budget"], r["phase"], r["workload"]) for r in results if r["mode"] != "all"})
-        for budget, phase, workload in keys:
+        upper = {(r["tokens"], r["workload"]): r["tokens_per_s"] for r in results if r["mode"] == "all"}
+        keys = sorted({(r["budget"], r["phase"], r["tokens"], r["workload"]) for r in results if r["mode"] != "all"})
+        for budget, phase, tokens, workload in keys:
             by_mode = {r["mode"]: r["tokens_per_s"] for r in results
-                       if (r["budget"], r["phase"], r["workload"]) == (budget, phase, workload)}
-            all_ = upper.get((phase, workload))
+                       if (r["budget"], r["phase"], r["tokens"], r["workload"]) == (budget, phase, tokens, workload)}
+            all_ = upper.get((tokens, workload))
             ours = by_mode.get("ours")
-            rows.append(dict(shape=entry["shape"]["name"], budget=budget, phase=phase, workload=workload,
+            rows.append(dict(shape=entry["shape"]["name"], budget=budget, phase=phase, tokens=tokens, workload=workload,
                              all=all_, **by_mode,
                              ours_over_all=None if ours is None or not all_ else ours / all_,
                              ours_beats_fetch_and_host=None if ours is None else

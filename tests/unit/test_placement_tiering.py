@@ -19,6 +19,7 @@ from placement.tiering import (
     initial_tiers,
     placement_tiers,
     slot_loads,
+    split_cold,
     step_seconds,
     swap_slots,
 )
@@ -52,8 +53,10 @@ def test_step_seconds_by_hand():
     device = 5e-5 + 100 * 1e-6
     host = 10 * (2e-5 + 2 * 8192 / 25e9)
     assert step_seconds(rows, resident, RATES) == pytest.approx(max(device, host))
-    # fetch: one touched cold expert (the idle one is not fetched), its rows on the device
-    assert step_seconds(rows, resident, RATES, "fetch") == pytest.approx(device + 10e-6 + RATES.expert_bytes / 25e9)
+    # fetch: the cold expert with a mean of 10 rows is touched with probability 1 - e^-10 (the idle
+    # one never), its rows on the device
+    touched = 1 - np.exp(-10.0)
+    assert step_seconds(rows, resident, RATES, "fetch") == pytest.approx(device + 10e-6 + touched * RATES.expert_bytes / 25e9)
     with pytest.raises(ValueError, match="mode"):
         step_seconds(rows, resident, RATES, "disk")
 
@@ -162,3 +165,21 @@ def test_a_sharded_placement_cannot_be_tiered():
     assert sharded.is_sharded
     with pytest.raises(ValueError, match="whole experts"):
         swap_slots(sharded, [(0, 0, 1)])
+
+
+def test_overlap_and_expected_touches():
+    import dataclasses
+
+    shared = dataclasses.replace(RATES, overlap=0.0, host_expert_s=1e-4)
+    assert shared.concurrent(3.0, 1.0) == 4.0 and RATES.concurrent(3.0, 1.0) == 3.0
+    assert dataclasses.replace(RATES, overlap=0.5).concurrent(3.0, 1.0) == 3.5
+    with pytest.raises(ValueError, match="overlap must be in"):
+        dataclasses.replace(RATES, overlap=1.5)
+    # a rarely routed expert (0.1 rows per step) is touched one step in ~10: its fixed cost counts so
+    assert shared.host_seconds(np.array([0.1]), expected=True) == pytest.approx(
+        -np.expm1(-0.1) * 1e-4 + 0.1 * (2e-5 + 2 * 8192 / 25e9))
+    assert shared.host_seconds(np.array([0.1])) == pytest.approx(1e-4 + 0.1 * (2e-5 + 2 * 8192 / 25e9))
+    # no overlap: splitting between fetch and host gains nothing, so the cheaper path per expert takes all
+    rows = np.array([3.0, 3.0, 3.0])
+    cheap_fetch = dataclasses.replace(shared, pcie_bytes_per_s=1e13)  # 35 us a fetch, 160 us on the host
+    assert split_cold(rows, cheap_fetch, device_s=0.0).all()
