@@ -96,7 +96,7 @@ class HostSlots:
             # then waits for nothing but this gather
             starts_X = np.concatenate([[0], np.cumsum(rows_X)])
             positions_Y = torch.cat([torch.arange(int(starts_X[x]), int(starts_X[x + 1])) for x in host_slots])
-            rows_Y = cold_Y.index_select(0, positions_Y.to(cold_Y.device))
+            rows_Y = cold_Y.index_select(0, self._to_device(positions_Y))
             sent = (rows_Y, self._send_rows(tokens_MD.index_select(0, rows_Y)))
         if first > 0 and offsets[first] > 0:
             y_MD = expert_mlp(tokens_MD, w13_BHD, w2_BDF, slot_offsets_S1[:first + 1], order_M[:offsets[first]], impl=impl)
@@ -188,12 +188,20 @@ class HostSlots:
                     w2_2GDF[buf, j].copy_(self.w2_XDF[x])
             order_G = torch.cat([cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
             counts = [0] + [int(rows_X[x]) for x in group]
-            offsets_G1 = torch.tensor(np.cumsum(counts), dtype=torch.int64).to(tokens_MD.device)
+            offsets_G1 = self._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
             y_MD += expert_mlp(tokens_MD, w13_2GHD[buf, :len(group)], w2_2GDF[buf, :len(group)], offsets_G1, order_G, impl=impl)
             if cuda:
                 freed[buf] = torch.cuda.Event()
                 freed[buf].record(main)
         return y_MD
+
+    def _to_device(self, index_X: torch.Tensor) -> torch.Tensor:
+        """A small host index on the device without waiting: a copy from pageable memory would
+        first synchronise the stream (CUDA's rule), and the host could not compute its rows
+        until every fetch queued before had landed. From pinned memory it is queued like a kernel."""
+        if self.device.type != "cuda":
+            return index_X
+        return index_X.pin_memory().to(self.device, non_blocking=True)
 
     def _staging_buffers(self):
         if self._staging is None:
