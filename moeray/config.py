@@ -333,6 +333,13 @@ class EngineConfig(_Frozen):
                 f"num_workers={workers} x slots_per_worker={spw} = {workers * spw} slots < "
                 f"num_experts={experts}: every expert needs at least one slot"
             )
+        if self.tier.device_slots_of(spw) < spw:
+            if self.parallel.overlap_chunks > 1:
+                raise ValueError(f"tier.device_slots={self.tier.device_slots} with parallel.overlap_chunks="
+                                 f"{self.parallel.overlap_chunks}: a host tier runs without overlap chunks")
+            if self.rebalance.planner == "layout":
+                raise ValueError("tier.device_slots with rebalance.planner='layout': the host tier holds whole "
+                                 "experts, the layout planner shards them")
         if self.tier.live(spw) and not self.stats.enabled:
             raise ValueError("tier.tiering='live' needs stats.enabled=True: the coordinator tiers from routing stats")
         return self

@@ -196,8 +196,8 @@ class CoordinatorLinkMixin:
     def rebalance_health(self) -> dict:
         """For /healthz: "ok", or "stopped" when rebalancing is on but no coordinator answers (it is
         rebuilt at the next policy check); stuck rebalances abandoned so far, the last one."""
-        enabled = self.config.rebalance.enabled and self.coordinator is not None
-        state = ("off" if not self.config.rebalance.enabled else
+        enabled = self.config.coordinator_ticks and self.coordinator is not None  # the policy or live tiering
+        state = ("off" if not self.config.coordinator_ticks else
                  "stopped" if self._coordinator_down or self.coordinator is None else
                  "restarting" if self._coordinator_starting is not None else "ok")
         pending = self._pending_rebalance()

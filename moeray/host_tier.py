@@ -55,10 +55,37 @@ def host_threads(configured: int | None, workers_on_node: int) -> int:
     return max(1, cpus // max(1, workers_on_node))
 
 
+class StagingPool:
+    """A worker's device staging slots for fetches, shared by its layers (allocated at the first
+    fetch): two buffers of `slots` experts, and per buffer the event after the last kernel that
+    read it, kept across layers and steps so a copy never overwrites weights still being read."""
+
+    def __init__(self, slots: int, device: torch.device):
+        self.slots, self.device = slots, device
+        self.buffers = None  # (w13 [2, slots, H, D], w2 [2, slots, D, F])
+        self.freed = [None, None]
+        self.streams = None  # (rows stream, weights stream) on a GPU
+
+    def get(self, w13_HD: torch.Tensor, w2_DF: torch.Tensor):
+        if self.buffers is None:
+            self.buffers = (torch.empty((2, self.slots) + tuple(w13_HD.shape), dtype=w13_HD.dtype, device=self.device),
+                            torch.empty((2, self.slots) + tuple(w2_DF.shape), dtype=w2_DF.dtype, device=self.device))
+        return self.buffers
+
+    def nbytes(self) -> int:
+        return 0 if self.buffers is None else sum(t.numel() * t.element_size() for t in self.buffers)
+
+    def cuda_streams(self):
+        if self.streams is None:
+            self.streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        return self.streams
+
+
 class HostSlots:
     """The host slots of one layer: w13_XHD / w2_XDF in host memory, local slots first_slot + x."""
 
-    def __init__(self, w13_XHD: torch.Tensor, w2_XDF: torch.Tensor, first_slot: int, device: torch.device, path: ColdPath):
+    def __init__(self, w13_XHD: torch.Tensor, w2_XDF: torch.Tensor, first_slot: int, device: torch.device, path: ColdPath,
+                 pool: StagingPool | None = None):
         pin = device.type == "cuda"
         self.w13_XHD = w13_XHD.cpu().contiguous()
         self.w2_XDF = w2_XDF.cpu().contiguous()
@@ -67,8 +94,8 @@ class HostSlots:
         self.first_slot = first_slot
         self.device = device
         self.path = path
-        self._staging = None  # (w13 [2, fetch_slots, H, D], w2 [2, fetch_slots, D, F]) on the device, at first fetch
-        self._streams = None  # (rows stream, weights stream) on a GPU
+        # the worker's pool (one per worker: L layers must not each hold staging slots); its own without one
+        self.pool = pool if pool is not None else StagingPool(min(path.fetch_slots, self.num_slots), device)
 
     @property
     def num_slots(self) -> int:
@@ -77,8 +104,6 @@ class HostSlots:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w13_XHD, self.w2_XDF))
 
-    def staging_bytes(self) -> int:
-        return 0 if self._staging is None else sum(t.numel() * t.element_size() for t in self._staging)
 
     # ---- the layer step ----------------------------------------------------------------------
     def compute(self, tokens_MD: torch.Tensor, order_M: torch.Tensor, slot_offsets_S1: torch.Tensor,
@@ -161,13 +186,13 @@ class HostSlots:
                  impl: str) -> torch.Tensor:
         """y_MD of the fetched slots' rows (zeros elsewhere): their weights copied to staging slots
         in rounds, round r + 1's copies in flight while round r computes."""
-        w13_2GHD, w2_2GDF = self._staging_buffers()
+        w13_2GHD, w2_2GDF = self.pool.get(self.w13_XHD[0], self.w2_XDF[0])
         per_round = w13_2GHD.shape[1]
         starts_X = np.concatenate([[0], np.cumsum(rows_X)])
         cuda = self.device.type == "cuda"
         main = torch.cuda.current_stream(self.device) if cuda else None
         weights_stream = self._cuda_streams()[1] if cuda else None
-        freed = [None, None]  # per buffer: the event after the last kernel that read it
+        freed = self.pool.freed  # per buffer: the event after the last kernel that read it (any layer)
         y_MD = torch.zeros_like(tokens_MD)
         for r, lo in enumerate(range(0, len(slots), per_round)):
             group = slots[lo:lo + per_round]
@@ -203,26 +228,17 @@ class HostSlots:
             return index_X
         return index_X.pin_memory().to(self.device, non_blocking=True)
 
-    def _staging_buffers(self):
-        if self._staging is None:
-            g = self.path.fetch_slots
-            self._staging = (torch.empty((2, g) + tuple(self.w13_XHD.shape[1:]), dtype=self.w13_XHD.dtype, device=self.device),
-                             torch.empty((2, g) + tuple(self.w2_XDF.shape[1:]), dtype=self.w2_XDF.dtype, device=self.device))
-        return self._staging
-
     def _cuda_streams(self):
-        if self._streams is None:
-            self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
-        return self._streams
+        return self.pool.cuda_streams()
 
 
 def split_tiers(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, budget: int, device: torch.device,
-                path: ColdPath | None) -> tuple[torch.Tensor, torch.Tensor, HostSlots | None]:
+                path: ColdPath | None, pool: StagingPool | None = None) -> tuple[torch.Tensor, torch.Tensor, HostSlots | None]:
     """A layer's S_w slot weights (any device) as (device w13_BHD, device w2_BDF, host slots or
     None): the first `budget` slots go to `device`, the rest to host memory. path None: no host tier."""
     if path is None or budget >= w13_SHD.shape[0]:
         return w13_SHD.to(device), w2_SDF.to(device), None
-    host = HostSlots(w13_SHD[budget:], w2_SDF[budget:], budget, device, path)
+    host = HostSlots(w13_SHD[budget:], w2_SDF[budget:], budget, device, path, pool)
     return w13_SHD[:budget].to(device).clone(), w2_SDF[:budget].to(device).clone(), host
 
 

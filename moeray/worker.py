@@ -25,7 +25,7 @@ from moeray.config import EngineConfig
 from moeray.expert_parallel import SlotExperts
 from moeray.generation.messages import StepPlan, StepResult
 from moeray.generation.runner import SequenceRunner
-from moeray.host_tier import ColdPath, host_threads, measure_rates, split_tiers
+from moeray.host_tier import ColdPath, StagingPool, host_threads, measure_rates, split_tiers
 from moeray.models.checkpoint import CheckpointReader
 from moeray.models.decoder import MoECausalLM
 from moeray.models.kv_cache import PagedKVCache
@@ -130,6 +130,8 @@ class Worker(SlotMigration):
             torch.set_num_threads(host_threads(tier.host_threads, self.config.parallel.num_workers))
         cfg = self.config.model
         self.tier_rates_measured = measure_rates(cfg.hidden_size, cfg.moe_intermediate_size, self.dtype, self.device)
+        host_slots = self.config.slots_per_worker - tier.device_slots_of(self.config.slots_per_worker)
+        self._staging_pool = StagingPool(min(tier.fetch_slots, host_slots), self.device)  # one for all layers
         return ColdPath(tier.cold_path, self.tier_rates_measured, tier.fetch_slots)
 
     def tier_rates(self):
@@ -141,7 +143,8 @@ class Worker(SlotMigration):
         are moved to the device, host-tier slots to host memory), under the current placement."""
         routing = self._routings[layer]
         budget = self.config.tier.device_slots_of(self.config.slots_per_worker)
-        w13_BHD, w2_BDF, host = split_tiers(w13_SHD, w2_SDF, budget, self.device, self._cold_path)
+        w13_BHD, w2_BDF, host = split_tiers(w13_SHD, w2_SDF, budget, self.device, self._cold_path,
+                                            self._staging_pool if self._cold_path is not None else None)
         return SlotExperts(w13_BHD, w2_BDF, routing.slot_map, self.dispatcher, self.config.model.num_experts,
                            overlap_chunks=self.config.parallel.overlap_chunks, width_S=routing.width_S,
                            batch_split=routing.batch_split, host=host)
@@ -367,7 +370,7 @@ class Worker(SlotMigration):
         return {"rank": self.rank, "pid": os.getpid(), "rss_before_load": self._rss_before_load,
                 "rss_now": resident_bytes(), "dense_bytes": dense_bytes, "slot_bytes": slot_bytes, "kv_bytes": kv_bytes,
                 # the host tier: slots in (pinned) host memory, and the device staging slots of fetches
-                "host_slot_bytes": sum(h.nbytes() for h in hosts), "staging_bytes": sum(h.staging_bytes() for h in hosts)}
+                "host_slot_bytes": sum(h.nbytes() for h in hosts), "staging_bytes": hosts[0].pool.nbytes() if hosts else 0}
 
     def ping(self) -> int:
         return self.rank

@@ -13,7 +13,7 @@ lscpu | grep -E "Model name|^CPU\(s\)" | tee "$OUT/cpu.txt"; grep -o "amx[a-z_0-
 timeout 60 python3 scripts/tier_probe.py "$OUT/ceilings.json" | tail -20
 [ -n "$SKIP_TESTS" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_host_tier_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tier_tests.log" | tail -8
 timeout ${BENCH_S:-300} python3 -m moeray.cli bench tier --shapes ${SHAPES:-olmoe} --traces .device/traces ${BENCH_ARGS:-} \
-  --json "$OUT/tier-h200-${SHAPES:-olmoe}.json" > "$OUT/bench.log" 2>&1
+  --json "$OUT/tier-h200-${SHAPES//,/-}.json" > "$OUT/bench.log" 2>&1
 grep -E "rates|ours_over_all" "$OUT/bench.log" | tail -30
 if [ -n "$ALL_GPU_TESTS" ]; then
   timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -6

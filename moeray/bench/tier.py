@@ -99,7 +99,7 @@ class Stack:
         from moeray.comm.dispatcher import LocalDispatcher
         from moeray.comm.slot_map import DeviceSlotMap
         from moeray.expert_parallel import SlotExperts
-        from moeray.host_tier import ColdPath, split_tiers
+        from moeray.host_tier import ColdPath, StagingPool, split_tiers
         from placement import Placement
 
         self.cuda = device
@@ -108,10 +108,11 @@ class Stack:
         self.budget, self.rates, self.fetch_slots = budget, rates, fetch_slots
         self.placement = Placement(np.tile(np.arange(E), (L, 1)), E, E)
         path = ColdPath("host", None, fetch_slots)
+        pool = StagingPool(max(1, min(fetch_slots, E - budget)), device)  # one for all layers, as on a worker
         self.layers = []
         for layer in range(L):
             w13_BHD, w2_BDF, host = split_tiers(w13_LEHD[layer], w2_LEDF[layer], budget, self.cuda,
-                                                path if budget < E else None)
+                                                path if budget < E else None, pool)
             self.layers.append(SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(self.placement, layer, self.cuda),
                                            LocalDispatcher(E), E, host=host))
 
@@ -198,11 +199,13 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
             sync(stack.cuda)
             step_s.append(time.perf_counter() - t0)
             if live is not None and (s + 1) % args.check_every == 0:
+                t1 = time.perf_counter()
                 live.after(args.check_every, time.time())
+                step_s[-1] += time.perf_counter() - t1  # a decision and its swaps count in the step before
     total = time.perf_counter() - start
     second_half_s = float(np.sum(step_s[len(step_s) // 2:]))
     out = {"tokens_per_s": tokens * len(steps) / total, "median_step_ms": 1e3 * float(np.median(step_s)),
-           # the second half of the run: after ours adapted (swaps excluded: none are due in a settled state)
+           # the second half of the run: after ours adapted to the first domain (its decisions and swaps included)
            "second_half_tokens_per_s": tokens * (len(steps) - len(steps) // 2) / second_half_s, "steps": len(steps)}
     if live is not None:
         out.update(swaps=live.swaps, swap_ms_total=1e3 * live.swap_s, last_tier_reason=live.control.last and live.control.last.reason)
