@@ -104,7 +104,6 @@ class HostSlots:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w13_XHD, self.w2_XDF))
 
-
     # ---- the layer step ----------------------------------------------------------------------
     def compute(self, tokens_MD: torch.Tensor, order_M: torch.Tensor, slot_offsets_S1: torch.Tensor,
                 w13_BHD: torch.Tensor, w2_BDF: torch.Tensor, impl: str) -> torch.Tensor:
@@ -128,7 +127,7 @@ class HostSlots:
         else:
             y_MD = torch.zeros_like(tokens_MD)
         if fetch_slots:
-            y_MD = y_MD + self._fetched(tokens_MD, cold_Y, rows_X, fetch_slots, impl)
+            self._add_fetched(y_MD, tokens_MD, cold_Y, rows_X, fetch_slots, impl)
         if sent is not None:
             rows_Y, x_host_YD = sent
             y_MD.index_copy_(0, rows_Y, self._back_from_host(x_host_YD, rows_X, host_slots))
@@ -182,10 +181,10 @@ class HostSlots:
             at += n
         return y_YD
 
-    def _fetched(self, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, rows_X: np.ndarray, slots: list[int],
-                 impl: str) -> torch.Tensor:
-        """y_MD of the fetched slots' rows (zeros elsewhere): their weights copied to staging slots
-        in rounds, round r + 1's copies in flight while round r computes."""
+    def _add_fetched(self, y_MD: torch.Tensor, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, rows_X: np.ndarray,
+                     slots: list[int], impl: str) -> None:
+        """Add to y_MD the fetched slots' rows: their weights copied to staging slots in rounds,
+        round r + 1's copies in flight while round r computes."""
         w13_2GHD, w2_2GDF = self.pool.get(self.w13_XHD[0], self.w2_XDF[0])
         per_round = w13_2GHD.shape[1]
         starts_X = np.concatenate([[0], np.cumsum(rows_X)])
@@ -193,7 +192,6 @@ class HostSlots:
         main = torch.cuda.current_stream(self.device) if cuda else None
         weights_stream = self._cuda_streams()[1] if cuda else None
         freed = self.pool.freed  # per buffer: the event after the last kernel that read it (any layer)
-        y_MD = torch.zeros_like(tokens_MD)
         for r, lo in enumerate(range(0, len(slots), per_round)):
             group = slots[lo:lo + per_round]
             buf = r % 2
@@ -218,7 +216,6 @@ class HostSlots:
             if cuda:
                 freed[buf] = torch.cuda.Event()
                 freed[buf].record(main)
-        return y_MD
 
     def _to_device(self, index_X: torch.Tensor) -> torch.Tensor:
         """A small host index on the device without waiting: a copy from pageable memory would
