@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -45,6 +45,48 @@ class ColdPath:
             raise ValueError(f"cold path must be 'host', 'fetch' or 'auto', got {self.mode!r}")
         if self.mode == "auto" and self.rates is None:
             raise ValueError("cold path 'auto' needs measured TierRates")
+
+
+@dataclass
+class TierCounts:
+    """What one layer's host slots did since the last reset (mutable, read by benches and reports)."""
+
+    steps: int = 0
+    host_experts: int = 0  # touched host slots computed on the host
+    fetched_experts: int = 0  # touched host slots fetched to the device
+    host_rows: int = 0
+    fetched_rows: int = 0
+    host_s: float = 0.0  # wall time of the host math
+
+    def add(self, rows_X: np.ndarray, host_slots: list[int], fetch_slots: list[int]) -> None:
+        self.steps += 1
+        self.host_experts += len(host_slots)
+        self.fetched_experts += len(fetch_slots)
+        self.host_rows += int(rows_X[host_slots].sum()) if host_slots else 0
+        self.fetched_rows += int(rows_X[fetch_slots].sum()) if fetch_slots else 0
+
+
+class HostCalibration:
+    """The host's measured time over the model's (TierRates.host_scale), learnt from the steps
+    that ran host math: the rates are measured once, alone, and a step's host math runs beside
+    fetch copies and the device's launches, with other threads on the machine. A moving average
+    of the ratio, clipped so that one odd step (a page fault, a preemption) cannot flip the split."""
+
+    def __init__(self, weight: float = 0.25, lowest: float = 0.25, highest: float = 16.0):
+        self.scale, self.weight, self.lowest, self.highest = 1.0, weight, lowest, highest
+        self._scaled = None  # (scale, rates) last handed out
+
+    def observe(self, rates: TierRates, rows_X: np.ndarray, seconds: float) -> None:
+        modelled = float(rates.host_expert_seconds(rows_X).sum())
+        if modelled > 0:
+            ratio = min(max(seconds / modelled, self.lowest), self.highest)
+            self.scale += self.weight * (ratio - self.scale)
+
+    def rates(self, rates: TierRates) -> TierRates:
+        """`rates` with the learnt scale (rebuilt only when the scale moved by over 5%)."""
+        if self._scaled is None or self._scaled[1] is not rates or abs(self.scale / self._scaled[0] - 1) > 0.05:
+            self._scaled = (self.scale, rates, replace(rates, host_scale=rates.host_scale * self.scale))
+        return self._scaled[2]
 
 
 def host_threads(configured: int | None, workers_on_node: int) -> int:
@@ -96,6 +138,17 @@ class HostSlots:
         self.path = path
         # the worker's pool (one per worker: L layers must not each hold staging slots); its own without one
         self.pool = pool if pool is not None else StagingPool(min(path.fetch_slots, self.num_slots), device)
+        self.counts = TierCounts()
+        self._calibration = HostCalibration()
+
+    @property
+    def path(self) -> ColdPath:
+        return self._path
+
+    @path.setter
+    def path(self, path: ColdPath) -> None:
+        self._path = path
+        self._calibration = HostCalibration()  # new rates: what was learnt of the old ones does not carry
 
     @property
     def num_slots(self) -> int:
@@ -114,6 +167,7 @@ class HostSlots:
         rows_X = np.diff(offsets[first:])
         cold_Y = order_M[offsets[first]:offsets[-1]]  # rows of the host slots, grouped by slot
         host_slots, fetch_slots = self._plan(rows_X, offsets[first]) if rows_X.sum() else ([], [])
+        self.counts.add(rows_X, host_slots, fetch_slots)
         sent = None
         if host_slots:
             # gathered and on their way to the host before the device kernel is queued: the copy
@@ -140,7 +194,7 @@ class HostSlots:
             return touched, []
         if self.path.mode == "fetch":
             return [], touched
-        rates = self.path.rates
+        rates = self._calibration.rates(self.path.rates)
         fetch_X = split_cold(rows_X, rates, rates.device_floor_s + device_rows * rates.device_row_s)
         return [x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]]
 
@@ -174,11 +228,16 @@ class HostSlots:
 
     def _host_math(self, x_YD: torch.Tensor, rows_X: np.ndarray, slots: list[int], pin: bool = False) -> torch.Tensor:
         y_YD = torch.empty(x_YD.shape, dtype=x_YD.dtype, pin_memory=pin)
+        start = time.perf_counter()
         at = 0
         for x in slots:
             n = int(rows_X[x])
             y_YD[at:at + n] = swiglu(x_YD[at:at + n], self.w13_XHD[x], self.w2_XDF[x])
             at += n
+        took = time.perf_counter() - start
+        self.counts.host_s += took
+        if self.path.rates is not None:
+            self._calibration.observe(self.path.rates, rows_X[slots], took)
         return y_YD
 
     def _add_fetched(self, y_MD: torch.Tensor, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, rows_X: np.ndarray,
@@ -237,87 +296,3 @@ def split_tiers(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, budget: int, device
         return w13_SHD.to(device), w2_SDF.to(device), None
     host = HostSlots(w13_SHD[budget:], w2_SDF[budget:], budget, device, path, pool)
     return w13_SHD[:budget].to(device).clone(), w2_SDF[:budget].to(device).clone(), host
-
-
-# ---- measured rates ----------------------------------------------------------------------------
-def _median_s(fn, reps: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def measure_rates(hidden: int, ffn: int, dtype: torch.dtype, device: torch.device, reps: int = 5) -> TierRates:
-    """TierRates of this machine for experts of this shape: host compute with the current torch
-    threads (1 and 33 rows: fixed cost and per row), the pinned host-to-device copy of one expert,
-    and the device kernel (16 and 272 rows of one slot). About a second for a Mixtral-sized expert."""
-    gen = torch.Generator().manual_seed(0)
-    w13_HD = (torch.randn(2 * ffn, hidden, generator=gen) * 0.02).to(dtype)
-    w2_DF = (torch.randn(hidden, ffn, generator=gen) * 0.02).to(dtype)
-    x_1D = torch.randn(33, hidden, generator=gen).to(dtype)
-    cuda = device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    one = _median_s(lambda: swiglu(x_1D[:1], w13_HD, w2_DF), reps, lambda: None)
-    many = _median_s(lambda: swiglu(x_1D, w13_HD, w2_DF), reps, lambda: None)
-    host_row_s = max((many - one) / 32, 1e-9)
-    host_expert_s = max(one - host_row_s, 0.0)
-    expert_bytes = float((w13_HD.numel() + w2_DF.numel()) * w13_HD.element_size())
-    src = (w13_HD.pin_memory(), w2_DF.pin_memory()) if cuda else (w13_HD, w2_DF)
-    dst = (torch.empty_like(w13_HD, device=device), torch.empty_like(w2_DF, device=device))
-
-    def copy():
-        for s, d in zip(src, dst):
-            d.copy_(s, non_blocking=True)
-
-    pcie_bytes_per_s = expert_bytes / max(_median_s(copy, reps, sync), 1e-9)
-    w13_1HD, w2_1DF = dst[0][None], dst[1][None]
-    xs = torch.randn(272, hidden, generator=gen).to(dtype).to(device)
-
-    def kernel(rows: int):
-        offsets = torch.tensor([0, rows], device=device)
-        return lambda: expert_mlp(xs[:rows], w13_1HD, w2_1DF, offsets)
-
-    few, lots = _median_s(kernel(16), reps, sync), _median_s(kernel(272), reps, sync)
-    device_row_s = max((lots - few) / 256, 1e-9)
-    return TierRates(device_row_s=device_row_s, host_row_s=host_row_s, pcie_bytes_per_s=pcie_bytes_per_s,
-                     expert_bytes=expert_bytes, row_bytes=float(hidden * w13_HD.element_size()),
-                     device_floor_s=max(few - 16 * device_row_s, 0.0), host_expert_s=host_expert_s,
-                     overlap=_measured_overlap(w13_HD, w2_DF, x_1D[:4], device, reps, sync))
-
-
-def _measured_overlap(w13_HD, w2_DF, x_RD, device: torch.device, reps: int, sync) -> float:
-    """TierRates.overlap: fetches of K experts and the host compute of K others, alone and at once
-    (K: about 256 MiB of weights each, 2 to 8 experts). Where both draw on one host memory (the
-    fetches' DMA reads it too), at once takes longer than the longer alone."""
-    expert_bytes = (w13_HD.numel() + w2_DF.numel()) * w13_HD.element_size()
-    k = int(min(8, max(2, -(-(1 << 28) // expert_bytes))))
-    cuda = device.type == "cuda"
-
-    def experts():
-        out = [(w13_HD.clone(), w2_DF.clone()) for _ in range(k)]  # own pages: no cache sharing
-        return [(a.pin_memory(), b.pin_memory()) for a, b in out] if cuda else out
-
-    fetched, computed = experts(), experts()
-    dst = [(torch.empty_like(a, device=device), torch.empty_like(b, device=device)) for a, b in fetched]
-
-    def fetch():
-        for (a, b), (da, db) in zip(fetched, dst):
-            da.copy_(a, non_blocking=True)
-            db.copy_(b, non_blocking=True)
-
-    def host():
-        for a, b in computed:
-            swiglu(x_RD, a, b)
-
-    def both():
-        fetch()  # queued: the copies run while the host computes
-        host()
-
-    fetch_s, host_s = _median_s(fetch, reps, sync), _median_s(host, reps, lambda: None)
-    both_s = _median_s(both, reps, sync)
-    return float(np.clip((fetch_s + host_s - both_s) / max(min(fetch_s, host_s), 1e-12), 0.0, 1.0))

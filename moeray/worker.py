@@ -25,7 +25,8 @@ from moeray.config import EngineConfig
 from moeray.expert_parallel import SlotExperts
 from moeray.generation.messages import StepPlan, StepResult
 from moeray.generation.runner import SequenceRunner
-from moeray.host_tier import ColdPath, StagingPool, host_threads, measure_rates, split_tiers
+from moeray.host_tier import ColdPath, StagingPool, host_threads, split_tiers
+from moeray.tier_measure import measure_rates
 from moeray.models.checkpoint import CheckpointReader
 from moeray.models.decoder import MoECausalLM
 from moeray.models.kv_cache import PagedKVCache

@@ -9,9 +9,10 @@ slots, the rest are cold. Per step, with r_e rows routed to expert e on this wor
 
     device part  = floor + sum over resident e of r_e * device_row_s   (+ a fetch per touched cold
                    expert, mode "fetch": expert_bytes / pcie_bytes_per_s, the device waits for it)
-    host part    = sum over cold e of r_e * host_row_s + the rows' activations both ways over PCIe
-                   (+ host_expert_s per touched cold expert; mode "host": computed where the
-                   weights live, beside the device part)
+    host part    = sum over touched cold e of host(r_e) + the rows' activations both ways over PCIe
+                   (mode "host": computed where the weights live, beside the device part); host(r)
+                   is the measured curve of one expert (TierRates.host_curve_*: weight streaming at
+                   a few rows, the CPU's matmul rate at hundreds), else host_expert_s + r * host_row_s
     step         = max(device part, host part)   ("host": the two run at once; with a measured
                    overlap < 1 the shorter part hides only partly: TierRates.concurrent)
                    device part                   ("fetch")
@@ -59,6 +60,14 @@ class TierRates:
     # fully (max), 0 not at all (they add up: e.g. the fetches' DMA and the host compute share one
     # host memory bandwidth); measured by running both at once
     overlap: float = 1.0
+    # measured seconds of one touched cold expert on the host at these row counts (ascending, from
+    # 1 row to prefill sizes): the host's cost is not affine in rows (few rows stream the weights
+    # from memory; hundreds are bound by the CPU's matmul rate), so where given it replaces
+    # host_expert_s + rows x host_row_s; linear between points, the last slope past the last one
+    host_curve_rows: tuple = ()
+    host_curve_s: tuple = ()
+    # the host's measured time over the model's in the layer that runs it (HostSlots' calibration)
+    host_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("device_row_s", "host_row_s", "pcie_bytes_per_s", "expert_bytes", "row_bytes"):
@@ -71,18 +80,43 @@ class TierRates:
                 raise ValueError(f"TierRates.{name} must be finite and >= 0, got {value}")
         if not 0.0 <= self.overlap <= 1.0:
             raise ValueError(f"TierRates.overlap must be in [0, 1], got {self.overlap}")
+        if not np.isfinite(self.host_scale) or self.host_scale <= 0:
+            raise ValueError(f"TierRates.host_scale must be finite and > 0, got {self.host_scale}")
+        rows, secs = np.asarray(self.host_curve_rows, dtype=np.float64), np.asarray(self.host_curve_s, dtype=np.float64)
+        if rows.shape != secs.shape or rows.ndim != 1:
+            raise ValueError(f"TierRates.host_curve_rows {self.host_curve_rows} and host_curve_s {self.host_curve_s} "
+                             "must be two lists of one length")
+        if len(rows) and (rows[0] < 1 or np.any(np.diff(rows) <= 0) or not np.all(np.isfinite(secs)) or np.any(secs <= 0)):
+            raise ValueError(f"TierRates host curve needs ascending rows >= 1 and finite seconds > 0, got rows "
+                             f"{self.host_curve_rows}, seconds {self.host_curve_s}")
 
     @property
     def fetch_expert_s(self) -> float:
         """Seconds to copy one expert's weights to a device staging slot."""
         return self.expert_bytes / self.pcie_bytes_per_s
 
+    def host_expert_seconds(self, rows_X: np.ndarray) -> np.ndarray:
+        """[X] seconds of each expert's rows on the host (0 rows: 0), activations excluded."""
+        rows_X = np.asarray(rows_X, dtype=np.float64)
+        if len(self.host_curve_rows) >= 2:
+            at, secs = np.asarray(self.host_curve_rows, dtype=np.float64), np.asarray(self.host_curve_s, dtype=np.float64)
+            slope = (secs[-1] - secs[-2]) / (at[-1] - at[-2])
+            cost_X = np.where(rows_X > at[-1], secs[-1] + (rows_X - at[-1]) * max(slope, 0.0), np.interp(rows_X, at, secs))
+        else:
+            cost_X = self.host_expert_s + rows_X * self.host_row_s
+        return np.where(rows_X > 0, cost_X * self.host_scale, 0.0)
+
     def host_seconds(self, rows_X: np.ndarray, expected: bool = False) -> float:
         """Host compute of these cold experts' rows (touched ones only), activations both ways included.
-        expected: rows_X are mean rows per step (an expert is touched with probability 1 - e^-rows)."""
+        expected: rows_X are mean rows per step (an expert is touched with probability p = 1 - e^-rows,
+        and then carries rows / p on average)."""
         rows_X = np.asarray(rows_X, dtype=np.float64)
-        return (touched(rows_X, expected) * self.host_expert_s
-                + float(rows_X.sum()) * (self.host_row_s + 2 * self.row_bytes / self.pcie_bytes_per_s))
+        moved = float(rows_X.sum()) * 2 * self.row_bytes / self.pcie_bytes_per_s
+        if not expected:
+            return float(self.host_expert_seconds(rows_X).sum()) + moved
+        p_X = -np.expm1(-rows_X)
+        given_touched_X = np.divide(rows_X, p_X, out=np.zeros_like(rows_X), where=p_X > 0)
+        return float((p_X * self.host_expert_seconds(given_touched_X)).sum()) + moved
 
     def fetch_seconds(self, rows_X: np.ndarray, expected: bool = False) -> float:
         """Device time these cold experts add when fetched: their copies, then their rows."""

@@ -26,7 +26,8 @@ routing counts, grouped kernel, weighted combine; moeray.host_tier for the host 
            time (in the engine they are staged off the step path).
 tokens/s = T x steps / wall time of the steps (CUDA synchronised per step), the adaptation of
 "ours" (and the time of its swaps) included; second_half_tokens_per_s: the steps of the second
-half alone (after adapting). Only the MoE layers are timed: a model's dense layers add the same time to every
+half alone (after adapting). --repeats N runs every configuration N times: the median run (of
+two, the slower) is reported, every run's tokens/s kept. Only the MoE layers are timed: a model's dense layers add the same time to every
 configuration, so the fractions of "all" here are the lowest a full model would show.
 """
 
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from moeray.bench import standalone, write_json
+from moeray.host_tier import TierCounts
 
 SHAPES = {
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2, trace_model="mistral"),
@@ -64,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-swaps", type=int, default=8, help="promotions per layer and decision (ours)")
     p.add_argument("--check-every", type=int, default=4, help="steps between tier decisions (ours)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="runs of every configuration (the median reported)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke run of the code paths only")
     p.add_argument("--small", action="store_true", help="shapes / 16 in D and F (a smoke run)")
     p.add_argument("--json", default=None)
@@ -188,6 +191,9 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
         steps.append((torch.as_tensor(ids, device=stack.cuda), torch.as_tensor(weights, device=stack.cuda,
                                                                                dtype=torch.bfloat16)))
     live = LiveTiers(stack, args, rates) if mode == "ours" else None
+    hosts = [e.host for e in stack.layers if e.host is not None]
+    for host in hosts:
+        host.counts = TierCounts()
     step_s = []
     sync(stack.cuda)
     start = time.perf_counter()
@@ -207,6 +213,12 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
     out = {"tokens_per_s": tokens * len(steps) / total, "median_step_ms": 1e3 * float(np.median(step_s)),
            # the second half of the run: after ours adapted to the first domain (its decisions and swaps included)
            "second_half_tokens_per_s": tokens * (len(steps) - len(steps) // 2) / second_half_s, "steps": len(steps)}
+    if hosts:
+        # per layer step: how the touched cold experts were served, and the host math's wall time
+        layer_steps = max(1, sum(h.counts.steps for h in hosts))
+        out.update(host_experts_per_layer_step=sum(h.counts.host_experts for h in hosts) / layer_steps,
+                   fetched_experts_per_layer_step=sum(h.counts.fetched_experts for h in hosts) / layer_steps,
+                   host_ms_per_layer_step=1e3 * sum(h.counts.host_s for h in hosts) / layer_steps)
     if live is not None:
         out.update(swaps=live.swaps, swap_ms_total=1e3 * live.swap_s, last_tier_reason=live.control.last and live.control.last.reason)
     return out
@@ -223,7 +235,7 @@ def hottest_first(probs_LE: np.ndarray, budget: int) -> np.ndarray:
 
 
 def run_shape(name: str, args, trace_dir) -> dict:
-    from moeray.host_tier import measure_rates
+    from moeray.tier_measure import measure_rates
     from placement.traces import load_olmoe_mixtral
 
     shape = SHAPES[name]
@@ -260,7 +272,11 @@ def run_shape(name: str, args, trace_dir) -> dict:
                     if (mode == "all") != (budget == E):
                         continue
                     start = hottest_first(probs[domains[0]], budget) if mode == "profiled" else identity
-                    r = run_config(stack, mode, start, schedule, probs, tokens, K, args, rates)
+                    runs = [run_config(stack, mode, start, schedule, probs, tokens, K, args, rates)
+                            for _ in range(args.repeats)]
+                    # the median run by tokens/s stands for the configuration; every run's figure kept (the spread)
+                    r = dict(sorted(runs, key=lambda run: run["tokens_per_s"])[(len(runs) - 1) // 2],
+                             tokens_per_s_runs=[run["tokens_per_s"] for run in runs])
                     row = dict(shape=name, budget=budget, budget_fraction=budget / E, phase=phase, tokens=tokens,
                                workload="drifting" if drifting else "stationary", mode=mode, **r)
                     results.append(row)

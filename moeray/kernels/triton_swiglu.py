@@ -75,7 +75,9 @@ def _tile_ids(num_m_ub, num_n, GROUP_M: tl.constexpr):
     return b, pid_n
 
 
-@triton.jit
+# S and num_m_ub change from step to step (slots of a fetch round, rows): not specialised on (value 1,
+# divisibility by 16), or each new combination would compile the kernel again mid-run (~1 s each)
+@triton.jit(do_not_specialize=["S", "num_m_ub"])
 def _gate_up_kernel(
     x_ptr, w13_ptr, h_ptr, order_ptr, offs_ptr, width_ptr,
     S, D, F, num_m_ub,
@@ -137,7 +139,7 @@ def _gate_up_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & (cols < written)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "num_m_ub"])
 def _down_kernel(
     h_ptr, w2_ptr, y_ptr, order_ptr, offs_ptr, width_ptr,
     S, D, F, num_m_ub,
@@ -291,3 +293,25 @@ def expert_mlp_triton(
         EVEN_K=F_ % cfg_down.BK == 0, **common,
     )
     return y_MD
+
+
+def compile_tiles(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor) -> int:
+    """Compile (by one launch each) every tile configuration `pick_configs` can choose for these
+    experts' width, so no step pays Triton's compile (about a second a configuration) mid-run:
+    a host tier's fetch rounds reach row counts per slot that a warm-up step of one size does
+    not. Uses the first slot of the given weights; returns the configurations compiled."""
+    D, F_ = w13_SHD.shape[2], w2_SDF.shape[2]
+    offsets = torch.zeros(2, dtype=torch.int64, device=w13_SHD.device)
+    seen = set()
+    for r_max, f_min, _, _ in _TABLE:
+        if F_ < f_min:
+            continue
+        rows = int(min(r_max, 1024))
+        configs = pick_configs(rows, 1, D, F_, w13_SHD.element_size())
+        if configs in seen:
+            continue
+        seen.add(configs)
+        x_RD = torch.randn(rows, D, device=w13_SHD.device).to(w13_SHD.dtype)
+        offsets[1] = rows
+        expert_mlp_triton(x_RD, w13_SHD[:1], w2_SDF[:1], offsets, torch.arange(rows, device=x_RD.device))
+    return len(seen)

@@ -15,7 +15,8 @@ import torch
 from moeray.comm.dispatcher import LocalDispatcher
 from moeray.comm.slot_map import DeviceSlotMap
 from moeray.expert_parallel import SlotExperts
-from moeray.host_tier import ColdPath, measure_rates, split_tiers
+from moeray.host_tier import ColdPath, split_tiers
+from moeray.tier_measure import measure_rates
 from placement import Placement
 from placement.tiering import swap_slots
 from tests.helpers import engine_logits, make_checkpoint, reference_logits

@@ -13,7 +13,8 @@ from moeray.comm import local_ranks
 from moeray.comm.dispatcher import AllToAllDispatcher, LocalDispatcher
 from moeray.comm.slot_map import DeviceSlotMap
 from moeray.expert_parallel import SlotExperts
-from moeray.host_tier import ColdPath, HostSlots, measure_rates
+from moeray.host_tier import ColdPath, HostSlots
+from moeray.tier_measure import measure_rates
 from placement import Placement
 from placement.tiering import TierRates, split_cold
 from tests.helpers import random_replicated_placement
@@ -110,3 +111,28 @@ def test_expert_parallel_host_tiers_equal_the_dense_reference(budget, mode):
                                     preload=("tests.unit.test_host_tier",))
     for got, want in results:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_host_calibration_learns_the_measured_ratio_and_resets_with_the_path():
+    from moeray.host_tier import HostCalibration
+
+    calibration = HostCalibration(weight=0.5)
+    rows = np.array([4.0, 8.0])
+    modelled = float(RATES.host_expert_seconds(rows).sum())
+    for _ in range(20):
+        calibration.observe(RATES, rows, 3.0 * modelled)
+    assert calibration.scale == pytest.approx(3.0, rel=1e-3)
+    scaled = calibration.rates(RATES)
+    assert scaled.host_scale == pytest.approx(3.0, rel=1e-3) and calibration.rates(RATES) is scaled  # reused
+    calibration.observe(RATES, rows, 1e6 * modelled)  # one odd step moves it by at most the clip
+    assert calibration.scale <= 3.0 + 0.5 * (16.0 - 3.0) + 1e-9
+    layer = HostSlots(torch.zeros(2, 2 * F, D), torch.zeros(2, D, F), 1, torch.device("cpu"), ColdPath("auto", RATES))
+    layer._calibration.scale = 5.0
+    layer.path = ColdPath("auto", RATES)
+    assert layer._calibration.scale == 1.0
+
+
+def test_measured_host_curve_rises_with_rows():
+    rates = measure_rates(D, F, torch.float32, torch.device("cpu"), reps=1, curve_rows=(1, 8, 64))
+    assert rates.host_curve_rows == (1.0, 8.0, 64.0)
+    assert all(b >= a > 0 for a, b in zip(rates.host_curve_s, rates.host_curve_s[1:]))

@@ -183,3 +183,36 @@ def test_overlap_and_expected_touches():
     rows = np.array([3.0, 3.0, 3.0])
     cheap_fetch = dataclasses.replace(shared, pcie_bytes_per_s=1e13)  # 35 us a fetch, 160 us on the host
     assert split_cold(rows, cheap_fetch, device_s=0.0).all()
+
+
+def test_host_curve_interpolates_extrapolates_and_replaces_the_affine_model():
+    import dataclasses
+
+    # weight streaming up to 16 rows (1 ms flat), then the matmul rate: 0.1 ms per row past 16
+    curved = dataclasses.replace(RATES, host_curve_rows=(1.0, 16.0, 64.0), host_curve_s=(1e-3, 1e-3, 5.8e-3))
+    cost = curved.host_expert_seconds(np.array([0.0, 1.0, 8.0, 40.0, 64.0, 164.0]))
+    assert cost == pytest.approx([0.0, 1e-3, 1e-3, 3.4e-3, 5.8e-3, 15.8e-3])
+    moved = 2 * RATES.row_bytes / RATES.pcie_bytes_per_s
+    assert curved.host_seconds(np.array([8.0, 164.0])) == pytest.approx(1e-3 + 15.8e-3 + 172 * moved)
+    # expected touches: an expert touched with probability p carries rows / p when touched
+    p = -np.expm1(-0.5)
+    assert curved.host_seconds(np.array([0.5]), expected=True) == pytest.approx(p * 1e-3 + 0.5 * moved)
+    # the learnt scale multiplies the host's cost and nothing else
+    assert dataclasses.replace(curved, host_scale=2.0).host_expert_seconds(np.array([40.0])) == pytest.approx([6.8e-3])
+    # at prefill sizes the curve sends the experts to fetch that the affine (decode-measured) model keeps on the host
+    affine = dataclasses.replace(RATES, host_row_s=1e-7, host_expert_s=1e-3)
+    prefill = dataclasses.replace(affine, host_curve_rows=(1.0, 16.0, 512.0), host_curve_s=(1e-3, 1.2e-3, 0.1))
+    rows = np.array([512.0, 512.0, 512.0, 512.0])
+    assert split_cold(rows, affine, device_s=1e-4).sum() < 4
+    assert split_cold(rows, prefill, device_s=1e-4).all()
+
+
+@pytest.mark.parametrize("rows, secs, bad", [((1.0, 4.0), (1e-3,), "one length"), ((4.0, 1.0), (1e-3, 2e-3), "ascending"),
+                                             ((0.0, 4.0), (1e-3, 2e-3), "ascending"), ((1.0, 4.0), (1e-3, float("nan")), "nan")])
+def test_host_curve_names_the_bad_value(rows, secs, bad):
+    import dataclasses
+
+    with pytest.raises(ValueError, match=bad):
+        dataclasses.replace(RATES, host_curve_rows=rows, host_curve_s=secs)
+    with pytest.raises(ValueError, match="host_scale"):
+        dataclasses.replace(RATES, host_scale=0.0)
