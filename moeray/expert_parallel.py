@@ -90,6 +90,10 @@ class SlotExperts(nn.Module):
 
     def write_slot(self, slot: int, w13_HD: torch.Tensor, w2_DF: torch.Tensor) -> None:
         """Copy one expert's weights into local slot `slot` (a commit, under the step lock)."""
+        device_slots = self.w13_SHD.shape[0]
+        if slot >= device_slots:
+            self.host.write(slot - device_slots, w13_HD, w2_DF)
+            return
         dst13, dst2 = self.slot_weights(slot)
         dst13.copy_(w13_HD)
         dst2.copy_(w2_DF)

@@ -29,6 +29,7 @@ import torch
 
 from moeray.kernels import expert_mlp
 from moeray.kernels.reference import swiglu
+from moeray.tier_staging import Prefetch, StagingPool
 from placement.tiering import TierRates, split_cold
 
 
@@ -58,8 +59,13 @@ class TierCounts:
     fetched_rows: int = 0
     host_s: float = 0.0  # wall time of the host math
 
-    def add(self, rows_X: np.ndarray, host_slots: list[int], fetch_slots: list[int]) -> None:
+    prefetched: int = 0  # touched slots whose weights a prefetch had queued
+    prefetch_unused: int = 0  # prefetched slots the step did not touch (a wasted copy)
+
+    def add(self, rows_X: np.ndarray, host_slots: list[int], fetch_slots: list[int], prefetched=()) -> None:
         self.steps += 1
+        self.prefetched += sum(1 for x in prefetched if rows_X[x])
+        self.prefetch_unused += sum(1 for x in prefetched if not rows_X[x])
         self.host_experts += len(host_slots)
         self.fetched_experts += len(fetch_slots)
         self.host_rows += int(rows_X[host_slots].sum()) if host_slots else 0
@@ -97,37 +103,11 @@ def host_threads(configured: int | None, workers_on_node: int) -> int:
     return max(1, cpus // max(1, workers_on_node))
 
 
-class StagingPool:
-    """A worker's device staging slots for fetches, shared by its layers (allocated at the first
-    fetch): two buffers of `slots` experts, and per buffer the event after the last kernel that
-    read it, kept across layers and steps so a copy never overwrites weights still being read."""
-
-    def __init__(self, slots: int, device: torch.device):
-        self.slots, self.device = slots, device
-        self.buffers = None  # (w13 [2, slots, H, D], w2 [2, slots, D, F])
-        self.freed = [None, None]
-        self.streams = None  # (rows stream, weights stream) on a GPU
-
-    def get(self, w13_HD: torch.Tensor, w2_DF: torch.Tensor):
-        if self.buffers is None:
-            self.buffers = (torch.empty((2, self.slots) + tuple(w13_HD.shape), dtype=w13_HD.dtype, device=self.device),
-                            torch.empty((2, self.slots) + tuple(w2_DF.shape), dtype=w2_DF.dtype, device=self.device))
-        return self.buffers
-
-    def nbytes(self) -> int:
-        return 0 if self.buffers is None else sum(t.numel() * t.element_size() for t in self.buffers)
-
-    def cuda_streams(self):
-        if self.streams is None:
-            self.streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
-        return self.streams
-
-
 class HostSlots:
     """The host slots of one layer: w13_XHD / w2_XDF in host memory, local slots first_slot + x."""
 
     def __init__(self, w13_XHD: torch.Tensor, w2_XDF: torch.Tensor, first_slot: int, device: torch.device, path: ColdPath,
-                 pool: StagingPool | None = None):
+                 pool: StagingPool | None = None, layer: int | None = None):
         pin = device.type == "cuda"
         self.w13_XHD = w13_XHD.cpu().contiguous()
         self.w2_XDF = w2_XDF.cpu().contiguous()
@@ -140,6 +120,10 @@ class HostSlots:
         self.pool = pool if pool is not None else StagingPool(min(path.fetch_slots, self.num_slots), device)
         self.counts = TierCounts()
         self._calibration = HostCalibration()
+        self._share_X = None  # moving average of the share of this worker's rows each host slot gets
+        if layer is not None:  # known to the pool: the layer before it can prefetch for it
+            self.pool.register(layer, self)
+        self.layer = layer
 
     @property
     def path(self) -> ColdPath:
@@ -149,6 +133,16 @@ class HostSlots:
     def path(self, path: ColdPath) -> None:
         self._path = path
         self._calibration = HostCalibration()  # new rates: what was learnt of the old ones does not carry
+        if hasattr(self, "pool"):
+            self.pool.drop(self)
+
+    def write(self, x: int, w13_HD: torch.Tensor, w2_DF: torch.Tensor) -> None:
+        """Host slot x takes another expert's weights (a commit, between steps)."""
+        self.pool.drop(self)  # a prefetch still reading this memory lands first, and is not used
+        self.w13_XHD[x].copy_(w13_HD)
+        self.w2_XDF[x].copy_(w2_DF)
+        if self._share_X is not None:
+            self._share_X[x] = 0.0  # another expert now: its share is learnt afresh
 
     @property
     def num_slots(self) -> int:
@@ -166,8 +160,16 @@ class HostSlots:
         offsets = slot_offsets_S1.tolist()
         rows_X = np.diff(offsets[first:])
         cold_Y = order_M[offsets[first]:offsets[-1]]  # rows of the host slots, grouped by slot
-        host_slots, fetch_slots = self._plan(rows_X, offsets[first]) if rows_X.sum() else ([], [])
-        self.counts.add(rows_X, host_slots, fetch_slots)
+        pending = self.pool.take(self) if self.path.mode == "auto" else None
+        # prefetched slots are on the device already: their rows run there, whatever the split says
+        prefetched_X = np.zeros(len(rows_X), dtype=bool)
+        if pending is not None:
+            prefetched_X[pending.slots] = True
+        planned_X = np.where(prefetched_X, 0, rows_X)
+        host_slots, fetch_slots = self._plan(planned_X, offsets[first]) if planned_X.sum() else ([], [])
+        fetch_slots = [x for x in pending.slots if rows_X[x]] + fetch_slots if pending is not None else fetch_slots
+        self.counts.add(rows_X, host_slots, fetch_slots, pending.slots if pending is not None else ())
+        self._learn_shares(rows_X, offsets[-1])
         sent = None
         if host_slots:
             # gathered and on their way to the host before the device kernel is queued: the copy
@@ -180,8 +182,9 @@ class HostSlots:
             y_MD = expert_mlp(tokens_MD, w13_BHD, w2_BDF, slot_offsets_S1[:first + 1], order_M[:offsets[first]], impl=impl)
         else:
             y_MD = torch.zeros_like(tokens_MD)
-        if fetch_slots:
-            self._add_fetched(y_MD, tokens_MD, cold_Y, rows_X, fetch_slots, impl)
+        if fetch_slots or pending is not None:
+            self._add_fetched(y_MD, tokens_MD, cold_Y, rows_X, fetch_slots, impl, pending)
+        self._prefetch_next(offsets[-1])
         if sent is not None:
             rows_Y, x_host_YD = sent
             y_MD.index_copy_(0, rows_Y, self._back_from_host(x_host_YD, rows_X, host_slots))
@@ -241,40 +244,70 @@ class HostSlots:
         return y_YD
 
     def _add_fetched(self, y_MD: torch.Tensor, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, rows_X: np.ndarray,
-                     slots: list[int], impl: str) -> None:
+                     slots: list[int], impl: str, pending) -> None:
         """Add to y_MD the fetched slots' rows: their weights copied to staging slots in rounds,
-        round r + 1's copies in flight while round r computes."""
-        w13_2GHD, w2_2GDF = self.pool.get(self.w13_XHD[0], self.w2_XDF[0])
-        per_round = w13_2GHD.shape[1]
+        round r + 1's copies in flight while round r computes. A prefetch for this layer is round
+        0: its positions keep their slots, one this step does not touch takes a slot still to fetch."""
+        per_round = self.pool.slots
         starts_X = np.concatenate([[0], np.cumsum(rows_X)])
-        cuda = self.device.type == "cuda"
-        main = torch.cuda.current_stream(self.device) if cuda else None
-        weights_stream = self._cuda_streams()[1] if cuda else None
-        freed = self.pool.freed  # per buffer: the event after the last kernel that read it (any layer)
-        for r, lo in enumerate(range(0, len(slots), per_round)):
-            group = slots[lo:lo + per_round]
-            buf = r % 2
-            if cuda:
-                with torch.cuda.stream(weights_stream):
-                    if freed[buf] is not None:
-                        weights_stream.wait_event(freed[buf])
-                    for j, x in enumerate(group):
-                        w13_2GHD[buf, j].copy_(self.w13_XHD[x], non_blocking=True)
-                        w2_2GDF[buf, j].copy_(self.w2_XDF[x], non_blocking=True)
-                    ready = torch.cuda.Event()
-                    ready.record(weights_stream)
+        rounds = []  # (slots in staging positions, copies, the pending buffer or None)
+        rest = [x for x in slots if pending is None or x not in pending.slots]
+        if pending is not None:
+            group, copies = list(pending.slots), []
+            for j, x in enumerate(group):
+                if not rows_X[x] and rest:
+                    group[j] = rest.pop(0)
+                    copies.append((j, group[j]))
+            rounds.append((group, copies, pending.buffer))
+        rounds += [(rest[lo:lo + per_round], list(enumerate(rest[lo:lo + per_round])), None)
+                   for lo in range(0, len(rest), per_round)]
+        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for group, copies, buffer in rounds:
+            # on a GPU `ready` follows every copy queued before on the weights stream: a prefetch's too
+            buffer, ready = self.pool.copy_round(self, copies, buffer)
+            if ready is not None:
                 main.wait_event(ready)
-            else:
-                for j, x in enumerate(group):
-                    w13_2GHD[buf, j].copy_(self.w13_XHD[x])
-                    w2_2GDF[buf, j].copy_(self.w2_XDF[x])
+            w13_2GHD, w2_2GDF = self.pool.buffers
             order_G = torch.cat([cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
-            counts = [0] + [int(rows_X[x]) for x in group]
+            counts = [0] + [int(rows_X[x]) for x in group]  # a prefetched slot not touched: 0 rows
             offsets_G1 = self._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
-            y_MD += expert_mlp(tokens_MD, w13_2GHD[buf, :len(group)], w2_2GDF[buf, :len(group)], offsets_G1, order_G, impl=impl)
-            if cuda:
-                freed[buf] = torch.cuda.Event()
-                freed[buf].record(main)
+            if order_G.numel():
+                y_MD += expert_mlp(tokens_MD, w13_2GHD[buffer, :len(group)], w2_2GDF[buffer, :len(group)], offsets_G1,
+                                   order_G, impl=impl)
+            self.pool.read_by_main(buffer)
+
+    # ---- the prefetch for the next layer ------------------------------------------------------
+    PREFETCH_TOUCH = 0.9  # prefetch only slots a step touches this surely (a wasted copy delays the next ones)
+
+    def _learn_shares(self, rows_X: np.ndarray, worker_rows: int) -> None:
+        share_X = rows_X / max(worker_rows, 1)
+        self._share_X = share_X if self._share_X is None else 0.5 * self._share_X + 0.5 * share_X
+
+    def predicted_fetches(self, worker_rows: int) -> list[int]:
+        """The host slots this layer will most likely fetch at `worker_rows` rows (its learnt row
+        shares; most rows first, at most a staging round): those split_cold fetches from the
+        expected rows and that a step touches with probability >= PREFETCH_TOUCH."""
+        if self.path.mode != "auto" or self._share_X is None:
+            return []
+        rates = self._calibration.rates(self.path.rates)
+        mean_X = self._share_X * worker_rows
+        device_s = rates.device_floor_s + max(worker_rows - mean_X.sum(), 0.0) * rates.device_row_s
+        sure_X = split_cold(mean_X, rates, device_s, expected=True) & (-np.expm1(-mean_X) >= self.PREFETCH_TOUCH)
+        order = [int(x) for x in np.lexsort((np.arange(len(mean_X)), -mean_X)) if sure_X[x]]
+        return order[:self.pool.slots]
+
+    def _prefetch_next(self, worker_rows: int) -> None:
+        """Queue the next layer's likely fetches behind this layer's copies (the next layer of one
+        step sees about as many rows: one batch)."""
+        if self.layer is None or self.path.mode != "auto":
+            return
+        following = self.pool.layer_after(self.layer)
+        if following is None or self.pool.prefetched is not None:
+            return
+        slots = following.predicted_fetches(worker_rows)
+        if slots:
+            buffer, ready = self.pool.copy_round(following, list(enumerate(slots)))
+            self.pool.prefetched = Prefetch(following, slots, buffer, ready)
 
     def _to_device(self, index_X: torch.Tensor) -> torch.Tensor:
         """A small host index on the device without waiting: a copy from pageable memory would
@@ -289,10 +322,12 @@ class HostSlots:
 
 
 def split_tiers(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, budget: int, device: torch.device,
-                path: ColdPath | None, pool: StagingPool | None = None) -> tuple[torch.Tensor, torch.Tensor, HostSlots | None]:
+                path: ColdPath | None, pool: StagingPool | None = None,
+                layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, HostSlots | None]:
     """A layer's S_w slot weights (any device) as (device w13_BHD, device w2_BDF, host slots or
-    None): the first `budget` slots go to `device`, the rest to host memory. path None: no host tier."""
+    None): the first `budget` slots go to `device`, the rest to host memory. path None: no host
+    tier. `layer` registers the host slots with the pool, for the previous layer's prefetch."""
     if path is None or budget >= w13_SHD.shape[0]:
         return w13_SHD.to(device), w2_SDF.to(device), None
-    host = HostSlots(w13_SHD[budget:], w2_SDF[budget:], budget, device, path, pool)
+    host = HostSlots(w13_SHD[budget:], w2_SDF[budget:], budget, device, path, pool, layer)
     return w13_SHD[:budget].to(device).clone(), w2_SDF[:budget].to(device).clone(), host

@@ -25,8 +25,9 @@ from moeray.config import EngineConfig
 from moeray.expert_parallel import SlotExperts
 from moeray.generation.messages import StepPlan, StepResult
 from moeray.generation.runner import SequenceRunner
-from moeray.host_tier import ColdPath, StagingPool, host_threads, split_tiers
+from moeray.host_tier import ColdPath, host_threads, split_tiers
 from moeray.tier_measure import measure_rates
+from moeray.tier_staging import StagingPool
 from moeray.models.checkpoint import CheckpointReader
 from moeray.models.decoder import MoECausalLM
 from moeray.models.kv_cache import PagedKVCache
@@ -145,7 +146,7 @@ class Worker(SlotMigration):
         routing = self._routings[layer]
         budget = self.config.tier.device_slots_of(self.config.slots_per_worker)
         w13_BHD, w2_BDF, host = split_tiers(w13_SHD, w2_SDF, budget, self.device, self._cold_path,
-                                            self._staging_pool if self._cold_path is not None else None)
+                                            self._staging_pool if self._cold_path is not None else None, layer)
         return SlotExperts(w13_BHD, w2_BDF, routing.slot_map, self.dispatcher, self.config.model.num_experts,
                            overlap_chunks=self.config.parallel.overlap_chunks, width_S=routing.width_S,
                            batch_split=routing.batch_split, host=host)

@@ -106,22 +106,31 @@ class TierRates:
             cost_X = self.host_expert_s + rows_X * self.host_row_s
         return np.where(rows_X > 0, cost_X * self.host_scale, 0.0)
 
-    def host_seconds(self, rows_X: np.ndarray, expected: bool = False) -> float:
-        """Host compute of these cold experts' rows (touched ones only), activations both ways included.
-        expected: rows_X are mean rows per step (an expert is touched with probability p = 1 - e^-rows,
-        and then carries rows / p on average)."""
+    def host_costs(self, rows_X: np.ndarray, expected: bool = False) -> np.ndarray:
+        """[X] seconds each cold expert adds on the host: its rows' compute (touched ones only) and
+        their activations both ways. expected: rows_X are mean rows per step (an expert is touched
+        with probability p = 1 - e^-rows, and then carries rows / p on average)."""
         rows_X = np.asarray(rows_X, dtype=np.float64)
-        moved = float(rows_X.sum()) * 2 * self.row_bytes / self.pcie_bytes_per_s
+        moved_X = rows_X * 2 * self.row_bytes / self.pcie_bytes_per_s
         if not expected:
-            return float(self.host_expert_seconds(rows_X).sum()) + moved
+            return self.host_expert_seconds(rows_X) + moved_X
         p_X = -np.expm1(-rows_X)
         given_touched_X = np.divide(rows_X, p_X, out=np.zeros_like(rows_X), where=p_X > 0)
-        return float((p_X * self.host_expert_seconds(given_touched_X)).sum()) + moved
+        return p_X * self.host_expert_seconds(given_touched_X) + moved_X
+
+    def fetch_costs(self, rows_X: np.ndarray, expected: bool = False) -> np.ndarray:
+        """[X] device seconds each cold expert adds when fetched: its copy (if touched), its rows."""
+        rows_X = np.asarray(rows_X, dtype=np.float64)
+        touched_X = -np.expm1(-rows_X) if expected else (rows_X > 0).astype(np.float64)
+        return touched_X * self.fetch_expert_s + rows_X * self.device_row_s
+
+    def host_seconds(self, rows_X: np.ndarray, expected: bool = False) -> float:
+        """Host part of these cold experts (TierRates.host_costs summed)."""
+        return float(self.host_costs(rows_X, expected).sum())
 
     def fetch_seconds(self, rows_X: np.ndarray, expected: bool = False) -> float:
-        """Device time these cold experts add when fetched: their copies, then their rows."""
-        rows_X = np.asarray(rows_X, dtype=np.float64)
-        return touched(rows_X, expected) * self.fetch_expert_s + float(rows_X.sum()) * self.device_row_s
+        """Device time these cold experts add when fetched (TierRates.fetch_costs summed)."""
+        return float(self.fetch_costs(rows_X, expected).sum())
 
     def concurrent(self, device_s: float, host_s: float) -> float:
         """The step of a device part and a host part that run at once."""
@@ -140,22 +149,21 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: 
     (device part + fetches, host part; TierRates.concurrent) is shortest; device_s is the resident
     experts' part.
 
-    Greedy, the most rows first: a fetch costs a fixed copy and device rows, a host expert a fixed
-    read and host rows, so the experts with most rows gain most from fetching; it stops at the first
-    move that does not shorten the step."""
+    A fetch costs a fixed copy and device rows, a host expert its curve at its rows, which rises
+    with rows, so the experts with most rows gain most from fetching: the answer is the k most
+    loaded for some k. Every k is tried at once (prefix sums of the fetch costs, suffix sums of the
+    host costs; the smallest k of the shortest steps): a few array operations, because the layer
+    calls this between its host sync and its launches, where time is the step's."""
     rows_X = np.asarray(rows_X, dtype=np.float64)
+    order = np.lexsort((np.arange(len(rows_X)), -rows_X))
+    rows_sorted = rows_X[order]
+    fetch_K = np.concatenate([[0.0], np.cumsum(rates.fetch_costs(rows_sorted, expected))])  # fetch the first k
+    host_K = np.concatenate([np.cumsum(rates.host_costs(rows_sorted, expected)[::-1])[::-1], [0.0]])  # host the rest
+    device_K = device_s + fetch_K
+    step_K = device_K + host_K - rates.overlap * np.minimum(device_K, host_K)
+    step_K[1:][rows_sorted <= 0] = np.inf  # an untouched expert is never fetched
     fetch_X = np.zeros(len(rows_X), dtype=bool)
-    best = rates.concurrent(device_s, rates.host_seconds(rows_X, expected))
-    for x in np.lexsort((np.arange(len(rows_X)), -rows_X)):
-        if rows_X[x] <= 0:
-            break
-        fetch_X[x] = True
-        step = rates.concurrent(device_s + rates.fetch_seconds(rows_X[fetch_X], expected),
-                                rates.host_seconds(rows_X[~fetch_X], expected))
-        if step >= best:
-            fetch_X[x] = False
-            break
-        best = step
+    fetch_X[order[:int(np.argmin(step_K))]] = True
     return fetch_X
 
 

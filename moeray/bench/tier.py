@@ -18,7 +18,8 @@ routing counts, grouped kernel, weighted combine; moeray.host_tier for the host 
   host     the same B resident, the rows of every other expert computed in host memory
   profiled host compute with the B hottest experts of the first domain resident, fixed (an offline
            profile: right for a stationary workload, stale once it drifts)
-  ours     cold path "auto" (per slot and step: host compute or fetch, from the measured rates) and
+  ours     cold path "auto" (per slot and step: host compute or fetch, from the measured rates, and
+           the next layer's likely fetches prefetched behind this layer's copies) and
            live tiering: every --check-every steps the coordinator's tier policy (moeray.tier_control:
            margin, max swaps, modelled gain from the measured rates) reads the layers' routing counts
            and swaps hot host experts into device slots with the slot writes a commit does.
@@ -102,7 +103,8 @@ class Stack:
         from moeray.comm.dispatcher import LocalDispatcher
         from moeray.comm.slot_map import DeviceSlotMap
         from moeray.expert_parallel import SlotExperts
-        from moeray.host_tier import ColdPath, StagingPool, split_tiers
+        from moeray.host_tier import ColdPath, split_tiers
+        from moeray.tier_staging import StagingPool
         from placement import Placement
 
         self.cuda = device
@@ -115,7 +117,7 @@ class Stack:
         self.layers = []
         for layer in range(L):
             w13_BHD, w2_BDF, host = split_tiers(w13_LEHD[layer], w2_LEDF[layer], budget, self.cuda,
-                                                path if budget < E else None, pool)
+                                                path if budget < E else None, pool, layer)
             self.layers.append(SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(self.placement, layer, self.cuda),
                                            LocalDispatcher(E), E, host=host))
 
@@ -218,7 +220,9 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
         layer_steps = max(1, sum(h.counts.steps for h in hosts))
         out.update(host_experts_per_layer_step=sum(h.counts.host_experts for h in hosts) / layer_steps,
                    fetched_experts_per_layer_step=sum(h.counts.fetched_experts for h in hosts) / layer_steps,
-                   host_ms_per_layer_step=1e3 * sum(h.counts.host_s for h in hosts) / layer_steps)
+                   host_ms_per_layer_step=1e3 * sum(h.counts.host_s for h in hosts) / layer_steps,
+                   prefetched_per_layer_step=sum(h.counts.prefetched for h in hosts) / layer_steps,
+                   prefetch_unused_per_layer_step=sum(h.counts.prefetch_unused for h in hosts) / layer_steps)
     if live is not None:
         out.update(swaps=live.swaps, swap_ms_total=1e3 * live.swap_s, last_tier_reason=live.control.last and live.control.last.reason)
     return out

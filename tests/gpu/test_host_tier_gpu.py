@@ -85,3 +85,10 @@ def test_the_engine_with_a_host_tier_equals_the_reference_through_a_swap(ray_clu
 
         report = ray.get(engine.workers[0].memory_report.remote())
         assert report["host_slot_bytes"] == cfg.num_moe_layers * 10 * cfg.expert_bytes
+
+
+def test_prefetch_for_the_next_layer_equals_the_reference_on_a_gpu(rates):
+    from tests.unit.test_host_tier import prefetch_stack_against_the_reference
+
+    counts = prefetch_stack_against_the_reference(torch.device("cuda"), rates, 2e-3, hidden=D, ffn=F)
+    assert sum(c.prefetched for c in counts) >= 3 * 5 and sum(c.prefetch_unused for c in counts) >= 1

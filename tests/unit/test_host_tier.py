@@ -136,3 +136,60 @@ def test_measured_host_curve_rises_with_rows():
     rates = measure_rates(D, F, torch.float32, torch.device("cpu"), reps=1, curve_rows=(1, 8, 64))
     assert rates.host_curve_rows == (1.0, 8.0, 64.0)
     assert all(b >= a > 0 for a, b in zip(rates.host_curve_s, rates.host_curve_s[1:]))
+
+
+def prefetch_stack_against_the_reference(device: torch.device, rates: TierRates, tol: float, hidden: int = D,
+                                         ffn: int = F) -> list:
+    """Three layers sharing one staging pool, cold path auto with fetches cheap: each layer
+    prefetches the next one's hot host slots (the last layer the first's, for the next step).
+    Step 4 writes slots between steps (a promotion and its demotion), which drops a pending
+    prefetch; step 6 leaves a prefetched slot untouched (its staging position takes another
+    fetch). Every layer step is checked against the dense reference; returns the layers' counts."""
+    import dataclasses
+
+    from moeray.tier_staging import StagingPool
+
+    experts, budget, tokens, top_k = 8, 2, 12, 2
+    fetchy = dataclasses.replace(rates, host_row_s=1e-3, host_expert_s=1e-3, host_curve_rows=(), host_curve_s=(),
+                                 pcie_bytes_per_s=1e13, device_row_s=1e-9)
+    path = ColdPath("auto", fetchy, fetch_slots=2)
+    pool = StagingPool(2, device)
+    gen = torch.Generator().manual_seed(3)
+    weights = [(torch.randn(experts, 2 * ffn, hidden, generator=gen) * hidden ** -0.5,
+                torch.randn(experts, hidden, ffn, generator=gen) * ffn ** -0.5) for _ in range(3)]
+    placement = Placement(np.tile(np.arange(experts), (1, 1)), experts, experts)
+    layers = []
+    for index, (w13_EHD, w2_EDF) in enumerate(weights):
+        # own copies: the slot writes below must not reach the reference weights
+        host = HostSlots(w13_EHD[budget:].clone(), w2_EDF[budget:].clone(), budget, device, path, pool, layer=index)
+        layers.append(SlotExperts(w13_EHD[:budget].to(device), w2_EDF[:budget].to(device),
+                                  DeviceSlotMap.from_placement(placement, 0, device), LocalDispatcher(experts), experts,
+                                  kernel_impl="reference" if device.type == "cpu" else "auto", host=host))
+    phy2log = np.arange(experts)
+    for step in range(8):
+        if step == 4:  # expert 5 (host slot 5) swaps with expert 0 (device slot 0) in every layer
+            for layer, (w13_EHD, w2_EDF) in zip(layers, weights):
+                layer.write_slot(0, w13_EHD[5].to(device), w2_EDF[5].to(device))
+                layer.write_slot(5, w13_EHD[0], w2_EDF[0])
+            phy2log[[0, 5]] = phy2log[[5, 0]]
+            for layer in layers:
+                layer.slot_map = DeviceSlotMap.from_placement(Placement(phy2log[None], experts, experts), 0, device)
+        x = torch.randn(tokens, hidden, generator=gen)
+        hot = [5 if t % 3 or step == 6 else 6 for t in range(tokens)]  # experts 5 and 6: hot, first on the host
+        avoid = {6} if step == 6 else set()
+        other = [[e for e in torch.randperm(experts, generator=gen).tolist() if e != h and e not in avoid][0] for h in hot]
+        ids = torch.tensor([hot, other]).T.contiguous()
+        w = torch.rand(tokens, top_k, generator=gen)
+        for layer, (w13_EHD, w2_EDF) in zip(layers, weights):
+            with torch.no_grad():
+                got = layer(x.to(device), ids.to(device), w.to(device)).cpu()
+            torch.testing.assert_close(got, dense_reference(x, ids, w, w13_EHD, w2_EDF), rtol=tol, atol=tol,
+                                       msg=f"step {step}")
+    return [layer.host.counts for layer in layers]
+
+
+def test_prefetch_for_the_next_layer_equals_the_reference_through_a_slot_write():
+    counts = prefetch_stack_against_the_reference(torch.device("cpu"), RATES, 1e-5)
+    assert sum(c.prefetched for c in counts) >= 3 * 5  # from the second layer step on, the hot slots come prefetched
+    assert sum(c.prefetch_unused for c in counts) >= 1  # step 6 leaves expert 6 untouched
+    assert all(c.fetched_experts >= c.prefetched for c in counts)

@@ -216,3 +216,31 @@ def test_host_curve_names_the_bad_value(rows, secs, bad):
         dataclasses.replace(RATES, host_curve_rows=rows, host_curve_s=secs)
     with pytest.raises(ValueError, match="host_scale"):
         dataclasses.replace(RATES, host_scale=0.0)
+
+
+@pytest.mark.parametrize("expected", [False, True])
+def test_split_cold_is_the_best_prefix_of_the_slow_reference(expected):
+    import dataclasses
+
+    rng = np.random.default_rng(5)
+    curved = dataclasses.replace(RATES, overlap=0.6, host_curve_rows=(1.0, 16.0, 256.0), host_curve_s=(4e-3, 5e-3, 40e-3))
+    for case in range(40):
+        rows = rng.integers(0, 300, size=int(rng.integers(1, 9))).astype(np.float64) * (rng.random(1) < 0.8)
+        device_s = float(rng.random() * 0.05)
+        fetch = split_cold(rows, curved, device_s, expected)
+
+        def step(mask):
+            return curved.concurrent(device_s + curved.fetch_seconds(rows[mask], expected),
+                                     curved.host_seconds(rows[~mask], expected))
+
+        # the slow reference: every prefix of the most-loaded-first order, one at a time
+        order = np.lexsort((np.arange(len(rows)), -rows))
+        best, best_mask = None, None
+        for k in range(int((rows > 0).sum()) + 1):
+            mask = np.zeros(len(rows), dtype=bool)
+            mask[order[:k]] = True
+            if best is None or step(mask) < best - 1e-15:
+                best, best_mask = step(mask), mask
+        assert step(fetch) == pytest.approx(best, rel=1e-9), case
+        assert fetch.tolist() == best_mask.tolist(), case
+        assert not fetch[rows == 0].any()
