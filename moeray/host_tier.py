@@ -40,6 +40,7 @@ class ColdPath:
     mode: str  # "host" | "fetch" | "auto"
     rates: TierRates | None  # measured on this worker (auto needs them)
     fetch_slots: int = 4
+    prefetch: bool = True  # auto: queue the next layer's sure fetches behind this layer's copies
 
     def __post_init__(self) -> None:
         if self.mode not in ("host", "fetch", "auto"):
@@ -160,45 +161,49 @@ class HostSlots:
         offsets = slot_offsets_S1.tolist()
         rows_X = np.diff(offsets[first:])
         cold_Y = order_M[offsets[first]:offsets[-1]]  # rows of the host slots, grouped by slot
-        pending = self.pool.take(self) if self.path.mode == "auto" else None
+        pending = self.pool.take(self)  # always: one queued for another layer is dropped here
         # prefetched slots are on the device already: their rows run there, whatever the split says
         prefetched_X = np.zeros(len(rows_X), dtype=bool)
         if pending is not None:
             prefetched_X[pending.slots] = True
         planned_X = np.where(prefetched_X, 0, rows_X)
-        host_slots, fetch_slots = self._plan(planned_X, offsets[first]) if planned_X.sum() else ([], [])
+        # the prefetched slots' copies keep the device part busy (at most as long as fetched now)
+        prefetch_s = 0.0 if pending is None else float(self.path.rates.fetch_costs(rows_X[prefetched_X]).sum())
+        host_slots, fetch_slots = self._plan(planned_X, offsets[first], prefetch_s) if planned_X.sum() else ([], [])
         fetch_slots = [x for x in pending.slots if rows_X[x]] + fetch_slots if pending is not None else fetch_slots
         self.counts.add(rows_X, host_slots, fetch_slots, pending.slots if pending is not None else ())
         self._learn_shares(rows_X, offsets[-1])
+        starts_X = np.concatenate([[0], np.cumsum(rows_X)])
         sent = None
         if host_slots:
-            # gathered and on their way to the host before the device kernel is queued: the copy
-            # then waits for nothing but this gather
-            starts_X = np.concatenate([[0], np.cumsum(rows_X)])
-            positions_Y = torch.cat([torch.arange(int(starts_X[x]), int(starts_X[x + 1])) for x in host_slots])
-            rows_Y = cold_Y.index_select(0, self._to_device(positions_Y))
-            sent = (rows_Y, self._send_rows(tokens_MD.index_select(0, rows_Y)))
+            # every cold row goes to the host, gathered on the device before the kernels are queued:
+            # no index has to come from the host first (a small copy that could queue behind
+            # weight copies in the copy engine); the host picks its slots' rows there
+            sent = self._send_rows(tokens_MD.index_select(0, cold_Y))
         if first > 0 and offsets[first] > 0:
             y_MD = expert_mlp(tokens_MD, w13_BHD, w2_BDF, slot_offsets_S1[:first + 1], order_M[:offsets[first]], impl=impl)
         else:
             y_MD = torch.zeros_like(tokens_MD)
         if fetch_slots or pending is not None:
             self._add_fetched(y_MD, tokens_MD, cold_Y, rows_X, fetch_slots, impl, pending)
-        self._prefetch_next(offsets[-1])
         if sent is not None:
-            rows_Y, x_host_YD = sent
-            y_MD.index_copy_(0, rows_Y, self._back_from_host(x_host_YD, rows_X, host_slots))
+            positions_Y, y_YD = self._back_from_host(sent, starts_X, host_slots)
+            y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
+        # last: behind every copy of this layer (its host rows' results too, which would otherwise
+        # wait for the next layer's weights)
+        self._prefetch_next(offsets[-1])
         return y_MD
 
-    def _plan(self, rows_X: np.ndarray, device_rows: int) -> tuple[list[int], list[int]]:
-        """(host slots, fetched slots), indices into the host slots, touched ones only."""
+    def _plan(self, rows_X: np.ndarray, device_rows: int, busy_s: float = 0.0) -> tuple[list[int], list[int]]:
+        """(host slots, fetched slots), indices into the host slots, touched ones only; busy_s:
+        device time already committed this step (prefetched slots)."""
         touched = [int(x) for x in np.flatnonzero(rows_X)]
         if self.path.mode == "host":
             return touched, []
         if self.path.mode == "fetch":
             return [], touched
         rates = self._calibration.rates(self.path.rates)
-        fetch_X = split_cold(rows_X, rates, rates.device_floor_s + device_rows * rates.device_row_s)
+        fetch_X = split_cold(rows_X, rates, rates.device_floor_s + device_rows * rates.device_row_s + busy_s)
         return [x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]]
 
     def _send_rows(self, x_YD: torch.Tensor) -> torch.Tensor:
@@ -214,28 +219,34 @@ class HostSlots:
         x_YD.record_stream(rows_stream)
         return x_host_YD
 
-    def _back_from_host(self, x_host_YD: torch.Tensor, rows_X: np.ndarray, slots: list[int]) -> torch.Tensor:
-        """y_YD on the device of the host slots' rows (in `slots` order), computed on the host while
-        the device runs the kernels queued before."""
+    def _back_from_host(self, x_cold_host_YD: torch.Tensor, starts_X: np.ndarray,
+                        slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions among the cold rows, y of those rows), both on the device, of the host slots'
+        rows (in `slots` order), computed on the host while the device runs the kernels queued before."""
+        positions_Y = torch.cat([torch.arange(int(starts_X[x]), int(starts_X[x + 1])) for x in slots])
         if self.device.type != "cuda":
-            return self._host_math(x_host_YD, rows_X, slots)
+            return positions_Y, self._host_math(x_cold_host_YD, starts_X, slots)
         rows_stream, _ = self._cuda_streams()
         rows_stream.synchronize()  # host sync: the rows' copy only (the device kernel goes on)
-        y_host_YD = self._host_math(x_host_YD, rows_X, slots, pin=True)
+        y_host_YD = self._host_math(x_cold_host_YD, starts_X, slots, pin=True)
         main = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(rows_stream):
+            positions_dev_Y = positions_Y.pin_memory().to(self.device, non_blocking=True)
             y_YD = y_host_YD.to(self.device, non_blocking=True)
         main.wait_stream(rows_stream)
         y_YD.record_stream(main)
-        return y_YD
+        positions_dev_Y.record_stream(main)
+        return positions_dev_Y, y_YD
 
-    def _host_math(self, x_YD: torch.Tensor, rows_X: np.ndarray, slots: list[int], pin: bool = False) -> torch.Tensor:
-        y_YD = torch.empty(x_YD.shape, dtype=x_YD.dtype, pin_memory=pin)
+    def _host_math(self, x_cold_YD: torch.Tensor, starts_X: np.ndarray, slots: list[int], pin: bool = False) -> torch.Tensor:
+        """y of the host slots' rows, in `slots` order, from the cold rows (grouped by slot)."""
+        rows_X = np.diff(starts_X)
+        y_YD = torch.empty((int(rows_X[slots].sum()), x_cold_YD.shape[1]), dtype=x_cold_YD.dtype, pin_memory=pin)
         start = time.perf_counter()
         at = 0
         for x in slots:
             n = int(rows_X[x])
-            y_YD[at:at + n] = swiglu(x_YD[at:at + n], self.w13_XHD[x], self.w2_XDF[x])
+            y_YD[at:at + n] = swiglu(x_cold_YD[int(starts_X[x]):int(starts_X[x + 1])], self.w13_XHD[x], self.w2_XDF[x])
             at += n
         took = time.perf_counter() - start
         self.counts.host_s += took
@@ -287,7 +298,7 @@ class HostSlots:
         """The host slots this layer will most likely fetch at `worker_rows` rows (its learnt row
         shares; most rows first, at most a staging round): those split_cold fetches from the
         expected rows and that a step touches with probability >= PREFETCH_TOUCH."""
-        if self.path.mode != "auto" or self._share_X is None:
+        if self.path.mode != "auto" or not self.path.prefetch or self._share_X is None:
             return []
         rates = self._calibration.rates(self.path.rates)
         mean_X = self._share_X * worker_rows
@@ -299,7 +310,7 @@ class HostSlots:
     def _prefetch_next(self, worker_rows: int) -> None:
         """Queue the next layer's likely fetches behind this layer's copies (the next layer of one
         step sees about as many rows: one batch)."""
-        if self.layer is None or self.path.mode != "auto":
+        if self.layer is None or self.path.mode != "auto" or not self.path.prefetch:
             return
         following = self.pool.layer_after(self.layer)
         if following is None or self.pool.prefetched is not None:

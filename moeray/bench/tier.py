@@ -25,6 +25,7 @@ routing counts, grouped kernel, weighted combine; moeray.host_tier for the host 
            and swaps hot host experts into device slots with the slot writes a commit does.
            Starts from the same resident set as fetch/host; the swaps run inline and count in the
            time (in the engine they are staged off the step path).
+  ours_no_prefetch  ours without the prefetch (which part of ours the prefetch is)
 tokens/s = T x steps / wall time of the steps (CUDA synchronised per step), the adaptation of
 "ours" (and the time of its swaps) included; second_half_tokens_per_s: the steps of the second
 half alone (after adapting). --repeats N runs every configuration N times: the median run (of
@@ -48,7 +49,7 @@ SHAPES = {
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2, trace_model="mistral"),
     "olmoe": dict(hidden=2048, ffn=1024, experts=64, top_k=8, trace_model="olmoe"),
 }
-MODES = ("all", "fetch", "host", "profiled", "ours")
+MODES = ("all", "fetch", "host", "profiled", "ours", "ours_no_prefetch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,8 +135,9 @@ class Stack:
             experts.slot_map = DeviceSlotMap.from_placement(self.placement, layer, self.cuda)
             experts.load_E.zero_()
             if experts.host is not None:
-                cold = {"fetch": "fetch", "ours": "auto"}.get(mode, "host")
-                experts.host.path = ColdPath(cold, self.rates if cold == "auto" else None, self.fetch_slots)
+                cold = {"fetch": "fetch", "ours": "auto", "ours_no_prefetch": "auto"}.get(mode, "host")
+                experts.host.path = ColdPath(cold, self.rates if cold == "auto" else None, self.fetch_slots,
+                                             prefetch=mode == "ours")
         sync(self.cuda)
 
 
@@ -192,7 +194,7 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
         ids, weights = routing(probs[domain], tokens, top_k, rng)
         steps.append((torch.as_tensor(ids, device=stack.cuda), torch.as_tensor(weights, device=stack.cuda,
                                                                                dtype=torch.bfloat16)))
-    live = LiveTiers(stack, args, rates) if mode == "ours" else None
+    live = LiveTiers(stack, args, rates) if mode.startswith("ours") else None
     hosts = [e.host for e in stack.layers if e.host is not None]
     for host in hosts:
         host.counts = TierCounts()
@@ -303,12 +305,14 @@ def summarise(shapes: list[dict]) -> list[dict]:
             by_mode = {r["mode"]: r["tokens_per_s"] for r in results
                        if (r["budget"], r["phase"], r["tokens"], r["workload"]) == (budget, phase, tokens, workload)}
             all_ = upper.get((tokens, workload))
-            ours = by_mode.get("ours")
-            rows.append(dict(shape=entry["shape"]["name"], budget=budget, phase=phase, tokens=tokens, workload=workload,
-                             all=all_, **by_mode,
-                             ours_over_all=None if ours is None or not all_ else ours / all_,
-                             ours_beats_fetch_and_host=None if ours is None else
-                             all(ours > by_mode[m] for m in ("fetch", "host") if m in by_mode)))
+            row = dict(shape=entry["shape"]["name"], budget=budget, phase=phase, tokens=tokens, workload=workload,
+                       all=all_, **by_mode)
+            for name in ("ours", "ours_no_prefetch"):
+                ours = by_mode.get(name)
+                row[f"{name}_over_all"] = None if ours is None or not all_ else ours / all_
+                row[f"{name}_beats_fetch_and_host"] = None if ours is None else all(
+                    ours > by_mode[m] for m in ("fetch", "host") if m in by_mode)
+            rows.append(row)
     return rows
 
 
