@@ -40,7 +40,7 @@ class ColdPath:
     mode: str  # "host" | "fetch" | "auto"
     rates: TierRates | None  # measured on this worker (auto needs them)
     fetch_slots: int = 4
-    prefetch: bool = True  # auto: queue the next layer's sure fetches behind this layer's copies
+    prefetch: bool = False  # auto: queue the next layer's sure fetches behind this layer's copies
 
     def __post_init__(self) -> None:
         if self.mode not in ("host", "fetch", "auto"):

@@ -57,7 +57,8 @@ def measure_rates(hidden: int, ffn: int, dtype: torch.dtype, device: torch.devic
     # monotone: a point measured a little faster than a smaller one is noise
     curve_s = np.maximum.accumulate([_median_s(host(r), reps, lambda: None) / k for r in curve_rows])
     del pool
-    host_row_s = max((curve_s[1] - curve_s[0]) / (curve_rows[1] - curve_rows[0]), 1e-9)
+    # the line through the curve's ends (the affine summary; the curve itself is what the model uses)
+    host_row_s = max((curve_s[-1] - curve_s[0]) / (curve_rows[-1] - curve_rows[0]), 1e-9)
     host_expert_s = max(curve_s[0] - curve_rows[0] * host_row_s, 0.0)
     src = (w13_HD.pin_memory(), w2_DF.pin_memory()) if cuda else (w13_HD, w2_DF)
     dst = (torch.empty_like(w13_HD, device=device), torch.empty_like(w2_DF, device=device))

@@ -152,7 +152,7 @@ def prefetch_stack_against_the_reference(device: torch.device, rates: TierRates,
     experts, budget, tokens, top_k = 8, 2, 12, 2
     fetchy = dataclasses.replace(rates, host_row_s=1e-3, host_expert_s=1e-3, host_curve_rows=(), host_curve_s=(),
                                  pcie_bytes_per_s=1e13, device_row_s=1e-9)
-    path = ColdPath("auto", fetchy, fetch_slots=2)
+    path = ColdPath("auto", fetchy, fetch_slots=2, prefetch=True)
     pool = StagingPool(2, device)
     gen = torch.Generator().manual_seed(3)
     weights = [(torch.randn(experts, 2 * ffn, hidden, generator=gen) * hidden ** -0.5,
