@@ -81,7 +81,7 @@ class HostCalibration:
 
     def __init__(self, weight: float = 0.25, lowest: float = 0.25, highest: float = 16.0):
         self.scale, self.weight, self.lowest, self.highest = 1.0, weight, lowest, highest
-        self._scaled = None  # (scale, rates) last handed out
+        self._scaled = None  # (scale, base rates, scaled rates) last handed out
 
     def observe(self, rates: TierRates, rows_X: np.ndarray, seconds: float) -> None:
         modelled = float(rates.host_expert_seconds(rows_X).sum())
@@ -162,17 +162,19 @@ class HostSlots:
         rows_X = np.diff(offsets[first:])
         cold_Y = order_M[offsets[first]:offsets[-1]]  # rows of the host slots, grouped by slot
         pending = self.pool.take(self)  # always: one queued for another layer is dropped here
-        # prefetched slots are on the device already: their rows run there, whatever the split says
-        prefetched_X = np.zeros(len(rows_X), dtype=bool)
+        planned_X, busy_s, prefetched = rows_X, 0.0, []
         if pending is not None:
-            prefetched_X[pending.slots] = True
-        planned_X = np.where(prefetched_X, 0, rows_X)
-        # the prefetched slots' copies keep the device part busy (at most as long as fetched now)
-        prefetch_s = 0.0 if pending is None else float(self.path.rates.fetch_costs(rows_X[prefetched_X]).sum())
-        host_slots, fetch_slots = self._plan(planned_X, offsets[first], prefetch_s) if planned_X.sum() else ([], [])
-        fetch_slots = [x for x in pending.slots if rows_X[x]] + fetch_slots if pending is not None else fetch_slots
+            # prefetched slots are on the device already: their rows run there, whatever the split
+            # says, and their copies keep the device part busy (at most as long as fetched now)
+            prefetched = [x for x in pending.slots if rows_X[x]]
+            planned_X = rows_X.copy()
+            planned_X[pending.slots] = 0
+            busy_s = float(self.path.rates.fetch_costs(rows_X[pending.slots]).sum())
+        host_slots, fetch_slots = self._plan(planned_X, offsets[first], busy_s) if planned_X.sum() else ([], [])
+        fetch_slots = prefetched + fetch_slots
         self.counts.add(rows_X, host_slots, fetch_slots, pending.slots if pending is not None else ())
-        self._learn_shares(rows_X, offsets[-1])
+        if self.path.prefetch:
+            self._learn_shares(rows_X, offsets[-1])
         starts_X = np.concatenate([[0], np.cumsum(rows_X)])
         sent = None
         if host_slots:
