@@ -176,21 +176,20 @@ class HostSlots:
         if self.path.prefetch:
             self._learn_shares(rows_X, offsets[-1])
         starts_X = np.concatenate([[0], np.cumsum(rows_X)])
-        host_job = None
+        sent = None
         if host_slots:
             # every cold row goes to the host, gathered on the device before the kernels are queued:
             # no index has to come from the host first (a small copy that could queue behind
-            # weight copies in the copy engine); the host picks its slots' rows there. On a GPU the
-            # host math starts now on the pool's host thread, beside this thread's launches below
-            host_job = self._start_host(tokens_MD.index_select(0, cold_Y), starts_X, host_slots)
+            # weight copies in the copy engine); the host picks its slots' rows there
+            sent = self._send_rows(tokens_MD.index_select(0, cold_Y))
         if first > 0 and offsets[first] > 0:
             y_MD = expert_mlp(tokens_MD, w13_BHD, w2_BDF, slot_offsets_S1[:first + 1], order_M[:offsets[first]], impl=impl)
         else:
             y_MD = torch.zeros_like(tokens_MD)
         if fetch_slots or pending is not None:
             self._add_fetched(y_MD, tokens_MD, cold_Y, rows_X, fetch_slots, impl, pending)
-        if host_job is not None:
-            positions_Y, y_YD = self._back_from_host(host_job, starts_X, host_slots)
+        if sent is not None:
+            positions_Y, y_YD = self._back_from_host(sent, starts_X, host_slots)
             y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
         # last: behind every copy of this layer (its host rows' results too, which would otherwise
         # wait for the next layer's weights)
@@ -209,42 +208,29 @@ class HostSlots:
         fetch_X = split_cold(rows_X, rates, rates.device_floor_s + device_rows * rates.device_row_s + busy_s)
         return [x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]]
 
-    def _start_host(self, x_YD: torch.Tensor, starts_X: np.ndarray, slots: list[int]):
-        """Begin the host slots' math on the cold rows x_YD (grouped by slot): on a CPU worker done
-        here (y of the rows, in `slots` order); on a GPU a future of it, computed on the pool's host
-        thread once the rows' copy into pinned memory lands. Why a thread: queueing a step's device
-        work (the resident kernel, the fetch rounds' copies and kernels) is hundreds of small
-        launches, milliseconds of this thread's time; measured on one H200 (scripts/tier_timeline.py,
-        OLMoE decode), the host math started only after them, by when the weight copies had landed,
-        so the step took about the host part plus the fetch part. torch's CPU ops let go of the GIL,
-        so the two threads run side by side."""
+    def _send_rows(self, x_YD: torch.Tensor) -> torch.Tensor:
+        """The rows' copy in host memory (on a GPU: a pinned buffer filled on the rows stream, which
+        waits only for what the main stream queued so far: the gather)."""
         if self.device.type != "cuda":
-            return self._host_math(x_YD, starts_X, slots)
+            return x_YD
         rows_stream, _ = self._cuda_streams()
-        rows_stream.wait_stream(torch.cuda.current_stream(self.device))  # the gather, nothing queued after it
+        rows_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(rows_stream):
             x_host_YD = torch.empty(x_YD.shape, dtype=x_YD.dtype, pin_memory=True)
             x_host_YD.copy_(x_YD, non_blocking=True)
-            landed = torch.cuda.Event()
-            landed.record(rows_stream)
         x_YD.record_stream(rows_stream)
+        return x_host_YD
 
-        def job() -> torch.Tensor:
-            landed.synchronize()  # host sync (this thread only): the rows' copy
-            with torch.no_grad():  # grad mode is per thread
-                return self._host_math(x_host_YD, starts_X, slots, pin=True)
-
-        return self.pool.host_thread().submit(job)
-
-    def _back_from_host(self, host_job, starts_X: np.ndarray, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _back_from_host(self, x_cold_host_YD: torch.Tensor, starts_X: np.ndarray,
+                        slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions among the cold rows, y of those rows), both on the device, of the host slots'
-        rows (in `slots` order); on a GPU it waits for the host thread's math (queued before: the
-        device runs everything this thread queued meanwhile)."""
-        positions_Y = torch.from_numpy(np.concatenate([np.arange(starts_X[x], starts_X[x + 1]) for x in slots]))
+        rows (in `slots` order), computed on the host while the device runs the kernels queued before."""
+        positions_Y = torch.cat([torch.arange(int(starts_X[x]), int(starts_X[x + 1])) for x in slots])
         if self.device.type != "cuda":
-            return positions_Y, host_job
-        y_host_YD = host_job.result()  # host sync: the host math (its error, if any, is raised here)
+            return positions_Y, self._host_math(x_cold_host_YD, starts_X, slots)
         rows_stream, _ = self._cuda_streams()
+        rows_stream.synchronize()  # host sync: the rows' copy only (the device kernel goes on)
+        y_host_YD = self._host_math(x_cold_host_YD, starts_X, slots, pin=True)
         main = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(rows_stream):
             positions_dev_Y = positions_Y.pin_memory().to(self.device, non_blocking=True)

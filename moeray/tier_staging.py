@@ -15,7 +15,6 @@ first waits for the prefetch's copies to leave host memory.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +40,6 @@ class StagingPool:
         self.next_buffer = 0  # the buffer the next round (or prefetch) copies into
         self.layers: dict = {}  # layer index -> HostSlots (a rebuilt layer replaces its old one)
         self.prefetched: Prefetch | None = None
-        self._host_thread = None
 
     def get(self, w13_HD: torch.Tensor, w2_DF: torch.Tensor):
         if self.buffers is None:
@@ -56,13 +54,6 @@ class StagingPool:
         if self.streams is None:
             self.streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
         return self.streams
-
-    def host_thread(self) -> ThreadPoolExecutor:
-        """The worker's one host-math thread (a GPU worker's layers compute their host slots there,
-        one layer step at a time, while the calling thread queues device work)."""
-        if self._host_thread is None:
-            self._host_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeray-host-tier")
-        return self._host_thread
 
     # ---- layers and the prefetch ----------------------------------------------------------------
     def register(self, layer: int, host) -> None:
