@@ -186,11 +186,17 @@ class HostSlots:
             y_MD = expert_mlp(tokens_MD, w13_BHD, w2_BDF, slot_offsets_S1[:first + 1], order_M[:offsets[first]], impl=impl)
         else:
             y_MD = torch.zeros_like(tokens_MD)
-        if fetch_slots or pending is not None:
-            self._add_fetched(y_MD, tokens_MD, cold_Y, rows_X, fetch_slots, impl, pending)
+        rounds = self._fetch_rounds(rows_X, fetch_slots, pending) if fetch_slots or pending is not None else []
+        launches = [lambda r=r: self._queue_round(y_MD, tokens_MD, cold_Y, starts_X, r, impl) for r in rounds]
+        # the first two rounds (the pool's two buffers) go now: their copies run while the host computes
+        for launch in launches[:2]:
+            launch()
         if sent is not None:
-            positions_Y, y_YD = self._back_from_host(sent, starts_X, host_slots)
+            positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, launches[2:])
             y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
+        else:
+            for launch in launches[2:]:
+                launch()
         # last: behind every copy of this layer (its host rows' results too, which would otherwise
         # wait for the next layer's weights)
         self._prefetch_next(offsets[-1])
@@ -221,16 +227,37 @@ class HostSlots:
         x_YD.record_stream(rows_stream)
         return x_host_YD
 
-    def _back_from_host(self, x_cold_host_YD: torch.Tensor, starts_X: np.ndarray,
-                        slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _host_part(self, x_cold_host_YD: torch.Tensor, starts_X: np.ndarray, slots: list[int],
+                   launches: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions among the cold rows, y of those rows), both on the device, of the host slots'
-        rows (in `slots` order), computed on the host while the device runs the kernels queued before."""
-        positions_Y = torch.cat([torch.arange(int(starts_X[x]), int(starts_X[x + 1])) for x in slots])
-        if self.device.type != "cuda":
-            return positions_Y, self._host_math(x_cold_host_YD, starts_X, slots)
+        rows (in `slots` order), computed on the host while the device runs what was queued before.
+        `launches` (the fetch rounds after the first two) are queued between chunks of the host
+        math: a round's copies may be queued only once the kernel that last read its buffer is
+        (StagingPool), and queueing a round is hundreds of microseconds of this thread's time;
+        queued all before the host math, they held it back until every copy had landed (profiled
+        on one H200, scripts/tier_timeline.py: the host math of an OLMoE decode step started ~6 ms
+        in, after the copies, so the step cost host plus fetch). Spread out, the copies in flight
+        cover each chunk. One thread: the host math's torch threads stay on the calling thread
+        (a second thread's math ran at half speed, measured)."""
+        rows_X = np.diff(starts_X)
+        positions_Y = torch.from_numpy(np.concatenate([np.arange(starts_X[x], starts_X[x + 1]) for x in slots]))
+        cuda = self.device.type == "cuda"
+        y_host_YD = torch.empty((len(positions_Y), x_cold_host_YD.shape[1]), dtype=x_cold_host_YD.dtype, pin_memory=cuda)
+        if cuda:
+            self._cuda_streams()[0].synchronize()  # host sync: the rows' copy only (the device kernels go on)
+        took, at = 0.0, 0
+        for i, chunk in enumerate(np.array_split(np.asarray(slots), len(launches) + 1)):
+            start = time.perf_counter()
+            at = self._host_math(x_cold_host_YD, starts_X, [int(x) for x in chunk], y_host_YD, at)
+            took += time.perf_counter() - start
+            if i < len(launches):
+                launches[i]()
+        self.counts.host_s += took
+        if self.path.rates is not None:
+            self._calibration.observe(self.path.rates, rows_X[slots], took)
+        if not cuda:
+            return positions_Y, y_host_YD
         rows_stream, _ = self._cuda_streams()
-        rows_stream.synchronize()  # host sync: the rows' copy only (the device kernel goes on)
-        y_host_YD = self._host_math(x_cold_host_YD, starts_X, slots, pin=True)
         main = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(rows_stream):
             positions_dev_Y = positions_Y.pin_memory().to(self.device, non_blocking=True)
@@ -240,30 +267,22 @@ class HostSlots:
         positions_dev_Y.record_stream(main)
         return positions_dev_Y, y_YD
 
-    def _host_math(self, x_cold_YD: torch.Tensor, starts_X: np.ndarray, slots: list[int], pin: bool = False) -> torch.Tensor:
-        """y of the host slots' rows, in `slots` order, from the cold rows (grouped by slot)."""
-        rows_X = np.diff(starts_X)
-        y_YD = torch.empty((int(rows_X[slots].sum()), x_cold_YD.shape[1]), dtype=x_cold_YD.dtype, pin_memory=pin)
-        start = time.perf_counter()
-        at = 0
+    def _host_math(self, x_cold_YD: torch.Tensor, starts_X: np.ndarray, slots: list[int], out_YD: torch.Tensor,
+                   at: int) -> int:
+        """Write y of these host slots' rows (in `slots` order) into out_YD from row `at`, from the
+        cold rows (grouped by slot); returns the row after the last written."""
         for x in slots:
-            n = int(rows_X[x])
-            y_YD[at:at + n] = swiglu(x_cold_YD[int(starts_X[x]):int(starts_X[x + 1])], self.w13_XHD[x], self.w2_XDF[x])
-            at += n
-        took = time.perf_counter() - start
-        self.counts.host_s += took
-        if self.path.rates is not None:
-            self._calibration.observe(self.path.rates, rows_X[slots], took)
-        return y_YD
+            lo, hi = int(starts_X[x]), int(starts_X[x + 1])
+            out_YD[at:at + hi - lo] = swiglu(x_cold_YD[lo:hi], self.w13_XHD[x], self.w2_XDF[x])
+            at += hi - lo
+        return at
 
-    def _add_fetched(self, y_MD: torch.Tensor, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, rows_X: np.ndarray,
-                     slots: list[int], impl: str, pending) -> None:
-        """Add to y_MD the fetched slots' rows: their weights copied to staging slots in rounds,
-        round r + 1's copies in flight while round r computes. A prefetch for this layer is round
-        0: its positions keep their slots, one this step does not touch takes a slot still to fetch."""
+    def _fetch_rounds(self, rows_X: np.ndarray, slots: list[int], pending) -> list[tuple]:
+        """The fetched slots in staging rounds [(slots in staging positions, copies, pending buffer
+        or None)], at most a buffer's slots each. A prefetch for this layer is round 0: its
+        positions keep their slots, one this step does not touch takes a slot still to fetch."""
         per_round = self.pool.slots
-        starts_X = np.concatenate([[0], np.cumsum(rows_X)])
-        rounds = []  # (slots in staging positions, copies, the pending buffer or None)
+        rounds = []
         rest = [x for x in slots if pending is None or x not in pending.slots]
         if pending is not None:
             group, copies = list(pending.slots), []
@@ -272,22 +291,26 @@ class HostSlots:
                     group[j] = rest.pop(0)
                     copies.append((j, group[j]))
             rounds.append((group, copies, pending.buffer))
-        rounds += [(rest[lo:lo + per_round], list(enumerate(rest[lo:lo + per_round])), None)
-                   for lo in range(0, len(rest), per_round)]
-        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        for group, copies, buffer in rounds:
-            # on a GPU `ready` follows every copy queued before on the weights stream: a prefetch's too
-            buffer, ready = self.pool.copy_round(self, copies, buffer)
-            if ready is not None:
-                main.wait_event(ready)
-            w13_2GHD, w2_2GDF = self.pool.buffers
-            order_G = torch.cat([cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
-            counts = [0] + [int(rows_X[x]) for x in group]  # a prefetched slot not touched: 0 rows
-            offsets_G1 = self._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
-            if order_G.numel():
-                y_MD += expert_mlp(tokens_MD, w13_2GHD[buffer, :len(group)], w2_2GDF[buffer, :len(group)], offsets_G1,
-                                   order_G, impl=impl)
-            self.pool.read_by_main(buffer)
+        return rounds + [(rest[lo:lo + per_round], list(enumerate(rest[lo:lo + per_round])), None)
+                         for lo in range(0, len(rest), per_round)]
+
+    def _queue_round(self, y_MD: torch.Tensor, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, starts_X: np.ndarray,
+                     round_: tuple, impl: str) -> None:
+        """Queue one round: its copies into a staging buffer (after the last kernel that read it),
+        then the kernel over its slots' rows, added to y_MD (rounds are queued in order)."""
+        group, copies, buffer = round_
+        # on a GPU `ready` follows every copy queued before on the weights stream: a prefetch's too
+        buffer, ready = self.pool.copy_round(self, copies, buffer)
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
+        w13_2GHD, w2_2GDF = self.pool.buffers
+        order_G = torch.cat([cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
+        counts = [0] + [int(starts_X[x + 1] - starts_X[x]) for x in group]  # a prefetched slot not touched: 0 rows
+        offsets_G1 = self._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
+        if order_G.numel():
+            y_MD += expert_mlp(tokens_MD, w13_2GHD[buffer, :len(group)], w2_2GDF[buffer, :len(group)], offsets_G1,
+                               order_G, impl=impl)
+        self.pool.read_by_main(buffer)
 
     # ---- the prefetch for the next layer ------------------------------------------------------
     PREFETCH_TOUCH = 0.9  # prefetch only slots a step touches this surely (a wasted copy delays the next ones)

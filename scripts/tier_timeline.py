@@ -63,7 +63,8 @@ def summarise_trace(trace: dict) -> list[dict]:
         lo, hi = step["ts"], step["ts"] + step["dur"]
         mine = [c for c in copies if lo <= c["ts"] < hi]
         math = [m for m in maths if lo <= m["ts"] < hi]
-        m_lo, m_hi = (math[0]["ts"], math[0]["ts"] + math[0]["dur"]) if math else (hi, hi)
+        # the host math runs in chunks between fetch rounds: its span, first chunk to last
+        m_lo, m_hi = (min(m["ts"] for m in math), max(m["ts"] + m["dur"] for m in math)) if math else (hi, hi)
         big = [c for c in mine if c.get("args", {}).get("bytes", 0) >= 1 << 20 and "HtoD" in c["name"]]
         small = [c for c in mine if c not in big]
 
@@ -77,7 +78,8 @@ def summarise_trace(trace: dict) -> list[dict]:
         my_kernels = [k for k in kernels if lo <= k["ts"] < hi]
         rows.append(dict(
             step_ms=step["dur"] / 1e3,
-            host_math_start_ms=(m_lo - lo) / 1e3, host_math_ms=(m_hi - m_lo) / 1e3,
+            host_math_start_ms=(m_lo - lo) / 1e3, host_math_span_ms=(m_hi - m_lo) / 1e3,
+            host_math_ms=sum(m["dur"] for m in math) / 1e3, host_math_chunks=len(math),
             weight_copies=len(big), first_copy_ms=((min(c["ts"] for c in big) - lo) / 1e3) if big else None,
             last_copy_end_ms=((max(c["ts"] + c["dur"] for c in big) - lo) / 1e3) if big else None,
             copy_busy_ms=sum(c["dur"] for c in big) / 1e3,

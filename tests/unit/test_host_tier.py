@@ -37,7 +37,7 @@ def tiered_layer(placement, rank, dispatcher, w13_EHD, w2_EDF, budget: int, path
 
 
 PATHS = [ColdPath("host", None), ColdPath("fetch", None, fetch_slots=1), ColdPath("fetch", None, fetch_slots=3),
-         ColdPath("auto", RATES, fetch_slots=2)]
+         ColdPath("auto", RATES, fetch_slots=2), ColdPath("auto", RATES, fetch_slots=1)]
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p.mode}{p.fetch_slots}")
@@ -52,6 +52,25 @@ def test_one_worker_every_budget_equals_the_dense_reference(path, tokens, top_k)
         got = layer(x, ids, w)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"budget {budget}")
         assert layer.rows_S.sum().item() == tokens * top_k  # counted per slot, device and host alike
+
+
+def test_host_math_between_fetch_rounds_equals_the_dense_reference():
+    """Rounds of one staging slot: past the first two, each fetch round is queued between chunks
+    of the host math (HostSlots._host_part); skewed routing makes auto fetch several slots and
+    compute several on the host in one step."""
+    experts, top_k = 12, 2
+    w13_EHD, w2_EDF, _ = weights_and_inputs(5, experts, top_k, [0], D, F)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, D, generator=gen)
+    # experts 0-4 get ~25 rows each, 5-11 two rows each (distinct top-2 per token): auto splits them
+    t = torch.arange(64)
+    ids = torch.stack([t % 5, torch.where(t < 14, 5 + t % 7, (t + 1) % 5)], 1)
+    w = torch.rand(64, top_k, generator=gen) + 0.1
+    placement = Placement(np.arange(experts)[None], experts, experts)
+    layer = tiered_layer(placement, 0, LocalDispatcher(experts), w13_EHD, w2_EDF, 0, ColdPath("auto", RATES, fetch_slots=1))
+    torch.testing.assert_close(layer(x, ids, w), dense_reference(x, ids, w, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
+    counts = layer.host.counts
+    assert counts.fetched_experts >= 3 and counts.host_experts >= 2, counts  # rounds past the first two, and host chunks
 
 
 def test_slot_views_and_writes_cross_the_tiers():
