@@ -74,26 +74,35 @@ class TierCounts:
 
 
 class HostCalibration:
-    """The host's measured time over the model's (TierRates.host_scale), learnt from the steps
-    that ran host math: the rates are measured once, alone, and a step's host math runs beside
-    fetch copies and the device's launches, with other threads on the machine. A moving average
-    of the ratio, clipped so that one odd step (a page fault, a preemption) cannot flip the split."""
+    """What the host part of a step really costs, learnt from the steps that ran host math: the
+    measured over the modelled time of the math (TierRates.host_scale) and the host's start cost
+    (TierRates.host_start_s). The rates are measured once, alone; in a step the math runs beside
+    fetch copies and other threads of the machine, and starts only after the rows' trip and the
+    launches queued first (measured on one H200: ~1-3 ms of an OLMoE layer step, against ~0.3 ms a
+    host expert). Moving averages, clipped, so that one odd step (a page fault, a preemption)
+    cannot flip the split."""
 
-    def __init__(self, weight: float = 0.25, lowest: float = 0.25, highest: float = 16.0):
-        self.scale, self.weight, self.lowest, self.highest = 1.0, weight, lowest, highest
-        self._scaled = None  # (scale, base rates, scaled rates) last handed out
+    def __init__(self, weight: float = 0.25, lowest: float = 0.25, highest: float = 16.0, longest_start_s: float = 0.1):
+        self.scale, self.start_s, self.weight, self.lowest, self.highest = 1.0, 0.0, weight, lowest, highest
+        self.longest_start_s = longest_start_s
+        self._scaled = None  # (scale, start, base rates, scaled rates) last handed out
 
-    def observe(self, rates: TierRates, rows_X: np.ndarray, seconds: float) -> None:
+    def observe(self, rates: TierRates, rows_X: np.ndarray, seconds: float, start_s: float = 0.0) -> None:
         modelled = float(rates.host_expert_seconds(rows_X).sum())
         if modelled > 0:
             ratio = min(max(seconds / modelled, self.lowest), self.highest)
             self.scale += self.weight * (ratio - self.scale)
+            self.start_s += self.weight * (min(max(start_s, 0.0), self.longest_start_s) - self.start_s)
 
     def rates(self, rates: TierRates) -> TierRates:
-        """`rates` with the learnt scale (rebuilt only when the scale moved by over 5%)."""
-        if self._scaled is None or self._scaled[1] is not rates or abs(self.scale / self._scaled[0] - 1) > 0.05:
-            self._scaled = (self.scale, rates, replace(rates, host_scale=rates.host_scale * self.scale))
-        return self._scaled[2]
+        """`rates` with what was learnt (rebuilt only when the scale or the start moved by over 5%)."""
+        last = self._scaled
+        moved = last is None or last[2] is not rates or abs(self.scale / last[0] - 1) > 0.05 or \
+            abs(self.start_s - last[1]) > 0.05 * max(last[1], 1e-4)
+        if moved:
+            self._scaled = (self.scale, self.start_s, rates,
+                            replace(rates, host_scale=rates.host_scale * self.scale, host_start_s=self.start_s))
+        return self._scaled[3]
 
 
 def host_threads(configured: int | None, workers_on_node: int) -> int:
@@ -186,13 +195,14 @@ class HostSlots:
             y_MD = expert_mlp(tokens_MD, w13_BHD, w2_BDF, slot_offsets_S1[:first + 1], order_M[:offsets[first]], impl=impl)
         else:
             y_MD = torch.zeros_like(tokens_MD)
+        device_started = time.perf_counter()  # the host part's start cost is counted from here
         rounds = self._fetch_rounds(rows_X, fetch_slots, pending) if fetch_slots or pending is not None else []
         launches = [lambda r=r: self._queue_round(y_MD, tokens_MD, cold_Y, starts_X, r, impl) for r in rounds]
         # the first two rounds (the pool's two buffers) go now: their copies run while the host computes
         for launch in launches[:2]:
             launch()
         if sent is not None:
-            positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, launches[2:])
+            positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, launches[2:], device_started)
             y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
         else:
             for launch in launches[2:]:
@@ -228,7 +238,7 @@ class HostSlots:
         return x_host_YD
 
     def _host_part(self, x_cold_host_YD: torch.Tensor, starts_X: np.ndarray, slots: list[int],
-                   launches: list) -> tuple[torch.Tensor, torch.Tensor]:
+                   launches: list, device_started: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions among the cold rows, y of those rows), both on the device, of the host slots'
         rows (in `slots` order), computed on the host while the device runs what was queued before.
         `launches` (the fetch rounds after the first two) are queued between chunks of the host
@@ -246,15 +256,18 @@ class HostSlots:
         if cuda:
             self._cuda_streams()[0].synchronize()  # host sync: the rows' copy only (the device kernels go on)
         took, at = 0.0, 0
+        start_s = time.perf_counter() - device_started  # the rows' trip and the launches queued first
         for i, chunk in enumerate(np.array_split(np.asarray(slots), len(launches) + 1)):
             start = time.perf_counter()
             at = self._host_math(x_cold_host_YD, starts_X, [int(x) for x in chunk], y_host_YD, at)
             took += time.perf_counter() - start
             if i < len(launches):
+                start = time.perf_counter()
                 launches[i]()
+                start_s += time.perf_counter() - start  # on the host part's path too
         self.counts.host_s += took
         if self.path.rates is not None:
-            self._calibration.observe(self.path.rates, rows_X[slots], took)
+            self._calibration.observe(self.path.rates, rows_X[slots], took, start_s)
         if not cuda:
             return positions_Y, y_host_YD
         rows_stream, _ = self._cuda_streams()

@@ -68,13 +68,17 @@ class TierRates:
     host_curve_s: tuple = ()
     # the host's measured time over the model's in the layer that runs it (HostSlots' calibration)
     host_scale: float = 1.0
+    # a step's fixed cost of computing anything on the host, on the host part's path: from the
+    # device part's start to the host math's start (the rows' trip to the host, the launches queued
+    # first) plus the device launches queued between host chunks; learnt in the layer step
+    host_start_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("device_row_s", "host_row_s", "pcie_bytes_per_s", "expert_bytes", "row_bytes"):
             value = getattr(self, name)
             if not np.isfinite(value) or value <= 0:
                 raise ValueError(f"TierRates.{name} must be finite and > 0, got {value}")
-        for name in ("device_floor_s", "host_expert_s"):
+        for name in ("device_floor_s", "host_expert_s", "host_start_s"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"TierRates.{name} must be finite and >= 0, got {value}")
@@ -125,8 +129,13 @@ class TierRates:
         return touched_X * self.fetch_expert_s + rows_X * self.device_row_s
 
     def host_seconds(self, rows_X: np.ndarray, expected: bool = False) -> float:
-        """Host part of these cold experts (TierRates.host_costs summed)."""
-        return float(self.host_costs(rows_X, expected).sum())
+        """Host part of these cold experts (TierRates.host_costs summed, and the host's start cost
+        if any is touched)."""
+        return float(self.with_host_start(self.host_costs(rows_X, expected).sum()))
+
+    def with_host_start(self, host_s):
+        """A host part (array or scalar) with the step's start cost added where it is not 0."""
+        return host_s + self.host_start_s * (np.asarray(host_s) > 0)
 
     def fetch_seconds(self, rows_X: np.ndarray, expected: bool = False) -> float:
         """Device time these cold experts add when fetched (TierRates.fetch_costs summed)."""
@@ -159,6 +168,7 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: 
     rows_sorted = rows_X[order]
     fetch_K = np.concatenate([[0.0], np.cumsum(rates.fetch_costs(rows_sorted, expected))])  # fetch the first k
     host_K = np.concatenate([np.cumsum(rates.host_costs(rows_sorted, expected)[::-1])[::-1], [0.0]])  # host the rest
+    host_K = rates.with_host_start(host_K)  # its start cost, wherever anything is left on the host
     device_K = device_s + fetch_K
     step_K = device_K + host_K - rates.overlap * np.minimum(device_K, host_K)
     step_K[1:][rows_sorted <= 0] = np.inf  # an untouched expert is never fetched

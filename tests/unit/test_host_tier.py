@@ -5,6 +5,8 @@ fetch in rounds, the per-step auto split), awkward sizes, and expert parallelism
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -94,6 +96,9 @@ def test_auto_split_fetches_the_slots_with_many_rows():
     assert fetch.tolist() == [False, False, True, False, False]
     assert split_cold(np.array([30, 30]), RATES, device_s=0.0).tolist() == [True, True]  # 72 us < 95 us < 190 us
     assert not split_cold(np.array([1, 1]), RATES, device_s=1.0).any()  # a long device part: all on the host
+    # a host start cost over what the host saves: every touched slot is fetched
+    started = dataclasses.replace(RATES, host_start_s=1e-4)
+    assert split_cold(np.array([1, 0, 30, 2, 12]), started, device_s=5e-6).tolist() == [True, False, True, True, True]
 
 
 def test_measured_rates_are_positive_and_finite():
@@ -145,6 +150,11 @@ def test_host_calibration_learns_the_measured_ratio_and_resets_with_the_path():
     assert scaled.host_scale == pytest.approx(3.0, rel=1e-3) and calibration.rates(RATES) is scaled  # reused
     calibration.observe(RATES, rows, 1e6 * modelled)  # one odd step moves it by at most the clip
     assert calibration.scale <= 3.0 + 0.5 * (16.0 - 3.0) + 1e-9
+    for _ in range(20):
+        calibration.observe(RATES, rows, 3.0 * modelled, start_s=2e-3)  # the host's start cost
+    assert calibration.rates(RATES).host_start_s == pytest.approx(2e-3, rel=1e-3)
+    calibration.observe(RATES, rows, 3.0 * modelled, start_s=50.0)  # clipped at longest_start_s
+    assert calibration.start_s <= 2e-3 + 0.5 * (0.1 - 2e-3) + 1e-12
     layer = HostSlots(torch.zeros(2, 2 * F, D), torch.zeros(2, D, F), 1, torch.device("cpu"), ColdPath("auto", RATES))
     layer._calibration.scale = 5.0
     layer.path = ColdPath("auto", RATES)

@@ -216,14 +216,18 @@ def test_host_curve_names_the_bad_value(rows, secs, bad):
         dataclasses.replace(RATES, host_curve_rows=rows, host_curve_s=secs)
     with pytest.raises(ValueError, match="host_scale"):
         dataclasses.replace(RATES, host_scale=0.0)
+    with pytest.raises(ValueError, match="host_start_s.*-0.001"):
+        dataclasses.replace(RATES, host_start_s=-1e-3)
 
 
+@pytest.mark.parametrize("host_start_s", [0.0, 0.01])
 @pytest.mark.parametrize("expected", [False, True])
-def test_split_cold_is_the_best_prefix_of_the_slow_reference(expected):
+def test_split_cold_is_the_best_prefix_of_the_slow_reference(expected, host_start_s):
     import dataclasses
 
     rng = np.random.default_rng(5)
-    curved = dataclasses.replace(RATES, overlap=0.6, host_curve_rows=(1.0, 16.0, 256.0), host_curve_s=(4e-3, 5e-3, 40e-3))
+    curved = dataclasses.replace(RATES, overlap=0.6, host_curve_rows=(1.0, 16.0, 256.0), host_curve_s=(4e-3, 5e-3, 40e-3),
+                                 host_start_s=host_start_s)
     for case in range(40):
         rows = rng.integers(0, 300, size=int(rng.integers(1, 9))).astype(np.float64) * (rng.random(1) < 0.8)
         device_s = float(rng.random() * 0.05)
