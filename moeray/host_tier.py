@@ -41,12 +41,15 @@ class ColdPath:
     rates: TierRates | None  # measured on this worker (auto needs them)
     fetch_slots: int = 4
     prefetch: bool = False  # auto: queue the next layer's sure fetches behind this layer's copies
+    host_margin: float = 0.1  # auto: host anything only where the modelled step is this much shorter than fetch-only
 
     def __post_init__(self) -> None:
         if self.mode not in ("host", "fetch", "auto"):
             raise ValueError(f"cold path must be 'host', 'fetch' or 'auto', got {self.mode!r}")
         if self.mode == "auto" and self.rates is None:
             raise ValueError("cold path 'auto' needs measured TierRates")
+        if not 0.0 <= self.host_margin < 1.0:
+            raise ValueError(f"cold path host_margin must be in [0, 1), got {self.host_margin}")
 
 
 @dataclass
@@ -221,7 +224,8 @@ class HostSlots:
         if self.path.mode == "fetch":
             return [], touched
         rates = self._calibration.rates(self.path.rates)
-        fetch_X = split_cold(rows_X, rates, rates.device_floor_s + device_rows * rates.device_row_s + busy_s)
+        fetch_X = split_cold(rows_X, rates, rates.device_floor_s + device_rows * rates.device_row_s + busy_s,
+                             host_margin=self.path.host_margin)
         return [x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]]
 
     def _send_rows(self, x_YD: torch.Tensor) -> torch.Tensor:

@@ -134,7 +134,7 @@ class Worker(SlotMigration):
         self.tier_rates_measured = measure_rates(cfg.hidden_size, cfg.moe_intermediate_size, self.dtype, self.device)
         host_slots = self.config.slots_per_worker - tier.device_slots_of(self.config.slots_per_worker)
         self._staging_pool = StagingPool(min(tier.fetch_slots, host_slots), self.device)  # one for all layers
-        return ColdPath(tier.cold_path, self.tier_rates_measured, tier.fetch_slots, tier.prefetch)
+        return ColdPath(tier.cold_path, self.tier_rates_measured, tier.fetch_slots, tier.prefetch, tier.host_margin)
 
     def tier_rates(self):
         """The measured TierRates of this worker's host tier (None without one), for the coordinator."""

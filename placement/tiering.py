@@ -153,10 +153,13 @@ def touched(rows_X: np.ndarray, expected: bool = False) -> float:
     return float((-np.expm1(-rows_X)).sum()) if expected else float((rows_X > 0).sum())
 
 
-def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: bool = False) -> np.ndarray:
+def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: bool = False,
+               host_margin: float = 0.0) -> np.ndarray:
     """[X] bool: which cold experts to fetch (the rest are computed on the host) so that the step
     (device part + fetches, host part; TierRates.concurrent) is shortest; device_s is the resident
-    experts' part.
+    experts' part. host_margin: anything stays on the host only if that step is this fraction
+    shorter than fetching every touched expert (the copies' rate repeats from run to run; the
+    host's does not: a host bet must pay by a margin).
 
     A fetch costs a fixed copy and device rows, a host expert its curve at its rows, which rises
     with rows, so the experts with most rows gain most from fetching: the answer is the k most
@@ -172,8 +175,14 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: 
     device_K = device_s + fetch_K
     step_K = device_K + host_K - rates.overlap * np.minimum(device_K, host_K)
     step_K[1:][rows_sorted <= 0] = np.inf  # an untouched expert is never fetched
+    best = int(np.argmin(step_K))
+    every = int((rows_sorted > 0).sum())  # k = every touched expert fetched
+    if not 0.0 <= host_margin < 1.0:
+        raise ValueError(f"host_margin must be in [0, 1), got {host_margin}")
+    if host_margin and step_K[best] > (1.0 - host_margin) * step_K[every]:
+        best = every
     fetch_X = np.zeros(len(rows_X), dtype=bool)
-    fetch_X[order[:int(np.argmin(step_K))]] = True
+    fetch_X[order[:best]] = True
     return fetch_X
 
 

@@ -65,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-threads", type=int, default=None, help="torch CPU threads (default: every CPU)")
     p.add_argument("--fetch-slots", type=int, default=4)
     p.add_argument("--margin", type=float, default=0.2)
+    p.add_argument("--host-margin", type=float, default=0.1, help="auto: the modelled gain a host bet needs (tier.host_margin)")
     p.add_argument("--max-swaps", type=int, default=8, help="promotions per layer and decision (ours)")
     p.add_argument("--check-every", type=int, default=4, help="steps between tier decisions (ours)")
     p.add_argument("--seed", type=int, default=0)
@@ -100,7 +101,8 @@ class Stack:
     """L SlotExperts layers over one set of random weights, rebuilt per budget; `reset` puts every
     layer back to a given placement (slot writes, as a commit does) and cold path."""
 
-    def __init__(self, w13_LEHD, w2_LEDF, budget: int, rates, fetch_slots: int, device: torch.device):
+    def __init__(self, w13_LEHD, w2_LEDF, budget: int, rates, fetch_slots: int, device: torch.device,
+                 host_margin: float = 0.1):
         from moeray.comm.dispatcher import LocalDispatcher
         from moeray.comm.slot_map import DeviceSlotMap
         from moeray.expert_parallel import SlotExperts
@@ -111,7 +113,7 @@ class Stack:
         self.cuda = device
         self.w13_LEHD, self.w2_LEDF = w13_LEHD, w2_LEDF  # host masters
         L, E = len(w13_LEHD), w13_LEHD[0].shape[0]
-        self.budget, self.rates, self.fetch_slots = budget, rates, fetch_slots
+        self.budget, self.rates, self.fetch_slots, self.host_margin = budget, rates, fetch_slots, host_margin
         self.placement = Placement(np.tile(np.arange(E), (L, 1)), E, E)
         path = ColdPath("host", None, fetch_slots)
         pool = StagingPool(max(1, min(fetch_slots, E - budget)), device)  # one for all layers, as on a worker
@@ -137,7 +139,7 @@ class Stack:
             if experts.host is not None:
                 cold = {"fetch": "fetch", "ours": "auto", "ours_no_prefetch": "auto"}.get(mode, "host")
                 experts.host.path = ColdPath(cold, self.rates if cold == "auto" else None, self.fetch_slots,
-                                             prefetch=mode == "ours")
+                                             prefetch=mode == "ours", host_margin=self.host_margin)
         sync(self.cuda)
 
 
@@ -264,7 +266,7 @@ def run_shape(name: str, args, trace_dir) -> dict:
     results = []
     budgets = sorted({E} | {max(1, round(float(b) * E)) for b in args.budgets.split(",")}, reverse=True)
     for budget in budgets:
-        stack = Stack(w13, w2, budget, rates, args.fetch_slots, device)
+        stack = Stack(w13, w2, budget, rates, args.fetch_slots, device, args.host_margin)
         identity = np.tile(np.arange(E), (L, 1))
         phases = [("decode", int(t), args.decode_steps) for t in str(args.decode_tokens).split(",")]
         for phase, tokens, steps in phases + [("prefill", args.prefill_tokens, args.prefill_steps)]:

@@ -96,6 +96,13 @@ def test_auto_split_fetches_the_slots_with_many_rows():
     assert fetch.tolist() == [False, False, True, False, False]
     assert split_cold(np.array([30, 30]), RATES, device_s=0.0).tolist() == [True, True]  # 72 us < 95 us < 190 us
     assert not split_cold(np.array([1, 1]), RATES, device_s=1.0).any()  # a long device part: all on the host
+    # a host bet must pay by the margin: 52.5 us against 74 us fetching all four touched slots
+    assert split_cold(np.array([1, 0, 30, 2, 12]), RATES, 5e-6, host_margin=0.25).tolist() == [False, False, True, False, False]
+    assert split_cold(np.array([1, 0, 30, 2, 12]), RATES, 5e-6, host_margin=0.3).tolist() == [True, False, True, True, True]
+    with pytest.raises(ValueError, match="host_margin.*1.5"):
+        split_cold(np.array([1.0]), RATES, 0.0, host_margin=1.5)
+    with pytest.raises(ValueError, match="host_margin.*-0.1"):
+        ColdPath("auto", RATES, host_margin=-0.1)
     # a host start cost over what the host saves: every touched slot is fetched
     started = dataclasses.replace(RATES, host_start_s=1e-4)
     assert split_cold(np.array([1, 0, 30, 2, 12]), started, device_s=5e-6).tolist() == [True, False, True, True, True]
