@@ -194,22 +194,26 @@ class HostSlots:
             # no index has to come from the host first (a small copy that could queue behind
             # weight copies in the copy engine); the host picks its slots' rows there
             sent = self._send_rows(tokens_MD.index_select(0, cold_Y))
-        if first > 0 and offsets[first] > 0:
-            y_MD = expert_mlp(tokens_MD, w13_BHD, w2_BDF, slot_offsets_S1[:first + 1], order_M[:offsets[first]], impl=impl)
-        else:
-            y_MD = torch.zeros_like(tokens_MD)
         device_started = time.perf_counter()  # the host part's start cost is counted from here
         rounds = self._fetch_rounds(rows_X, fetch_slots, pending) if fetch_slots or pending is not None else []
-        launches = [lambda r=r: self._queue_round(y_MD, tokens_MD, cold_Y, starts_X, r, impl) for r in rounds]
-        # the first two rounds (the pool's two buffers) go now: their copies run while the host computes
-        for launch in launches[:2]:
+
+        def resident() -> torch.Tensor:
+            if first > 0 and offsets[first] > 0:
+                return expert_mlp(tokens_MD, w13_BHD, w2_BDF, slot_offsets_S1[:first + 1], order_M[:offsets[first]],
+                                  impl=impl)
+            return torch.zeros_like(tokens_MD)
+
+        early, later, y_holder = self._device_launches(resident, tokens_MD, cold_Y, starts_X, rounds, impl)
+        for launch in early:
             launch()
         if sent is not None:
-            positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, launches[2:], device_started)
-            y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
+            positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, later, device_started)
         else:
-            for launch in launches[2:]:
+            for launch in later:
                 launch()
+        y_MD = y_holder[0]
+        if sent is not None:
+            y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
         # last: behind every copy of this layer (its host rows' results too, which would otherwise
         # wait for the next layer's weights)
         self._prefetch_next(offsets[-1])
@@ -245,13 +249,12 @@ class HostSlots:
                    launches: list, device_started: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions among the cold rows, y of those rows), both on the device, of the host slots'
         rows (in `slots` order), computed on the host while the device runs what was queued before.
-        `launches` (the fetch rounds after the first two) are queued between chunks of the host
-        math: a round's copies may be queued only once the kernel that last read its buffer is
-        (StagingPool), and queueing a round is hundreds of microseconds of this thread's time;
-        queued all before the host math, they held it back until every copy had landed (profiled
-        on one H200, scripts/tier_timeline.py: the host math of an OLMoE decode step started ~6 ms
-        in, after the copies, so the step cost host plus fetch). Spread out, the copies in flight
-        cover each chunk. One thread: the host math's torch threads stay on the calling thread
+        `launches` (HostSlots._device_launches' later ones) are queued in order after chunks of
+        the host math: queueing a round is hundreds of microseconds of this thread's time, and
+        queued all before the host math, the launches held it back until every copy had landed
+        (profiled on one H200, scripts/tier_timeline.py: the host math of an OLMoE decode step
+        started ~6 ms in, after the copies, so the step cost host plus fetch). Spread out, the
+        two rounds of copies in flight cover each chunk. One thread: the host math's torch threads stay on the calling thread
         (a second thread's math ran at half speed, measured)."""
         rows_X = np.diff(starts_X)
         positions_Y = torch.from_numpy(np.concatenate([np.arange(starts_X[x], starts_X[x + 1]) for x in slots]))
@@ -261,14 +264,17 @@ class HostSlots:
             self._cuda_streams()[0].synchronize()  # host sync: the rows' copy only (the device kernels go on)
         took, at = 0.0, 0
         start_s = time.perf_counter() - device_started  # the rows' trip and the launches queued first
-        for i, chunk in enumerate(np.array_split(np.asarray(slots), len(launches) + 1)):
+        # one chunk per host slot at most, the launches spread over the gaps after them (in order)
+        chunks = np.array_split(np.asarray(slots), min(len(slots), len(launches) + 1))
+        gaps = np.array_split(np.arange(len(launches)), len(chunks)) if launches else [[]] * len(chunks)
+        for chunk, gap in zip(chunks, gaps):
             start = time.perf_counter()
             at = self._host_math(x_cold_host_YD, starts_X, [int(x) for x in chunk], y_host_YD, at)
             took += time.perf_counter() - start
-            if i < len(launches):
-                start = time.perf_counter()
+            start = time.perf_counter()
+            for i in gap:
                 launches[i]()
-                start_s += time.perf_counter() - start  # on the host part's path too
+            start_s += time.perf_counter() - start  # on the host part's path too
         self.counts.host_s += took
         if self.path.rates is not None:
             self._calibration.observe(self.path.rates, rows_X[slots], took, start_s)
@@ -311,23 +317,42 @@ class HostSlots:
         return rounds + [(rest[lo:lo + per_round], list(enumerate(rest[lo:lo + per_round])), None)
                          for lo in range(0, len(rest), per_round)]
 
-    def _queue_round(self, y_MD: torch.Tensor, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, starts_X: np.ndarray,
-                     round_: tuple, impl: str) -> None:
-        """Queue one round: its copies into a staging buffer (after the last kernel that read it),
-        then the kernel over its slots' rows, added to y_MD (rounds are queued in order)."""
-        group, copies, buffer = round_
-        # on a GPU `ready` follows every copy queued before on the weights stream: a prefetch's too
-        buffer, ready = self.pool.copy_round(self, copies, buffer)
-        if ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(ready)
-        w13_2GHD, w2_2GDF = self.pool.buffers
-        order_G = torch.cat([cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
-        counts = [0] + [int(starts_X[x + 1] - starts_X[x]) for x in group]  # a prefetched slot not touched: 0 rows
-        offsets_G1 = self._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
-        if order_G.numel():
-            y_MD += expert_mlp(tokens_MD, w13_2GHD[buffer, :len(group)], w2_2GDF[buffer, :len(group)], offsets_G1,
-                               order_G, impl=impl)
-        self.pool.read_by_main(buffer)
+    def _device_launches(self, resident, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, starts_X: np.ndarray,
+                         rounds: list, impl: str) -> tuple[list, list, list]:
+        """The step's device work as launches in queue order: (early, later, [y_MD once queued]).
+        early: the first two rounds' copies (the pool's two buffers), so the PCIe link starts at
+        once; later: the resident slots' kernel (which makes y_MD), then each round's kernel
+        followed by the copies of the round two after it, which may be queued only once that
+        kernel is (it last read their buffer: StagingPool). Kernels are queued after copies
+        because they are most of a round's launch time (two Triton launches, offsets, an add)."""
+        y_holder, landed = [], {}
+
+        def copies(r: int) -> None:
+            group, copy_list, buffer = rounds[r]
+            # on a GPU `ready` follows every copy queued before on the weights stream: a prefetch's too
+            landed[r] = self.pool.copy_round(self, copy_list, buffer)
+
+        def kernel(r: int) -> None:
+            group = rounds[r][0]
+            buffer, ready = landed[r]
+            if ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(ready)
+            w13_2GHD, w2_2GDF = self.pool.buffers
+            order_G = torch.cat([cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
+            counts = [0] + [int(starts_X[x + 1] - starts_X[x]) for x in group]  # a prefetched slot not touched: 0 rows
+            offsets_G1 = self._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
+            if order_G.numel():
+                y_holder[0] += expert_mlp(tokens_MD, w13_2GHD[buffer, :len(group)], w2_2GDF[buffer, :len(group)],
+                                          offsets_G1, order_G, impl=impl)
+            self.pool.read_by_main(buffer)
+
+        early = [lambda r=r: copies(r) for r in range(min(2, len(rounds)))]
+        later = [lambda: y_holder.append(resident())]
+        for r in range(len(rounds)):
+            later.append(lambda r=r: kernel(r))
+            if r + 2 < len(rounds):
+                later.append(lambda r=r: copies(r + 2))
+        return early, later, y_holder
 
     # ---- the prefetch for the next layer ------------------------------------------------------
     PREFETCH_TOUCH = 0.9  # prefetch only slots a step touches this surely (a wasted copy delays the next ones)
