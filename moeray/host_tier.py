@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from moeray.kernels import expert_mlp
 from moeray.kernels.reference import swiglu
+from moeray.tier_calibration import HostCalibration
 from moeray.tier_staging import Prefetch, StagingPool
 from placement.tiering import TierRates, split_cold
 
@@ -74,38 +75,6 @@ class TierCounts:
         self.fetched_experts += len(fetch_slots)
         self.host_rows += int(rows_X[host_slots].sum()) if host_slots else 0
         self.fetched_rows += int(rows_X[fetch_slots].sum()) if fetch_slots else 0
-
-
-class HostCalibration:
-    """What the host part of a step really costs, learnt from the steps that ran host math: the
-    measured over the modelled time of the math (TierRates.host_scale) and the host's start cost
-    (TierRates.host_start_s). The rates are measured once, alone; in a step the math runs beside
-    fetch copies and other threads of the machine, and starts only after the rows' trip and the
-    launches queued first (measured on one H200: ~1-3 ms of an OLMoE layer step, against ~0.3 ms a
-    host expert). Moving averages, clipped, so that one odd step (a page fault, a preemption)
-    cannot flip the split."""
-
-    def __init__(self, weight: float = 0.25, lowest: float = 0.25, highest: float = 16.0, longest_start_s: float = 0.1):
-        self.scale, self.start_s, self.weight, self.lowest, self.highest = 1.0, 0.0, weight, lowest, highest
-        self.longest_start_s = longest_start_s
-        self._scaled = None  # (scale, start, base rates, scaled rates) last handed out
-
-    def observe(self, rates: TierRates, rows_X: np.ndarray, seconds: float, start_s: float = 0.0) -> None:
-        modelled = float(rates.host_expert_seconds(rows_X).sum())
-        if modelled > 0:
-            ratio = min(max(seconds / modelled, self.lowest), self.highest)
-            self.scale += self.weight * (ratio - self.scale)
-            self.start_s += self.weight * (min(max(start_s, 0.0), self.longest_start_s) - self.start_s)
-
-    def rates(self, rates: TierRates) -> TierRates:
-        """`rates` with what was learnt (rebuilt only when the scale or the start moved by over 5%)."""
-        last = self._scaled
-        moved = last is None or last[2] is not rates or abs(self.scale / last[0] - 1) > 0.05 or \
-            abs(self.start_s - last[1]) > 0.05 * max(last[1], 1e-4)
-        if moved:
-            self._scaled = (self.scale, self.start_s, rates,
-                            replace(rates, host_scale=rates.host_scale * self.scale, host_start_s=self.start_s))
-        return self._scaled[3]
 
 
 def host_threads(configured: int | None, workers_on_node: int) -> int:
@@ -203,15 +172,15 @@ class HostSlots:
                                   impl=impl)
             return torch.zeros_like(tokens_MD)
 
-        early, later, y_holder = self._device_launches(resident, tokens_MD, cold_Y, starts_X, rounds, impl)
-        for launch in early:
+        work = _StepLaunches(self, resident, tokens_MD, cold_Y, starts_X, rounds, impl)
+        for launch in work.early:
             launch()
         if sent is not None:
-            positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, later, device_started)
+            positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, work.later, device_started)
         else:
-            for launch in later:
+            for launch in work.later:
                 launch()
-        y_MD = y_holder[0]
+        y_MD = work.y_MD
         if sent is not None:
             y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
         # last: behind every copy of this layer (its host rows' results too, which would otherwise
@@ -230,6 +199,8 @@ class HostSlots:
         rates = self._calibration.rates(self.path.rates)
         fetch_X = split_cold(rows_X, rates, rates.device_floor_s + device_rows * rates.device_row_s + busy_s,
                              host_margin=self.path.host_margin)
+        if touched and fetch_X[touched].all():
+            self._calibration.unused()  # nothing observed this step: what was learnt fades
         return [x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]]
 
     def _send_rows(self, x_YD: torch.Tensor) -> torch.Tensor:
@@ -249,32 +220,33 @@ class HostSlots:
                    launches: list, device_started: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions among the cold rows, y of those rows), both on the device, of the host slots'
         rows (in `slots` order), computed on the host while the device runs what was queued before.
-        `launches` (HostSlots._device_launches' later ones) are queued in order after chunks of
-        the host math: queueing a round is hundreds of microseconds of this thread's time, and
-        queued all before the host math, the launches held it back until every copy had landed
-        (profiled on one H200, scripts/tier_timeline.py: the host math of an OLMoE decode step
-        started ~6 ms in, after the copies, so the step cost host plus fetch). Spread out, the
-        two rounds of copies in flight cover each chunk. One thread: the host math's torch threads stay on the calling thread
-        (a second thread's math ran at half speed, measured)."""
+        `launches` (_StepLaunches.later) are queued in order after chunks of the host math:
+        queueing a round is hundreds of microseconds of this thread's time, and queued all before
+        the host math, the launches held it back until every copy had landed (profiled on one H200,
+        scripts/tier_timeline.py: an OLMoE decode step's host math started ~6 ms in, after the
+        copies, so the step cost host plus fetch). Spread out, the two rounds of copies in flight
+        cover each chunk. One thread: the host math's torch threads stay on the calling thread (on a
+        second thread the math ran at half speed, measured)."""
         rows_X = np.diff(starts_X)
         positions_Y = torch.from_numpy(np.concatenate([np.arange(starts_X[x], starts_X[x + 1]) for x in slots]))
         cuda = self.device.type == "cuda"
-        y_host_YD = torch.empty((len(positions_Y), x_cold_host_YD.shape[1]), dtype=x_cold_host_YD.dtype, pin_memory=cuda)
+        y_host_YD = torch.empty((len(positions_Y), x_cold_host_YD.shape[1]), dtype=x_cold_host_YD.dtype,
+                                pin_memory=cuda)
         if cuda:
             self._cuda_streams()[0].synchronize()  # host sync: the rows' copy only (the device kernels go on)
+        # what held the host math back: the rows' trip and the launches queued first (a CPU worker
+        # runs those launches as compute, nothing beside the host math: no start cost there)
+        start_s = time.perf_counter() - device_started if cuda else 0.0
         took, at = 0.0, 0
-        start_s = time.perf_counter() - device_started  # the rows' trip and the launches queued first
-        # one chunk per host slot at most, the launches spread over the gaps after them (in order)
+        # one chunk per host slot at most, the launches spread in order over the gaps after the chunks
         chunks = np.array_split(np.asarray(slots), min(len(slots), len(launches) + 1))
-        gaps = np.array_split(np.arange(len(launches)), len(chunks)) if launches else [[]] * len(chunks)
+        gaps = np.array_split(np.arange(len(launches)), len(chunks))
         for chunk, gap in zip(chunks, gaps):
             start = time.perf_counter()
             at = self._host_math(x_cold_host_YD, starts_X, [int(x) for x in chunk], y_host_YD, at)
             took += time.perf_counter() - start
-            start = time.perf_counter()
             for i in gap:
                 launches[i]()
-            start_s += time.perf_counter() - start  # on the host part's path too
         self.counts.host_s += took
         if self.path.rates is not None:
             self._calibration.observe(self.path.rates, rows_X[slots], took, start_s)
@@ -317,43 +289,6 @@ class HostSlots:
         return rounds + [(rest[lo:lo + per_round], list(enumerate(rest[lo:lo + per_round])), None)
                          for lo in range(0, len(rest), per_round)]
 
-    def _device_launches(self, resident, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, starts_X: np.ndarray,
-                         rounds: list, impl: str) -> tuple[list, list, list]:
-        """The step's device work as launches in queue order: (early, later, [y_MD once queued]).
-        early: the first two rounds' copies (the pool's two buffers), so the PCIe link starts at
-        once; later: the resident slots' kernel (which makes y_MD), then each round's kernel
-        followed by the copies of the round two after it, which may be queued only once that
-        kernel is (it last read their buffer: StagingPool). Kernels are queued after copies
-        because they are most of a round's launch time (two Triton launches, offsets, an add)."""
-        y_holder, landed = [], {}
-
-        def copies(r: int) -> None:
-            group, copy_list, buffer = rounds[r]
-            # on a GPU `ready` follows every copy queued before on the weights stream: a prefetch's too
-            landed[r] = self.pool.copy_round(self, copy_list, buffer)
-
-        def kernel(r: int) -> None:
-            group = rounds[r][0]
-            buffer, ready = landed[r]
-            if ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(ready)
-            w13_2GHD, w2_2GDF = self.pool.buffers
-            order_G = torch.cat([cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
-            counts = [0] + [int(starts_X[x + 1] - starts_X[x]) for x in group]  # a prefetched slot not touched: 0 rows
-            offsets_G1 = self._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
-            if order_G.numel():
-                y_holder[0] += expert_mlp(tokens_MD, w13_2GHD[buffer, :len(group)], w2_2GDF[buffer, :len(group)],
-                                          offsets_G1, order_G, impl=impl)
-            self.pool.read_by_main(buffer)
-
-        early = [lambda r=r: copies(r) for r in range(min(2, len(rounds)))]
-        later = [lambda: y_holder.append(resident())]
-        for r in range(len(rounds)):
-            later.append(lambda r=r: kernel(r))
-            if r + 2 < len(rounds):
-                later.append(lambda r=r: copies(r + 2))
-        return early, later, y_holder
-
     # ---- the prefetch for the next layer ------------------------------------------------------
     PREFETCH_TOUCH = 0.9  # prefetch only slots a step touches this surely (a wasted copy delays the next ones)
 
@@ -370,7 +305,8 @@ class HostSlots:
         rates = self._calibration.rates(self.path.rates)
         mean_X = self._share_X * worker_rows
         device_s = rates.device_floor_s + max(worker_rows - mean_X.sum(), 0.0) * rates.device_row_s
-        sure_X = split_cold(mean_X, rates, device_s, expected=True) & (-np.expm1(-mean_X) >= self.PREFETCH_TOUCH)
+        sure_X = split_cold(mean_X, rates, device_s, expected=True, host_margin=self.path.host_margin) & \
+            (-np.expm1(-mean_X) >= self.PREFETCH_TOUCH)
         order = [int(x) for x in np.lexsort((np.arange(len(mean_X)), -mean_X)) if sure_X[x]]
         return order[:self.pool.slots]
 
@@ -397,6 +333,52 @@ class HostSlots:
 
     def _cuda_streams(self):
         return self.pool.cuda_streams()
+
+
+class _StepLaunches:
+    """One layer step's device work as launches in queue order, and y_MD once queued.
+
+    early: the first two rounds' copies (the staging pool's two buffers), so the PCIe link starts
+    at once, then the resident slots' kernel, which makes y_MD (two launches: so it runs beside the
+    host math). later: each round's kernel followed by the copies of the round two after it, which
+    may be queued only once that kernel is (it last read their buffer: StagingPool). Kernels go
+    after copies because they are most of a round's launch time (two Triton launches, offsets,
+    an add: ~0.35 ms against ~0.3 ms of copies, profiled on one H200)."""
+
+    def __init__(self, host: HostSlots, resident, tokens_MD: torch.Tensor, cold_Y: torch.Tensor,
+                 starts_X: np.ndarray, rounds: list, impl: str):
+        self.host, self.resident, self.tokens_MD, self.cold_Y = host, resident, tokens_MD, cold_Y
+        self.starts_X, self.rounds, self.impl = starts_X, rounds, impl
+        self.y_MD = None
+        self.landed = {}  # round -> (staging buffer, ready event or None)
+        self.early = [lambda r=r: self._copies(r) for r in range(min(2, len(rounds)))] + [self._resident]
+        self.later = []
+        for r in range(len(rounds)):
+            self.later.append(lambda r=r: self._kernel(r))
+            if r + 2 < len(rounds):
+                self.later.append(lambda r=r: self._copies(r + 2))
+
+    def _resident(self) -> None:
+        self.y_MD = self.resident()
+
+    def _copies(self, r: int) -> None:
+        _, copy_list, buffer = self.rounds[r]
+        # on a GPU `ready` follows every copy queued before on the weights stream: a prefetch's too
+        self.landed[r] = self.host.pool.copy_round(self.host, copy_list, buffer)
+
+    def _kernel(self, r: int) -> None:
+        host, group, (buffer, ready) = self.host, self.rounds[r][0], self.landed[r]
+        starts_X = self.starts_X
+        order_G = torch.cat([self.cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
+        if order_G.numel():  # a prefetch none of whose slots this step touches: no kernel, no wait
+            if ready is not None:
+                torch.cuda.current_stream(host.device).wait_event(ready)
+            w13_2GHD, w2_2GDF = host.pool.buffers
+            counts = [0] + [int(starts_X[x + 1] - starts_X[x]) for x in group]  # an untouched prefetched slot: 0
+            offsets_G1 = host._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
+            self.y_MD += expert_mlp(self.tokens_MD, w13_2GHD[buffer, :len(group)], w2_2GDF[buffer, :len(group)],
+                                    offsets_G1, order_G, impl=self.impl)
+        host.pool.read_by_main(buffer)
 
 
 def split_tiers(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, budget: int, device: torch.device,

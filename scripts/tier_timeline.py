@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from moeray.bench.tier import SHAPES, Stack, routing
-from moeray.host_tier import ColdPath, HostSlots
+from moeray.host_tier import ColdPath, HostSlots, TierCounts
 from moeray.tier_measure import measure_rates
 from placement.traces import load_olmoe_mixtral
 
@@ -111,15 +111,19 @@ def main() -> None:
     device = torch.device("cpu" if args.small else "cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     L = trace.shape[0]
-    w13 = [(torch.randn(E, 2 * F, D, device=device, generator=gen) * D ** -0.5).to(torch.bfloat16).cpu() for _ in range(L)]
-    w2 = [(torch.randn(E, D, F, device=device, generator=gen) * F ** -0.5).to(torch.bfloat16).cpu() for _ in range(L)]
+    def random_weights(*shape, fan_in):
+        return [(torch.randn(*shape, device=device, generator=gen) * fan_in ** -0.5).to(torch.bfloat16).cpu()
+                for _ in range(L)]
+
+    w13, w2 = random_weights(E, 2 * F, D, fan_in=D), random_weights(E, D, F, fan_in=F)
     rates = measure_rates(D, F, torch.bfloat16, device)
     stack = Stack(w13, w2, args.budget, rates, 4, device)
     rng = np.random.default_rng(0)
     steps = []
     for _ in range(args.steps):
         ids, weights = routing(probs[domain], args.tokens, K, rng)
-        steps.append((torch.as_tensor(ids, device=device), torch.as_tensor(weights, device=device, dtype=torch.bfloat16)))
+        steps.append((torch.as_tensor(ids, device=device),
+                      torch.as_tensor(weights, device=device, dtype=torch.bfloat16)))
     x_TD = (torch.randn(args.tokens, D) * 0.1).to(torch.bfloat16).to(device)
     result = {"shape": args.shape, "budget": args.budget, "tokens": args.tokens, "rates": vars(rates), "timings": []}
     print("rates", rates, flush=True)
@@ -129,7 +133,7 @@ def main() -> None:
             set_path(stack, mode, rates)
             layer_steps_ms(stack, steps[:2], x_TD)  # warm
             for h in (e.host for e in stack.layers):
-                h.counts.__init__()
+                h.counts = TierCounts()
             ms = layer_steps_ms(stack, steps, x_TD, reps=2)
             counts = [e.host.counts for e in stack.layers]
             n = max(1, sum(c.steps for c in counts))
@@ -152,16 +156,18 @@ def main() -> None:
     HostSlots._host_math = marked
     from torch.profiler import ProfilerActivity, profile
 
-    layer_steps_ms(stack, steps[:2], x_TD)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with torch.no_grad():
-            for ids_LTK, weights_LTK in steps[:3]:
-                for layer, experts in enumerate(stack.layers):
-                    sync()
-                    with torch.profiler.record_function("layer_step"):
-                        experts(x_TD, ids_LTK[layer], weights_LTK[layer])
+    try:
+        layer_steps_ms(stack, steps[:2], x_TD)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with torch.no_grad():
+                for ids_LTK, weights_LTK in steps[:3]:
+                    for layer, experts in enumerate(stack.layers):
                         sync()
-    HostSlots._host_math = original
+                        with torch.profiler.record_function("layer_step"):
+                            experts(x_TD, ids_LTK[layer], weights_LTK[layer])
+                            sync()
+    finally:
+        HostSlots._host_math = original
     path = os.path.join(args.out, "timeline.json")
     prof.export_chrome_trace(path)
     with open(path) as f:

@@ -56,23 +56,40 @@ def test_one_worker_every_budget_equals_the_dense_reference(path, tokens, top_k)
         assert layer.rows_S.sum().item() == tokens * top_k  # counted per slot, device and host alike
 
 
-def test_host_math_between_fetch_rounds_equals_the_dense_reference():
-    """Rounds of one staging slot: past the first two, each fetch round is queued between chunks
-    of the host math (HostSlots._host_part); skewed routing makes auto fetch several slots and
-    compute several on the host in one step."""
+def rounds_between_host_chunks_against_the_reference(device: torch.device, tol: float, hidden: int = D,
+                                                     ffn: int = F) -> list:
+    """Rounds of one staging slot, so that past the first two each fetch round's launches go
+    between chunks of the host math (HostSlots._host_part, _StepLaunches): skewed routing makes
+    auto (the fixed RATES) fetch several slots and compute several on the host in one step, with 0
+    and 3 resident slots. Returns each budget's TierCounts."""
+    from moeray.host_tier import split_tiers
+
     experts, top_k = 12, 2
-    w13_EHD, w2_EDF, _ = weights_and_inputs(5, experts, top_k, [0], D, F)
+    w13_EHD, w2_EDF, _ = weights_and_inputs(5, experts, top_k, [0], hidden, ffn)
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(64, D, generator=gen)
-    # experts 0-4 get ~25 rows each, 5-11 two rows each (distinct top-2 per token): auto splits them
+    x = torch.randn(64, hidden, generator=gen)
+    # experts 7-11 get ~25 rows each, 0-6 two rows each (distinct top-2 per token): auto splits them;
+    # the resident slots (the first experts) hold cold ones
     t = torch.arange(64)
-    ids = torch.stack([t % 5, torch.where(t < 14, 5 + t % 7, (t + 1) % 5)], 1)
+    ids = torch.stack([7 + t % 5, torch.where(t < 14, t % 7, 7 + (t + 1) % 5)], 1)
     w = torch.rand(64, top_k, generator=gen) + 0.1
+    want = dense_reference(x, ids, w, w13_EHD, w2_EDF)
     placement = Placement(np.arange(experts)[None], experts, experts)
-    layer = tiered_layer(placement, 0, LocalDispatcher(experts), w13_EHD, w2_EDF, 0, ColdPath("auto", RATES, fetch_slots=1))
-    torch.testing.assert_close(layer(x, ids, w), dense_reference(x, ids, w, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
-    counts = layer.host.counts
-    assert counts.fetched_experts >= 3 and counts.host_experts >= 2, counts  # rounds past the first two, and host chunks
+    counts = []
+    for budget in (0, 3):
+        w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, budget, device, ColdPath("auto", RATES, fetch_slots=1))
+        layer = SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(placement, 0, device), LocalDispatcher(experts),
+                            experts, kernel_impl="reference" if device.type == "cpu" else "auto", host=host)
+        with torch.no_grad():
+            got = layer(x.to(device), ids.to(device), w.to(device)).cpu()
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"budget {budget}")
+        counts.append(host.counts)
+    return counts
+
+
+def test_host_math_between_fetch_rounds_equals_the_dense_reference():
+    for counts in rounds_between_host_chunks_against_the_reference(torch.device("cpu"), 1e-5):
+        assert counts.fetched_experts >= 3 and counts.host_experts >= 2, counts  # rounds past two, host chunks
 
 
 def test_slot_views_and_writes_cross_the_tiers():
@@ -145,7 +162,7 @@ def test_expert_parallel_host_tiers_equal_the_dense_reference(budget, mode):
 
 
 def test_host_calibration_learns_the_measured_ratio_and_resets_with_the_path():
-    from moeray.host_tier import HostCalibration
+    from moeray.tier_calibration import HostCalibration
 
     calibration = HostCalibration(weight=0.5)
     rows = np.array([4.0, 8.0])
@@ -160,8 +177,14 @@ def test_host_calibration_learns_the_measured_ratio_and_resets_with_the_path():
     for _ in range(20):
         calibration.observe(RATES, rows, 3.0 * modelled, start_s=2e-3)  # the host's start cost
     assert calibration.rates(RATES).host_start_s == pytest.approx(2e-3, rel=1e-3)
-    calibration.observe(RATES, rows, 3.0 * modelled, start_s=50.0)  # clipped at longest_start_s
-    assert calibration.start_s <= 2e-3 + 0.5 * (0.1 - 2e-3) + 1e-12
+    calibration.observe(RATES, rows, 3.0 * modelled, start_s=50.0)  # clipped at longest_start_s (0.05 s)
+    assert calibration.start_s == pytest.approx(2e-3 + 0.5 * (0.05 - 2e-3))
+    started = dataclasses.replace(RATES, host_start_s=1e-3)  # what was learnt adds to the rates' own
+    assert calibration.rates(started).host_start_s == pytest.approx(1e-3 + calibration.start_s)
+    scale, start = calibration.scale, calibration.start_s
+    for _ in range(100):  # steps that left every slot to fetch: what was learnt fades toward the rates
+        calibration.unused()
+    assert 1.0 < calibration.scale < 1.0 + 0.2 * (scale - 1.0) and 0 < calibration.start_s < 0.2 * start
     layer = HostSlots(torch.zeros(2, 2 * F, D), torch.zeros(2, D, F), 1, torch.device("cpu"), ColdPath("auto", RATES))
     layer._calibration.scale = 5.0
     layer.path = ColdPath("auto", RATES)
