@@ -150,7 +150,8 @@ class HostSlots:
             prefetched = [x for x in pending.slots if rows_X[x]]
             planned_X = rows_X.copy()
             planned_X[pending.slots] = 0
-            busy_s = float(self.path.rates.fetch_costs(rows_X[pending.slots]).sum())
+            if self.path.rates is not None:  # only auto splits by it
+                busy_s = float(self.path.rates.fetch_costs(rows_X[pending.slots]).sum())
         host_slots, fetch_slots = self._plan(planned_X, offsets[first], busy_s) if planned_X.sum() else ([], [])
         fetch_slots = prefetched + fetch_slots
         self.counts.add(rows_X, host_slots, fetch_slots, pending.slots if pending is not None else ())
@@ -200,7 +201,7 @@ class HostSlots:
         fetch_X = split_cold(rows_X, rates, rates.device_floor_s + device_rows * rates.device_row_s + busy_s,
                              host_margin=self.path.host_margin)
         if touched and fetch_X[touched].all():
-            self._calibration.unused()  # nothing observed this step: what was learnt fades
+            self._calibration.fade()  # nothing observed this step: what was learnt fades
         return [x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]]
 
     def _send_rows(self, x_YD: torch.Tensor) -> torch.Tensor:
@@ -225,7 +226,9 @@ class HostSlots:
         the host math, the launches held it back until every copy had landed (profiled on one H200,
         scripts/tier_timeline.py: an OLMoE decode step's host math started ~6 ms in, after the
         copies, so the step cost host plus fetch). Spread out, the two rounds of copies in flight
-        cover each chunk. One thread: the host math's torch threads stay on the calling thread (on a
+        cover each chunk. A slot's rows are one chunk: with fewer host slots than launches, the
+        last gap's launches wait for the whole host math (with one host slot, every round past
+        the first two). One thread: the host math's torch threads stay on the calling thread (on a
         second thread the math ran at half speed, measured)."""
         rows_X = np.diff(starts_X)
         positions_Y = torch.from_numpy(np.concatenate([np.arange(starts_X[x], starts_X[x + 1]) for x in slots]))
@@ -339,18 +342,19 @@ class _StepLaunches:
     """One layer step's device work as launches in queue order, and y_MD once queued.
 
     early: the first two rounds' copies (the staging pool's two buffers), so the PCIe link starts
-    at once, then the resident slots' kernel, which makes y_MD (two launches: so it runs beside the
-    host math). later: each round's kernel followed by the copies of the round two after it, which
-    may be queued only once that kernel is (it last read their buffer: StagingPool). Kernels go
-    after copies because they are most of a round's launch time (two Triton launches, offsets,
-    an add: ~0.35 ms against ~0.3 ms of copies, profiled on one H200)."""
+    at once, then the resident slots' kernel, which makes y_MD (queued before the host math, it
+    runs beside it; it is only two launches). later: each round's kernel followed by the copies
+    of the round two after it, which may be queued only once that kernel is (it last read their
+    buffer: StagingPool). Kernels go after copies because they are most of a round's launch time
+    (two Triton launches, offsets, an add: ~0.35 ms against ~0.3 ms of copies, profiled on one
+    H200)."""
 
     def __init__(self, host: HostSlots, resident, tokens_MD: torch.Tensor, cold_Y: torch.Tensor,
                  starts_X: np.ndarray, rounds: list, impl: str):
         self.host, self.resident, self.tokens_MD, self.cold_Y = host, resident, tokens_MD, cold_Y
         self.starts_X, self.rounds, self.impl = starts_X, rounds, impl
         self.y_MD = None
-        self.landed = {}  # round -> (staging buffer, ready event or None)
+        self.queued = {}  # round -> (staging buffer, ready event or None) of its queued copies
         self.early = [lambda r=r: self._copies(r) for r in range(min(2, len(rounds)))] + [self._resident]
         self.later = []
         for r in range(len(rounds)):
@@ -364,10 +368,10 @@ class _StepLaunches:
     def _copies(self, r: int) -> None:
         _, copy_list, buffer = self.rounds[r]
         # on a GPU `ready` follows every copy queued before on the weights stream: a prefetch's too
-        self.landed[r] = self.host.pool.copy_round(self.host, copy_list, buffer)
+        self.queued[r] = self.host.pool.copy_round(self.host, copy_list, buffer)
 
     def _kernel(self, r: int) -> None:
-        host, group, (buffer, ready) = self.host, self.rounds[r][0], self.landed[r]
+        host, group, (buffer, ready) = self.host, self.rounds[r][0], self.queued[r]
         starts_X = self.starts_X
         order_G = torch.cat([self.cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
         if order_G.numel():  # a prefetch none of whose slots this step touches: no kernel, no wait

@@ -15,12 +15,13 @@ from placement.tiering import TierRates
 
 
 class HostCalibration:
-    """The measured over the modelled time of the host math (added to TierRates.host_scale as a
-    factor) and the host part's start cost (added to TierRates.host_start_s). Moving averages,
-    clipped (the ratio within [lowest, highest], a start within [0, longest_start_s]), so that one
-    odd step (a page fault, a preemption) moves them by at most `weight` of the clip. A step that
-    leaves every touched slot to fetch observes nothing; `unused` then decays both toward the
-    measured rates, so a bad spell on the host does not keep the split off the host for good."""
+    """The measured over the modelled time of the host math (TierRates.host_scale is multiplied by
+    it) and the host part's start cost (added to TierRates.host_start_s, 0 as measured). Moving
+    averages of clipped observations (a ratio within [lowest, highest], a start within
+    [0, longest_start_s]), so one odd step (a page fault, a preemption) moves an average by at most
+    `weight` x the clipped value. A step that leaves every touched slot to fetch observes nothing;
+    `fade` then moves both a little toward the measured rates, so a slow spell of the host does not
+    keep the split off the host for good."""
 
     def __init__(self, weight: float = 0.25, lowest: float = 0.25, highest: float = 16.0,
                  longest_start_s: float = 0.05, decay: float = 0.02):
@@ -37,7 +38,7 @@ class HostCalibration:
             self.scale += self.weight * (ratio - self.scale)
             self.start_s += self.weight * (min(max(start_s, 0.0), self.longest_start_s) - self.start_s)
 
-    def unused(self) -> None:
+    def fade(self) -> None:
         """A step that computed nothing on the host although it touched host slots."""
         self.scale += self.decay * (1.0 - self.scale)
         self.start_s -= self.decay * self.start_s

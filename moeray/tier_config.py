@@ -43,8 +43,9 @@ class HostTierConfig(BaseModel):
                     "H200 it cost up to 22% at decode and gained at most 3% at prefill (docs/benchmarks/tier.md)")
     host_margin: float = Field(
         default=0.1, ge=0, lt=1, allow_inf_nan=False,
-        description="cold_path auto: a step leaves experts on the host only where the measured rates predict it this "
-                    "fraction shorter than fetching them all (the host's speed varies more than the copies')")
+        description="cold_path auto: a step leaves experts on the host only where the rates (measured, then "
+                    "calibrated by the steps) predict it this fraction shorter than fetching them all (the host's "
+                    "speed varies more than the copies')")
     margin: float = Field(default=0.2, ge=0, allow_inf_nan=False,
                           description="a host-memory expert must carry (1 + margin) x the load of the device expert it replaces")
     max_swaps: int = Field(default=2, ge=1, strict=True, description="promotions per layer, worker and decision")

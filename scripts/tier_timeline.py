@@ -46,7 +46,8 @@ def layer_steps_ms(stack: Stack, steps, x_TD, reps: int = 1) -> list[float]:
 
 def set_path(stack: Stack, mode: str, rates) -> None:
     for experts in stack.layers:
-        experts.host.path = ColdPath(mode, rates if mode == "auto" else None, stack.fetch_slots)
+        experts.host.path = ColdPath(mode, rates if mode == "auto" else None, stack.fetch_slots,
+                                     host_margin=stack.host_margin)
 
 
 def summarise_trace(trace: dict) -> list[dict]:

@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-threads", type=int, default=None, help="torch CPU threads (default: every CPU)")
     p.add_argument("--fetch-slots", type=int, default=4)
     p.add_argument("--margin", type=float, default=0.2)
-    p.add_argument("--host-margin", type=float, default=0.1, help="auto: the modelled gain a host bet needs (tier.host_margin)")
+    p.add_argument("--host-margin", type=float, default=0.1,
+                   help="auto: the modelled gain a host bet needs (tier.host_margin)")
     p.add_argument("--max-swaps", type=int, default=8, help="promotions per layer and decision (ours)")
     p.add_argument("--check-every", type=int, default=4, help="steps between tier decisions (ours)")
     p.add_argument("--seed", type=int, default=0)

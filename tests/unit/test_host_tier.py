@@ -78,8 +78,8 @@ def rounds_between_host_chunks_against_the_reference(device: torch.device, tol: 
     counts = []
     for budget in (0, 3):
         w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, budget, device, ColdPath("auto", RATES, fetch_slots=1))
-        layer = SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(placement, 0, device), LocalDispatcher(experts),
-                            experts, kernel_impl="reference" if device.type == "cpu" else "auto", host=host)
+        layer = SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(placement, 0, device),
+                            LocalDispatcher(experts), experts, kernel_impl="reference" if device.type == "cpu" else "auto", host=host)
         with torch.no_grad():
             got = layer(x.to(device), ids.to(device), w.to(device)).cpu()
         torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"budget {budget}")
@@ -90,6 +90,35 @@ def rounds_between_host_chunks_against_the_reference(device: torch.device, tol: 
 def test_host_math_between_fetch_rounds_equals_the_dense_reference():
     for counts in rounds_between_host_chunks_against_the_reference(torch.device("cpu"), 1e-5):
         assert counts.fetched_experts >= 3 and counts.host_experts >= 2, counts  # rounds past two, host chunks
+
+
+def test_an_untouched_prefetch_and_the_calibration_through_layer_steps():
+    """A pending prefetch none of whose slots a step touches (nothing else fetched): no kernel for
+    its round, the result still the reference's. A step that leaves every touched slot to fetch
+    fades what the calibration learnt; a CPU worker's host step observes no start cost."""
+    from moeray.tier_staging import Prefetch
+
+    experts = 6
+    w13_EHD, w2_EDF, _ = weights_and_inputs(7, experts, 1, [0], D, F)
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(7))
+    placement = Placement(np.arange(experts)[None], experts, experts)
+    few = torch.tensor([[3], [4], [4], [5]])  # 1-2 rows a slot (auto fetches the 2-row slot, hosts the others)
+    w = torch.ones(4, 1)
+    layer = tiered_layer(placement, 0, LocalDispatcher(experts), w13_EHD, w2_EDF, 2, ColdPath("host", None))
+    host = layer.host
+    buffer, ready = host.pool.copy_round(host, [(0, 0)])  # host slot 0 = expert 2, which no row routes to
+    host.pool.prefetched = Prefetch(host, [0], buffer, ready)
+    torch.testing.assert_close(layer(x, few, w), dense_reference(x, few, w, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
+    assert host.counts.prefetch_unused == 1 and host.counts.host_experts == 3 and host.counts.fetched_experts == 0
+    host.path = ColdPath("auto", RATES)
+    host._calibration.start_s = 1e-6  # small against the slots' costs (tens of microseconds): the split stands
+    torch.testing.assert_close(layer(x, few, w), dense_reference(x, few, w, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
+    assert host.counts.host_experts == 3 + 2 and host.counts.fetched_experts == 1
+    assert host._calibration.start_s == pytest.approx(0.75e-6)  # observed 0 on a CPU worker (weight 0.25)
+    many = torch.tensor([[3], [3], [3], [3]])  # 4 rows on one slot: auto fetches it, nothing on the host
+    host._calibration.scale = 5.0
+    torch.testing.assert_close(layer(x, many, w), dense_reference(x, many, w, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
+    assert host.counts.fetched_experts == 1 + 1 and host._calibration.scale == pytest.approx(5.0 + 0.02 * (1.0 - 5.0))
 
 
 def test_slot_views_and_writes_cross_the_tiers():
@@ -114,8 +143,9 @@ def test_auto_split_fetches_the_slots_with_many_rows():
     assert split_cold(np.array([30, 30]), RATES, device_s=0.0).tolist() == [True, True]  # 72 us < 95 us < 190 us
     assert not split_cold(np.array([1, 1]), RATES, device_s=1.0).any()  # a long device part: all on the host
     # a host bet must pay by the margin: 52.5 us against 74 us fetching all four touched slots
-    assert split_cold(np.array([1, 0, 30, 2, 12]), RATES, 5e-6, host_margin=0.25).tolist() == [False, False, True, False, False]
-    assert split_cold(np.array([1, 0, 30, 2, 12]), RATES, 5e-6, host_margin=0.3).tolist() == [True, False, True, True, True]
+    rows = np.array([1, 0, 30, 2, 12])
+    assert split_cold(rows, RATES, 5e-6, host_margin=0.25).tolist() == [False, False, True, False, False]
+    assert split_cold(rows, RATES, 5e-6, host_margin=0.3).tolist() == [True, False, True, True, True]
     with pytest.raises(ValueError, match="host_margin.*1.5"):
         split_cold(np.array([1.0]), RATES, 0.0, host_margin=1.5)
     with pytest.raises(ValueError, match="host_margin.*-0.1"):
@@ -183,7 +213,7 @@ def test_host_calibration_learns_the_measured_ratio_and_resets_with_the_path():
     assert calibration.rates(started).host_start_s == pytest.approx(1e-3 + calibration.start_s)
     scale, start = calibration.scale, calibration.start_s
     for _ in range(100):  # steps that left every slot to fetch: what was learnt fades toward the rates
-        calibration.unused()
+        calibration.fade()
     assert 1.0 < calibration.scale < 1.0 + 0.2 * (scale - 1.0) and 0 < calibration.start_s < 0.2 * start
     layer = HostSlots(torch.zeros(2, 2 * F, D), torch.zeros(2, D, F), 1, torch.device("cpu"), ColdPath("auto", RATES))
     layer._calibration.scale = 5.0
