@@ -186,11 +186,12 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: 
     return fetch_X
 
 
-def step_seconds(rows_X: np.ndarray, resident_X: np.ndarray, rates: TierRates, mode: str = "host") -> float:
+def step_seconds(rows_X: np.ndarray, resident_X: np.ndarray, rates: TierRates, mode: str = "host",
+                 host_margin: float = 0.0) -> float:
     """Predicted seconds of one layer step on one worker: rows_X (mean rows per step, Poisson)
     routed to each of its experts, resident_X True for the device-resident ones; mode "host" (cold
     experts computed in host memory, beside the device), "fetch" (cold experts copied to the device
-    on demand) or "auto" (per cold expert, whichever `split_cold` picks)."""
+    on demand) or "auto" (per cold expert, whichever `split_cold` picks, with `host_margin`)."""
     rows_X = np.asarray(rows_X, dtype=np.float64)
     resident_X = np.asarray(resident_X, dtype=bool)
     device = rates.device_floor_s + float(rows_X[resident_X].sum()) * rates.device_row_s
@@ -198,7 +199,7 @@ def step_seconds(rows_X: np.ndarray, resident_X: np.ndarray, rates: TierRates, m
     if mode == "fetch":
         return device + rates.fetch_seconds(cold, expected=True)
     if mode == "auto":
-        fetch = split_cold(cold, rates, device, expected=True)
+        fetch = split_cold(cold, rates, device, expected=True, host_margin=host_margin)
         return rates.concurrent(device + rates.fetch_seconds(cold[fetch], expected=True),
                                 rates.host_seconds(cold[~fetch], expected=True))
     if mode != "host":
@@ -225,6 +226,7 @@ class TierConfig:
     cooldown_s: float = 5.0  # between two decisions that move anything
     min_gain: float = 0.0  # placement_tiers: a worker's swaps must shorten its modelled step by this fraction
     mode: str = "host"  # how the worker serves cold experts (step_seconds' mode), for the gain check
+    host_margin: float = 0.0  # mode "auto": the worker's tier.host_margin (its split, modelled as it runs)
 
     def __post_init__(self) -> None:
         if self.budget < 0 or self.margin < 0 or self.max_swaps < 1 or self.cooldown_s < 0 or self.min_gain < 0:
@@ -353,8 +355,9 @@ def placement_tiers(placement: Placement, load_LE: np.ndarray, steps: float, now
             continue
         if rates is not None:
             rows_LX = load_LX / max(steps, 1e-12)
-            before = sum(step_seconds(rows, resident_X, rates, config.mode) for rows in rows_LX)
-            after = sum(step_seconds(rows, res, rates, config.mode) for rows, res in zip(rows_LX, decision.resident_LX))
+            before = sum(step_seconds(rows, resident_X, rates, config.mode, config.host_margin) for rows in rows_LX)
+            after = sum(step_seconds(rows, res, rates, config.mode, config.host_margin)
+                        for rows, res in zip(rows_LX, decision.resident_LX))
             if before - after < config.min_gain * before:
                 continue
             figures.append((worker, before, after))

@@ -48,6 +48,23 @@ def test_hottest_resident_is_the_best_set_for_fetch_and_for_a_host_bound_step():
     assert checked_host >= 40
 
 
+def test_step_seconds_auto_with_a_host_margin_is_its_split_or_fetch_only():
+    import dataclasses
+
+    fast_copies = dataclasses.replace(RATES, pcie_bytes_per_s=100 * RATES.pcie_bytes_per_s)  # splits gain ~30-50%
+    rng = np.random.default_rng(3)
+    turned = 0
+    for _ in range(30):
+        rows = rng.integers(0, 40, size=8).astype(np.float64)
+        resident = hottest(rows, int(rng.integers(0, 8)))
+        free, fetch = (step_seconds(rows, resident, fast_copies, mode) for mode in ("auto", "fetch"))
+        margined = step_seconds(rows, resident, fast_copies, "auto", host_margin=0.3)
+        assert margined in (pytest.approx(free), pytest.approx(fetch))
+        assert free - 1e-15 <= margined <= fetch + 1e-15
+        turned += margined != pytest.approx(free)
+    assert turned  # some splits gain less than the margin: fetch only
+
+
 def test_step_seconds_by_hand():
     rows, resident = np.array([100.0, 10.0, 0.0]), np.array([True, False, False])
     device = 5e-5 + 100 * 1e-6
