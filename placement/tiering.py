@@ -166,6 +166,8 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: 
     loaded for some k. Every k is tried at once (prefix sums of the fetch costs, suffix sums of the
     host costs; the smallest k of the shortest steps): a few array operations, because the layer
     calls this between its host sync and its launches, where time is the step's."""
+    if not 0.0 <= host_margin < 1.0:
+        raise ValueError(f"host_margin must be in [0, 1), got {host_margin}")
     rows_X = np.asarray(rows_X, dtype=np.float64)
     order = np.lexsort((np.arange(len(rows_X)), -rows_X))
     rows_sorted = rows_X[order]
@@ -177,8 +179,6 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: 
     step_K[1:][rows_sorted <= 0] = np.inf  # an untouched expert is never fetched
     best = int(np.argmin(step_K))
     every = int((rows_sorted > 0).sum())  # k = every touched expert fetched
-    if not 0.0 <= host_margin < 1.0:
-        raise ValueError(f"host_margin must be in [0, 1), got {host_margin}")
     if host_margin and step_K[best] > (1.0 - host_margin) * step_K[every]:
         best = every
     fetch_X = np.zeros(len(rows_X), dtype=bool)

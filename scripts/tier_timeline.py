@@ -18,15 +18,10 @@ import time
 import numpy as np
 import torch
 
-from moeray.bench.tier import SHAPES, Stack, routing
+from moeray.bench.tier import SHAPES, Stack, random_layer_weights, routed, sync
 from moeray.host_tier import ColdPath, HostSlots, TierCounts
 from moeray.tier_measure import measure_rates
 from placement.traces import load_olmoe_mixtral
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def layer_steps_ms(stack: Stack, steps, x_TD, reps: int = 1) -> list[float]:
@@ -36,10 +31,10 @@ def layer_steps_ms(stack: Stack, steps, x_TD, reps: int = 1) -> list[float]:
         for _ in range(reps):
             for ids_LTK, weights_LTK in steps:
                 for layer, experts in enumerate(stack.layers):
-                    sync()
+                    sync(stack.cuda)
                     t0 = time.perf_counter()
                     experts(x_TD, ids_LTK[layer], weights_LTK[layer])
-                    sync()
+                    sync(stack.cuda)
                     out.append(1e3 * (time.perf_counter() - t0))
     return out
 
@@ -110,21 +105,11 @@ def main() -> None:
     probs = {d: w / w.sum(axis=1, keepdims=True) for d, w in trace.workloads.items()}
     domain = sorted(probs)[0]
     device = torch.device("cpu" if args.small else "cuda")
-    gen = torch.Generator(device=device).manual_seed(0)
-    L = trace.shape[0]
-    def random_weights(*shape, fan_in):
-        return [(torch.randn(*shape, device=device, generator=gen) * fan_in ** -0.5).to(torch.bfloat16).cpu()
-                for _ in range(L)]
-
-    w13, w2 = random_weights(E, 2 * F, D, fan_in=D), random_weights(E, D, F, fan_in=F)
+    w13, w2 = random_layer_weights(trace.shape[0], E, D, F, device, seed=0)
     rates = measure_rates(D, F, torch.bfloat16, device)
     stack = Stack(w13, w2, args.budget, rates, 4, device)
     rng = np.random.default_rng(0)
-    steps = []
-    for _ in range(args.steps):
-        ids, weights = routing(probs[domain], args.tokens, K, rng)
-        steps.append((torch.as_tensor(ids, device=device),
-                      torch.as_tensor(weights, device=device, dtype=torch.bfloat16)))
+    steps = [routed(probs[domain], args.tokens, K, rng, device) for _ in range(args.steps)]
     x_TD = (torch.randn(args.tokens, D) * 0.1).to(torch.bfloat16).to(device)
     result = {"shape": args.shape, "budget": args.budget, "tokens": args.tokens, "rates": vars(rates), "timings": []}
     print("rates", rates, flush=True)
@@ -163,10 +148,10 @@ def main() -> None:
             with torch.no_grad():
                 for ids_LTK, weights_LTK in steps[:3]:
                     for layer, experts in enumerate(stack.layers):
-                        sync()
+                        sync(stack.cuda)
                         with torch.profiler.record_function("layer_step"):
                             experts(x_TD, ids_LTK[layer], weights_LTK[layer])
-                            sync()
+                            sync(stack.cuda)
     finally:
         HostSlots._host_math = original
     path = os.path.join(args.out, "timeline.json")

@@ -44,12 +44,14 @@ import torch
 
 from moeray.bench import standalone, write_json
 from moeray.host_tier import TierCounts
+from moeray.tier_config import HostTierConfig
 
 SHAPES = {
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2, trace_model="mistral"),
     "olmoe": dict(hidden=2048, ffn=1024, experts=64, top_k=8, trace_model="olmoe"),
 }
 MODES = ("all", "fetch", "host", "profiled", "ours", "ours_no_prefetch")
+HOST_MARGIN = HostTierConfig.model_fields["host_margin"].default  # the engine's default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-threads", type=int, default=None, help="torch CPU threads (default: every CPU)")
     p.add_argument("--fetch-slots", type=int, default=4)
     p.add_argument("--margin", type=float, default=0.2)
-    p.add_argument("--host-margin", type=float, default=0.1,
+    p.add_argument("--host-margin", type=float, default=HOST_MARGIN,
                    help="auto: the modelled gain a host bet needs (tier.host_margin)")
     p.add_argument("--max-swaps", type=int, default=8, help="promotions per layer and decision (ours)")
     p.add_argument("--check-every", type=int, default=4, help="steps between tier decisions (ours)")
@@ -86,6 +88,26 @@ def routing(probs_LE: np.ndarray, tokens: int, top_k: int, rng: np.random.Genera
     return ids_LTK, weights_LTK / weights_LTK.sum(axis=2, keepdims=True)
 
 
+def routed(probs_LE: np.ndarray, tokens: int, top_k: int, rng: np.random.Generator, device: torch.device):
+    """`routing` as device tensors: ([L, T, K] int64 expert ids, [L, T, K] bf16 weights)."""
+    ids, weights = routing(probs_LE, tokens, top_k, rng)
+    return torch.as_tensor(ids, device=device), torch.as_tensor(weights, device=device, dtype=torch.bfloat16)
+
+
+def random_layer_weights(layers: int, experts: int, hidden: int, ffn: int, device: torch.device, seed: int):
+    """([L] w13 [E, 2F, D], [L] w2 [E, D, F]) bf16 in host memory, drawn on `device` (fast on a GPU)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(*shape, fan_in):
+        return (torch.randn(*shape, device=device, generator=gen) * fan_in ** -0.5).to(torch.bfloat16).cpu()
+
+    w13, w2 = [], []
+    for _ in range(layers):
+        w13.append(draw(experts, 2 * ffn, hidden, fan_in=hidden))
+        w2.append(draw(experts, hidden, ffn, fan_in=ffn))
+    return w13, w2
+
+
 def domain_schedule(workloads: dict, domains: list[str], steps: int, drifting: bool) -> list[str]:
     if not drifting:
         return [domains[0]] * steps
@@ -103,7 +125,7 @@ class Stack:
     layer back to a given placement (slot writes, as a commit does) and cold path."""
 
     def __init__(self, w13_LEHD, w2_LEDF, budget: int, rates, fetch_slots: int, device: torch.device,
-                 host_margin: float = 0.1):
+                 host_margin: float = HOST_MARGIN):
         from moeray.comm.dispatcher import LocalDispatcher
         from moeray.comm.slot_map import DeviceSlotMap
         from moeray.expert_parallel import SlotExperts
@@ -148,7 +170,6 @@ class LiveTiers:
     """The coordinator's tier control in this process: decayed routing counts in, slot swaps out."""
 
     def __init__(self, stack: Stack, args, rates):
-        from moeray.tier_config import HostTierConfig
         from moeray.tier_control import TierControl
         from placement.stats import DecayedLoad
 
@@ -194,9 +215,7 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
     x_TD = (torch.randn(tokens, D, generator=torch.Generator().manual_seed(args.seed)) * 0.1).to(torch.bfloat16).to(stack.cuda)
     steps = []
     for domain in schedule:
-        ids, weights = routing(probs[domain], tokens, top_k, rng)
-        steps.append((torch.as_tensor(ids, device=stack.cuda), torch.as_tensor(weights, device=stack.cuda,
-                                                                               dtype=torch.bfloat16)))
+        steps.append(routed(probs[domain], tokens, top_k, rng, stack.cuda))
     live = LiveTiers(stack, args, rates) if mode.startswith("ours") else None
     hosts = [e.host for e in stack.layers if e.host is not None]
     for host in hosts:
@@ -256,11 +275,7 @@ def run_shape(name: str, args, trace_dir) -> dict:
         D, F = D // 16, F // 16
     L = trace.shape[0]
     device = torch.device(args.device)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    w13, w2 = [], []
-    for _ in range(L):  # drawn on the GPU (fast), kept on the host as the masters
-        w13.append((torch.randn(E, 2 * F, D, device=device, generator=gen) * D ** -0.5).to(torch.bfloat16).cpu())
-        w2.append((torch.randn(E, D, F, device=device, generator=gen) * F ** -0.5).to(torch.bfloat16).cpu())
+    w13, w2 = random_layer_weights(L, E, D, F, device, args.seed)  # the host masters
     rates = measure_rates(D, F, torch.bfloat16, device)
     print(f"{name}: rates {rates}", flush=True)
     modes = args.modes.split(",")
