@@ -30,6 +30,7 @@ import torch
 from moeray.kernels import expert_mlp
 from moeray.kernels.reference import swiglu
 from moeray.tier_calibration import HostCalibration
+from moeray.tier_config import HostTierConfig
 from moeray.tier_staging import Prefetch, StagingPool
 from placement.tiering import TierRates, split_cold
 
@@ -42,7 +43,8 @@ class ColdPath:
     rates: TierRates | None  # measured on this worker (auto needs them)
     fetch_slots: int = 4
     prefetch: bool = False  # auto: queue the next layer's sure fetches behind this layer's copies
-    host_margin: float = 0.1  # auto: host anything only where the modelled step is this much shorter than fetch-only
+    # auto: host anything only where the modelled step is this much shorter than fetch-only
+    host_margin: float = HostTierConfig.model_fields["host_margin"].default
 
     def __post_init__(self) -> None:
         if self.mode not in ("host", "fetch", "auto"):
