@@ -14,8 +14,9 @@ Per layer step, for the rows of each touched host slot, the cold path is
            two rounds in flight) and the device kernel runs them;
     auto   per slot and step, whichever `placement.tiering.split_cold` predicts is shorter from
            the measured rates (few rows: host; many rows: fetch).
-The device kernel of the resident slots is launched before the host waits for anything, so the
-host part runs beside it; the results join before the combine.
+On a GPU worker the device part (the resident slots' kernel, the fetch rounds) is queued by the
+worker's launch thread (moeray.tier_launch) while this thread computes the host slots, so
+neither waits for the other's CPU time; the results join before the combine.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from moeray.kernels import expert_mlp
 from moeray.kernels.reference import swiglu
 from moeray.tier_calibration import HostCalibration
 from moeray.tier_config import HostTierConfig
+from moeray.tier_launch import StepLaunches
 from moeray.tier_staging import Prefetch, StagingPool
 from placement.tiering import TierRates, split_cold
 
@@ -175,16 +177,20 @@ class HostSlots:
                                   impl=impl)
             return torch.zeros_like(tokens_MD)
 
-        work = _StepLaunches(self, resident, tokens_MD, cold_Y, starts_X, rounds, impl)
-        for launch in work.early:
-            launch()
-        if sent is not None:
-            positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, work.later, device_started)
+        work = StepLaunches(self, resident, tokens_MD, cold_Y, starts_X, rounds, impl)
+        launcher = self.pool.launch_thread() if sent is not None else None
+        if launcher is None:  # nothing on the host, or a CPU worker: the launches are the compute
+            y_MD = work.run()
+            if sent is not None:
+                positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, device_started)
+                y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
         else:
-            for launch in work.later:
-                launch()
-        y_MD = work.y_MD
-        if sent is not None:
+            queued = launcher.start(work)  # the launches go on beside the host math
+            try:
+                positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, device_started)
+            finally:
+                y_MD = queued.result()  # the launch thread is done with the main stream and the pool
+            self._host_results_join(positions_Y, y_YD)
             y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
         # last: behind every copy of this layer (its host rows' results too, which would otherwise
         # wait for the next layer's weights)
@@ -220,18 +226,11 @@ class HostSlots:
         return x_host_YD
 
     def _host_part(self, x_cold_host_YD: torch.Tensor, starts_X: np.ndarray, slots: list[int],
-                   launches: list, device_started: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions among the cold rows, y of those rows), both on the device, of the host slots'
-        rows (in `slots` order), computed on the host while the device runs what was queued before.
-        `launches` (_StepLaunches.later) are queued in order after chunks of the host math:
-        queueing a round is hundreds of microseconds of this thread's time, and queued all before
-        the host math, the launches held it back until every copy had landed (profiled on one H200,
-        scripts/tier_timeline.py: an OLMoE decode step's host math started ~6 ms in, after the
-        copies, so the step cost host plus fetch). Spread out, the two rounds of copies in flight
-        cover each chunk. A slot's rows are one chunk: with fewer host slots than launches, the
-        last gap's launches wait for the whole host math (with one host slot, every round past
-        the first two). One thread: the host math's torch threads stay on the calling thread (on a
-        second thread the math ran at half speed, measured)."""
+                   device_started: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions among the cold rows, y of those rows) of the host slots' rows (in `slots`
+        order), computed on this thread (its torch CPU threads) while the device part is queued
+        and runs; on a GPU both are on their way to the device on the rows stream (the main
+        stream joins them in _host_results_join, once the launches are queued)."""
         rows_X = np.diff(starts_X)
         positions_Y = torch.from_numpy(np.concatenate([np.arange(starts_X[x], starts_X[x + 1]) for x in slots]))
         cuda = self.device.type == "cuda"
@@ -239,33 +238,29 @@ class HostSlots:
                                 pin_memory=cuda)
         if cuda:
             self._cuda_streams()[0].synchronize()  # host sync: the rows' copy only (the device kernels go on)
-        # what held the host math back: the rows' trip and the launches queued first (a CPU worker
-        # runs those launches as compute, nothing beside the host math: no start cost there)
+        # what held the host math back: the rows' trip (a CPU worker has none: no start cost there)
         start_s = time.perf_counter() - device_started if cuda else 0.0
-        took, at = 0.0, 0
-        # one chunk per host slot at most, the launches spread in order over the gaps after the chunks
-        chunks = np.array_split(np.asarray(slots), min(len(slots), len(launches) + 1))
-        gaps = np.array_split(np.arange(len(launches)), len(chunks))
-        for chunk, gap in zip(chunks, gaps):
-            start = time.perf_counter()
-            at = self._host_math(x_cold_host_YD, starts_X, [int(x) for x in chunk], y_host_YD, at)
-            took += time.perf_counter() - start
-            for i in gap:
-                launches[i]()
+        start = time.perf_counter()
+        self._host_math(x_cold_host_YD, starts_X, slots, y_host_YD, 0)
+        took = time.perf_counter() - start
         self.counts.host_s += took
         if self.path.rates is not None:
             self._calibration.observe(self.path.rates, rows_X[slots], took, start_s)
         if not cuda:
             return positions_Y, y_host_YD
-        rows_stream, _ = self._cuda_streams()
-        main = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(rows_stream):
+        with torch.cuda.stream(self._cuda_streams()[0]):
             positions_dev_Y = positions_Y.pin_memory().to(self.device, non_blocking=True)
             y_YD = y_host_YD.to(self.device, non_blocking=True)
-        main.wait_stream(rows_stream)
-        y_YD.record_stream(main)
-        positions_dev_Y.record_stream(main)
         return positions_dev_Y, y_YD
+
+    def _host_results_join(self, positions_Y: torch.Tensor, y_YD: torch.Tensor) -> None:
+        """The main stream waits for the host results' copy (queued on the rows stream)."""
+        if self.device.type != "cuda":
+            return
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(self._cuda_streams()[0])
+        y_YD.record_stream(main)
+        positions_Y.record_stream(main)
 
     def _host_math(self, x_cold_YD: torch.Tensor, starts_X: np.ndarray, slots: list[int], out_YD: torch.Tensor,
                    at: int) -> int:
@@ -338,53 +333,6 @@ class HostSlots:
 
     def _cuda_streams(self):
         return self.pool.cuda_streams()
-
-
-class _StepLaunches:
-    """One layer step's device work as launches in queue order, and y_MD once queued.
-
-    early: the first two rounds' copies (the staging pool's two buffers), so the PCIe link starts
-    at once, then the resident slots' kernel, which makes y_MD (queued before the host math, it
-    runs beside it; it is only two launches). later: each round's kernel followed by the copies
-    of the round two after it, which may be queued only once that kernel is (it last read their
-    buffer: StagingPool). Kernels go after copies because they are most of a round's launch time
-    (two Triton launches, offsets, an add: ~0.35 ms against ~0.3 ms of copies, profiled on one
-    H200)."""
-
-    def __init__(self, host: HostSlots, resident, tokens_MD: torch.Tensor, cold_Y: torch.Tensor,
-                 starts_X: np.ndarray, rounds: list, impl: str):
-        self.host, self.resident, self.tokens_MD, self.cold_Y = host, resident, tokens_MD, cold_Y
-        self.starts_X, self.rounds, self.impl = starts_X, rounds, impl
-        self.y_MD = None
-        self.queued = {}  # round -> (staging buffer, ready event or None) of its queued copies
-        self.early = [lambda r=r: self._copies(r) for r in range(min(2, len(rounds)))] + [self._resident]
-        self.later = []
-        for r in range(len(rounds)):
-            self.later.append(lambda r=r: self._kernel(r))
-            if r + 2 < len(rounds):
-                self.later.append(lambda r=r: self._copies(r + 2))
-
-    def _resident(self) -> None:
-        self.y_MD = self.resident()
-
-    def _copies(self, r: int) -> None:
-        _, copy_list, buffer = self.rounds[r]
-        # on a GPU `ready` follows every copy queued before on the weights stream: a prefetch's too
-        self.queued[r] = self.host.pool.copy_round(self.host, copy_list, buffer)
-
-    def _kernel(self, r: int) -> None:
-        host, group, (buffer, ready) = self.host, self.rounds[r][0], self.queued[r]
-        starts_X = self.starts_X
-        order_G = torch.cat([self.cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
-        if order_G.numel():  # a prefetch none of whose slots this step touches: no kernel, no wait
-            if ready is not None:
-                torch.cuda.current_stream(host.device).wait_event(ready)
-            w13_2GHD, w2_2GDF = host.pool.buffers
-            counts = [0] + [int(starts_X[x + 1] - starts_X[x]) for x in group]  # an untouched prefetched slot: 0
-            offsets_G1 = host._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
-            self.y_MD += expert_mlp(self.tokens_MD, w13_2GHD[buffer, :len(group)], w2_2GDF[buffer, :len(group)],
-                                    offsets_G1, order_G, impl=self.impl)
-        host.pool.read_by_main(buffer)
 
 
 def split_tiers(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, budget: int, device: torch.device,

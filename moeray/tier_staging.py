@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeray.tier_launch import LaunchThread
+
 
 @dataclass
 class Prefetch:
@@ -32,8 +34,12 @@ class StagingPool:
     """Two buffers of `slots` device experts (allocated at the first fetch), their freed events,
     the streams, the layers' host slots by layer index, and the pending prefetch."""
 
-    def __init__(self, slots: int, device: torch.device):
+    def __init__(self, slots: int, device: torch.device, launch_thread: bool | None = None):
         self.slots, self.device = slots, device
+        # a step's launches on their own thread (moeray.tier_launch): on a GPU worker by default;
+        # on a CPU worker the launches are compute that would compete with the host math's threads
+        self.threaded = device.type == "cuda" if launch_thread is None else launch_thread
+        self._launcher = None
         self.buffers = None  # (w13 [2, G, H, D], w2 [2, G, D, F])
         self.freed = [None, None]
         self.streams = None  # (rows stream, weights stream) on a GPU
@@ -49,6 +55,12 @@ class StagingPool:
 
     def nbytes(self) -> int:
         return 0 if self.buffers is None else sum(t.numel() * t.element_size() for t in self.buffers)
+
+    def launch_thread(self):
+        """The worker's LaunchThread (started at the first step that needs it), or None: launch inline."""
+        if self.threaded and self._launcher is None:
+            self._launcher = LaunchThread(self.device)
+        return self._launcher
 
     def cuda_streams(self):
         if self.streams is None:

@@ -56,13 +56,14 @@ def test_one_worker_every_budget_equals_the_dense_reference(path, tokens, top_k)
         assert layer.rows_S.sum().item() == tokens * top_k  # counted per slot, device and host alike
 
 
-def rounds_between_host_chunks_against_the_reference(device: torch.device, tol: float, hidden: int = D,
-                                                     ffn: int = F) -> list:
-    """Rounds of one staging slot, so that past the first two each fetch round's launches go
-    between chunks of the host math (HostSlots._host_part, _StepLaunches): skewed routing makes
-    auto (the fixed RATES) fetch several slots and compute several on the host in one step, with 0
-    and 3 resident slots. Returns each budget's TierCounts."""
+def fetch_rounds_beside_host_math_against_the_reference(device: torch.device, tol: float, hidden: int = D,
+                                                        ffn: int = F, launch_thread: bool | None = None) -> list:
+    """Rounds of one staging slot (so that past the first two each round's copies wait for the
+    kernel two rounds back), queued inline or by the launch thread (moeray.tier_launch) while the
+    host math runs: skewed routing makes auto (the fixed RATES) fetch several slots and compute
+    several on the host in one step, with 0 and 3 resident slots. Returns each budget's TierCounts."""
     from moeray.host_tier import split_tiers
+    from moeray.tier_staging import StagingPool
 
     experts, top_k = 12, 2
     w13_EHD, w2_EDF, _ = weights_and_inputs(5, experts, top_k, [0], hidden, ffn)
@@ -77,19 +78,52 @@ def rounds_between_host_chunks_against_the_reference(device: torch.device, tol: 
     placement = Placement(np.arange(experts)[None], experts, experts)
     counts = []
     for budget in (0, 3):
-        w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, budget, device, ColdPath("auto", RATES, fetch_slots=1))
+        pool = StagingPool(1, device, launch_thread=launch_thread)
+        w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, budget, device, ColdPath("auto", RATES, fetch_slots=1),
+                                            pool)
         layer = SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(placement, 0, device),
                             LocalDispatcher(experts), experts, kernel_impl="reference" if device.type == "cpu" else "auto", host=host)
-        with torch.no_grad():
-            got = layer(x.to(device), ids.to(device), w.to(device)).cpu()
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"budget {budget}")
+        for _ in range(2):  # the second step reuses the thread and the buffers the first one freed
+            with torch.no_grad():
+                got = layer(x.to(device), ids.to(device), w.to(device)).cpu()
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"budget {budget}")
+        assert (pool.launch_thread() is not None) == pool.threaded
         counts.append(host.counts)
     return counts
 
 
-def test_host_math_between_fetch_rounds_equals_the_dense_reference():
-    for counts in rounds_between_host_chunks_against_the_reference(torch.device("cpu"), 1e-5):
-        assert counts.fetched_experts >= 3 and counts.host_experts >= 2, counts  # rounds past two, host chunks
+@pytest.mark.parametrize("launch_thread", [False, True], ids=["inline", "launch_thread"])
+def test_fetch_rounds_beside_the_host_math_equal_the_dense_reference(launch_thread):
+    for counts in fetch_rounds_beside_host_math_against_the_reference(torch.device("cpu"), 1e-5,
+                                                                      launch_thread=launch_thread):
+        assert counts.fetched_experts >= 2 * 3 and counts.host_experts >= 2 * 2, counts  # rounds past two, host slots
+
+
+def test_the_launch_thread_keeps_the_callers_grad_mode_and_reports_its_errors():
+    from moeray.tier_launch import LaunchThread
+
+    class Launches:
+        def __init__(self, fail: bool):
+            self.fail = fail
+
+        def run(self):
+            if self.fail:
+                raise RuntimeError("launch failed")
+            return torch.ones(2, requires_grad=True) * 2, torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    thread = LaunchThread(torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            y, grad, inference = thread.start(Launches(False)).result()
+        assert not grad and not inference and not y.requires_grad
+        with torch.inference_mode():
+            _, grad, inference = thread.start(Launches(False)).result()
+        assert inference
+        with pytest.raises(RuntimeError, match="launch failed"):
+            thread.start(Launches(True)).result()
+        assert thread.start(Launches(False)).result()[1]  # still serving; grad on as in the caller
+    finally:
+        thread.close()
 
 
 def test_an_untouched_prefetch_and_the_calibration_through_layer_steps():

@@ -1,0 +1,106 @@
+"""A host-tier layer step's device work (issue 13): the resident slots' kernel and the fetch
+rounds (copies into staging, kernels) as launches in queue order, and the thread that queues them
+on a GPU worker while the calling thread computes the host slots.
+
+Legend: M rows this worker received, D hidden, Y rows of the host slots, G staging slots of a round.
+
+Why a thread: queueing one fetch round is ~0.65 ms of CPU time (eight copies, two Triton
+launches, offsets, an add; profiled on one H200), about what the host math of two or three
+OLMoE experts costs. On one thread the two add up: an OLMoE decode layer step with 12 host and 17
+fetched experts took 8.5 ms against 7.55 ms for fetching all 29 (measured at 03e9168: about
+1.5 ms before the host math, 4.4 ms of host math, 2.7 ms of launches, one after another). On the
+launch thread the launches leave the host math's thread; the host math itself stays on the
+calling thread, whose torch CPU threads it uses (on a second thread the host math ran at half
+speed, measured at 7271b80). The launch thread's work is the small CPU ops of the launches and
+the CUDA calls; torch releases the GIL inside its ops, so the two threads interleave there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from moeray.kernels import expert_mlp
+
+
+class StepLaunches:
+    """One layer step's device work as launches in queue order (`run()` queues them all), and
+    y_MD once queued.
+
+    Order: the first two rounds' copies (the staging pool's two buffers), so the PCIe link starts
+    at once; the resident slots' kernel, which makes y_MD; then each round's kernel followed by the
+    copies of the round two after it, which may be queued only once that kernel is (it last read
+    their buffer: StagingPool). `host` is the layer's HostSlots (its pool, its device, its index
+    helper); `rounds` are HostSlots._fetch_rounds'."""
+
+    def __init__(self, host, resident, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, starts_X: np.ndarray,
+                 rounds: list, impl: str):
+        self.host, self.resident, self.tokens_MD, self.cold_Y = host, resident, tokens_MD, cold_Y
+        self.starts_X, self.rounds, self.impl = starts_X, rounds, impl
+        self.y_MD = None
+        self.queued = {}  # round -> (staging buffer, ready event or None) of its queued copies
+        self.in_order = [lambda r=r: self._copies(r) for r in range(min(2, len(rounds)))] + [self._resident]
+        for r in range(len(rounds)):
+            self.in_order.append(lambda r=r: self._kernel(r))
+            if r + 2 < len(rounds):
+                self.in_order.append(lambda r=r: self._copies(r + 2))
+
+    def run(self) -> torch.Tensor:
+        for launch in self.in_order:
+            launch()
+        return self.y_MD
+
+    def _resident(self) -> None:
+        self.y_MD = self.resident()
+
+    def _copies(self, r: int) -> None:
+        _, copy_list, buffer = self.rounds[r]
+        # on a GPU `ready` follows every copy queued before on the weights stream: a prefetch's too
+        self.queued[r] = self.host.pool.copy_round(self.host, copy_list, buffer)
+
+    def _kernel(self, r: int) -> None:
+        host, group, (buffer, ready) = self.host, self.rounds[r][0], self.queued[r]
+        starts_X = self.starts_X
+        order_G = torch.cat([self.cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
+        if order_G.numel():  # a prefetch none of whose slots this step touches: no kernel, no wait
+            if ready is not None:
+                torch.cuda.current_stream(host.device).wait_event(ready)
+            w13_2GHD, w2_2GDF = host.pool.buffers
+            counts = [0] + [int(starts_X[x + 1] - starts_X[x]) for x in group]  # an untouched prefetched slot: 0
+            offsets_G1 = host._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
+            self.y_MD += expert_mlp(self.tokens_MD, w13_2GHD[buffer, :len(group)], w2_2GDF[buffer, :len(group)],
+                                    offsets_G1, order_G, impl=self.impl)
+        host.pool.read_by_main(buffer)
+
+
+class LaunchThread:
+    """One thread per worker that runs a step's launches (StepLaunches.run) on the caller's
+    stream, device, grad and inference mode (all four are per thread in torch), one step at a
+    time. The caller waits for the returned future before it touches y_MD, the staging pool or
+    the main stream again: until then the launches own them."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeray-tier-launch")
+
+    def start(self, launches: StepLaunches) -> Future:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.device) if cuda else None
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def run() -> torch.Tensor:
+            with contextlib.ExitStack() as modes:
+                modes.enter_context(torch.inference_mode(inference))
+                modes.enter_context(torch.set_grad_enabled(grad))
+                if cuda:
+                    modes.enter_context(torch.cuda.device(self.device))
+                    modes.enter_context(torch.cuda.stream(stream))
+                return launches.run()
+
+        return self._executor.submit(run)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
