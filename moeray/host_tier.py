@@ -185,11 +185,9 @@ class HostSlots:
                 positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, device_started)
                 y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
         else:
-            queued = launcher.start(work)  # the launches go on beside the host math
-            try:
+            with launcher.beside(work) as queued:  # the launches go on beside the host math
                 positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, device_started)
-            finally:
-                y_MD = queued.result()  # the launch thread is done with the main stream and the pool
+            y_MD = queued.result()  # the launch thread is done with the main stream and the pool
             self._host_results_join(positions_Y, y_YD)
             y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
         # last: behind every copy of this layer (its host rows' results too, which would otherwise

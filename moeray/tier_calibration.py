@@ -1,8 +1,8 @@
 """What a layer's host part really costs (issue 13), learnt from its steps: the rates a host tier
 decides by are measured once, alone (moeray.tier_measure); in a step the host math runs beside
-fetch copies and the machine's other threads, and starts only after the rows' trip to the host
-and the first launches (measured on one H200: 1-3 ms of an OLMoE layer step, against ~0.3 ms a
-host expert). HostSlots observes each step that ran host math and splits by `rates(...)`.
+fetch copies, the launch thread and the machine's other threads, and starts only after the
+rows' trip to the host (with the launches before it, measured on one H200 at 1-3 ms of an OLMoE
+layer step, against ~0.3 ms a host expert). HostSlots observes each step that ran host math and splits by `rates(...)`.
 """
 
 from __future__ import annotations

@@ -12,12 +12,18 @@ fetched experts took 8.5 ms against 7.55 ms for fetching all 29 (measured at 03e
 launch thread the launches leave the host math's thread; the host math itself stays on the
 calling thread, whose torch CPU threads it uses (on a second thread the host math ran at half
 speed, measured at 7271b80). The launch thread's work is the small CPU ops of the launches and
-the CUDA calls; torch releases the GIL inside its ops, so the two threads interleave there.
+the CUDA calls; torch releases the GIL inside its ops, so the two threads interleave there. But a
+thread that wants the GIL back after an op waits until the holder releases it in one of its own
+ops, or until Python's switch interval (5 ms) forces a switch; at 5 ms the host math of an OLMoE
+decode step slowed about 6x and the first weight copy came 2-4 ms after the host math began
+(profiled at e649918). So while a step's launches run, the switch interval is short
+(`switch_interval_s`), and restored after.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -82,8 +88,11 @@ class LaunchThread:
     time. The caller waits for the returned future before it touches y_MD, the staging pool or
     the main stream again: until then the launches own them."""
 
-    def __init__(self, device: torch.device):
+    SWITCH_INTERVAL_S = 1e-4  # Python's switch interval while launches run beside the host math
+
+    def __init__(self, device: torch.device, switch_interval_s: float | None = SWITCH_INTERVAL_S):
         self.device = device
+        self.switch_interval_s = switch_interval_s  # None: leave Python's as it is
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeray-tier-launch")
 
     def start(self, launches: StepLaunches) -> Future:
@@ -101,6 +110,23 @@ class LaunchThread:
                 return launches.run()
 
         return self._executor.submit(run)
+
+    @contextlib.contextmanager
+    def beside(self, launches: StepLaunches):
+        """`with thread.beside(work) as queued:` the launches run while the body does (the host
+        math); leaving waits for them (their errors raise there), and the switch interval is
+        Python's again. `queued.result()` is y_MD."""
+        previous = sys.getswitchinterval()
+        if self.switch_interval_s is not None:
+            sys.setswitchinterval(self.switch_interval_s)
+        try:
+            queued = self.start(launches)
+            try:
+                yield queued
+            finally:
+                queued.result()
+        finally:
+            sys.setswitchinterval(previous)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -69,8 +69,8 @@ class TierRates:
     # the host's measured time over the model's in the layer that runs it (HostSlots' calibration)
     host_scale: float = 1.0
     # a step's fixed cost of computing anything on the host, on the host part's path: from the
-    # device part's start to the host math's start (the rows' trip to the host, the launches queued
-    # first); 0 as measured, HostCalibration adds what a GPU worker's layer steps show
+    # device part's start to the host math's start (the rows' trip to the host); 0 as measured,
+    # HostCalibration adds what a GPU worker's layer steps show
     host_start_s: float = 0.0
 
     def __post_init__(self) -> None:

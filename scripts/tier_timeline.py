@@ -20,6 +20,7 @@ import torch
 
 from moeray.bench.tier import SHAPES, Stack, random_layer_weights, routed, sync
 from moeray.host_tier import ColdPath, HostSlots, TierCounts
+from moeray.tier_launch import LaunchThread
 from moeray.tier_measure import measure_rates
 from placement.traces import load_olmoe_mixtral
 
@@ -94,6 +95,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", default="16,15,12,8")
+    p.add_argument("--launch", default="inline,thread:0.005,thread:1e-4,thread:2e-5",
+                   help="launch variants timed for host and auto: inline | thread[:switch interval s]")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--small", action="store_true", help="shapes / 16 on the CPU (a smoke run of the script)")
     args = p.parse_args()
@@ -113,22 +116,38 @@ def main() -> None:
     x_TD = (torch.randn(args.tokens, D) * 0.1).to(torch.bfloat16).to(device)
     result = {"shape": args.shape, "budget": args.budget, "tokens": args.tokens, "rates": vars(rates), "timings": []}
     print("rates", rates, flush=True)
+    def timed(mode: str, **row) -> None:
+        set_path(stack, mode, rates)
+        layer_steps_ms(stack, steps[:2], x_TD)  # warm
+        for h in (e.host for e in stack.layers):
+            h.counts = TierCounts()
+        ms = layer_steps_ms(stack, steps, x_TD, reps=2)
+        counts = [e.host.counts for e in stack.layers]
+        n = max(1, sum(c.steps for c in counts))
+        row.update(mode=mode, median_layer_step_ms=float(np.median(ms)),
+                   host_experts=sum(c.host_experts for c in counts) / n,
+                   fetched_experts=sum(c.fetched_experts for c in counts) / n,
+                   host_ms=1e3 * sum(c.host_s for c in counts) / n)
+        result["timings"].append(row)
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for mode in ("fetch", "host", "auto"):
-            set_path(stack, mode, rates)
-            layer_steps_ms(stack, steps[:2], x_TD)  # warm
-            for h in (e.host for e in stack.layers):
-                h.counts = TierCounts()
-            ms = layer_steps_ms(stack, steps, x_TD, reps=2)
-            counts = [e.host.counts for e in stack.layers]
-            n = max(1, sum(c.steps for c in counts))
-            row = dict(threads=threads, mode=mode, median_layer_step_ms=float(np.median(ms)),
-                       host_experts=sum(c.host_experts for c in counts) / n,
-                       fetched_experts=sum(c.fetched_experts for c in counts) / n,
-                       host_ms=1e3 * sum(c.host_s for c in counts) / n)
-            result["timings"].append(row)
-            print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+            timed(mode, threads=threads)
+    # how the launches run beside the host math: inline, or on the launch thread at a switch interval
+    torch.set_num_threads(int(args.threads.split(",")[0]))
+    pool, default_launch = stack.pool, (stack.pool.threaded, LaunchThread.SWITCH_INTERVAL_S)
+    for variant in [v for v in args.launch.split(",") if v]:
+        how, _, interval = variant.partition(":")
+        pool.threaded = how == "thread" and stack.cuda.type == "cuda"
+        if pool.threaded:
+            pool.launch_thread().switch_interval_s = float(interval) if interval else LaunchThread.SWITCH_INTERVAL_S
+        for mode in ("host", "auto"):
+            timed(mode, threads=torch.get_num_threads(), launch=variant)
+    pool.threaded = default_launch[0]
+    if pool.threaded:
+        pool.launch_thread().switch_interval_s = default_launch[1]
 
     # the profiled run: auto at the first thread count, host math and layer steps marked
     torch.set_num_threads(int(args.threads.split(",")[0]))

@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--margin", type=float, default=0.2)
     p.add_argument("--host-margin", type=float, default=HOST_MARGIN,
                    help="auto: the modelled gain a host bet needs (tier.host_margin)")
+    p.add_argument("--launch", choices=["thread", "inline"], default="thread",
+                   help="a GPU step's launches on the launch thread (the worker's default) or inline, beside the host math")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="Python's switch interval (s) while the launch thread runs (default: LaunchThread's)")
     p.add_argument("--max-swaps", type=int, default=8, help="promotions per layer and decision (ours)")
     p.add_argument("--check-every", type=int, default=4, help="steps between tier decisions (ours)")
     p.add_argument("--seed", type=int, default=0)
@@ -125,7 +129,7 @@ class Stack:
     layer back to a given placement (slot writes, as a commit does) and cold path."""
 
     def __init__(self, w13_LEHD, w2_LEDF, budget: int, rates, fetch_slots: int, device: torch.device,
-                 host_margin: float = HOST_MARGIN):
+                 host_margin: float = HOST_MARGIN, launch: str = "thread", switch_interval_s: float | None = None):
         from moeray.comm.dispatcher import LocalDispatcher
         from moeray.comm.slot_map import DeviceSlotMap
         from moeray.expert_parallel import SlotExperts
@@ -139,7 +143,11 @@ class Stack:
         self.budget, self.rates, self.fetch_slots, self.host_margin = budget, rates, fetch_slots, host_margin
         self.placement = Placement(np.tile(np.arange(E), (L, 1)), E, E)
         path = ColdPath("host", None, fetch_slots)
-        pool = StagingPool(max(1, min(fetch_slots, E - budget)), device)  # one for all layers, as on a worker
+        # one for all layers, as on a worker; launch "inline": no launch thread (the comparison)
+        pool = StagingPool(max(1, min(fetch_slots, E - budget)), device, launch_thread=None if launch == "thread" else False)
+        if pool.threaded and switch_interval_s is not None:
+            pool.launch_thread().switch_interval_s = switch_interval_s
+        self.pool = pool
         self.layers = []
         for layer in range(L):
             w13_BHD, w2_BDF, host = split_tiers(w13_LEHD[layer], w2_LEDF[layer], budget, self.cuda,
@@ -282,7 +290,8 @@ def run_shape(name: str, args, trace_dir) -> dict:
     results = []
     budgets = sorted({E} | {max(1, round(float(b) * E)) for b in args.budgets.split(",")}, reverse=True)
     for budget in budgets:
-        stack = Stack(w13, w2, budget, rates, args.fetch_slots, device, args.host_margin)
+        stack = Stack(w13, w2, budget, rates, args.fetch_slots, device, args.host_margin, args.launch,
+                      args.switch_interval)
         identity = np.tile(np.arange(E), (L, 1))
         phases = [("decode", int(t), args.decode_steps) for t in str(args.decode_tokens).split(",")]
         for phase, tokens, steps in phases + [("prefill", args.prefill_tokens, args.prefill_steps)]:

@@ -122,6 +122,20 @@ def test_the_launch_thread_keeps_the_callers_grad_mode_and_reports_its_errors():
         with pytest.raises(RuntimeError, match="launch failed"):
             thread.start(Launches(True)).result()
         assert thread.start(Launches(False)).result()[1]  # still serving; grad on as in the caller
+        import sys
+
+        before, seen = sys.getswitchinterval(), []
+
+        class Watched(Launches):
+            def run(self):
+                seen.append(sys.getswitchinterval())
+                return super().run()
+
+        thread.switch_interval_s = 2e-4
+        with pytest.raises(RuntimeError, match="launch failed"):
+            with thread.beside(Watched(True)) as queued:
+                seen.append(sys.getswitchinterval())  # the body: the host math's side
+        assert queued.done() and seen == [pytest.approx(2e-4)] * 2 and sys.getswitchinterval() == before
     finally:
         thread.close()
 
