@@ -33,7 +33,8 @@ class HostTierConfig(BaseModel):
     host_threads: int | None = Field(
         default=None, ge=1, strict=True,
         description="CPU threads of a GPU worker's host compute; None: the CPUs this process may run on, shared "
-                    "by the workers (a CPU worker uses parallel.torch_threads_per_worker)")
+                    "by the workers, less one for the worker's launch thread (a CPU worker uses "
+                    "parallel.torch_threads_per_worker)")
     fetch_slots: int = Field(default=4, ge=1, strict=True,
                              description="device staging slots per round of on-demand fetches (two rounds in flight)")
     prefetch: bool = Field(

@@ -64,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-steps", type=int, default=12)
     p.add_argument("--domains", default="arxiv,github,book,wikipedia", help="stationary: the first; drifting: in turn")
     p.add_argument("--traces", default=None, help="traces directory (default ../shared/traces)")
-    p.add_argument("--host-threads", type=int, default=None, help="torch CPU threads (default: every CPU)")
+    p.add_argument("--host-threads", type=int, default=None,
+                   help="torch CPU threads (default: a lone GPU worker's, every CPU but one for the launch thread)")
     p.add_argument("--fetch-slots", type=int, default=4)
     p.add_argument("--margin", type=float, default=0.2)
     p.add_argument("--host-margin", type=float, default=HOST_MARGIN,
@@ -348,6 +349,10 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("moeray bench tier needs a CUDA GPU (--device cpu: a smoke run)")
     if args.host_threads:
         torch.set_num_threads(args.host_threads)
+    elif args.device == "cuda" and args.launch == "thread":
+        from moeray.host_tier import host_threads
+
+        torch.set_num_threads(host_threads(None, 1))  # as a lone GPU worker: a CPU left for the launch thread
     shapes = []
     result = {
         "bench": "tier", "command": getattr(args, "command", None), "machine": platform.node(),

@@ -132,9 +132,8 @@ def test_the_launch_thread_keeps_the_callers_grad_mode_and_reports_its_errors():
                 return super().run()
 
         thread.switch_interval_s = 2e-4
-        with pytest.raises(RuntimeError, match="launch failed"):
-            with thread.beside(Watched(True)) as queued:
-                seen.append(sys.getswitchinterval())  # the body: the host math's side
+        with pytest.raises(RuntimeError, match="launch failed"), thread.beside(Watched(True)) as queued:
+            seen.append(sys.getswitchinterval())  # the body: the host math's side
         assert queued.done() and seen == [pytest.approx(2e-4)] * 2 and sys.getswitchinterval() == before
     finally:
         thread.close()
@@ -330,3 +329,12 @@ def test_prefetch_for_the_next_layer_equals_the_reference_through_a_slot_write()
     assert sum(c.prefetched for c in counts) >= 3 * 5  # from the second layer step on, the hot slots come prefetched
     assert sum(c.prefetch_unused for c in counts) >= 1  # step 6 leaves expert 6 untouched
     assert all(c.fetched_experts >= c.prefetched for c in counts)
+
+
+def test_host_threads_leave_a_cpu_for_the_launch_thread(monkeypatch):
+    from moeray.host_tier import host_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert host_threads(None, 1) == 15 and host_threads(None, 4) == 3 and host_threads(None, 8) == 1
+    assert host_threads(None, 16) == 1 and host_threads(None, 32) == 1  # never below one
+    assert host_threads(16, 1) == 16  # configured: as given
