@@ -14,9 +14,10 @@ Per layer step, for the rows of each touched host slot, the cold path is
            two rounds in flight) and the device kernel runs them;
     auto   per slot and step, whichever `placement.tiering.split_cold` predicts is shorter from
            the measured rates (few rows: host; many rows: fetch).
-On a GPU worker the device part (the resident slots' kernel, the fetch rounds) is queued by the
-worker's launch thread (moeray.tier_launch) while this thread computes the host slots, so
-neither waits for the other's CPU time; the results join before the combine.
+The device part (the resident slots' kernel, the fetch rounds: moeray.tier_launch.StepLaunches)
+is queued before the host math, on this thread, or with `tier.launch_thread` on a GPU worker by
+the worker's launch thread while this thread computes the host slots, so neither waits for the
+other's CPU time; the results join before the combine.
 """
 
 from __future__ import annotations
@@ -81,17 +82,17 @@ class TierCounts:
         self.fetched_rows += int(rows_X[fetch_slots].sum()) if fetch_slots else 0
 
 
-def host_threads(configured: int | None, workers_on_node: int) -> int:
+def host_threads(configured: int | None, workers_on_node: int, launch_thread: bool = False) -> int:
     """A GPU worker's host compute threads: configured, else this process's CPUs shared by the
-    workers, less one for the worker's launch thread (moeray.tier_launch) where the share has two
-    or more: with every CPU computing, the launch thread took a core from one of the host math's
-    threads, and each parallel region waited for that one (an OLMoE layer step: 8.4 ms at 16 host
-    threads against 7.6 ms at 15, one lease; fetch-only 7.7-7.9 ms)."""
+    workers, less one for the worker's launch thread (moeray.tier_launch, if it has one) where the
+    share has two or more: with every CPU computing, the launch thread took a core from one of the
+    host math's threads, and each parallel region waited for that one (an OLMoE layer step: 8.4 ms
+    at 16 host threads against 7.6 ms at 15, one lease; fetch-only 7.7-7.9 ms)."""
     if configured is not None:
         return configured
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, cpus // max(1, workers_on_node))
-    return share - 1 if share >= 2 else 1
+    return share - 1 if launch_thread and share >= 2 else share
 
 
 class HostSlots:

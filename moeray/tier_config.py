@@ -33,8 +33,14 @@ class HostTierConfig(BaseModel):
     host_threads: int | None = Field(
         default=None, ge=1, strict=True,
         description="CPU threads of a GPU worker's host compute; None: the CPUs this process may run on, shared "
-                    "by the workers, less one for the worker's launch thread (a CPU worker uses "
+                    "by the workers, less one for the launch thread where launch_thread is on (a CPU worker uses "
                     "parallel.torch_threads_per_worker)")
+    launch_thread: bool = Field(
+        default=False, strict=True,
+        description="a GPU worker queues a step's device launches (resident kernel, fetch rounds) on its own "
+                    "thread while the calling thread computes the host slots. Off by default: on one H200 lease "
+                    "the whole-run bench was as fast or faster inline in 9 of 12 OLMoE cases "
+                    "(docs/benchmarks/tier.md)")
     fetch_slots: int = Field(default=4, ge=1, strict=True,
                              description="device staging slots per round of on-demand fetches (two rounds in flight)")
     prefetch: bool = Field(

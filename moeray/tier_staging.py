@@ -34,11 +34,11 @@ class StagingPool:
     """Two buffers of `slots` device experts (allocated at the first fetch), their freed events,
     the streams, the layers' host slots by layer index, and the pending prefetch."""
 
-    def __init__(self, slots: int, device: torch.device, launch_thread: bool | None = None):
+    def __init__(self, slots: int, device: torch.device, launch_thread: bool = False):
         self.slots, self.device = slots, device
-        # a step's launches on their own thread (moeray.tier_launch): on a GPU worker by default;
-        # on a CPU worker the launches are compute that would compete with the host math's threads
-        self.threaded = device.type == "cuda" if launch_thread is None else launch_thread
+        # a step's launches on their own thread (moeray.tier_launch; tier.launch_thread). A CPU
+        # worker's launches are compute that would compete with the host math: only tests thread them
+        self.threaded = launch_thread
         self._launcher = None
         self.buffers = None  # (w13 [2, G, H, D], w2 [2, G, D, F])
         self.freed = [None, None]

@@ -129,11 +129,13 @@ class Worker(SlotMigration):
             self.tier_rates_measured = None
             return None
         if self.device.type == "cuda":
-            torch.set_num_threads(host_threads(tier.host_threads, self.config.parallel.num_workers))
+            torch.set_num_threads(host_threads(tier.host_threads, self.config.parallel.num_workers, tier.launch_thread))
         cfg = self.config.model
         self.tier_rates_measured = measure_rates(cfg.hidden_size, cfg.moe_intermediate_size, self.dtype, self.device)
         host_slots = self.config.slots_per_worker - tier.device_slots_of(self.config.slots_per_worker)
-        self._staging_pool = StagingPool(min(tier.fetch_slots, host_slots), self.device)  # one for all layers
+        # one for all layers; a CPU worker never threads its launches (they are its compute)
+        self._staging_pool = StagingPool(min(tier.fetch_slots, host_slots), self.device,
+                                         tier.launch_thread and self.device.type == "cuda")
         return ColdPath(tier.cold_path, self.tier_rates_measured, tier.fetch_slots, tier.prefetch, tier.host_margin)
 
     def tier_rates(self):

@@ -65,13 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domains", default="arxiv,github,book,wikipedia", help="stationary: the first; drifting: in turn")
     p.add_argument("--traces", default=None, help="traces directory (default ../shared/traces)")
     p.add_argument("--host-threads", type=int, default=None,
-                   help="torch CPU threads (default: a lone GPU worker's, every CPU but one for the launch thread)")
+                   help="torch CPU threads (default: a lone GPU worker's: every CPU, less one for a launch thread)")
     p.add_argument("--fetch-slots", type=int, default=4)
     p.add_argument("--margin", type=float, default=0.2)
     p.add_argument("--host-margin", type=float, default=HOST_MARGIN,
                    help="auto: the modelled gain a host bet needs (tier.host_margin)")
-    p.add_argument("--launch", choices=["thread", "inline"], default="thread",
-                   help="a GPU step's launches on the launch thread (the worker's default) or inline, beside the host math")
+    p.add_argument("--launch", choices=["thread", "inline"], default="inline",
+                   help="a GPU step's launches inline (the worker's default) or on the launch thread (tier.launch_thread)")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="Python's switch interval (s) while the launch thread runs (default: LaunchThread's)")
     p.add_argument("--max-swaps", type=int, default=8, help="promotions per layer and decision (ours)")
@@ -130,7 +130,7 @@ class Stack:
     layer back to a given placement (slot writes, as a commit does) and cold path."""
 
     def __init__(self, w13_LEHD, w2_LEDF, budget: int, rates, fetch_slots: int, device: torch.device,
-                 host_margin: float = HOST_MARGIN, launch: str = "thread", switch_interval_s: float | None = None):
+                 host_margin: float = HOST_MARGIN, launch: str = "inline", switch_interval_s: float | None = None):
         from moeray.comm.dispatcher import LocalDispatcher
         from moeray.comm.slot_map import DeviceSlotMap
         from moeray.expert_parallel import SlotExperts
@@ -144,8 +144,8 @@ class Stack:
         self.budget, self.rates, self.fetch_slots, self.host_margin = budget, rates, fetch_slots, host_margin
         self.placement = Placement(np.tile(np.arange(E), (L, 1)), E, E)
         path = ColdPath("host", None, fetch_slots)
-        # one for all layers, as on a worker; launch "inline": no launch thread (the comparison)
-        pool = StagingPool(max(1, min(fetch_slots, E - budget)), device, launch_thread=None if launch == "thread" else False)
+        # one for all layers, as on a worker; launch "thread": tier.launch_thread
+        pool = StagingPool(max(1, min(fetch_slots, E - budget)), device, launch == "thread" and device.type == "cuda")
         if pool.threaded and switch_interval_s is not None:
             pool.launch_thread().switch_interval_s = switch_interval_s
         self.pool = pool
@@ -349,10 +349,10 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("moeray bench tier needs a CUDA GPU (--device cpu: a smoke run)")
     if args.host_threads:
         torch.set_num_threads(args.host_threads)
-    elif args.device == "cuda" and args.launch == "thread":
+    else:
         from moeray.host_tier import host_threads
 
-        torch.set_num_threads(host_threads(None, 1))  # as a lone GPU worker: a CPU left for the launch thread
+        torch.set_num_threads(host_threads(None, 1, args.launch == "thread"))  # as a lone GPU worker's
     shapes = []
     result = {
         "bench": "tier", "command": getattr(args, "command", None), "machine": platform.node(),

@@ -96,9 +96,11 @@ def test_prefetch_for_the_next_layer_equals_the_reference_on_a_gpu(rates):
     assert sum(c.prefetched for c in counts) >= 3 * 5 and sum(c.prefetch_unused for c in counts) >= 1
 
 
-def test_fetch_rounds_on_the_launch_thread_equal_the_reference_on_a_gpu():
-    """The GPU worker's default: the launches on the launch thread, beside the host math."""
+@pytest.mark.parametrize("launch_thread", [False, True], ids=["inline", "launch_thread"])
+def test_fetch_rounds_beside_the_host_math_equal_the_reference_on_a_gpu(launch_thread):
+    """The launches queued inline (the default) or on the launch thread (tier.launch_thread)."""
     from tests.unit.test_host_tier import fetch_rounds_beside_host_math_against_the_reference
 
-    for counts in fetch_rounds_beside_host_math_against_the_reference(torch.device("cuda"), 2e-3, hidden=D, ffn=F):
+    for counts in fetch_rounds_beside_host_math_against_the_reference(torch.device("cuda"), 2e-3, hidden=D, ffn=F,
+                                                                      launch_thread=launch_thread):
         assert counts.fetched_experts >= 2 * 3 and counts.host_experts >= 2 * 2, counts

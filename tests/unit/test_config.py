@@ -79,6 +79,9 @@ def test_host_tier_config_names_bad_values_and_live_tiering_needs_stats():
         HostTierConfig(margin=float("nan"))
     with pytest.raises(ValidationError, match="host_margin"):
         HostTierConfig(host_margin=1.0)  # a host bet that must save everything: never
+    with pytest.raises(ValidationError, match="launch_thread"):
+        HostTierConfig(launch_thread="yes")  # strict: a string is not a switch
+    assert not HostTierConfig().launch_thread  # inline by default (measured as fast or faster)
     with pytest.raises(ValidationError, match="needs stats.enabled=True"):
         EngineConfig(model=model, stats=StatsConfig(enabled=False), rebalance={"enabled": False},
                      tier={"device_slots": 1})

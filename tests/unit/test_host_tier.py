@@ -57,7 +57,7 @@ def test_one_worker_every_budget_equals_the_dense_reference(path, tokens, top_k)
 
 
 def fetch_rounds_beside_host_math_against_the_reference(device: torch.device, tol: float, hidden: int = D,
-                                                        ffn: int = F, launch_thread: bool | None = None) -> list:
+                                                        ffn: int = F, launch_thread: bool = False) -> list:
     """Rounds of one staging slot (so that past the first two each round's copies wait for the
     kernel two rounds back), queued inline or by the launch thread (moeray.tier_launch) while the
     host math runs: skewed routing makes auto (the fixed RATES) fetch several slots and compute
@@ -335,6 +335,7 @@ def test_host_threads_leave_a_cpu_for_the_launch_thread(monkeypatch):
     from moeray.host_tier import host_threads
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert host_threads(None, 1) == 15 and host_threads(None, 4) == 3 and host_threads(None, 8) == 1
-    assert host_threads(None, 16) == 1 and host_threads(None, 32) == 1  # never below one
-    assert host_threads(16, 1) == 16  # configured: as given
+    assert host_threads(None, 1) == 16 and host_threads(None, 4) == 4 and host_threads(None, 32) == 1
+    assert host_threads(None, 1, True) == 15 and host_threads(None, 4, True) == 3 and host_threads(None, 8, True) == 1
+    assert host_threads(None, 16, True) == 1 and host_threads(None, 32, True) == 1  # never below one
+    assert host_threads(16, 1, True) == 16  # configured: as given
