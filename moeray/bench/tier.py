@@ -155,6 +155,10 @@ class Stack:
                                                 path if budget < E else None, pool, layer)
             self.layers.append(SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(self.placement, layer, self.cuda),
                                            LocalDispatcher(E), E, host=host))
+        if device.type == "cuda" and budget >= E:  # "all": its tiles too (split_tiers compiles a tier's)
+            from moeray.kernels.triton_swiglu import compile_tiles
+
+            compile_tiles(self.layers[0].w13_SHD, self.layers[0].w2_SDF)
 
     def reset(self, phy2log_LS: np.ndarray, mode: str) -> None:
         from moeray.comm.slot_map import DeviceSlotMap
@@ -247,7 +251,9 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
     second_half_s = float(np.sum(step_s[len(step_s) // 2:]))
     out = {"tokens_per_s": tokens * len(steps) / total, "median_step_ms": 1e3 * float(np.median(step_s)),
            # the second half of the run: after ours adapted to the first domain (its decisions and swaps included)
-           "second_half_tokens_per_s": tokens * (len(steps) - len(steps) // 2) / second_half_s, "steps": len(steps)}
+           "second_half_tokens_per_s": tokens * (len(steps) - len(steps) // 2) / second_half_s, "steps": len(steps),
+           # every step (a decision and its swaps in the step before): a stall (a compile) shows here
+           "step_ms": [round(1e3 * t, 3) for t in step_s]}
     if hosts:
         # per layer step: how the touched cold experts were served, and the host math's wall time
         layer_steps = max(1, sum(h.counts.steps for h in hosts))

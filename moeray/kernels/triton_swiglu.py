@@ -299,9 +299,13 @@ def compile_tiles(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor) -> int:
     """Compile (by one launch each) every tile configuration `pick_configs` can choose for these
     experts' width, so no step pays Triton's compile (about a second a configuration) mid-run:
     a host tier's fetch rounds reach row counts per slot that a warm-up step of one size does
-    not. Uses the first slot of the given weights; returns the configurations compiled."""
+    not, and its live tiering moves the hot experts into the device slots, whose rows per slot
+    then reach tiles the cold start never picked. A kernel is also compiled per slot-count class
+    (S_POW2, the next power of two above S), so this compiles for S = the given weights' slots;
+    every row goes to slot 0 (the others are read by nothing). Returns the configurations compiled."""
     D, F_ = w13_SHD.shape[2], w2_SDF.shape[2]
-    offsets = torch.zeros(2, dtype=torch.int64, device=w13_SHD.device)
+    S = w13_SHD.shape[0]
+    offsets = torch.zeros(S + 1, dtype=torch.int64, device=w13_SHD.device)
     seen = set()
     for r_max, f_min, _, _ in _TABLE:
         if F_ < f_min:
@@ -312,6 +316,6 @@ def compile_tiles(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor) -> int:
             continue
         seen.add(configs)
         x_RD = torch.randn(rows, D, device=w13_SHD.device).to(w13_SHD.dtype)
-        offsets[1] = rows
-        expert_mlp_triton(x_RD, w13_SHD[:1], w2_SDF[:1], offsets, torch.arange(rows, device=x_RD.device))
+        offsets[1:] = rows
+        expert_mlp_triton(x_RD, w13_SHD, w2_SDF, offsets, torch.arange(rows, device=x_RD.device))
     return len(seen)

@@ -104,3 +104,31 @@ def test_fetch_rounds_beside_the_host_math_equal_the_reference_on_a_gpu(launch_t
     for counts in fetch_rounds_beside_host_math_against_the_reference(torch.device("cuda"), 2e-3, hidden=D, ffn=F,
                                                                       launch_thread=launch_thread):
         assert counts.fetched_experts >= 2 * 3 and counts.host_experts >= 2 * 2, counts
+
+
+def _compiled(kernel) -> int:
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps no device_caches to count compiled kernels in")
+    return sum(len(cache[0]) for cache in caches.values())
+
+
+def test_compiled_tiles_cover_the_resident_kernel_at_any_rows_per_slot():
+    """compile_tiles at B device slots (split_tiers calls it): whatever rows per slot the live
+    tiering brings to the device slots, no tile is compiled mid-run (about a second each)."""
+    from moeray.kernels import triton_swiglu
+
+    B = 16
+    gen = torch.Generator().manual_seed(3)
+    w13_BHD = (torch.randn(B, 2 * F, D, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    w2_BDF = (torch.randn(B, D, F, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    triton_swiglu.compile_tiles(w13_BHD, w2_BDF)
+    kernels = (triton_swiglu._gate_up_kernel, triton_swiglu._down_kernel)
+    before = [_compiled(k) for k in kernels]
+    for rows_per_slot in (1, 4, 12, 40, 90, 200, 600):
+        N = rows_per_slot * B
+        x_ND = (torch.randn(N, D, generator=gen) * 0.1).to(torch.bfloat16).cuda()
+        offsets_B1 = torch.arange(0, N + 1, rows_per_slot, device="cuda")
+        triton_swiglu.expert_mlp_triton(x_ND, w13_BHD, w2_BDF, offsets_B1, torch.arange(N, device="cuda"))
+    torch.cuda.synchronize()
+    assert [_compiled(k) for k in kernels] == before
