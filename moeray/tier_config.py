@@ -60,6 +60,10 @@ class HostTierConfig(BaseModel):
     min_gain: float = Field(
         default=0.02, ge=0, allow_inf_nan=False,
         description="a tier change must shorten the modelled step (measured rates) by this fraction on some worker")
+    payback_steps: float = Field(
+        default=0.0, ge=0, allow_inf_nan=False,
+        description="a worker's tier swaps must repay their PCIe copies (an expert each way) within this many "
+                    "steps of the modelled gain; 0: no such check (not yet measured against the default)")
 
     @property
     def enabled(self) -> bool:

@@ -52,7 +52,8 @@ class TierControl:
         c = self.config
         # cold_path "auto" is modelled as such; the gain check needs a mode step_seconds knows
         return TierConfig(budget=self.budget, margin=c.margin, max_swaps=c.max_swaps, cooldown_s=c.cooldown_s,
-                          min_gain=c.min_gain, mode=c.cold_path, host_margin=c.host_margin)
+                          min_gain=c.min_gain, mode=c.cold_path, host_margin=c.host_margin,
+                          payback_steps=c.payback_steps)
 
     def arrange(self, plan: Plan, current: Placement, load_LE: np.ndarray, topology, now: float) -> Plan:
         """The planner's plan with every worker's hottest experts in its device slots (live

@@ -227,9 +227,13 @@ class TierConfig:
     min_gain: float = 0.0  # placement_tiers: a worker's swaps must shorten its modelled step by this fraction
     mode: str = "host"  # how the worker serves cold experts (step_seconds' mode), for the gain check
     host_margin: float = 0.0  # mode "auto": the worker's tier.host_margin (its split, modelled as it runs)
+    # placement_tiers: a worker's swaps must repay their copies (an expert up, one down, over PCIe)
+    # within this many steps of the modelled gain; 0: no such check
+    payback_steps: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.budget < 0 or self.margin < 0 or self.max_swaps < 1 or self.cooldown_s < 0 or self.min_gain < 0:
+        if self.budget < 0 or self.margin < 0 or self.max_swaps < 1 or self.cooldown_s < 0 or self.min_gain < 0 \
+                or self.payback_steps < 0:
             raise ValueError(f"invalid TierConfig {self}")
 
 
@@ -338,6 +342,11 @@ class TierPlan:
     predicted_step_s: tuple = ()  # per worker (before, after) modelled step seconds summed over layers
 
 
+def swap_seconds(swaps: int, rates: TierRates) -> float:
+    """PCIe time of `swaps` tier swaps: each moves one expert onto the device and one off it."""
+    return swaps * 2.0 * rates.expert_bytes / rates.pcie_bytes_per_s
+
+
 def placement_tiers(placement: Placement, load_LE: np.ndarray, steps: float, now: float, config: TierConfig,
                     last_change_s: float | None, rates: TierRates | None) -> tuple[TierPlan, float | None]:
     """(plan, new last_change_s): decide_tiers on every worker's slots (resident = the first
@@ -360,11 +369,16 @@ def placement_tiers(placement: Placement, load_LE: np.ndarray, steps: float, now
                         for rows, res in zip(rows_LX, decision.resident_LX))
             if before - after < config.min_gain * before:
                 continue
+            copies_s = swap_seconds(len(decision.promoted), rates)
+            if config.payback_steps and (before - after) * config.payback_steps < copies_s:
+                continue
             figures.append((worker, before, after))
         lo = worker * spw
         swaps += [(layer, lo + hot, lo + cool) for (layer, hot), (_, cool) in zip(decision.promoted, decision.demoted)]
     if not swaps:
-        return TierPlan(None, f"no worker gains {config.min_gain:.0%} from a tier swap past the margin"), last_change_s
+        repaid = f", repaid within {config.payback_steps:g} steps" if config.payback_steps and rates is not None else ""
+        return TierPlan(None, f"no worker gains {config.min_gain:.0%}{repaid} from a tier swap past the margin"), \
+            last_change_s
     reason = f"tiering: {len(swaps)} promotions past a {config.margin:.0%} margin"
     if figures:
         reason += "; modelled step " + ", ".join(f"w{w} {1e3 * b:.3f} -> {1e3 * a:.3f} ms" for w, b, a in figures)

@@ -75,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--switch-interval", type=float, default=None,
                    help="Python's switch interval (s) while the launch thread runs (default: LaunchThread's)")
     p.add_argument("--max-swaps", type=int, default=8, help="promotions per layer and decision (ours)")
+    p.add_argument("--payback-steps", type=float, default=0.0,
+                   help="ours: swaps must repay their copies within this many steps of modelled gain (0: off)")
     p.add_argument("--check-every", type=int, default=4, help="steps between tier decisions (ours)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="runs of every configuration (the median reported)")
@@ -188,7 +190,8 @@ class LiveTiers:
 
         E = stack.placement.num_experts
         config = HostTierConfig(device_slots=stack.budget, cold_path="auto", tiering="live", margin=args.margin,
-                                max_swaps=args.max_swaps, cooldown_s=0.0, min_gain=0.02, fetch_slots=args.fetch_slots)
+                                max_swaps=args.max_swaps, cooldown_s=0.0, min_gain=0.02, fetch_slots=args.fetch_slots,
+                                payback_steps=args.payback_steps)
         self.stack, self.control = stack, TierControl(config, E, rates=rates)
         self.recent = DecayedLoad(2.0 * args.check_every)
         self.last_LE = np.zeros((len(stack.layers), E), dtype=np.int64)

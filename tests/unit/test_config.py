@@ -82,6 +82,8 @@ def test_host_tier_config_names_bad_values_and_live_tiering_needs_stats():
     with pytest.raises(ValidationError, match="launch_thread"):
         HostTierConfig(launch_thread="yes")  # strict: a string is not a switch
     assert not HostTierConfig().launch_thread  # inline by default (measured as fast or faster)
+    with pytest.raises(ValidationError, match="payback_steps"):
+        HostTierConfig(payback_steps=float("inf"))
     with pytest.raises(ValidationError, match="needs stats.enabled=True"):
         EngineConfig(model=model, stats=StatsConfig(enabled=False), rebalance={"enabled": False},
                      tier={"device_slots": 1})

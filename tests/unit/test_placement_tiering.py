@@ -177,6 +177,31 @@ def test_placement_tiers_margin_cooldown_and_modelled_gain():
     assert none.placement is None and last3 is None
 
 
+def test_placement_tiers_swaps_must_repay_their_copies_within_payback_steps():
+    import dataclasses
+
+    from placement.tiering import swap_seconds
+
+    p = Placement(np.array([[0, 1, 2, 3]]), 4, 4)
+    load_LE = np.array([[10.0, 10, 11, 40]])  # one promotion (expert 3) clears the margin
+    cfg = TierConfig(budget=2, margin=0.2, max_swaps=2, cooldown_s=0.0, min_gain=0.0, mode="host")
+    plan, _ = placement_tiers(p, load_LE, 10.0, now=0.0, config=cfg, last_change_s=None, rates=RATES)
+    _, before, after = plan.predicted_step_s[0]
+    copies_s = swap_seconds(1, RATES)
+    assert copies_s == pytest.approx(2 * RATES.expert_bytes / RATES.pcie_bytes_per_s)
+    repays_in = copies_s / (before - after)  # steps of the modelled gain one swap's copies cost
+    short = dataclasses.replace(cfg, payback_steps=0.9 * repays_in)
+    blocked, last = placement_tiers(p, load_LE, 10.0, now=0.0, config=short, last_change_s=None, rates=RATES)
+    assert blocked.placement is None and last is None and "repaid within" in blocked.reason
+    long = dataclasses.replace(cfg, payback_steps=1.1 * repays_in)
+    kept, _ = placement_tiers(p, load_LE, 10.0, now=0.0, config=long, last_change_s=None, rates=RATES)
+    assert kept.placement is not None and kept.promotions == 1
+    # without measured rates there is nothing to repay in: the margin alone decides
+    assert placement_tiers(p, load_LE, 10.0, now=0.0, config=short, last_change_s=None, rates=None)[0].placement is not None
+    with pytest.raises(ValueError, match="invalid TierConfig"):
+        TierConfig(budget=2, payback_steps=-1.0)
+
+
 def test_a_sharded_placement_cannot_be_tiered():
     sharded = Placement(np.array([[0, 1, 0, 2]]), 3, 2, shard_width=np.array([[0.5, 1, 0.5, 1]])).validate()
     assert sharded.is_sharded
