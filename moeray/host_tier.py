@@ -185,10 +185,11 @@ class HostSlots:
 
         work = StepLaunches(self, resident, tokens_MD, cold_Y, starts_X, rounds, impl)
         launcher = self.pool.launch_thread() if sent is not None else None
-        if launcher is None:  # nothing on the host, or a CPU worker: the launches are the compute
+        if launcher is None:  # nothing on the host, no launch thread (its default), or a CPU worker
             y_MD = work.run()
             if sent is not None:
                 positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, device_started)
+                self._host_results_join(positions_Y, y_YD)
                 y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
         else:
             with launcher.beside(work) as queued:  # the launches go on beside the host math
@@ -353,7 +354,7 @@ def split_tiers(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, budget: int, device
         # the resident kernel's tiles at B slots, compiled now (once a process per shape: Triton
         # caches them): live tiering makes the device slots the hot ones, and a tile first picked
         # mid-run costs about a second of one step (measured: OLMoE, budget 16, decode 64 ran at
-        # 0.39-0.43 of fetch over the run and 0.87-0.97 in its second half on four leases)
+        # 0.38-0.43 of fetch over the run and 0.87-0.99 in its second half on four leases)
         from moeray.kernels.triton_swiglu import compile_tiles
 
         compile_tiles(w13_BHD, w2_BDF)

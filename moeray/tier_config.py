@@ -38,9 +38,9 @@ class HostTierConfig(BaseModel):
     launch_thread: bool = Field(
         default=False, strict=True,
         description="a GPU worker queues a step's device launches (resident kernel, fetch rounds) on its own "
-                    "thread while the calling thread computes the host slots. Off by default: on one H200 lease "
-                    "the whole-run bench was as fast or faster inline in 9 of 12 OLMoE cases "
-                    "(docs/benchmarks/tier.md)")
+                    "thread while the calling thread computes the host slots. Off by default (the simpler path): "
+                    "its one whole-run comparison on an H200 was confounded, and faster only for the isolated "
+                    "layer step (docs/benchmarks/tier.md)")
     fetch_slots: int = Field(default=4, ge=1, strict=True,
                              description="device staging slots per round of on-demand fetches (two rounds in flight)")
     prefetch: bool = Field(

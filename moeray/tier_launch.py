@@ -2,7 +2,8 @@
 rounds (copies into staging, kernels) as launches in queue order, and the thread that queues them
 on a GPU worker while the calling thread computes the host slots.
 
-Legend: M rows this worker received, D hidden, Y rows of the host slots, G staging slots of a round.
+Legend: M rows this worker received, D hidden, X host slots of the layer, Y rows of the host slots,
+G staging slots of a round, R rows of a round's slots.
 
 Why a thread: queueing one fetch round is ~0.65 ms of CPU time (eight copies, two Triton
 launches, offsets, an add; profiled on one H200), about what the host math of two or three
@@ -70,15 +71,15 @@ class StepLaunches:
     def _kernel(self, r: int) -> None:
         host, group, (buffer, ready) = self.host, self.rounds[r][0], self.queued[r]
         starts_X = self.starts_X
-        order_G = torch.cat([self.cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
-        if order_G.numel():  # a prefetch none of whose slots this step touches: no kernel, no wait
+        order_R = torch.cat([self.cold_Y[int(starts_X[x]):int(starts_X[x + 1])] for x in group])
+        if order_R.numel():  # a prefetch none of whose slots this step touches: no kernel, no wait
             if ready is not None:
                 torch.cuda.current_stream(host.device).wait_event(ready)
             w13_2GHD, w2_2GDF = host.pool.buffers
             counts = [0] + [int(starts_X[x + 1] - starts_X[x]) for x in group]  # an untouched prefetched slot: 0
             offsets_G1 = host._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
             self.y_MD += expert_mlp(self.tokens_MD, w13_2GHD[buffer, :len(group)], w2_2GDF[buffer, :len(group)],
-                                    offsets_G1, order_G, impl=self.impl)
+                                    offsets_G1, order_R, impl=self.impl)
         host.pool.read_by_main(buffer)
 
 
@@ -86,7 +87,8 @@ class LaunchThread:
     """One thread per worker that runs a step's launches (StepLaunches.run) on the caller's
     stream, device, grad and inference mode (all four are per thread in torch), one step at a
     time. The caller waits for the returned future before it touches y_MD, the staging pool or
-    the main stream again: until then the launches own them."""
+    the main stream again: until then the launches own them. Python's switch interval is per
+    process: `beside` sets and restores it, so one threaded pool per process (a worker is one)."""
 
     # Python's switch interval while launches run beside the host math; an OLMoE layer step at 15
     # host threads (one lease, one sample each, ~0.5 ms of noise): 6.8 ms at 1e-5, 8.3 at 1e-4,

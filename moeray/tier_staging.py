@@ -62,6 +62,13 @@ class StagingPool:
             self._launcher = LaunchThread(self.device)
         return self._launcher
 
+    def close(self) -> None:
+        """Stop the launch thread (if one started); the pool launches inline after this."""
+        if self._launcher is not None:
+            self._launcher.close()
+            self._launcher = None
+        self.threaded = False
+
     def cuda_streams(self):
         if self.streams is None:
             self.streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))

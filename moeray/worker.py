@@ -134,6 +134,8 @@ class Worker(SlotMigration):
         self.tier_rates_measured = measure_rates(cfg.hidden_size, cfg.moe_intermediate_size, self.dtype, self.device)
         host_slots = self.config.slots_per_worker - tier.device_slots_of(self.config.slots_per_worker)
         # one for all layers; a CPU worker never threads its launches (they are its compute)
+        if getattr(self, "_staging_pool", None) is not None:
+            self._staging_pool.close()  # a rebuilt tier (reconfigure) replaces it: its thread ends
         self._staging_pool = StagingPool(min(tier.fetch_slots, host_slots), self.device,
                                          tier.launch_thread and self.device.type == "cuda")
         return ColdPath(tier.cold_path, self.tier_rates_measured, tier.fetch_slots, tier.prefetch, tier.host_margin)

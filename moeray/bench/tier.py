@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-margin", type=float, default=HOST_MARGIN,
                    help="auto: the modelled gain a host bet needs (tier.host_margin)")
     p.add_argument("--launch", choices=["thread", "inline"], default="inline",
-                   help="a GPU step's launches inline (the worker's default) or on the launch thread (tier.launch_thread)")
+                   help="a GPU step's launches inline (the worker's default) or on the launch thread "
+                        "(tier.launch_thread)")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="Python's switch interval (s) while the launch thread runs (default: LaunchThread's)")
     p.add_argument("--max-swaps", type=int, default=8, help="promotions per layer and decision (ours)")
@@ -324,6 +325,7 @@ def run_shape(name: str, args, trace_dir) -> dict:
                                workload="drifting" if drifting else "stationary", mode=mode, **r)
                     results.append(row)
                     print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        stack.pool.close()  # its launch thread, if any
         del stack
         if device.type == "cuda":
             torch.cuda.empty_cache()

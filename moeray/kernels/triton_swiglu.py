@@ -302,9 +302,15 @@ def compile_tiles(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor) -> int:
     not, and its live tiering moves the hot experts into the device slots, whose rows per slot
     then reach tiles the cold start never picked. A kernel is also compiled per slot-count class
     (S_POW2, the next power of two above S), so this compiles for S = the given weights' slots;
-    every row goes to slot 0 (the others are read by nothing). Returns the configurations compiled."""
+    every row goes to slot 0 (the others are read by nothing), with each configuration passed
+    explicitly (picked at S slots, the rows would be spread over them and pick others). Once a
+    process per (slot-count class, shape, dtype, device): a tier's commit calls it again. Returns
+    the configurations compiled now."""
     D, F_ = w13_SHD.shape[2], w2_SDF.shape[2]
     S = w13_SHD.shape[0]
+    key = (max(16, triton.next_power_of_2(S + 1)), D, F_, w13_SHD.dtype, w13_SHD.device)
+    if key in _COMPILED:
+        return 0
     offsets = torch.zeros(S + 1, dtype=torch.int64, device=w13_SHD.device)
     seen = set()
     for r_max, f_min, _, _ in _TABLE:
@@ -317,5 +323,9 @@ def compile_tiles(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor) -> int:
         seen.add(configs)
         x_RD = torch.randn(rows, D, device=w13_SHD.device).to(w13_SHD.dtype)
         offsets[1:] = rows
-        expert_mlp_triton(x_RD, w13_SHD, w2_SDF, offsets, torch.arange(rows, device=x_RD.device))
+        expert_mlp_triton(x_RD, w13_SHD, w2_SDF, offsets, torch.arange(rows, device=x_RD.device), *configs)
+    _COMPILED.add(key)
     return len(seen)
+
+
+_COMPILED: set = set()  # compile_tiles' keys done in this process

@@ -132,3 +132,37 @@ def test_compiled_tiles_cover_the_resident_kernel_at_any_rows_per_slot():
         triton_swiglu.expert_mlp_triton(x_ND, w13_BHD, w2_BDF, offsets_B1, torch.arange(N, device="cuda"))
     torch.cuda.synchronize()
     assert [_compiled(k) for k in kernels] == before
+
+
+@pytest.mark.parametrize("launch_thread", [False, True], ids=["inline", "launch_thread"])
+def test_host_results_join_the_main_stream_however_late_their_copy(monkeypatch, launch_thread):
+    """The host rows' results come back on the rows stream; held there ~0.1 s (a sleep queued
+    before their copy), the combine on the main stream must still wait for them."""
+    from moeray.host_tier import HostSlots
+    from moeray.tier_staging import StagingPool
+
+    original = HostSlots._host_math
+
+    def then_a_busy_rows_stream(self, *args, **kwargs):
+        at = original(self, *args, **kwargs)
+        with torch.cuda.stream(self._cuda_streams()[0]):
+            torch.cuda._sleep(200_000_000)  # cycles: ~0.1 s at 2 GHz, before the results' copy
+        return at
+
+    monkeypatch.setattr(HostSlots, "_host_math", then_a_busy_rows_stream)
+    experts, top_k, tokens = 6, 2, 40
+    w13_EHD, w2_EDF, [(x, ids, w)] = weights_and_inputs(11, experts, top_k, [tokens], D, F)
+    want = dense_reference(x, ids, w, w13_EHD, w2_EDF)
+    placement = Placement(np.arange(experts)[None], experts, experts)
+    cuda = torch.device("cuda")
+    pool = StagingPool(2, cuda, launch_thread=launch_thread)
+    try:
+        w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, 2, cuda, ColdPath("host", None), pool)
+        layer = SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(placement, 0, cuda), LocalDispatcher(experts),
+                            experts, host=host)
+        with torch.no_grad():
+            got = layer(x.to(cuda), ids.to(cuda), w.to(cuda)).cpu()
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+        assert host.counts.host_experts == 4
+    finally:
+        pool.close()

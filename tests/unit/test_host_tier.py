@@ -82,12 +82,15 @@ def fetch_rounds_beside_host_math_against_the_reference(device: torch.device, to
         w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, budget, device, ColdPath("auto", RATES, fetch_slots=1),
                                             pool)
         layer = SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(placement, 0, device),
-                            LocalDispatcher(experts), experts, kernel_impl="reference" if device.type == "cpu" else "auto", host=host)
+                            LocalDispatcher(experts), experts, host=host,
+                            kernel_impl="reference" if device.type == "cpu" else "auto")
         for _ in range(2):  # the second step reuses the thread and the buffers the first one freed
             with torch.no_grad():
                 got = layer(x.to(device), ids.to(device), w.to(device)).cpu()
             torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"budget {budget}")
-        assert (pool.launch_thread() is not None) == pool.threaded
+        assert (pool._launcher is not None) == launch_thread  # started by the steps, only when asked
+        pool.close()
+        assert pool.launch_thread() is None
         counts.append(host.counts)
     return counts
 

@@ -197,7 +197,8 @@ def test_placement_tiers_swaps_must_repay_their_copies_within_payback_steps():
     kept, _ = placement_tiers(p, load_LE, 10.0, now=0.0, config=long, last_change_s=None, rates=RATES)
     assert kept.placement is not None and kept.promotions == 1
     # without measured rates there is nothing to repay in: the margin alone decides
-    assert placement_tiers(p, load_LE, 10.0, now=0.0, config=short, last_change_s=None, rates=None)[0].placement is not None
+    unmeasured, _ = placement_tiers(p, load_LE, 10.0, now=0.0, config=short, last_change_s=None, rates=None)
+    assert unmeasured.placement is not None
     with pytest.raises(ValueError, match="invalid TierConfig"):
         TierConfig(budget=2, payback_steps=-1.0)
 
