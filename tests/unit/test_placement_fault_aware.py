@@ -10,13 +10,11 @@ import pytest
 from placement.fault_aware import (
     FaultAwareOptions,
     add_second_copies,
-    even_exposure_by_swaps,
-    permute_packs_by_exposure,
     protected_set,
-    spread_over_nodes,
     surviving_after_node_loss,
     surviving_after_worker_loss,
 )
+from placement.fault_moves import even_exposure_by_swaps, permute_packs_by_exposure, spread_over_nodes
 from placement.layout import Placement, Topology, expert_counts
 from placement.metrics import slot_loads, surviving_load_after_worker_loss, worker_loads
 from placement.planner import PlannerOptions, plan
