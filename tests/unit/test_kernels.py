@@ -217,3 +217,28 @@ def test_rejects_bad_arguments():
 if __name__ == "__main__":  # the interpreter worker (TRITON_INTERPRET=1 set by the fixture)
     assert os.environ.get("TRITON_INTERPRET") == "1"
     print(json.dumps(run_triton_cases()))
+
+
+def test_compile_tiles_launches_every_configuration_at_the_given_slot_count(monkeypatch):
+    """compile_tiles launches each tile configuration of the table once, with that configuration
+    passed explicitly, at the weights' S slots (every row in slot 0), once per process and shape."""
+    pytest.importorskip("triton")
+    from moeray.kernels import triton_swiglu
+
+    calls = []
+
+    def record(x_RD, w13_SHD, w2_SDF, offsets_S1, order_R, cfg_up, cfg_down):
+        calls.append((x_RD.shape[0], w13_SHD.shape[0], offsets_S1.tolist(), order_R.tolist(), cfg_up, cfg_down))
+
+    monkeypatch.setattr(triton_swiglu, "expert_mlp_triton", record)
+    monkeypatch.setattr(triton_swiglu, "_COMPILED", set())
+    S, D, F = 16, 24, 40
+    w13_SHD, w2_SDF = torch.zeros(S, 2 * F, D), torch.zeros(S, D, F)
+    compiled = triton_swiglu.compile_tiles(w13_SHD, w2_SDF)
+    configs = {triton_swiglu.pick_configs(rows, 1, D, F, 4) for rows, *_ in calls}
+    assert compiled == len(calls) == len(configs) >= 4  # the table's distinct rows for F < 8192
+    for rows, slots, offsets, order, cfg_up, cfg_down in calls:
+        assert slots == S and offsets == [0] + [rows] * S and order == list(range(rows))
+        assert (cfg_up, cfg_down) == triton_swiglu.pick_configs(rows, 1, D, F, 4)  # not re-picked at S slots
+    assert triton_swiglu.compile_tiles(w13_SHD, w2_SDF) == 0 and len(calls) == compiled  # once per class
+    assert triton_swiglu.compile_tiles(w13_SHD[:1], w2_SDF[:1]) == compiled  # another slot-count class
