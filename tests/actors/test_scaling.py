@@ -78,6 +78,8 @@ def test_scale_up_and_down_while_requests_are_in_flight(ray_cluster, model, step
         # Bundles freed by the scale-downs were reused; the group made for the scale-up went back.
         assert len(llm.engine._pgs) == 1 and not llm.engine._free_bundles
         version = llm.rebalance()
+        # None: no plan was staged; the engine keeps why (once seen under a loaded 2-core machine)
+        assert version is not None, (llm.engine.rebalance_errors, llm.stats().get("rebalances", [])[-1:])
         out = llm.generate([[7, 8, 9]], PARAMS)[0]
         assert llm.engine.placement().version == version
         assert list(out.outputs[0].token_ids) == greedy_generate(reference, [7, 8, 9], PARAMS.max_tokens)
