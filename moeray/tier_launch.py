@@ -18,7 +18,9 @@ thread that wants the GIL back after an op waits until the holder releases it in
 ops, or until Python's switch interval (5 ms) forces a switch; at 5 ms the host math of an OLMoE
 decode step slowed about 6x and the first weight copy came 2-4 ms after the host math began
 (profiled at e649918). So while a step's launches run, the switch interval is short
-(`switch_interval_s`), and restored after.
+(`switch_interval_s`), and restored after. The thread is optional (`tier.launch_thread`, off
+by default): it shortened the isolated layer step on one lease, and its one whole-run comparison
+was confounded (docs/benchmarks/tier.md).
 """
 
 from __future__ import annotations
