@@ -49,6 +49,7 @@ from moeray.generation.tokenizer import Tokenizer
 from moeray.llm import engine_config_for
 from moeray.metrics import CONTENT_TYPE, ServingMetrics
 from moeray.serving import openai_api as oa
+from moeray.serving import openai_responses as resp
 from moeray.serving import persist
 from moeray.serving.config import API_KEY_ENV, LOOPBACK_HOSTS, ServiceConfig
 from moeray.serving.core import (
@@ -162,12 +163,12 @@ class MoEService:
             return await sse_response(completion_events(stream, req, response_id, created, self.model_name,
                                                         self._token_text))
         outs = await self._final(stream)
-        choices = [oa.CompletionChoice(
+        choices = [resp.CompletionChoice(
             index=i, text=out.outputs[0].text, finish_reason=out.outputs[0].finish_reason,
-            logprobs=None if req.logprobs is None else oa.completion_logprobs(out.outputs[0].logprobs, self._token_text, 0))
+            logprobs=None if req.logprobs is None else resp.completion_logprobs(out.outputs[0].logprobs, self._token_text, 0))
             for i, out in enumerate(outs)]
-        return oa.CompletionResponse(id=response_id, created=created, model=self.model_name, choices=choices,
-                                     usage=oa.usage_of(outs)).model_dump()
+        return resp.CompletionResponse(id=response_id, created=created, model=self.model_name, choices=choices,
+                                     usage=resp.usage_of(outs)).model_dump()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -197,18 +198,18 @@ class MoEService:
                                                   self._token_text))
         (out,) = await self._final(stream)
         completion = out.outputs[0]
-        choice = oa.ChatChoice(index=0, message=oa.AssistantMessage(content=completion.text),
+        choice = resp.ChatChoice(index=0, message=resp.AssistantMessage(content=completion.text),
                                finish_reason=completion.finish_reason,
-                               logprobs=oa.chat_logprobs(completion.logprobs, self._token_text) if req.logprobs else None)
-        return oa.ChatCompletionResponse(id=response_id, created=created, model=self.model_name, choices=[choice],
-                                         usage=oa.usage_of([out])).model_dump()
+                               logprobs=resp.chat_logprobs(completion.logprobs, self._token_text) if req.logprobs else None)
+        return resp.ChatCompletionResponse(id=response_id, created=created, model=self.model_name, choices=[choice],
+                                         usage=resp.usage_of([out])).model_dump()
 
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._authorize(request)
-        card = oa.ModelCard(id=self.model_name, created=self.started, root=self.config.checkpoint,
+        card = resp.ModelCard(id=self.model_name, created=self.started, root=self.config.checkpoint,
                             max_model_len=self.max_model_len)
-        return oa.ModelList(data=[card]).model_dump()
+        return resp.ModelList(data=[card]).model_dump()
 
     # ---- ours ------------------------------------------------------------------------------------
     @app.get("/v1/placement")

@@ -14,6 +14,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from moeray.errors import CollectiveError, WorkerLost
 from moeray.serving import openai_api as oa
+from moeray.serving import openai_responses as resp
 from moeray.serving.core import RequestStream, StreamCursor
 
 # The engine or its actors cannot answer now (a lost worker, a coordinator that timed out or died,
@@ -47,7 +48,7 @@ async def completion_events(stream: RequestStream, req, response_id: str, create
     cursors = [StreamCursor(p.stop) for p in stream.params]
 
     def chunk(choices, usage=None) -> str:
-        return oa.sse(oa.CompletionResponse(id=response_id, created=created, model=model_name,
+        return resp.sse(resp.CompletionResponse(id=response_id, created=created, model=model_name,
                                             choices=choices, usage=usage))
     try:
         async for batch in stream:
@@ -56,42 +57,42 @@ async def completion_events(stream: RequestStream, req, response_id: str, create
                 completion, cursor = out.outputs[0], cursors[index]
                 offset = cursor.text_sent
                 text, new = cursor.advance(completion)
-                logprobs = (oa.completion_logprobs(completion.logprobs[new], token_text, offset)
+                logprobs = (resp.completion_logprobs(completion.logprobs[new], token_text, offset)
                             if req.logprobs is not None and completion.logprobs else None)
                 if text or logprobs is not None or completion.finish_reason is not None:
-                    choices.append(oa.CompletionChoice(index=index, text=text, logprobs=logprobs,
+                    choices.append(resp.CompletionChoice(index=index, text=text, logprobs=logprobs,
                                                        finish_reason=completion.finish_reason))
             if choices:
                 yield chunk(choices)
         if req.include_usage:
-            yield chunk([], oa.usage_of(stream.latest))
+            yield chunk([], resp.usage_of(stream.latest))
     except ENGINE_ERRORS as exc:  # the response has begun: the error goes in the stream (as vLLM does)
-        yield oa.sse(unavailable(exc).body())
+        yield resp.sse(unavailable(exc).body())
     finally:
         stream.close()  # the client went away mid-stream, or the stream ended (then a no-op)
-    yield oa.SSE_DONE
+    yield resp.SSE_DONE
 
 
 async def chat_events(stream: RequestStream, req, response_id: str, created: int, model_name: str, token_text):
     cursor = StreamCursor(stream.params[0].stop)
 
     def chunk(choices, usage=None) -> str:
-        return oa.sse(oa.ChatCompletionChunk(id=response_id, created=created, model=model_name,
+        return resp.sse(resp.ChatCompletionChunk(id=response_id, created=created, model=model_name,
                                              choices=choices, usage=usage))
     try:
-        yield chunk([oa.ChatChunkChoice(index=0, delta=oa.ChatDelta(role="assistant", content=""))])
+        yield chunk([resp.ChatChunkChoice(index=0, delta=resp.ChatDelta(role="assistant", content=""))])
         async for batch in stream:
             completion = batch[0].outputs[0]
             text, new = cursor.advance(completion)
-            logprobs = (oa.chat_logprobs(completion.logprobs[new], token_text)
+            logprobs = (resp.chat_logprobs(completion.logprobs[new], token_text)
                         if req.logprobs and completion.logprobs else None)
             if text or logprobs is not None or completion.finish_reason is not None:
-                yield chunk([oa.ChatChunkChoice(index=0, delta=oa.ChatDelta(content=text), logprobs=logprobs,
+                yield chunk([resp.ChatChunkChoice(index=0, delta=resp.ChatDelta(content=text), logprobs=logprobs,
                                                 finish_reason=completion.finish_reason)])
         if req.include_usage:
-            yield chunk([], oa.usage_of(stream.latest))
+            yield chunk([], resp.usage_of(stream.latest))
     except ENGINE_ERRORS as exc:
-        yield oa.sse(unavailable(exc).body())
+        yield resp.sse(unavailable(exc).body())
     finally:
         stream.close()
-    yield oa.SSE_DONE
+    yield resp.SSE_DONE

@@ -10,6 +10,7 @@ import pytest
 
 from moeray.generation.sampling import SamplingParams, TokenLogprobs
 from moeray.serving import openai_api as oa
+from moeray.serving import openai_responses as resp
 
 
 def _error(model, body) -> oa.OpenAIError:
@@ -127,26 +128,26 @@ def test_responses_read_back_through_the_openai_clients_models():
 
     lps = [TokenLogprobs(5, -0.5, ((5, -0.5), (7, -1.5))), TokenLogprobs(7, -0.1, ((7, -0.1), (5, -2.5)))]
     text = {5: "ab", 7: "c"}.__getitem__
-    logprobs = oa.completion_logprobs(lps, text, offset=3)
+    logprobs = resp.completion_logprobs(lps, text, offset=3)
     assert logprobs.text_offset == [3, 5] and logprobs.top_logprobs[0] == {"ab": -0.5, "c": -1.5}
-    usage = oa.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
-    completion = oa.CompletionResponse(id="cmpl-1", created=1, model="m", usage=usage, choices=[
-        oa.CompletionChoice(index=0, text="abc", logprobs=logprobs, finish_reason="length")])
+    usage = resp.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
+    completion = resp.CompletionResponse(id="cmpl-1", created=1, model="m", usage=usage, choices=[
+        resp.CompletionChoice(index=0, text="abc", logprobs=logprobs, finish_reason="length")])
     parsed = Completion.model_validate(completion.model_dump())
     assert parsed.choices[0].logprobs.tokens == ["ab", "c"] and parsed.usage.total_tokens == 5
-    chat = oa.ChatCompletionResponse(id="chatcmpl-1", created=1, model="m", usage=usage, choices=[
-        oa.ChatChoice(index=0, message=oa.AssistantMessage(content="abc"), finish_reason="stop",
-                      logprobs=oa.chat_logprobs(lps, text))])
+    chat = resp.ChatCompletionResponse(id="chatcmpl-1", created=1, model="m", usage=usage, choices=[
+        resp.ChatChoice(index=0, message=resp.AssistantMessage(content="abc"), finish_reason="stop",
+                      logprobs=resp.chat_logprobs(lps, text))])
     parsed_chat = ChatCompletion.model_validate(chat.model_dump())
     assert parsed_chat.choices[0].logprobs.content[0].top_logprobs[1].token == "c"
     assert parsed_chat.choices[0].logprobs.content[1].bytes == [99]
-    chunk = oa.ChatCompletionChunk(id="chatcmpl-1", created=1, model="m", choices=[
-        oa.ChatChunkChoice(index=0, delta=oa.ChatDelta(role="assistant", content=""))])
+    chunk = resp.ChatCompletionChunk(id="chatcmpl-1", created=1, model="m", choices=[
+        resp.ChatChunkChoice(index=0, delta=resp.ChatDelta(role="assistant", content=""))])
     assert ChatCompletionChunk.model_validate(chunk.model_dump()).choices[0].delta.role == "assistant"
 
 
 def test_server_sent_events_are_data_lines_ending_in_done():
-    event = oa.sse({"a": 1})
-    assert event == 'data: {"a": 1}\n\n' and oa.SSE_DONE == "data: [DONE]\n\n"
-    usage = oa.Usage(prompt_tokens=1, completion_tokens=0, total_tokens=1)
-    assert json.loads(oa.sse(usage)[len("data: "):]) == usage.model_dump()
+    event = resp.sse({"a": 1})
+    assert event == 'data: {"a": 1}\n\n' and resp.SSE_DONE == "data: [DONE]\n\n"
+    usage = resp.Usage(prompt_tokens=1, completion_tokens=0, total_tokens=1)
+    assert json.loads(resp.sse(usage)[len("data: "):]) == usage.model_dump()
