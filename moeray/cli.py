@@ -18,11 +18,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-from pathlib import Path
 
-from moeray.serving.config import API_KEY_ENV, LOOPBACK_HOSTS  # pydantic + yaml only: light
+from moeray.cli_common import DEFAULT_URL, CliError, format_validation_error, parse_bool, read_yaml_mapping
+from moeray.cli_service import (
+    BUILTIN_MODEL_WORKERS,
+    add_report_source,
+    plot_command,
+    scale_command,
+    serve_command,
+    status_command,
+)
+from moeray.serving.config import API_KEY_ENV  # pydantic + yaml only: light
 
 # `moeray bench NAME` -> moeray.bench.NAME, which provides add_arguments(parser) and run(args).
 BENCHMARKS = {
@@ -38,61 +45,6 @@ BENCHMARKS = {
     "cost": "the cost model calibrated here, its predicted vs measured kernel, exchange and layer times (CPU or one GPU)",
     "tier": "MoE layers over a GPU slot budget: all on GPU vs on-demand fetch vs host compute vs live tiering (one GPU)",
 }
-DEFAULT_URL = "http://127.0.0.1:8000"
-BUILTIN_MODEL_WORKERS, BUILTIN_MODEL_NAME = 2, "moeray-tiny"  # `moeray serve` with no model: workers, served name
-
-
-class CliError(Exception):
-    """A one-line error for the user; `exit_code` 2 for bad input, 1 for a failure elsewhere."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-
-
-def parse_bool(text: str) -> bool:
-    """`--flag false` must mean False (argparse's type=bool makes any non-empty string True)."""
-    if text.strip().lower() not in _BOOLEANS:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return _BOOLEANS[text.strip().lower()]
-
-
-def read_yaml_mapping(path: str) -> dict:
-    """A YAML file's top-level mapping; CliError naming the file (and line) when it is missing,
-    unreadable or not YAML."""
-    import yaml
-
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise CliError(f"config file {path} not found") from None
-    except OSError as exc:
-        raise CliError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise CliError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CliError(f"{path}: the top level must be a mapping (checkpoint:, engine:, serve:), "
-                       f"got a {type(data).__name__}")
-    return data
-
-
-def format_validation_error(exc) -> str:
-    """One line per bad field: its dotted path, what is wrong, the value given."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        given = "" if err["type"] == "missing" or isinstance(err.get("input"), dict) else f" (got {err['input']!r})"
-        lines.append(f"  {where}: {err['msg']}{given}")
-    return "\n".join(lines)
 
 
 # ---- subcommands ---------------------------------------------------------------------------------
@@ -186,152 +138,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def ensure_builtin_model():
-    """The built-in tiny model in the user's cache, written on first use into a temporary sibling
-    and renamed (a concurrent or interrupted first run never leaves half a model). The name holds
-    a hash of its config: a moeray whose tiny model changed never loads a stale copy."""
-    import hashlib
-    import shutil
-    import tempfile
-
-    from moeray.config import tiny_model_config
-
-    digest = hashlib.sha256(tiny_model_config().model_dump_json().encode()).hexdigest()[:12]
-    target = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeray" / f"tiny-model-{digest}"
-    if all((target / name).exists() for name in ("config.json", "model.safetensors", "tokenizer.json")):
-        return target
-    from moeray.models.tiny import write_tiny_model
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-")
-    try:
-        write_tiny_model(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not target.exists():
-            raise
-        # another `moeray serve` wrote it first: use theirs
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def service_config_from_args(args: argparse.Namespace):
-    """The service config: the YAML (if any), then the flags on top, validated as a whole. An API
-    key from the environment goes into the config too: Serve replicas on other nodes do not see
-    this shell's environment."""
-    from moeray.serving.config import ServiceConfig
-
-    data = read_yaml_mapping(args.config) if args.config else {}
-    engine = data["engine"] = dict(data.get("engine") or {})
-    parallel = engine["parallel"] = dict(engine.get("parallel") or {})
-    serve = data["serve"] = dict(data.get("serve") or {})
-    if args.model:
-        data["checkpoint"] = args.model
-    elif not args.config:
-        data["checkpoint"] = str(ensure_builtin_model())
-        parallel.setdefault("num_workers", BUILTIN_MODEL_WORKERS)
-        serve.setdefault("model_name", BUILTIN_MODEL_NAME)  # not the cache directory's hashed name
-    if args.num_workers is not None:
-        parallel["num_workers"] = args.num_workers
-    flags = (("host", args.host), ("port", args.port), ("num_replicas", args.num_replicas),
-             ("model_name", args.served_model_name), ("api_key", args.api_key or os.environ.get(API_KEY_ENV)))
-    serve.update({key: value for key, value in flags if value is not None})
-    return ServiceConfig.model_validate(data)
-
-
-def _warn_if_exposed(config) -> None:
-    """Beyond loopback is a deliberate choice: say so (run_service adds the missing-key warning)."""
-    if config.serve.host not in LOOPBACK_HOSTS:
-        print(f"moeray serve: listening on {config.serve.host}: reachable from other machines", file=sys.stderr)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    config = service_config_from_args(args)
-    _warn_if_exposed(config)
-    try:
-        from moeray.serving.deployment import run_service
-    except ImportError as exc:
-        raise CliError(f"moeray serve needs Ray Serve: pip install -e \".[serve]\" ({exc})") from None
-    from moeray.ray_cluster import ensure_ray
-
-    ensure_ray(address=args.address)
-    try:
-        run_service(config, blocking=True)
-    except RuntimeError as exc:  # the port is taken, an app of that name runs already, ...
-        raise CliError(str(exc), exit_code=1) from None
-    except KeyboardInterrupt:  # a second Ctrl-C during the clean-up: the local cluster ends with us anyway
-        print("moeray serve: stopped", file=sys.stderr)
-        return 130
-    return 0
-
-
-def _placement_report(args: argparse.Namespace) -> dict:
-    """The report a status / plot command shows: a saved file or the service's answer."""
-    from moeray.serving.placement_report import ReportError, read_report
-    from moeray.status import ServiceError, fetch_report
-
-    try:
-        if args.json_path:
-            return read_report(args.json_path)
-        return fetch_report(args.url or DEFAULT_URL, args.api_key or os.environ.get(API_KEY_ENV))
-    except ReportError as exc:
-        raise CliError(str(exc)) from None
-    except ServiceError as exc:
-        raise CliError(str(exc), exit_code=1) from None
-
-
-def _status(args: argparse.Namespace) -> int:
-    import json
-
-    from moeray.status import render_status
-
-    report = _placement_report(args)
-    if args.save:  # what `moeray plot --json` reads later
-        Path(args.save).write_text(json.dumps(report))
-    print(render_status(report))
-    return 0
-
-
-def _scale(args: argparse.Namespace) -> int:
-    import json
-
-    from moeray.status import ServiceError, call_service
-
-    try:
-        event = json.loads(call_service(args.url, "/v1/scale", args.api_key or os.environ.get(API_KEY_ENV),
-                                        {"num_workers": args.num_workers}, timeout_s=600))
-    except ServiceError as exc:
-        raise CliError(str(exc), exit_code=1) from None
-    if event.get("changed") is False:
-        print(f"already {event['to_workers']} workers: nothing changed")
-        return 0
-    print(f"{event['from_workers']} -> {event['to_workers']} workers in {event['seconds']:.1f} s: epoch {event['epoch']}, "
-          f"placement v{event['placement_version']}, {event['requests_moved']} requests moved, "
-          f"{event['slots_from_replicas']} slots from live workers, "
-          f"{event['slots_read_from_checkpoint']} read from the checkpoint")
-    return 0
-
-
-def _plot(args: argparse.Namespace) -> int:
-    report = _placement_report(args)
-    try:
-        from moeray.plot import plot_report
-    except ImportError as exc:
-        raise CliError(f"moeray plot needs matplotlib: pip install -e \".[plot]\" ({exc})") from None
-    print("\n".join(map(str, plot_report(report, args.out))))
-    return 0
-
-
 # ---- the parser ----------------------------------------------------------------------------------
-def _add_report_source(p: argparse.ArgumentParser) -> None:
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--url", default=None, help=f"the service to ask (GET /v1/placement; default {DEFAULT_URL})")
-    source.add_argument("--json", dest="json_path", default=None, metavar="FILE",
-                        help="a saved placement report (the JSON of GET /v1/placement) instead of a service")
-    p.add_argument("--api-key", default=None, help=f"sent as Authorization: Bearer (default: env {API_KEY_ENV})")
-
-
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -381,22 +188,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     serve_p.add_argument("--num-replicas", type=int, help="Serve replicas, each with its own engine (default 1)")
     serve_p.add_argument("--served-model-name", help="the `model` clients send (default: the checkpoint's name)")
     serve_p.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else a local cluster on 127.0.0.1)")
-    serve_p.set_defaults(func=_serve)
+    serve_p.set_defaults(func=serve_command)
 
     status = sub.add_parser("status", help="placement, load and imbalance of a running service (or a saved report)")
-    _add_report_source(status)
+    add_report_source(status)
     status.add_argument("--save", default=None, metavar="FILE", help="also write the report as JSON (for moeray plot)")
-    status.set_defaults(func=_status)
+    status.set_defaults(func=status_command)
     scale = sub.add_parser("scale", help="change a running service's worker count (POST /v1/scale)")
     scale.add_argument("num_workers", type=int)
     scale.add_argument("--url", default=DEFAULT_URL)
     scale.add_argument("--api-key", default=None, help=f"sent as Authorization: Bearer (default: env {API_KEY_ENV})")
-    scale.set_defaults(func=_scale)
+    scale.set_defaults(func=scale_command)
 
     plot = sub.add_parser("plot", help="PNGs: expert-load heatmap, worker load, imbalance over time")
-    _add_report_source(plot)
+    add_report_source(plot)
     plot.add_argument("--out", default="moeray-plots", metavar="DIR", help="where the PNGs go (default %(default)s)")
-    plot.set_defaults(func=_plot)
+    plot.set_defaults(func=plot_command)
 
     bench = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

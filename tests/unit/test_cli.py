@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moeray import cli
+from moeray import cli, cli_service
 from moeray.cli import main
 from tests.unit.test_plot import PLOTS, report_with_rebalance
 
@@ -93,15 +93,15 @@ def serve_args(*argv):
 def test_serve_without_arguments_is_the_tiny_model_on_localhost(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv(cli.API_KEY_ENV, raising=False)
-    config = cli.service_config_from_args(serve_args())
+    config = cli_service.service_config_from_args(serve_args())
     model_dir = Path(config.checkpoint)
     assert model_dir.parent == tmp_path / "moeray" and (model_dir / "config.json").exists()
     assert (model_dir / "tokenizer.json").exists() and (model_dir / "model.safetensors").exists()
     assert (config.serve.host, config.serve.port) == ("127.0.0.1", 8000)
-    assert config.engine.parallel.num_workers == cli.BUILTIN_MODEL_WORKERS and config.engine.parallel.device == "cpu"
-    assert config.serve.model_name == cli.BUILTIN_MODEL_NAME
+    assert config.engine.parallel.num_workers == cli_service.BUILTIN_MODEL_WORKERS and config.engine.parallel.device == "cpu"
+    assert config.serve.model_name == cli_service.BUILTIN_MODEL_NAME
     written = (model_dir / "model.safetensors").stat().st_mtime_ns
-    assert cli.service_config_from_args(serve_args()).checkpoint == str(model_dir)
+    assert cli_service.service_config_from_args(serve_args()).checkpoint == str(model_dir)
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == written, "the cached model is reused"
     assert [p.name for p in model_dir.parent.iterdir()] == [model_dir.name], "no staging directory is left"
 
@@ -111,31 +111,31 @@ def test_serve_flags_override_the_yaml(tmp_path, monkeypatch, capsys):
     path = tmp_path / "service.yaml"
     raw = yaml.safe_load((REPO / "examples" / "service.yaml").read_text())
     path.write_text(yaml.safe_dump(raw))
-    config = cli.service_config_from_args(serve_args("--config", str(path), "--port", "9100", "--num-workers", "3",
+    config = cli_service.service_config_from_args(serve_args("--config", str(path), "--port", "9100", "--num-workers", "3",
                                                      "--model", str(tmp_path / "m")))
     assert config.serve.port == 9100 and config.engine.parallel.num_workers == 3
     assert config.checkpoint == str(tmp_path / "m")
     assert config.engine.rebalance.window_steps == raw["engine"]["rebalance"]["window_steps"], "the rest is the YAML's"
     assert config.serve.host == "127.0.0.1"
-    exposed = cli.service_config_from_args(serve_args("--config", str(path), "--host", "0.0.0.0"))
-    cli._warn_if_exposed(config)
+    exposed = cli_service.service_config_from_args(serve_args("--config", str(path), "--host", "0.0.0.0"))
+    cli_service.warn_if_exposed(config)
     assert capsys.readouterr().err == ""
-    cli._warn_if_exposed(exposed)
+    cli_service.warn_if_exposed(exposed)
     err = capsys.readouterr().err
     assert "0.0.0.0" in err and "reachable from other machines" in err
     with pytest.raises(Exception, match="less than or equal to 65535"):
-        cli.service_config_from_args(serve_args("--config", str(path), "--port", "70000"))
+        cli_service.service_config_from_args(serve_args("--config", str(path), "--port", "70000"))
 
 
 def test_serve_api_key_replicas_and_model_name_flags(tmp_path, monkeypatch):
     path = tmp_path / "service.yaml"
     path.write_text((REPO / "examples" / "service.yaml").read_text())
     monkeypatch.delenv(cli.API_KEY_ENV, raising=False)
-    assert cli.service_config_from_args(serve_args("--config", str(path))).serve.api_key is None
+    assert cli_service.service_config_from_args(serve_args("--config", str(path))).serve.api_key is None
     monkeypatch.setenv(cli.API_KEY_ENV, "from-env")
-    config = cli.service_config_from_args(serve_args("--config", str(path)))
+    config = cli_service.service_config_from_args(serve_args("--config", str(path)))
     assert config.serve.api_key.get_secret_value() == "from-env"  # in the config: replicas elsewhere get it too
-    config = cli.service_config_from_args(serve_args("--config", str(path), "--api-key", "flag", "--num-replicas", "2",
+    config = cli_service.service_config_from_args(serve_args("--config", str(path), "--api-key", "flag", "--num-replicas", "2",
                                                      "--served-model-name", "tiny"))
     assert config.serve.api_key.get_secret_value() == "flag"
     assert (config.serve.num_replicas, config.serve.model_name) == (2, "tiny")
