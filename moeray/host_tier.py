@@ -185,16 +185,17 @@ class HostSlots:
 
         work = StepLaunches(self, resident, tokens_MD, cold_Y, starts_X, rounds, impl)
         launcher = self.pool.launch_thread() if sent is not None else None
+        host_results = None  # (positions among the cold rows, y of those rows) of the host slots
         if launcher is None:  # nothing on the host, no launch thread (its default), or a CPU worker
             y_MD = work.run()
             if sent is not None:
-                positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, device_started)
-                self._host_results_join(positions_Y, y_YD)
-                y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
+                host_results = self._host_part(sent, starts_X, host_slots, device_started)
         else:
             with launcher.beside(work) as queued:  # the launches go on beside the host math
-                positions_Y, y_YD = self._host_part(sent, starts_X, host_slots, device_started)
+                host_results = self._host_part(sent, starts_X, host_slots, device_started)
             y_MD = queued.result()  # the launch thread is done with the main stream and the pool
+        if host_results is not None:
+            positions_Y, y_YD = host_results
             self._host_results_join(positions_Y, y_YD)
             y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
         # last: behind every copy of this layer (its host rows' results too, which would otherwise
@@ -327,14 +328,6 @@ class HostSlots:
         if slots:
             buffer, ready = self.pool.copy_round(following, list(enumerate(slots)))
             self.pool.prefetched = Prefetch(following, slots, buffer, ready)
-
-    def _to_device(self, index_X: torch.Tensor) -> torch.Tensor:
-        """A small host index on the device without waiting: a copy from pageable memory would
-        first synchronise the stream (CUDA's rule), and the host could not compute its rows
-        until every fetch queued before had landed. From pinned memory it is queued like a kernel."""
-        if self.device.type != "cuda":
-            return index_X
-        return index_X.pin_memory().to(self.device, non_blocking=True)
 
     def _cuda_streams(self):
         return self.pool.cuda_streams()

@@ -35,6 +35,15 @@ import torch
 from moeray.kernels import expert_mlp
 
 
+def index_to_device(index_X: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host index on the device without waiting: a copy from pageable memory would first
+    synchronise the stream (CUDA's rule), and the host could not compute its rows until every
+    fetch queued before had landed. From pinned memory it is queued like a kernel."""
+    if device.type != "cuda":
+        return index_X
+    return index_X.pin_memory().to(device, non_blocking=True)
+
+
 class StepLaunches:
     """One layer step's device work as launches in queue order (`run()` queues them all), and
     y_MD once queued.
@@ -42,8 +51,8 @@ class StepLaunches:
     Order: the first two rounds' copies (the staging pool's two buffers), so the PCIe link starts
     at once; the resident slots' kernel, which makes y_MD; then each round's kernel followed by the
     copies of the round two after it, which may be queued only once that kernel is (it last read
-    their buffer: StagingPool). `host` is the layer's HostSlots (its pool, its device, its index
-    helper); `rounds` are HostSlots._fetch_rounds'."""
+    their buffer: StagingPool). `host` is the layer's HostSlots (its pool, its device); `rounds`
+    are HostSlots._fetch_rounds'."""
 
     def __init__(self, host, resident, tokens_MD: torch.Tensor, cold_Y: torch.Tensor, starts_X: np.ndarray,
                  rounds: list, impl: str):
@@ -79,7 +88,7 @@ class StepLaunches:
                 torch.cuda.current_stream(host.device).wait_event(ready)
             w13_2GHD, w2_2GDF = host.pool.buffers
             counts = [0] + [int(starts_X[x + 1] - starts_X[x]) for x in group]  # an untouched prefetched slot: 0
-            offsets_G1 = host._to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64))
+            offsets_G1 = index_to_device(torch.tensor(np.cumsum(counts), dtype=torch.int64), host.device)
             self.y_MD += expert_mlp(self.tokens_MD, w13_2GHD[buffer, :len(group)], w2_2GDF[buffer, :len(group)],
                                     offsets_G1, order_R, impl=self.impl)
         host.pool.read_by_main(buffer)

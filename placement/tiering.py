@@ -369,8 +369,8 @@ def placement_tiers(placement: Placement, load_LE: np.ndarray, steps: float, now
                         for rows, res in zip(rows_LX, decision.resident_LX))
             if before - after < config.min_gain * before:
                 continue
-            copies_s = swap_seconds(len(decision.promoted), rates)
-            if config.payback_steps and (before - after) * config.payback_steps < copies_s:
+            if config.payback_steps and \
+                    (before - after) * config.payback_steps < swap_seconds(len(decision.promoted), rates):
                 continue
             figures.append((worker, before, after))
         lo = worker * spw

@@ -158,10 +158,6 @@ class Stack:
                                                 path if budget < E else None, pool, layer)
             self.layers.append(SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(self.placement, layer, self.cuda),
                                            LocalDispatcher(E), E, host=host))
-        if device.type == "cuda" and budget >= E:  # "all": its tiles too (split_tiers compiles a tier's)
-            from moeray.kernels.triton_swiglu import compile_tiles
-
-            compile_tiles(self.layers[0].w13_SHD, self.layers[0].w2_SDF)
 
     def reset(self, phy2log_LS: np.ndarray, mode: str) -> None:
         from moeray.comm.slot_map import DeviceSlotMap
