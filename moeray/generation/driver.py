@@ -165,6 +165,12 @@ class GenerationDriver:
         start = time.perf_counter()
         plans = self.scheduler.plan()
         planned = time.perf_counter()
+        if not self.scheduler.running and not any(plan.new or plan.abort for plan in plans):
+            # Nothing on any worker: no lockstep step (the worker loops go idle the same way). One
+            # would run empty exchanges only, and count a step of zero load into the statistics
+            # window (a driver stepping while new workers start filled it with zeros).
+            outputs, self._held_outputs = self._held_outputs, []
+            return outputs
         try:
             results = self.engine.step(plans)
         except (WorkerLost, CollectiveError):
