@@ -98,6 +98,8 @@ class CoordinatorCore:
         """Add one worker's snapshot; returns True when it completed a step range."""
         if snapshot.epoch != self.epoch:
             return False  # a snapshot from a group that no longer exists
+        if snapshot.tier is not None and self.tiers is not None:
+            self.tiers.observe(snapshot.worker, snapshot.tier)  # every range counts, complete or not
         key = (snapshot.step_lo, snapshot.step_hi)
         by_worker = self.pending.setdefault(key, {})
         by_worker[snapshot.worker] = snapshot

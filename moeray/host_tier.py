@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -80,6 +80,19 @@ class TierCounts:
         self.fetched_experts += len(fetch_slots)
         self.host_rows += int(rows_X[host_slots].sum()) if host_slots else 0
         self.fetched_rows += int(rows_X[fetch_slots].sum()) if fetch_slots else 0
+
+
+def tier_totals(hosts: list[HostSlots]) -> dict[str, float]:
+    """A worker's host-tier counts (TierCounts' fields) summed over its layers since each layer's
+    slots were built, and `copied_bytes`: expert weights its fetches copied to the device (unused
+    prefetches included). What its statistics snapshots ship, as differences."""
+    names = [f.name for f in fields(TierCounts)]
+    totals = dict.fromkeys([*names, "copied_bytes"], 0)
+    for host in hosts:
+        for name in names:
+            totals[name] += getattr(host.counts, name)
+        totals["copied_bytes"] += (host.counts.fetched_experts + host.counts.prefetch_unused) * host.expert_bytes
+    return totals
 
 
 def host_threads(configured: int | None, workers_on_node: int, launch_thread: bool = False) -> int:
@@ -142,6 +155,11 @@ class HostSlots:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w13_XHD, self.w2_XDF))
+
+    @property
+    def expert_bytes(self) -> int:
+        """One slot's weights (what a fetch copies)."""
+        return self.nbytes() // self.num_slots
 
     # ---- the layer step ----------------------------------------------------------------------
     def compute(self, tokens_MD: torch.Tensor, order_M: torch.Tensor, slot_offsets_S1: torch.Tensor,

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 
+from moeray.metrics_tier import tier_families
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 log = logging.getLogger(__name__)
 
@@ -296,8 +298,9 @@ class ServingMetrics:
             family = _family(HistogramMetricFamily, name, doc)
             family.add_metric([m], hist.buckets(), hist.sum)
             families.append(family)
+        if view.get("tier") is not None:
+            families += tier_families(self.model_name, view["tier"], committed)
         return families
-
 
 def _family(kind, name: str, doc: str, extra_labels: tuple[str, ...] = ()):
     """A metric family whose every sample carries model_name (first) and `extra_labels`."""

@@ -11,6 +11,9 @@ Schema 1 (a msgpack map):
     counts    bytes little-endian int32 [L, E], routed (token, k) pairs per logical expert
     rows      bytes little-endian int32 [L, S_w], rows this worker's slots actually computed
     commit_ms float | nil  time the worker spent switching placement in this range, if it did
+    tier      map | nil    a worker with a host tier: its counts over the range (host_tier.tier_totals'
+                           keys: rows and experts per cold path, host seconds, copied bytes);
+                           optional, so readers of snapshots without it are unaffected
 
 int32 keeps a 58 x 256 snapshot at 59 KiB; counts over a snapshot interval fit easily.
 """
@@ -35,6 +38,7 @@ class LoadSnapshot:
     counts_LE: np.ndarray
     rows_LS: np.ndarray
     commit_ms: float | None = None
+    tier: dict | None = None  # host-tier counts over the range (host_tier.tier_totals' keys); None: no tier
 
     def encode(self) -> bytes:
         return msgpack.packb({
@@ -42,7 +46,7 @@ class LoadSnapshot:
             "step_lo": self.step_lo, "step_hi": self.step_hi, "version": self.version,
             "shape": list(self.counts_LE.shape), "counts": _int32_bytes(self.counts_LE, "counts"),
             "rows_shape": list(self.rows_LS.shape), "rows": _int32_bytes(self.rows_LS, "rows"),
-            "commit_ms": self.commit_ms,
+            "commit_ms": self.commit_ms, "tier": self.tier,
         })
 
     @classmethod
@@ -53,7 +57,7 @@ class LoadSnapshot:
         counts = np.frombuffer(msg["counts"], dtype="<i4").reshape(msg["shape"]).astype(np.int64)
         rows = np.frombuffer(msg["rows"], dtype="<i4").reshape(msg["rows_shape"]).astype(np.int64)
         return cls(msg["worker"], msg["epoch"], msg["step_lo"], msg["step_hi"], msg["version"], counts, rows,
-                   msg.get("commit_ms"))
+                   msg.get("commit_ms"), msg.get("tier"))
 
 
 def _int32_bytes(values: np.ndarray, what: str) -> bytes:

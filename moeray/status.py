@@ -118,6 +118,19 @@ def _rebalance_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+def _tier_line(tier: dict) -> str:
+    """The host tier in one line: its slots, and where the rows of host-slot experts ran."""
+    line = (f"host tier: {tier['device_slots']} device + {tier['slots_per_worker'] - tier['device_slots']} host slots "
+            f"per layer and worker (cold path {tier['cold_path']}, tiering {tier['tiering']})")
+    counts = list((tier.get("counts_by_worker") or {}).values())
+    host, fetched = (sum(c[key] for c in counts) for key in ("host_rows", "fetched_rows"))
+    if host + fetched:
+        line += (f"; rows of host-slot experts: {100 * host / (host + fetched):.0f}% computed on the host, "
+                 f"{100 * fetched / (host + fetched):.0f}% fetched ({_bytes(sum(c['copied_bytes'] for c in counts))} "
+                 f"copied), host math {sum(c['host_s'] for c in counts):.1f} s")
+    return line
+
+
 def render_status(report: dict) -> str:
     """Header, one row per layer, the rebalance log."""
     model = report["model"]
@@ -136,6 +149,8 @@ def render_status(report: dict) -> str:
         worst = min(range(len(surviving)), key=lambda w: surviving[w])
         lines.append(f"after losing one worker, the load whose expert keeps a live copy: worst {100 * surviving[worst]:.0f}% "
                      f"(worker {worst}), best {100 * max(surviving):.0f}% (the rest reloads from the checkpoint)")
+    if report.get("tier"):
+        lines.append(_tier_line(report["tier"]))
     if report.get("last_decision"):
         lines.append(f"last policy decision: {report['last_decision']}")
     if report.get("in_flight_version") is not None:

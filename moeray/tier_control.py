@@ -15,7 +15,7 @@ boundary). Two ways in:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -34,6 +34,8 @@ class TierControl:
     rates_asked: bool = False
     last_change_s: float | None = None
     last: TierPlan | None = None  # the last live decision, for the stats view
+    # worker rank -> its host-tier counts since this coordinator started (summed snapshot ranges)
+    counts_by_worker: dict = field(default_factory=dict)
 
     @property
     def budget(self) -> int:
@@ -75,8 +77,16 @@ class TierControl:
                                                         self.last_change_s, self.rates)
         return self.last.placement
 
+    def observe(self, worker: int, counts: dict) -> None:
+        """Add one snapshot's host-tier counts of `worker` (its range's differences). Ranks are
+        those of the epoch that sent them: after a scale a rank's totals go on with its new holder."""
+        totals = self.counts_by_worker.setdefault(worker, dict.fromkeys(counts, 0))
+        for name, value in counts.items():
+            totals[name] = totals.get(name, 0) + value
+
     def view(self) -> dict:
         return {"device_slots": self.budget, "slots_per_worker": self.slots_per_worker,
                 "cold_path": self.config.cold_path, "tiering": self.config.tiering,
                 "rates": None if self.rates is None else vars(self.rates),
-                "last": None if self.last is None else self.last.reason}
+                "last": None if self.last is None else self.last.reason,
+                "counts_by_worker": {rank: dict(totals) for rank, totals in sorted(self.counts_by_worker.items())}}

@@ -25,17 +25,17 @@ from moeray.config import EngineConfig
 from moeray.expert_parallel import SlotExperts
 from moeray.generation.messages import StepPlan, StepResult
 from moeray.generation.runner import SequenceRunner
-from moeray.host_tier import ColdPath, host_threads, split_tiers
-from moeray.tier_measure import measure_rates
-from moeray.tier_staging import StagingPool
+from moeray.host_tier import ColdPath, host_threads, split_tiers, tier_totals
 from moeray.models.checkpoint import CheckpointReader
 from moeray.models.decoder import MoECausalLM
 from moeray.models.kv_cache import PagedKVCache
 from moeray.slot_loading import layer_routings, read_slots
 from moeray.slot_transfer import SlotStaging, lower_thread_priority
-from moeray.worker_migration import SlotMigration, accepted_placement
 from moeray.stats_wire import LoadSnapshot
+from moeray.tier_measure import measure_rates
+from moeray.tier_staging import StagingPool
 from moeray.worker_loop import LoopMessage, LoopReport, WorkerLoop
+from moeray.worker_migration import SlotMigration, accepted_placement
 from placement import Placement
 
 
@@ -81,9 +81,7 @@ class Worker(SlotMigration):
         self.coordinator = None
         self.epoch = 0
         self.snapshot_interval = config.stats.snapshot_interval_steps
-        self._shipped_step = 0
-        self._shipped_load_LE = np.zeros((config.model.num_moe_layers, config.model.num_experts), dtype=np.int64)
-        self._shipped_rows_LS = np.zeros((config.model.num_moe_layers, config.slots_per_worker), dtype=np.int64)
+        self._mark_shipped()
         self._commit_ms: float | None = None
         self.stats_recording = False
         self.set_stats_recording(config.stats.enabled)
@@ -221,8 +219,8 @@ class Worker(SlotMigration):
         """Start counting from the engine's step (after a recovery, a replacement starts at 0 and the
         coordinator pairs snapshots by step range); counts not yet shipped are dropped."""
         with self._step_lock:
-            self.steps = self._shipped_step = step
-            self._shipped_load_LE, self._shipped_rows_LS = self._read_counters()
+            self.steps = step
+            self._mark_shipped()
 
     def reset_membership(self) -> None:
         """After a peer died: drop the broken group and any staged (never to be committed) version.
@@ -306,8 +304,7 @@ class Worker(SlotMigration):
         with self._step_lock:
             if enabled and not self.stats_recording:
                 # Counting resumes from here: the pause must not look like a burst of traffic.
-                self._shipped_step = self.steps
-                self._shipped_load_LE, self._shipped_rows_LS = self._read_counters()
+                self._mark_shipped()
             self.stats_recording = enabled
             for experts in self._slot_experts():
                 experts.record_load = enabled
@@ -318,6 +315,18 @@ class Worker(SlotMigration):
         experts = self._slot_experts()
         return (torch.stack([e.load_E for e in experts]).cpu().numpy(),
                 torch.stack([e.rows_S for e in experts]).cpu().numpy())
+
+    def _tier_totals(self) -> dict | None:
+        """The host tier's counts since its layers were built (None: no host tier)."""
+        if self._cold_path is None:
+            return None
+        return tier_totals([e.host for e in self._slot_experts() if e.host is not None])
+
+    def _mark_shipped(self, counters: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """The next snapshot counts from this step and these counters (default: read now)."""
+        self._shipped_load_LE, self._shipped_rows_LS = self._read_counters() if counters is None else counters
+        self._shipped_tier = self._tier_totals()
+        self._shipped_step = self.steps
 
     def attach_coordinator(self, coordinator, epoch: int) -> None:
         # One blocking call opens this worker's connection to the coordinator: without it, the
@@ -334,10 +343,12 @@ class Worker(SlotMigration):
         if self.steps == self._shipped_step or not self.stats_recording:
             return None
         load_LE, rows_LS = self._read_counters()
+        tier, shipped = self._tier_totals(), self._shipped_tier
         snapshot = LoadSnapshot(self.rank, self.epoch, self._shipped_step, self.steps, self.placement.version,
-                                load_LE - self._shipped_load_LE, rows_LS - self._shipped_rows_LS, self._commit_ms)
+                                load_LE - self._shipped_load_LE, rows_LS - self._shipped_rows_LS, self._commit_ms,
+                                None if tier is None else {k: v - shipped[k] for k, v in tier.items()})
         ref = self.coordinator.report.remote(snapshot.encode())  # not awaited: never on the hot path
-        self._shipped_step, self._shipped_load_LE, self._shipped_rows_LS = self.steps, load_LE, rows_LS
+        self._mark_shipped((load_LE, rows_LS))
         self._commit_ms = None
         return ref
 

@@ -110,8 +110,8 @@ class SlotMigration:
                         w2[slot].copy_(as_source_tensor(fresh[expert][1]))
                         read += 1
                 self._replace_layer_experts(layer, block, w13, w2)
-            self._shipped_load_LE, self._shipped_rows_LS = self._read_counters()
-            self._shipped_step, self._commit_ms = self.steps, None
+            self._mark_shipped()  # the rebuilt layers count from zero (their host tiers too)
+            self._commit_ms = None
             self.runner.set_cuda_graphs(self._graphs_apply())
         return {"rank": rank, "slots_copied": copied, "slots_from_replicas": from_replicas,
                 "slots_read": read - from_replicas}

@@ -113,6 +113,8 @@ def assemble_report(model: dict, placement, view: dict | None, load_since_start_
         "last_decision": None if view is None else view["last_decision"],
         "in_flight_version": None if view is None else view["in_flight_version"],
         "planner": None if view is None else view.get("planner"),  # configured, topology, last one run and why
+        # the host tier: slots per tier, cold path, measured rates, each worker's rows by path
+        "tier": None if view is None else view.get("tier"),
         "generated_at": time.time(),
     }
     return _jsonable(report)

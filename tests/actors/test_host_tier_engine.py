@@ -120,3 +120,17 @@ def test_a_planner_rebalance_is_rearranged_into_the_tiers(tiered):
     record = [r for r in engine.stats()["rebalances"] if r["version"] == version][0]
     assert record["planner"] != "tiering" and record["reason"] == "forced"
     assert_device_slots_carry_more(engine)
+
+
+def test_the_workers_host_tier_counts_reach_the_coordinator(tiered):
+    """Every row routed to a host slot so far was counted once, on the host or fetched, by the
+    worker whose slot it was (the slots' own row counters agree), and shipped with the snapshots."""
+    engine, _, _, _ = tiered
+    by_worker = engine.stats()["tier"]["counts_by_worker"]  # flushed: every step served so far
+    host_rows = ray.get([w.__ray_call__.remote(lambda self: int(self._read_counters()[1][:, BUDGET:].sum()))
+                         for w in engine.workers])
+    assert sorted(by_worker) == list(range(len(engine.workers)))
+    for rank, rows in enumerate(host_rows):
+        counts = by_worker[rank]
+        assert rows > 0 and counts["host_rows"] + counts["fetched_rows"] == rows, (rank, counts)
+        assert counts["host_experts"] + counts["fetched_experts"] > 0 and counts["steps"] > 0

@@ -1,5 +1,7 @@
 """Coordinator logic without a cluster: snapshot aggregation, policy, plan, commit, the log."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -112,6 +114,9 @@ def test_snapshot_wire_round_trip_and_schema_check():
     back = LoadSnapshot.decode(snap.encode())
     np.testing.assert_array_equal(back.counts_LE, snap.counts_LE)
     assert (back.worker, back.epoch, back.step_lo, back.step_hi, back.version, back.commit_ms) == (2, 1, 8, 16, 3, 1.25)
+    assert back.tier is None
+    tier = {"host_rows": 7, "fetched_rows": 30, "host_s": 0.0125, "copied_bytes": 3 * 2 ** 31}  # past int32
+    assert LoadSnapshot.decode(dataclasses.replace(snap, tier=tier).encode()).tier == tier
     import msgpack
 
     bad = msgpack.unpackb(snap.encode())
@@ -246,3 +251,19 @@ def test_static_tiering_and_a_modelled_loss_change_nothing():
     modelled = tiered_core(rebalance_enabled=False, rates=dear_device, cold_path="host")
     feed(modelled, hot_load(hot_expert=3), 0, 4)
     assert modelled.maybe_plan(now=100.0) is None and "no worker gains" in modelled.last_decision.reason
+
+
+def test_host_tier_counts_are_summed_per_worker_from_every_snapshot_of_the_epoch():
+    core = tiered_core()
+    rows = np.zeros((L, SPW), dtype=np.int64)
+    counts = {"host_rows": 3, "fetched_rows": 5, "host_experts": 2, "fetched_experts": 1, "host_s": 0.5,
+              "copied_bytes": 100}
+    for step_lo in (0, 4):  # worker 0's ranges complete nothing (no other worker reported): they count
+        core.ingest(LoadSnapshot(0, core.epoch, step_lo, step_lo + 4, 0, hot_load() // W, rows, tier=counts))
+    core.ingest(LoadSnapshot(1, core.epoch, 0, 4, 0, hot_load() // W, rows, tier=counts))
+    core.ingest(LoadSnapshot(2, core.epoch + 1, 0, 4, 0, hot_load() // W, rows, tier=counts))  # another epoch's
+    core.ingest(LoadSnapshot(3, core.epoch, 0, 4, 0, hot_load() // W, rows))  # no tier counts shipped
+    by_worker = core.view(timeline=False)["tier"]["counts_by_worker"]
+    assert by_worker == {0: {k: 2 * v for k, v in counts.items()}, 1: counts}
+    assert core.summary()["tier"]["counts_by_worker"] == by_worker
+    assert make_core().view(False)["tier"] is None  # no host tier

@@ -15,7 +15,7 @@ from moeray.comm import local_ranks
 from moeray.comm.dispatcher import AllToAllDispatcher, LocalDispatcher
 from moeray.comm.slot_map import DeviceSlotMap
 from moeray.expert_parallel import SlotExperts
-from moeray.host_tier import ColdPath, HostSlots
+from moeray.host_tier import ColdPath, HostSlots, tier_totals
 from moeray.tier_measure import measure_rates
 from placement import Placement
 from placement.tiering import TierRates, split_cold
@@ -169,6 +169,32 @@ def test_an_untouched_prefetch_and_the_calibration_through_layer_steps():
     host._calibration.scale = 5.0
     torch.testing.assert_close(layer(x, many, w), dense_reference(x, many, w, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
     assert host.counts.fetched_experts == 1 + 1 and host._calibration.scale == pytest.approx(5.0 + 0.02 * (1.0 - 5.0))
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p.mode}{p.fetch_slots}")
+def test_tier_totals_count_every_host_slot_row_once_and_the_bytes_fetched(path):
+    """What a worker ships: over its layers, host + fetched rows are the rows its host slots got
+    (rows_S counts them independently), and the copied bytes are one expert per fetch."""
+    experts, spw, budget = 7, 8, 3
+    placement = Placement(np.array([[3, 0, 6, -1, 2, 5, 1, 4]]), experts, spw)
+    layers = []
+    for seed, tokens in ((1, 1), (2, 9), (3, 40)):
+        w13_EHD, w2_EDF, [(x, ids, w)] = weights_and_inputs(seed, experts, 3, [tokens], D, F)
+        layer = tiered_layer(placement, 0, LocalDispatcher(spw), w13_EHD, w2_EDF, budget, path)
+        for _ in range(2):
+            layer(x, ids, w)
+        layers.append(layer)
+    totals = tier_totals([layer.host for layer in layers])
+    assert totals["host_rows"] + totals["fetched_rows"] == sum(int(layer.rows_S[budget:].sum()) for layer in layers)
+    assert totals["steps"] == 6 and totals["host_rows"] + totals["fetched_rows"] > 0
+    expert_bytes = (2 * F * D + D * F) * 4  # float32
+    assert layers[0].host.expert_bytes == expert_bytes
+    assert totals["copied_bytes"] == totals["fetched_experts"] * expert_bytes  # no prefetch here
+    if path.mode == "host":
+        assert totals["fetched_rows"] == totals["fetched_experts"] == totals["copied_bytes"] == 0
+        assert totals["host_s"] > 0
+    if path.mode == "fetch":
+        assert totals["host_rows"] == totals["host_experts"] == 0 and totals["host_s"] == 0
 
 
 def test_slot_views_and_writes_cross_the_tiers():

@@ -192,3 +192,35 @@ def test_a_coordinator_that_does_not_answer_drops_only_the_expert_metrics():
     names = {name for name, _ in values}
     assert "moeray:workers" in names and "moeray:generation_tokens_total" in names
     assert "moeray:rebalances_total" not in names
+
+
+def test_host_tier_metrics_come_from_the_coordinators_tier_counts():
+    from moeray.tier_config import HostTierConfig
+    from moeray.tier_control import TierControl
+
+    core = rebalanced_core()
+    core.tiers = TierControl(HostTierConfig(device_slots=1), SPW)
+    rows_LS = np.zeros((L, SPW), dtype=np.int64)
+    for worker, host_rows in ((0, 4), (2, 9)):
+        counts = {"steps": 2, "host_experts": 1, "fetched_experts": 3, "host_rows": host_rows, "fetched_rows": 12,
+                  "host_s": 0.25, "prefetched": 0, "prefetch_unused": 1, "copied_bytes": 4000}
+        core.ingest(LoadSnapshot(worker, core.epoch, 16, 20, core.placement.version, np.zeros((L, E), dtype=np.int64),
+                                 rows_LS, tier=counts))
+    core.records[-1].planner = "tiering"  # the committed rebalance, as if the live tiering had made it
+    m = ServingMetrics(MODEL, coordinator_view=lambda engine, timeline: engine.core.view(timeline), ray_export=False)
+    values = samples(m.render(FakeDriver(), FakeEngine(core)))
+    one = frozenset()
+    assert values[("moeray:tier_device_slots", one)] == 1 and values[("moeray:tier_host_slots", one)] == SPW - 1
+    for worker, host_rows in (("0", 4), ("2", 9)):
+        labels = frozenset({("worker", worker)})
+        assert values[("moeray:tier_host_rows_total", labels)] == host_rows
+        assert values[("moeray:tier_fetched_rows_total", labels)] == 12
+        assert values[("moeray:tier_host_experts_total", labels)] == 1
+        assert values[("moeray:tier_fetched_experts_total", labels)] == 3
+        assert values[("moeray:tier_copied_bytes_total", labels)] == 4000
+        assert values[("moeray:tier_host_seconds_total", labels)] == 0.25
+    assert ("moeray:tier_host_rows_total", frozenset({("worker", "1")})) not in values  # never reported
+    assert values[("moeray:tier_swap_commits_total", one)] == 1
+    # without a host tier there are none
+    names = {name for name, _ in samples(m.render(FakeDriver(), FakeEngine(rebalanced_core())))}
+    assert not any(name.startswith("moeray:tier_") for name in names)

@@ -96,6 +96,27 @@ def test_status_table_has_a_row_per_layer_and_the_rebalance_log():
     assert f"{record['predicted_before']:.2f}" in log and str(record["slots_moved"]) in log and "forced" in log
 
 
+def test_status_names_the_host_tier_and_where_its_rows_ran(tmp_path):
+    from moeray.tier_config import HostTierConfig
+    from moeray.tier_control import TierControl
+
+    core = rebalanced_core()
+    assert "host tier" not in render_status(assemble_report(MODEL, core.placement, core.view(True), None, STATE))
+    core.tiers = TierControl(HostTierConfig(device_slots=1, cold_path="auto"), core.placement.slots_per_worker)
+    text = render_status(assemble_report(MODEL, core.placement, core.view(True), None, STATE))
+    assert "host tier: 1 device + 2 host slots" in text and "rows of host-slot experts" not in text  # none yet
+    for worker, (host_rows, fetched_rows) in enumerate([(10, 20), (30, 40)]):
+        core.tiers.observe(worker, {"host_rows": host_rows, "fetched_rows": fetched_rows, "host_experts": 1,
+                                    "fetched_experts": 2, "host_s": 1.5, "copied_bytes": 2e9})
+    path = tmp_path / "placement.json"
+    path.write_text(json.dumps(assemble_report(MODEL, core.placement, core.view(True), None, STATE)))
+    report = read_report(path)  # as `moeray status --file` reads it: ranks are JSON strings there
+    assert report["tier"]["counts_by_worker"]["1"]["host_rows"] == 30
+    line = next(line for line in render_status(report).splitlines() if line.startswith("host tier"))
+    assert "1 device + 2 host slots" in line and "cold path auto, tiering live" in line, line
+    assert "40% computed on the host, 60% fetched (4.0 GB copied), host math 3.0 s" in line, line
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not JSON"),
     ("[1, 2]", "JSON object"),
