@@ -208,7 +208,9 @@ class SlotMigration:
                 None if self.xfer_group is None else self.xfer_group.process_group, self.rank, self.placement.num_workers, slot_copies,
                 # a host-tier slot goes to the device first (NCCL sends device memory)
                 read=lambda layer, slot: tuple(t.to(self.device, non_blocking=True) for t in experts[layer].slot_weights(slot)),
-                alloc=lambda layer: tuple(torch.empty_like(t, device=self.device) for t in experts[layer].slot_weights(0)))
+                alloc=lambda layer: tuple(torch.empty_like(t, device=self.device) for t in experts[layer].slot_weights(0)),
+                # sharded moves number their receipts in place of destination slots
+                stage_local=None if sharded_move else lambda layer, src, dst: self._stage_local_copy(experts[layer], src, dst))
             if sharded_move:
                 pieces: dict = {}
                 for (layer, src, src_slot, dst, dst_slot, c0, c1), number in zip(copies, numbers):
@@ -221,6 +223,17 @@ class SlotMigration:
         staged.slots.update(received)
         self.staging.stage(staged, live.version)
         return 1e3 * (time.perf_counter() - start)
+
+    def _stage_local_copy(self, experts, src_slot: int, dst_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of local slot src_slot staged where dst_slot lives, on the current (transfer)
+        stream: bound for a host slot (a tier demotion), in pinned host memory, so a tier swap
+        needs device room for the promoted expert only (it took room for both); bound for a
+        device slot, on the device (one copy, also from a host slot). Complete at the caller's
+        stream sync."""
+        src = experts.slot_weights(src_slot)
+        if experts.host is not None and dst_slot >= experts.host.first_slot:
+            return tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in src)
+        return tuple(t.to(self.device, non_blocking=True, copy=True) for t in src)
 
     def _assemble(self, live: Placement, placement: Placement, pieces: dict) -> dict:
         """The next version's changed slots of a sharded migration (slot_loading.assemble_next_slots).

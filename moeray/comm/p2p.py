@@ -82,11 +82,16 @@ def _grouped(pg, device: torch.device, posts: list[tuple[str, torch.Tensor, int]
 def transfer_slots(pg, rank: int, world_size: int, copies: Sequence[SlotCopy],
                    read: Callable[[int, int], tuple[torch.Tensor, ...]],
                    alloc: Callable[[int], tuple[torch.Tensor, ...]],
-                   max_ops: int = DEFAULT_MAX_OPS, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
+                   max_ops: int = DEFAULT_MAX_OPS, max_bytes: int = DEFAULT_MAX_BYTES,
+                   stage_local: Callable[[int, int, int], tuple[torch.Tensor, ...]] | None = None,
+                   ) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
     """Run this rank's part of `copies`; returns {(layer, dst_slot): tensors} of the slots it received.
 
     read(layer, slot) -> this rank's live tensors of a local slot (sent as they are: contiguous);
-    alloc(layer)      -> fresh, uninitialised receive buffers of one slot of that layer.
+    alloc(layer)      -> fresh, uninitialised receive buffers of one slot of that layer;
+    stage_local(layer, src_slot, dst_slot) -> a fresh copy of a local slot for a copy within this
+                         rank, kept where dst_slot lives (a host tier's demotion: host memory);
+                         default: a clone of read(layer, src_slot).
     """
     if not copies:
         return {}
@@ -99,7 +104,8 @@ def transfer_slots(pg, rank: int, world_size: int, copies: Sequence[SlotCopy],
         for i in chunk:
             c = copies[i]
             if c.src == rank and c.dst == rank:
-                received[(c.layer, c.dst_slot)] = tuple(t.clone() for t in read(c.layer, c.src_slot))
+                received[(c.layer, c.dst_slot)] = (tuple(t.clone() for t in read(c.layer, c.src_slot)) if stage_local is None
+                                                   else stage_local(c.layer, c.src_slot, c.dst_slot))
             elif c.src == rank:
                 posts += [("send", t.contiguous(), c.dst) for t in read(c.layer, c.src_slot)]
             elif c.dst == rank:

@@ -44,3 +44,25 @@ def test_transfer_over_gloo_in_chunks():
         got = [(int(r[0]), int(r[1]), r[2]) for r in out[rank].tolist()]
         assert got == want
         assert all(r[3] == -r[2] for r in out[rank].tolist())
+
+
+def test_copies_within_a_rank_are_staged_by_stage_local_else_cloned():
+    """No group needed for copies inside one rank; stage_local (the host tier: a demotion staged in
+    host memory) replaces the clone, and a clone never aliases the live slot."""
+    copies = [SlotCopy(0, 0, 1, 0, 0), SlotCopy(1, 0, 0, 0, 2), SlotCopy(1, 0, 2, 0, 0)]
+    live = {(layer, slot): _slot(layer, 0, slot) for layer in range(2) for slot in range(3)}
+    cloned = transfer_slots(None, 0, 1, copies, read=lambda l, s: live[(l, s)],
+                            alloc=lambda l: (torch.empty(4, 3), torch.empty(4, 2)))
+    for c in copies:
+        got, src = cloned[(c.layer, c.dst_slot)], live[(c.layer, c.src_slot)]
+        assert all(torch.equal(g, t) and g.data_ptr() != t.data_ptr() for g, t in zip(got, src))
+    asked = []
+
+    def stage_local(layer, src_slot, dst_slot):
+        asked.append((layer, src_slot, dst_slot))
+        return tuple(t + 0.5 for t in live[(layer, src_slot)])
+
+    staged = transfer_slots(None, 0, 1, copies, read=lambda l, s: live[(l, s)],
+                            alloc=lambda l: (torch.empty(4, 3), torch.empty(4, 2)), stage_local=stage_local)
+    assert asked == [(c.layer, c.src_slot, c.dst_slot) for c in copies]
+    assert staged[(1, 0)][0][0, 0].item() == 100 + 2 + 0.5
