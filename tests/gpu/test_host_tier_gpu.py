@@ -80,11 +80,17 @@ def test_the_engine_with_a_host_tier_equals_the_reference_through_a_swap(ray_clu
             np.testing.assert_allclose(got, reference_logits(model, ids), rtol=0, atol=1e-2 * float(np.abs(got).max()))
         p = engine.placement()
         version = engine.rebalance(placement=swap_slots(p, [(layer, 0, 10) for layer in range(p.num_layers)]))
+        import ray
+
+        # staged where each lands: the promoted expert (into device slot 0) on the device, the
+        # demoted one (into host slot 10) in pinned host memory, not in device room
+        where = ray.get(engine.workers[0].__ray_call__.remote(lambda self: {
+            key: (w13.device.type, w13.is_pinned()) for key, (w13, _) in self.staging._staged.slots.items()}))
+        assert where == {**{(layer, 0): ("cuda", False) for layer in range(p.num_layers)},
+                         **{(layer, 10): ("cpu", True) for layer in range(p.num_layers)}}, where
         for got, ids in zip(engine_logits(engine, prompts), prompts):  # the first step commits the swap
             np.testing.assert_allclose(got, reference_logits(model, ids), rtol=0, atol=1e-2 * float(np.abs(got).max()))
         assert engine.placement().version == version
-        import ray
-
         report = ray.get(engine.workers[0].memory_report.remote())
         assert report["host_slot_bytes"] == cfg.num_moe_layers * 10 * cfg.expert_bytes
 
