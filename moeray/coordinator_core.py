@@ -338,6 +338,8 @@ class CoordinatorCore:
         self.pending.clear()
         self.history.clear()
         self.realised_rows.clear()
+        if self.tiers is not None:
+            self.tiers.rates_asked = False  # the workers measured them again for the new count
 
     def view(self, timeline: bool = True) -> dict:
         """What metrics, `GET /v1/placement` and `moeray plot` show, compact: no per-range rows

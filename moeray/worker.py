@@ -123,6 +123,7 @@ class Worker(SlotMigration):
         compute gets its share of the node's CPUs; the rates the auto path and the coordinator's
         tiering decide by are measured here, once, for this model's expert shape (about a second)."""
         tier = self.config.tier
+        self.tier_set_up_for = self.config.parallel.num_workers  # threads and rates hold for this many workers
         if not tier.enabled or tier.device_slots_of(self.config.slots_per_worker) >= self.config.slots_per_worker:
             self.tier_rates_measured = None
             return None

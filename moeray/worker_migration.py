@@ -73,6 +73,11 @@ class SlotMigration:
             # slot may hold other columns than the new slot needs)
             from_checkpoint = sharded(self.placement, placement)
             self.rank, self.config = rank, config
+            if config.parallel.num_workers != self.tier_set_up_for:
+                # the host tier's threads are a share of the CPUs per worker, and its rates were
+                # measured with them: both again for the new count (every layer is rebuilt below,
+                # on the new cold path and staging pool)
+                self._cold_path = self._host_tier_setup()
             self.placement = placement
             self.dispatcher = LocalDispatcher(self.placement.num_slots) if self.placement.num_workers == 1 else None
             self._routings = self._routings_of(placement)

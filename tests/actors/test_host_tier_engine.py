@@ -10,6 +10,7 @@ import ray
 
 from moeray.config import EngineConfig, ParallelConfig, RebalanceConfig, StatsConfig
 from moeray.engine import Engine
+from moeray.generation.driver import GenerationDriver
 from moeray.models.checkpoint import CheckpointReader, load_reference_model
 from moeray.streams import DriftingStream
 from moeray.tier_config import HostTierConfig
@@ -134,3 +135,24 @@ def test_the_workers_host_tier_counts_reach_the_coordinator(tiered):
         counts = by_worker[rank]
         assert rows > 0 and counts["host_rows"] + counts["fetched_rows"] == rows, (rank, counts)
         assert counts["host_experts"] + counts["fetched_experts"] > 0 and counts["steps"] > 0
+
+
+def test_a_scale_sets_the_host_tier_up_again_for_the_new_worker_count(tiered):
+    """The host tier's threads are a share of the CPUs per worker and its rates were measured with
+    them: a reconfigure to another count sets both up again (a joiner starts with the new count);
+    outputs stay exact on the rebuilt tiers. Last in the module: it leaves the engine at 2 again."""
+    engine, reference, reader, cfg = tiered
+    stream = DriftingStream(cfg.vocab_size, 48, phase_steps=1000, hot_fraction=0.9, seed=13)
+
+    def set_up_for():
+        return ray.get([w.__ray_call__.remote(lambda self: (self.tier_set_up_for, self.tier_rates_measured is not None))
+                        for w in engine.workers])
+
+    assert set_up_for() == [(2, True)] * 2
+    GenerationDriver(engine).scale(1)  # it ends the worker loops first
+    assert set_up_for() == [(1, True)]
+    serve_checked(engine, reference, stream, 2)
+    GenerationDriver(engine).scale(2)
+    assert set_up_for() == [(2, True)] * 2
+    serve_checked(engine, reference, stream, 2)
+    assert_every_slot_holds_its_expert(engine, reader)
