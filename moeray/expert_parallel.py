@@ -108,19 +108,19 @@ class SlotExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
         timer = self.timer
         count_E = None
-        pair_weight_N = None
+        pair_weight_X = None
         if self.row_weight_T is not None:
-            pair_weight_N = self.row_weight_T.repeat_interleave(topk_ids_TK.shape[1], output_size=topk_ids_TK.numel())
+            pair_weight_X = self.row_weight_T.repeat_interleave(topk_ids_TK.shape[1], output_size=topk_ids_TK.numel())
         if self.record_load:
-            count_E = count_per_index(topk_ids_TK.reshape(-1), self.load_E.numel(), pair_weight_N)
+            count_E = count_per_index(topk_ids_TK.reshape(-1), self.load_E.numel(), pair_weight_X)
             self.load_E += count_E
         # the replica split ranks every pair, padding included, so it needs the unweighted counts
-        unweighted_E = None if pair_weight_N is not None else count_E
+        unweighted_E = None if pair_weight_X is not None else count_E
         replica_TK = None if self.batch_split is None else self._split_batch(topk_ids_TK, unweighted_E)
         slot_ids_TX = pairs_to_slots(topk_ids_TK, self.slot_map, unweighted_E, replica_TK)  # X = K * J
         weights_TX = fan_out_weights(topk_weights_TK, slot_ids_TX, self.slot_map)
-        if pair_weight_N is not None and self.record_load:  # one worker: local slots, no shards (J = 1)
-            self.rows_S += count_per_index(slot_ids_TX.reshape(-1), self.rows_S.numel(), pair_weight_N)
+        if pair_weight_X is not None and self.record_load:  # one worker: local slots, no shards (J = 1)
+            self.rows_S += count_per_index(slot_ids_TX.reshape(-1), self.rows_S.numel(), pair_weight_X)
         if timer is not None:
             timer.mark("route")
         if self.overlap_chunks > 1 and hasattr(self.dispatcher, "dispatch_start"):  # else nothing to overlap
@@ -173,5 +173,5 @@ class SlotExperts(nn.Module):
         for rows, dispatched in returning:
             first = dispatched.first_token
             weights_TK = topk_weights_TK[first:first + dispatched.num_tokens]
-            outs.append(unpermute_weighted(rows.wait(), dispatched.send_order_N, weights_TK, self.combine_impl))
+            outs.append(unpermute_weighted(rows.wait(), dispatched.send_order_X, weights_TK, self.combine_impl))
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -50,12 +50,12 @@ def make_case(name: str, T: int, device: str, seed: int = 0):
     w13_SHD = (torch.randn(E, 2 * F, D, device=device, generator=g, dtype=torch.bfloat16) / D**0.5)
     w2_SDF = (torch.randn(E, D, F, device=device, generator=g, dtype=torch.bfloat16) / F**0.5)
     scores_TE = torch.rand(T, E, device=device, generator=g)
-    slot_N = scores_TE.topk(K, dim=1).indices.flatten()  # row i of x is (token i // K, slot_N[i])
-    order_N = torch.argsort(slot_N, stable=True)
-    counts_S = torch.bincount(slot_N, minlength=E)
+    slot_X = scores_TE.topk(K, dim=1).indices.flatten()  # row i of x is (token i // K, slot_X[i])
+    order_X = torch.argsort(slot_X, stable=True)
+    counts_S = torch.bincount(slot_X, minlength=E)
     offs_S1 = torch.cat([counts_S.new_zeros(1), counts_S.cumsum(0)])
     touched = int((counts_S > 0).sum())
-    return (x_MD, w13_SHD, w2_SDF, offs_S1, order_N), touched
+    return (x_MD, w13_SHD, w2_SDF, offs_S1, order_X), touched
 
 
 def ceilings(device: str) -> dict:
@@ -87,9 +87,9 @@ def sweep_triton(args_t, warmup: int, rep: int) -> tuple[object, object, float, 
 
     from moeray.kernels.triton_swiglu import TileConfig, expert_mlp_triton, pick_configs
 
-    x_MD, w13_SHD, w2_SDF, offs_S1, order_N = args_t
+    x_MD, w13_SHD, w2_SDF, offs_S1, order_X = args_t
     S, H, D = w13_SHD.shape
-    N = order_N.numel()
+    N = order_X.numel()
     r = N / max(1, min(S, N))
     C = TileConfig
     if r <= 48:
@@ -124,7 +124,7 @@ def sweep_triton(args_t, warmup: int, rep: int) -> tuple[object, object, float, 
         if ms < best_ms:
             best_up, best_ms = c, ms
     best_down = down0
-    for c in cands:  # the down GEMM may use other row tiles: h_NF is fully written first
+    for c in cands:  # the down GEMM may use other row tiles: h_XF is fully written first
         ms = t(best_up, c)
         if ms < best_ms:
             best_down, best_ms = c, ms

@@ -40,7 +40,7 @@ class Dispatched:
     order_M: torch.Tensor
     slot_offsets_S1: torch.Tensor
     # What combine needs to undo the exchange.
-    send_order_N: torch.Tensor
+    send_order_X: torch.Tensor
     num_tokens: int
     top_k: int
     send_splits: tuple[int, ...] = ()
@@ -63,7 +63,7 @@ class Dispatcher(Protocol):
 
 
 def _sort_pairs_by_slot(slot_ids_TK: torch.Tensor) -> torch.Tensor:
-    """send_order_N: pair indices (token * K + k) in ascending slot order, stable."""
+    """send_order_X: pair indices (token * K + k) in ascending slot order, stable."""
     return torch.sort(slot_ids_TK.reshape(-1), stable=True).indices
 
 
@@ -71,8 +71,8 @@ def _offsets(count_S: torch.Tensor) -> torch.Tensor:
     return torch.cat([count_S.new_zeros(1), torch.cumsum(count_S, 0)])
 
 
-def _unsort(rows_ND: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-    return unpermute(rows_ND, dispatched.send_order_N, dispatched.num_tokens, dispatched.top_k)
+def _unsort(rows_XD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+    return unpermute(rows_XD, dispatched.send_order_X, dispatched.num_tokens, dispatched.top_k)
 
 
 class LocalDispatcher:
@@ -88,18 +88,18 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, slot_ids_TK: torch.Tensor) -> Dispatched:
         num_tokens, top_k = slot_ids_TK.shape
-        send_order_N = _sort_pairs_by_slot(slot_ids_TK)
-        tokens_MD = x_TD.index_select(0, send_order_N // top_k)  # already grouped by slot
+        send_order_X = _sort_pairs_by_slot(slot_ids_TK)
+        tokens_MD = x_TD.index_select(0, send_order_X // top_k)  # already grouped by slot
         count_S = count_per_index(slot_ids_TK.reshape(-1), self.slots_per_worker)
         order_M = torch.arange(tokens_MD.shape[0], device=x_TD.device)
-        return Dispatched(tokens_MD, order_M, _offsets(count_S), send_order_N, num_tokens, top_k)
+        return Dispatched(tokens_MD, order_M, _offsets(count_S), send_order_X, num_tokens, top_k)
 
     def combine(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         return _unsort(y_MD, dispatched)  # y_MD is already in send order: nothing moved
 
     def combine_weighted(self, y_MD: torch.Tensor, dispatched: Dispatched, weights_TK: torch.Tensor,
                          impl: str = "auto") -> torch.Tensor:
-        return unpermute_weighted(y_MD, dispatched.send_order_N, weights_TK, impl)
+        return unpermute_weighted(y_MD, dispatched.send_order_X, weights_TK, impl)
 
 
 class AllToAllDispatcher:
@@ -144,9 +144,9 @@ class AllToAllDispatcher:
         send_orders, sends, counts = [], [], []
         for first, end in bounds:
             ids_TK = slot_ids_TK[first:end]
-            send_order_N = _sort_pairs_by_slot(ids_TK)
-            send_orders.append(send_order_N)
-            sends.append(x_TD[first:end].index_select(0, send_order_N // top_k))
+            send_order_X = _sort_pairs_by_slot(ids_TK)
+            send_orders.append(send_order_X)
+            sends.append(x_TD[first:end].index_select(0, send_order_X // top_k))
             counts.append(count_per_index(ids_TK.reshape(-1), W * S_w + 1)[:-1].view(W, S_w))  # padding dropped
         self._mark("sort+gather")
 
@@ -186,19 +186,19 @@ class AllToAllDispatcher:
         """Launch the exchange that returns computed rows to the workers that sent them."""
         num_entries, num_sent = dispatched.num_tokens * dispatched.top_k, sum(dispatched.send_splits)
         if num_sent == num_entries:
-            back_ND = y_MD.new_empty((num_entries, y_MD.shape[1]))
+            back_XD = y_MD.new_empty((num_entries, y_MD.shape[1]))
         else:  # padding entries (never sent) combine as zero rows after the real ones
-            back_ND = y_MD.new_zeros((num_entries, y_MD.shape[1]))
-        op = self.group.all_to_all_start(back_ND[:num_sent], y_MD, list(dispatched.send_splits), list(dispatched.recv_splits))
-        return PendingRows(op, back_ND, self)
+            back_XD = y_MD.new_zeros((num_entries, y_MD.shape[1]))
+        op = self.group.all_to_all_start(back_XD[:num_sent], y_MD, list(dispatched.send_splits), list(dispatched.recv_splits))
+        return PendingRows(op, back_XD, self)
 
     def combine(self, y_MD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         return _unsort(self.send_back_start(y_MD, dispatched).wait(), dispatched)
 
     def combine_weighted(self, y_MD: torch.Tensor, dispatched: Dispatched, weights_TK: torch.Tensor,
                          impl: str = "auto") -> torch.Tensor:
-        back_ND = self.send_back_start(y_MD, dispatched).wait()
-        return unpermute_weighted(back_ND, dispatched.send_order_N, weights_TK, impl)
+        back_XD = self.send_back_start(y_MD, dispatched).wait()
+        return unpermute_weighted(back_XD, dispatched.send_order_X, weights_TK, impl)
 
 
 @dataclass
@@ -220,13 +220,13 @@ class PendingRows:
     """Computed rows on their way back; `wait()` gives them in send (slot-sorted) order."""
 
     op: object
-    back_ND: torch.Tensor
+    back_XD: torch.Tensor
     dispatcher: AllToAllDispatcher
 
     def wait(self) -> torch.Tensor:
         self.op.wait()
         self.dispatcher._mark("exchange back")
-        return self.back_ND
+        return self.back_XD
 
 
 def chunk_bounds(num_tokens: int, num_chunks: int) -> list[tuple[int, int]]:

@@ -95,15 +95,15 @@ class DeviceSlotMap:
         return int(self.replica_slots_ERJ.shape[2])
 
 
-def count_per_index(ids_N: torch.Tensor, length: int, weight_N: torch.Tensor | None = None) -> torch.Tensor:
-    """int64 [length]: how often each value 0..length-1 occurs in ids_N (every id must be < length),
-    each occurrence counted `weight_N` times when given (0 for padding rows).
+def count_per_index(ids_X: torch.Tensor, length: int, weight_X: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [length]: how often each value 0..length-1 occurs in ids_X (every id must be < length),
+    each occurrence counted `weight_X` times when given (0 for padding rows).
 
-    The same as `torch.bincount(ids_N, minlength=length)` without its device-to-host sync: on
+    The same as `torch.bincount(ids_X, minlength=length)` without its device-to-host sync: on
     CUDA bincount reads max(ids) to size its output, which stalls the host once per call.
     """
-    weight_N = torch.ones_like(ids_N, dtype=torch.int64) if weight_N is None else weight_N
-    return torch.zeros(length, dtype=torch.int64, device=ids_N.device).scatter_add_(0, ids_N, weight_N)
+    weight_X = torch.ones_like(ids_X, dtype=torch.int64) if weight_X is None else weight_X
+    return torch.zeros(length, dtype=torch.int64, device=ids_X.device).scatter_add_(0, ids_X, weight_X)
 
 
 def pairs_to_slots(topk_ids_TK: torch.Tensor, slot_map: DeviceSlotMap,

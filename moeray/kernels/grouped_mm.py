@@ -2,13 +2,13 @@
 
 Legend (shape suffixes):
     M  rows of x (tokens as they arrived)
-    N  (token, slot) rows to compute, sorted by slot through order_N
+    X  (token, slot) rows to compute, sorted by slot through order_X
     S  local expert slots;  D hidden;  F expert ffn width;  H = 2F
 
 Unlike the Triton path this one moves the rows twice more through memory: it gathers x into
-slot order (xs_ND), and scatters the result back (y_MD). The SwiGLU is done in place on the
-gate half of h13_NH, which is then passed as a strided A operand (row stride H) to the second
-grouped GEMM, so no extra N x F copy is made.
+slot order (xs_XD), and scatters the result back (y_MD). The SwiGLU is done in place on the
+gate half of h13_XH, which is then passed as a strided A operand (row stride H) to the second
+grouped GEMM, so no extra X x F copy is made.
 """
 
 from __future__ import annotations
@@ -27,25 +27,25 @@ def expert_mlp_grouped_mm(
     w13_SHD: torch.Tensor,
     w2_SDF: torch.Tensor,
     slot_offsets_S1: torch.Tensor,
-    order_N: torch.Tensor | None = None,
+    order_X: torch.Tensor | None = None,
 ) -> torch.Tensor:
     M, D = x_MD.shape
     S, H, _ = w13_SHD.shape
     F_ = H // 2
-    N = M if order_N is None else order_N.numel()
-    y_MD = _empty((M, D), x_MD) if N == M else torch.zeros_like(x_MD)
-    if N == 0:
+    X = M if order_X is None else order_X.numel()
+    y_MD = _empty((M, D), x_MD) if X == M else torch.zeros_like(x_MD)
+    if X == 0:
         return y_MD
-    xs_ND = x_MD if order_N is None else x_MD.index_select(0, order_N)
+    xs_XD = x_MD if order_X is None else x_MD.index_select(0, order_X)
     # _grouped_mm wants the cumulative group ends as int32, on the device (no host sync).
     offs_S = slot_offsets_S1[1:].to(torch.int32)
     # B operands are (S, in, out) transposed views of the Linear weights; no copies.
-    h13_NH = torch._grouped_mm(xs_ND, w13_SHD.transpose(-2, -1), offs=offs_S)
-    h_NF = h13_NH[:, :F_]
-    F.silu(h_NF, inplace=True)
-    h_NF.mul_(h13_NH[:, F_:])
-    ys_ND = torch._grouped_mm(h_NF, w2_SDF.transpose(-2, -1), offs=offs_S)
-    if order_N is None:
-        return ys_ND
-    y_MD.index_copy_(0, order_N, ys_ND)  # scatter with the same index as the gather
+    h13_XH = torch._grouped_mm(xs_XD, w13_SHD.transpose(-2, -1), offs=offs_S)
+    h_XF = h13_XH[:, :F_]
+    F.silu(h_XF, inplace=True)
+    h_XF.mul_(h13_XH[:, F_:])
+    ys_XD = torch._grouped_mm(h_XF, w2_SDF.transpose(-2, -1), offs=offs_S)
+    if order_X is None:
+        return ys_XD
+    y_MD.index_copy_(0, order_X, ys_XD)  # scatter with the same index as the gather
     return y_MD

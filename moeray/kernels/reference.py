@@ -2,7 +2,7 @@
 
 Legend (shape suffixes):
     M  rows of x (tokens as they arrived at this worker)
-    N  (token, slot) rows to compute, N <= M (usually N == M)
+    X  (token, slot) rows to compute, X <= M (usually X == M)
     S  local expert slots on this worker
     D  hidden size
     F  expert ffn width;  H = 2F (gate rows [0, F) then up rows [F, 2F))
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 
-def swiglu(x_ND: torch.Tensor, w13_HD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
+def swiglu(x_XD: torch.Tensor, w13_HD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor:
     """One expert: down(silu(gate(x)) * up(x)). w13 holds gate rows [0, F) then up rows [F, 2F)."""
-    gate_NF, up_NF = (x_ND @ w13_HD.t()).chunk(2, dim=-1)
-    return (F.silu(gate_NF) * up_NF) @ w2_DF.t()
+    gate_XF, up_XF = (x_XD @ w13_HD.t()).chunk(2, dim=-1)
+    return (F.silu(gate_XF) * up_XF) @ w2_DF.t()
 
 
 def expert_mlp_reference(
@@ -28,12 +28,12 @@ def expert_mlp_reference(
     w13_SHD: torch.Tensor,
     w2_SDF: torch.Tensor,
     slot_offsets_S1: torch.Tensor,
-    order_N: torch.Tensor | None = None,
+    order_X: torch.Tensor | None = None,
     width_S: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y_MD[order[n]] = down(silu(gate(x)) * up(x)) of x_MD[order[n]] for the slot owning n.
 
-    Rows of x not listed in ``order_N`` stay 0 in the result. ``width_S`` (int [S], optional):
+    Rows of x not listed in ``order_X`` stay 0 in the result. ``width_S`` (int [S], optional):
     the FFN columns slot s uses, a sharded slot's gate/up rows [0, w) and [F, F + w) and down
     columns [0, w) (moeray.expert_parallel's slot layout); None = every slot uses all F.
     """
@@ -48,13 +48,13 @@ def expert_mlp_reference(
     # host sync: the reference slices per slot on the host; it is the oracle, not a hot path.
     offsets = slot_offsets_S1.tolist()
     widths = [F_] * S if width_S is None else width_S.tolist()
-    if order_N is None:
-        order_N = torch.arange(M, device=x_MD.device)
+    if order_X is None:
+        order_X = torch.arange(M, device=x_MD.device)
     for s in range(S):
         lo, hi = offsets[s], offsets[s + 1]
         if hi == lo:
             continue  # empty slot: nothing routed here
-        rows_n = order_N[lo:hi]
+        rows_n = order_X[lo:hi]
         xs_nD = x_MD.index_select(0, rows_n)
         w = widths[s]
         w13_HD = torch.cat([w13_SHD[s, :w], w13_SHD[s, F_:F_ + w]]) if w < F_ else w13_SHD[s]

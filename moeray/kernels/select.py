@@ -2,11 +2,11 @@
 
 Legend (shape suffixes):
     M  rows of x (tokens as they arrived)
-    N  (token, slot) rows to compute, N <= M (usually N == M)
+    X  (token, slot) rows to compute, X <= M (usually X == M)
     S  local expert slots;  D hidden;  F expert ffn width;  H = 2F
 
-Contract: y_MD[order_N[n]] = expert_{slot(n)}(x_MD[order_N[n]]), rows of x not listed are 0,
-slot s owns order_N[slot_offsets_S1[s]:slot_offsets_S1[s+1]]; order_N=None means x is sorted.
+Contract: y_MD[order_X[n]] = expert_{slot(n)}(x_MD[order_X[n]]), rows of x not listed are 0,
+slot s owns order_X[slot_offsets_S1[s]:slot_offsets_S1[s+1]]; order_X=None means x is sorted.
 
 "auto": CPU -> reference (Triton needs a GPU outside the interpreter). On a CUDA device,
 bf16 -> the faster of triton / grouped_mm per shape, from _AUTO_TABLE (measured, see below);
@@ -22,7 +22,7 @@ from .reference import expert_mlp_reference
 IMPLS = ("reference", "triton", "grouped_mm", "auto")
 
 # Source: `python -m moeray.bench.kernel` on one NVIDIA H100 80GB HBM3, 2026-11-22
-# (docs/benchmarks/kernel.md, kernel.json). Key: mean rows per touched slot r = N / min(S, N) and
+# (docs/benchmarks/kernel.md, kernel.json). Key: mean rows per touched slot r = X / min(S, X) and
 # the ffn width F, both host-known. Measured: the Triton kernel wins every decode/mid case and every
 # fine-grained (F <= 1024) case by 1.2-1.9x; for wide experts (Mixtral, F = 14336) at r >= 512 the
 # CUTLASS grouped GEMM is as fast or slightly faster (large dense per-slot GEMMs, where the gather
@@ -34,13 +34,13 @@ _AUTO_TABLE: list[tuple[float, int, str]] = [
 ]
 
 
-def choose_impl(x_MD: torch.Tensor, S: int, N: int, D: int, F: int) -> str:
+def choose_impl(x_MD: torch.Tensor, S: int, X: int, D: int, F: int) -> str:
     """The implementation "auto" runs for these shapes on this device (no host sync)."""
     if x_MD.device.type != "cuda":
         return "reference"
     if x_MD.dtype != torch.bfloat16:
         return "triton"  # grouped_mm is bf16-only on Hopper
-    r = N / max(1, min(S, N))
+    r = X / max(1, min(S, X))
     for r_min, f_min, impl in _AUTO_TABLE:
         if r >= r_min and F >= f_min:
             return impl
@@ -52,7 +52,7 @@ def expert_mlp(
     w13_SHD: torch.Tensor,
     w2_SDF: torch.Tensor,
     slot_offsets_S1: torch.Tensor,
-    order_N: torch.Tensor | None = None,
+    order_X: torch.Tensor | None = None,
     impl: str = "auto",
     width_S: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -73,15 +73,15 @@ def expert_mlp(
         raise ValueError(f"width_S must have S={S} entries, got {tuple(width_S.shape)}")
     if slot_offsets_S1.shape != (S + 1,):
         raise ValueError(f"slot_offsets must have S+1={S + 1} entries, got {tuple(slot_offsets_S1.shape)}")
-    N = M if order_N is None else order_N.numel()
+    X = M if order_X is None else order_X.numel()
     if impl == "auto":
-        impl = choose_impl(x_MD, S, N, D, H // 2)
+        impl = choose_impl(x_MD, S, X, D, H // 2)
     if impl == "reference":
-        return expert_mlp_reference(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_N, width_S)
+        return expert_mlp_reference(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_X, width_S)
     if impl == "triton":
         from .triton_swiglu import expert_mlp_triton  # lazy: triton is an optional dependency
 
-        return expert_mlp_triton(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_N, width_S=width_S)
+        return expert_mlp_triton(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_X, width_S=width_S)
     from .grouped_mm import expert_mlp_grouped_mm
 
-    return expert_mlp_grouped_mm(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_N)
+    return expert_mlp_grouped_mm(x_MD, w13_SHD, w2_SDF, slot_offsets_S1, order_X)

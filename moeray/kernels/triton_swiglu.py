@@ -2,20 +2,20 @@
 
 Legend (shape suffixes):
     M  rows of x (tokens as they arrived)
-    N  (token, slot) rows to compute, sorted by slot through order_N
+    X  (token, slot) rows to compute, sorted by slot through order_X
     S  local expert slots;  D hidden;  F expert ffn width;  H = 2F
     BM, BN, BK  tile sizes (rows, output columns, reduction) of one program
 
 The ScatterMoE idea: never materialise a padded or sorted copy of x or y.
-  kernel 1 (_gate_up_kernel): h_NF[n] = silu(x[order[n]] @ gate_s.T) * (x[order[n]] @ up_s.T)
+  kernel 1 (_gate_up_kernel): h_XF[n] = silu(x[order[n]] @ gate_s.T) * (x[order[n]] @ up_s.T)
             rows of x are gathered by index inside the GEMM's A-tile loads; gate and up are two
-            accumulators of the same program, so the SwiGLU is its epilogue (no N x 2F tensor).
-  kernel 2 (_down_kernel):    y_MD[order[n]] = h_NF[n] @ down_s.T
+            accumulators of the same program, so the SwiGLU is its epilogue (no X x 2F tensor).
+  kernel 2 (_down_kernel):    y_MD[order[n]] = h_XF[n] @ down_s.T
             the result rows are scattered by the same index in the store.
-h_NF is in slot-sorted order, so kernel 2 reads contiguous rows.
+h_XF is in slot-sorted order, so kernel 2 reads contiguous rows.
 
 Work decomposition without a host sync: the grid covers an upper bound of M-blocks,
-N//BM + min(S, N) (each slot adds at most one partial block). Each program finds its slot
+X//BM + min(S, X) (each slot adds at most one partial block). Each program finds its slot
 on the device from slot_offsets (a cumulative count of per-slot blocks, in registers);
 programs past the real number of blocks exit at once, and empty slots own no block.
 Each listed row belongs to exactly one block, so every row of h and every listed row of y
@@ -186,7 +186,7 @@ def _down_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-# Tile table. Key: the mean rows per touched slot r = N / min(S, N) and the ffn width F, both
+# Tile table. Key: the mean rows per touched slot r = X / min(S, X) and the ffn width F, both
 # host-known (no sync). Values: the winners of the tile sweep (`python -m moeray.bench.kernel
 # --sweep`) on one NVIDIA H100 80GB HBM3, 2026-11-22 (docs/benchmarks/kernel-notes.md, run 1).
 # The first row with r <= r_max and F >= F_min applies. BM = 16 rows is the smallest tl.dot tile:
@@ -207,10 +207,10 @@ _TABLE: list[tuple[float, int, TileConfig, TileConfig]] = [
 del C
 
 
-def pick_configs(N: int, S: int, D: int, F: int, itemsize: int = 2) -> tuple[TileConfig, TileConfig]:
+def pick_configs(X: int, S: int, D: int, F: int, itemsize: int = 2) -> tuple[TileConfig, TileConfig]:
     """Tiles for this shape; 4-byte (fp32) elements halve BK so shared memory per stage stays as
     measured for bf16 (the bf16 tiles overflow the 227 KB limit in fp32, seen on the H100)."""
-    r = N / max(1, min(S, N))
+    r = X / max(1, min(S, X))
     for r_max, f_min, up_cfg, down_cfg in _TABLE:
         if r <= r_max and F >= f_min:
             if itemsize > 2:
@@ -226,10 +226,10 @@ def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _launch(kernel, cfg: TileConfig, n_cols: int, N: int, S: int, D: int, F: int,
+def _launch(kernel, cfg: TileConfig, n_cols: int, X: int, S: int, D: int, F: int,
             ptrs: tuple, strides: tuple, **constexprs) -> None:
     """One program per (M-block upper bound) x (tile of n_cols output columns)."""
-    num_m_ub = N // cfg.BM + min(S, N)  # upper bound on real M-blocks (see module docstring)
+    num_m_ub = X // cfg.BM + min(S, X)  # upper bound on real M-blocks (see module docstring)
     grid = (num_m_ub * triton.cdiv(n_cols, cfg.BN),)
     kernel[grid](
         *ptrs, S, D, F, num_m_ub, *strides,
@@ -243,34 +243,34 @@ def expert_mlp_triton(
     w13_SHD: torch.Tensor,
     w2_SDF: torch.Tensor,
     slot_offsets_S1: torch.Tensor,
-    order_N: torch.Tensor | None = None,
+    order_X: torch.Tensor | None = None,
     cfg_up: TileConfig | None = None,
     cfg_down: TileConfig | None = None,
     width_S: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Two launches, no host sync: gate/up + SwiGLU into h_NF, then down + scatter into y_MD.
+    """Two launches, no host sync: gate/up + SwiGLU into h_XF, then down + scatter into y_MD.
 
     ``width_S`` (int [S], optional): columns each slot uses; tiles past a slot's width are
     skipped (gate/up programs return, the down loop stops), so a shard costs its width."""
     M, D = x_MD.shape
     S, H, _ = w13_SHD.shape
     F_ = H // 2
-    N = M if order_N is None else order_N.numel()
+    X = M if order_X is None else order_X.numel()
     assert slot_offsets_S1.numel() == S + 1 and w2_SDF.shape == (S, D, F_)
     x_MD = x_MD.contiguous()
     w13_SHD = w13_SHD.contiguous()
     w2_SDF = w2_SDF.contiguous()
-    # A permutation (N == M, each row once) writes every row of y; otherwise unlisted rows must be 0.
-    y_MD = _empty((M, D), x_MD) if N == M else torch.zeros_like(x_MD)
-    if N == 0:
+    # A permutation (X == M, each row once) writes every row of y; otherwise unlisted rows must be 0.
+    y_MD = _empty((M, D), x_MD) if X == M else torch.zeros_like(x_MD)
+    if X == 0:
         return y_MD
     if cfg_up is None or cfg_down is None:
-        up_default, down_default = pick_configs(N, S, D, F_, x_MD.element_size())
+        up_default, down_default = pick_configs(X, S, D, F_, x_MD.element_size())
         cfg_up = cfg_up or up_default
         cfg_down = cfg_down or down_default
-    h_NF = _empty((N, F_), x_MD)
-    has_order = order_N is not None
-    order = order_N if has_order else slot_offsets_S1  # dummy pointer, never read when HAS_ORDER=False
+    h_XF = _empty((X, F_), x_MD)
+    has_order = order_X is not None
+    order = order_X if has_order else slot_offsets_S1  # dummy pointer, never read when HAS_ORDER=False
     # int32 (shard_slots.width_of_worker builds it so: no conversion per step); dummy pointer likewise
     width = width_S.to(torch.int32).contiguous() if width_S is not None else slot_offsets_S1
     common = dict(
@@ -281,15 +281,15 @@ def expert_mlp_triton(
         UPCAST=_INTERPRET and x_MD.dtype != torch.float32,
     )
     _launch(
-        _gate_up_kernel, cfg_up, F_, N, S, D, F_,
-        (x_MD, w13_SHD, h_NF, order, slot_offsets_S1, width),
-        (x_MD.stride(0), w13_SHD.stride(0), w13_SHD.stride(1), h_NF.stride(0)),
+        _gate_up_kernel, cfg_up, F_, X, S, D, F_,
+        (x_MD, w13_SHD, h_XF, order, slot_offsets_S1, width),
+        (x_MD.stride(0), w13_SHD.stride(0), w13_SHD.stride(1), h_XF.stride(0)),
         EVEN_K=D % cfg_up.BK == 0, K_ALIGN=cfg_down.BK, **common,
     )
     _launch(
-        _down_kernel, cfg_down, D, N, S, D, F_,
-        (h_NF, w2_SDF, y_MD, order, slot_offsets_S1, width),
-        (h_NF.stride(0), w2_SDF.stride(0), w2_SDF.stride(1), y_MD.stride(0)),
+        _down_kernel, cfg_down, D, X, S, D, F_,
+        (h_XF, w2_SDF, y_MD, order, slot_offsets_S1, width),
+        (h_XF.stride(0), w2_SDF.stride(0), w2_SDF.stride(1), y_MD.stride(0)),
         EVEN_K=F_ % cfg_down.BK == 0, **common,
     )
     return y_MD

@@ -57,7 +57,7 @@ class DenseExperts(nn.Module):
             token_idx, k_idx = torch.nonzero(topk_ids_TK == expert, as_tuple=True)
             if token_idx.numel() == 0:
                 continue
-            y_ND = swiglu(x_TD[token_idx], self.w13_EHD[expert], self.w2_EDF[expert])
-            weight_N1 = topk_weights_TK[token_idx, k_idx].unsqueeze(-1)
-            out_TD.index_add_(0, token_idx, (y_ND.float() * weight_N1))
+            y_XD = swiglu(x_TD[token_idx], self.w13_EHD[expert], self.w2_EDF[expert])
+            weight_X1 = topk_weights_TK[token_idx, k_idx].unsqueeze(-1)
+            out_TD.index_add_(0, token_idx, (y_XD.float() * weight_X1))
         return out_TD.to(x_TD.dtype)

@@ -133,9 +133,9 @@ def test_compiled_tiles_cover_the_resident_kernel_at_any_rows_per_slot():
     before = [_compiled(k) for k in kernels]
     for rows_per_slot in (1, 4, 12, 40, 90, 200, 600):
         N = rows_per_slot * B
-        x_ND = (torch.randn(N, D, generator=gen) * 0.1).to(torch.bfloat16).cuda()
+        x_XD = (torch.randn(N, D, generator=gen) * 0.1).to(torch.bfloat16).cuda()
         offsets_B1 = torch.arange(0, N + 1, rows_per_slot, device="cuda")
-        triton_swiglu.expert_mlp_triton(x_ND, w13_BHD, w2_BDF, offsets_B1, torch.arange(N, device="cuda"))
+        triton_swiglu.expert_mlp_triton(x_XD, w13_BHD, w2_BDF, offsets_B1, torch.arange(N, device="cuda"))
     torch.cuda.synchronize()
     assert [_compiled(k) for k in kernels] == before
 

@@ -23,24 +23,24 @@ def make(M, N, S, D, F, dtype, seed=0, sorted_x=False):
     p = torch.rand(S, device="cuda", generator=g) ** 3
     if S > 1:
         p[:: max(2, S // 3)] = 0  # leaves index 1 (and others) non-zero
-    slot_N = torch.multinomial(p / p.sum(), N, replacement=True, generator=g).sort().values
-    offs_S1 = torch.cat([slot_N.new_zeros(1), torch.bincount(slot_N, minlength=S).cumsum(0)])
-    order_N = None if sorted_x else torch.randperm(M, device="cuda", generator=g)[:N]
-    return x_MD, w13_SHD, w2_SDF, offs_S1, order_N
+    slot_X = torch.multinomial(p / p.sum(), N, replacement=True, generator=g).sort().values
+    offs_S1 = torch.cat([slot_X.new_zeros(1), torch.bincount(slot_X, minlength=S).cumsum(0)])
+    order_X = None if sorted_x else torch.randperm(M, device="cuda", generator=g)[:N]
+    return x_MD, w13_SHD, w2_SDF, offs_S1, order_X
 
 
-def dense_f64(x_MD, w13_SHD, w2_SDF, offs_S1, order_N):
+def dense_f64(x_MD, w13_SHD, w2_SDF, offs_S1, order_X):
     M, D = x_MD.shape
     F = w2_SDF.shape[2]
     N = offs_S1[-1].item()
-    order_N = torch.arange(M, device=x_MD.device) if order_N is None else order_N
-    slot_N = torch.searchsorted(offs_S1, torch.arange(N, device=x_MD.device), right=True) - 1
+    order_X = torch.arange(M, device=x_MD.device) if order_X is None else order_X
+    slot_X = torch.searchsorted(offs_S1, torch.arange(N, device=x_MD.device), right=True) - 1
     y_MD = torch.zeros(M, D, dtype=torch.float64, device=x_MD.device)
-    x_ND = x_MD.double()[order_N]
-    for s in slot_N.unique().tolist():  # per slot, but in float64 and through a boolean mask
-        m = slot_N == s
-        h13 = x_ND[m] @ w13_SHD[s].double().T
-        y_MD[order_N[m]] = (torch.nn.functional.silu(h13[:, :F]) * h13[:, F:]) @ w2_SDF[s].double().T
+    x_XD = x_MD.double()[order_X]
+    for s in slot_X.unique().tolist():  # per slot, but in float64 and through a boolean mask
+        m = slot_X == s
+        h13 = x_XD[m] @ w13_SHD[s].double().T
+        y_MD[order_X[m]] = (torch.nn.functional.silu(h13[:, :F]) * h13[:, F:]) @ w2_SDF[s].double().T
     return y_MD
 
 
@@ -109,7 +109,7 @@ def test_triton_shard_widths(poisoned, dtype, shape):
     over the same zero-padded weights, for widths 1, odd, tile-straddling and whole; no host sync."""
     from moeray.kernels import expert_mlp
 
-    x_MD, w13_SHD, w2_SDF, offs_S1, order_N = make(*shape, dtype, seed=11)
+    x_MD, w13_SHD, w2_SDF, offs_S1, order_X = make(*shape, dtype, seed=11)
     S, F = w13_SHD.shape[0], w2_SDF.shape[2]
     g = torch.Generator().manual_seed(sum(shape))
     width_S = torch.randint(1, F + 1, (S,), generator=g)
@@ -119,13 +119,13 @@ def test_triton_shard_widths(poisoned, dtype, shape):
     w13_SHD = w13_SHD * keep_SH[:, :, None]
     w2_SDF = w2_SDF * cols.to("cuda")[:, None, :]
     width_S = width_S.to("cuda")
-    got = expert_mlp(x_MD, w13_SHD, w2_SDF, offs_S1, order_N, impl="triton", width_S=width_S)
+    got = expert_mlp(x_MD, w13_SHD, w2_SDF, offs_S1, order_X, impl="triton", width_S=width_S)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert rel(got, dense_f64(x_MD, w13_SHD, w2_SDF, offs_S1, order_N)) < tol
+    assert rel(got, dense_f64(x_MD, w13_SHD, w2_SDF, offs_S1, order_X)) < tol
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        expert_mlp(x_MD, w13_SHD, w2_SDF, offs_S1, order_N, impl="triton", width_S=width_S)
+        expert_mlp(x_MD, w13_SHD, w2_SDF, offs_S1, order_X, impl="triton", width_S=width_S)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -137,13 +137,13 @@ def test_unpermute_weighted_triton(T, K, D, dtype):
     from moeray.kernels.combine import unpermute_weighted
 
     g = torch.Generator(device="cuda").manual_seed(T + K + D)
-    rows_ND = torch.randn(T * K, D, device="cuda", generator=g).to(dtype)
-    send_order_N = torch.randperm(T * K, device="cuda", generator=g)
+    rows_XD = torch.randn(T * K, D, device="cuda", generator=g).to(dtype)
+    send_order_X = torch.randperm(T * K, device="cuda", generator=g)
     weights_TK = torch.rand(T, K, device="cuda", generator=g)
-    y_ND = torch.empty(T * K, D, dtype=torch.float64, device="cuda")
-    y_ND[send_order_N] = rows_ND.double()
-    ref_TD = (y_ND.view(T, K, D) * weights_TK.double().unsqueeze(-1)).sum(1)
-    out_TD = unpermute_weighted(rows_ND, send_order_N, weights_TK, impl="triton")
+    y_XD = torch.empty(T * K, D, dtype=torch.float64, device="cuda")
+    y_XD[send_order_X] = rows_XD.double()
+    ref_TD = (y_XD.view(T, K, D) * weights_TK.double().unsqueeze(-1)).sum(1)
+    out_TD = unpermute_weighted(rows_XD, send_order_X, weights_TK, impl="triton")
     assert out_TD.dtype == dtype
     err = ((out_TD.double() - ref_TD).norm() / ref_TD.norm()).item()
     assert err < (1e-6 if dtype == torch.float32 else 1e-2), err

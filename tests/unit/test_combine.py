@@ -31,19 +31,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def build(name: str, dtype: torch.dtype, seed: int = 0):
     T, K, D = CASES[name]
     g = torch.Generator().manual_seed(seed + T * 31 + K)
-    rows_ND = torch.randn(T * K, D, generator=g).to(dtype)
-    send_order_N = torch.randperm(T * K, generator=g)
+    rows_XD = torch.randn(T * K, D, generator=g).to(dtype)
+    send_order_X = torch.randperm(T * K, generator=g)
     weights_TK = torch.rand(T, K, generator=g)
-    return rows_ND, send_order_N, weights_TK
+    return rows_XD, send_order_X, weights_TK
 
 
-def loop_f64(rows_ND, send_order_N, weights_TK):
+def loop_f64(rows_XD, send_order_X, weights_TK):
     """Independent of both implementations: pair n = t*K + k sits at row i where send_order[i] = n."""
     T, K = weights_TK.shape
-    out = torch.zeros(T, rows_ND.shape[1], dtype=torch.float64)
-    for i, n in enumerate(send_order_N.tolist()):
+    out = torch.zeros(T, rows_XD.shape[1], dtype=torch.float64)
+    for i, n in enumerate(send_order_X.tolist()):
         t, k = divmod(n, K)
-        out[t] += float(weights_TK[t, k]) * rows_ND[i].double()
+        out[t] += float(weights_TK[t, k]) * rows_XD[i].double()
     return out
 
 

@@ -54,10 +54,10 @@ def build(name: str, dtype: torch.dtype, seed: int = 0):
     w2_SDF = (torch.randn(S, D, F, generator=g) / F**0.5).to(dtype)
     offs_S1 = torch.tensor([0] + counts).cumsum(0)
     N = sum(counts)
-    order_N = None if kind == "none" else torch.randperm(M, generator=g)[:N]
+    order_X = None if kind == "none" else torch.randperm(M, generator=g)[:N]
     if kind == "none":
         assert N == M
-    return x_MD, w13_SHD, w2_SDF, offs_S1, order_N
+    return x_MD, w13_SHD, w2_SDF, offs_S1, order_X
 
 
 def truncated(w13_SHD, w2_SDF, width_S):
@@ -67,7 +67,7 @@ def truncated(w13_SHD, w2_SDF, width_S):
     return w13_SHD * used_SF.repeat(1, 2)[:, :, None], w2_SDF * used_SF[:, None, :]
 
 
-def dense_f64(x_MD, w13_SHD, w2_SDF, offs_S1, order_N, width_S=None):
+def dense_f64(x_MD, w13_SHD, w2_SDF, offs_S1, order_X, width_S=None):
     """Independent of the slot loop: every listed row gets its slot's weights gathered, in float64."""
     M, _ = x_MD.shape
     S, H, _ = w13_SHD.shape
@@ -75,13 +75,13 @@ def dense_f64(x_MD, w13_SHD, w2_SDF, offs_S1, order_N, width_S=None):
     if width_S is not None:
         w13_SHD, w2_SDF = truncated(w13_SHD, w2_SDF, width_S)
     N = int(offs_S1[-1])
-    order_N = torch.arange(M) if order_N is None else order_N
-    slot_N = torch.searchsorted(offs_S1, torch.arange(N), right=True) - 1
-    x_ND = x_MD.double()[order_N]
-    h13_NH = torch.einsum("nd,nhd->nh", x_ND, w13_SHD.double()[slot_N])
-    h_NF = torch.nn.functional.silu(h13_NH[:, :F]) * h13_NH[:, F:]
+    order_X = torch.arange(M) if order_X is None else order_X
+    slot_X = torch.searchsorted(offs_S1, torch.arange(N), right=True) - 1
+    x_XD = x_MD.double()[order_X]
+    h13_XH = torch.einsum("nd,nhd->nh", x_XD, w13_SHD.double()[slot_X])
+    h_XF = torch.nn.functional.silu(h13_XH[:, :F]) * h13_XH[:, F:]
     y_MD = torch.zeros(M, x_MD.shape[1], dtype=torch.float64)
-    y_MD[order_N] = torch.einsum("nf,ndf->nd", h_NF, w2_SDF.double()[slot_N])
+    y_MD[order_X] = torch.einsum("nf,ndf->nd", h_XF, w2_SDF.double()[slot_X])
     return y_MD
 
 
@@ -151,9 +151,9 @@ def test_reference_widths(name, dname):
     width_S = torch.tensor(WIDTHS[name])
     assert rel_err(expert_mlp(*args, impl="reference", width_S=width_S), dense_f64(*args, width_S)) < TOL[dtype]
     # zero-padded shards (the engine's layout) give the same result without widths (grouped_mm's way)
-    x_MD, w13_SHD, w2_SDF, offs_S1, order_N = args
+    x_MD, w13_SHD, w2_SDF, offs_S1, order_X = args
     padded = truncated(w13_SHD, w2_SDF, width_S)
-    assert rel_err(expert_mlp(x_MD, *padded, offs_S1, order_N, impl="reference"), dense_f64(*args, width_S)) < TOL[dtype]
+    assert rel_err(expert_mlp(x_MD, *padded, offs_S1, order_X, impl="reference"), dense_f64(*args, width_S)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dname", list(DTYPES))
