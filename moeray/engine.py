@@ -187,6 +187,11 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
             self.poll_rebalance()
         return outs
 
+    @property
+    def has_staged(self) -> bool:
+        """A placement is staged on every worker, waiting for a step to commit it."""
+        return self._staged is not None
+
     def take_staged(self) -> dict | None:
         """The placement staged on every worker, for the step about to be sent to commit it. From
         now until `committed`, the workers may be on either version (recover() adopts it)."""

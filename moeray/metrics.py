@@ -302,6 +302,7 @@ class ServingMetrics:
             families += tier_families(self.model_name, view["tier"], committed)
         return families
 
+
 def _family(kind, name: str, doc: str, extra_labels: tuple[str, ...] = ()):
     """A metric family whose every sample carries model_name (first) and `extra_labels`."""
     return kind(name, doc, labels=("model_name", *extra_labels))

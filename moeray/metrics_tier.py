@@ -9,18 +9,15 @@ from __future__ import annotations
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-
-def _family(kind, name: str, doc: str, extra_labels: tuple[str, ...] = ()):
-    return kind(name, doc, labels=("model_name", *extra_labels))
-
-
 # (counts key, metric name, doc) of the per-worker counters
 _COUNTERS = (
     ("host_rows", "moeray:tier_host_rows", "Rows routed to host-slot experts and computed in host memory."),
     ("fetched_rows", "moeray:tier_fetched_rows",
      "Rows routed to host-slot experts whose weights were fetched to the device for them."),
-    ("host_experts", "moeray:tier_host_experts", "Touched host-slot experts computed in host memory, per layer step."),
-    ("fetched_experts", "moeray:tier_fetched_experts", "Touched host-slot experts fetched to the device, per layer step."),
+    ("host_experts", "moeray:tier_host_expert_steps",
+     "Layer steps of host-slot experts computed in host memory (one per touched expert and layer step)."),
+    ("fetched_experts", "moeray:tier_fetched_expert_steps",
+     "Layer steps of host-slot experts fetched to the device (one per touched expert and layer step)."),
     ("copied_bytes", "moeray:tier_copied_bytes",
      "Expert weight bytes fetched from host memory to the device (unused prefetches included)."),
     ("host_s", "moeray:tier_host_seconds", "Wall time of the host tier's expert math."),
@@ -30,6 +27,8 @@ _COUNTERS = (
 def tier_families(m: str, tier: dict, committed: list[dict]) -> list:
     """The families of the coordinator's tier view (CoordinatorCore.view()["tier"]) for model `m`;
     `committed`: its committed rebalance records. One label beyond model_name at most (worker)."""
+    from moeray.metrics import _family  # metrics imports this module
+
     device = _family(GaugeMetricFamily, "moeray:tier_device_slots", "Device-memory expert slots per layer of a worker.")
     device.add_metric([m], tier["device_slots"])
     host = _family(GaugeMetricFamily, "moeray:tier_host_slots", "Host-memory expert slots per layer of a worker.")

@@ -41,6 +41,9 @@ class LoadSnapshot:
     tier: dict | None = None  # host-tier counts over the range (host_tier.tier_totals' keys); None: no tier
 
     def encode(self) -> bytes:
+        negative = sorted(name for name, value in (self.tier or {}).items() if value < 0)
+        if negative:
+            raise ValueError(f"snapshot tier counts must be >= 0, got {', '.join(f'{n}={self.tier[n]}' for n in negative)}")
         return msgpack.packb({
             "schema": SCHEMA_VERSION, "worker": self.worker, "epoch": self.epoch,
             "step_lo": self.step_lo, "step_hi": self.step_hi, "version": self.version,

@@ -63,11 +63,17 @@ class StagingPool:
         return self._launcher
 
     def close(self) -> None:
-        """Stop the launch thread (if one started); the pool launches inline after this."""
+        """Stop the launch thread (if one started) and let go of the layers and the staging
+        buffers: the layers point at their pool and the pool at its layers, so a pool replaced
+        by a rebuilt tier would otherwise keep every old layer's host slots until a garbage
+        collection. A layer that still steps on it launches inline and stages afresh."""
         if self._launcher is not None:
             self._launcher.close()
             self._launcher = None
         self.threaded = False
+        if self.prefetched is not None and self.prefetched.ready is not None:
+            self.prefetched.ready.synchronize()  # host sync: its copies still read the old host slots
+        self.prefetched, self.layers, self.buffers, self.freed = None, {}, None, [None, None]
 
     def cuda_streams(self):
         if self.streams is None:

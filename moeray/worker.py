@@ -123,9 +123,12 @@ class Worker(SlotMigration):
         compute gets its share of the node's CPUs; the rates the auto path and the coordinator's
         tiering decide by are measured here, once, for this model's expert shape (about a second)."""
         tier = self.config.tier
-        self.tier_set_up_for = self.config.parallel.num_workers  # threads and rates hold for this many workers
+        if getattr(self, "_staging_pool", None) is not None:
+            self._staging_pool.close()  # a rebuilt tier (reconfigure) replaces it: its thread ends
+            self._staging_pool = None
         if not tier.enabled or tier.device_slots_of(self.config.slots_per_worker) >= self.config.slots_per_worker:
             self.tier_rates_measured = None
+            self.tier_set_up_for = self.config.parallel.num_workers
             return None
         if self.device.type == "cuda":
             torch.set_num_threads(host_threads(tier.host_threads, self.config.parallel.num_workers, tier.launch_thread))
@@ -133,10 +136,9 @@ class Worker(SlotMigration):
         self.tier_rates_measured = measure_rates(cfg.hidden_size, cfg.moe_intermediate_size, self.dtype, self.device)
         host_slots = self.config.slots_per_worker - tier.device_slots_of(self.config.slots_per_worker)
         # one for all layers; a CPU worker never threads its launches (they are its compute)
-        if getattr(self, "_staging_pool", None) is not None:
-            self._staging_pool.close()  # a rebuilt tier (reconfigure) replaces it: its thread ends
         self._staging_pool = StagingPool(min(tier.fetch_slots, host_slots), self.device,
                                          tier.launch_thread and self.device.type == "cuda")
+        self.tier_set_up_for = self.config.parallel.num_workers  # threads and rates hold for this many workers
         return ColdPath(tier.cold_path, self.tier_rates_measured, tier.fetch_slots, tier.prefetch, tier.host_margin)
 
     def tier_rates(self):

@@ -108,8 +108,9 @@ class GenerationDriver:
 
         With `parallel.step_loop = "workers"` (the default) the workers step on their own: this
         sends what the scheduler admitted or aborted and collects what the workers produced
-        meanwhile (waiting up to a few ms for it). With "driver" it runs exactly one lockstep
-        engine step (the simple reference path)."""
+        meanwhile (waiting up to a few ms for it). With "driver" it runs one lockstep engine step
+        (the simple reference path), unless no worker has anything to do and the step would
+        neither commit a staged placement nor meet a lost worker (it recovers then)."""
         if self.engine.target_workers != len(self.engine.workers) and self.engine.healthy:
             try:
                 self._advance_membership()
@@ -120,10 +121,11 @@ class GenerationDriver:
         start = time.perf_counter()
         plans = self.scheduler.plan()
         planned = time.perf_counter()
-        if not self.scheduler.running and not any(plan.new or plan.abort for plan in plans):
-            # Nothing on any worker: no lockstep step (the worker loops go idle the same way). One
-            # would run empty exchanges only, and count a step of zero load into the statistics
-            # window (a driver stepping while new workers start filled it with zeros).
+        idle = not self.scheduler.running and not any(plan.new or plan.abort for plan in plans)
+        if idle and self.engine.healthy and not self.engine.has_staged:
+            # Nothing on any worker, nothing to commit: no lockstep step (the worker loops idle so
+            # too). It would run empty exchanges only and count a step of zero load into the
+            # statistics window (a driver stepping while new workers started filled it with zeros).
             outputs, self._held_outputs = self._held_outputs, []
             return outputs
         try:

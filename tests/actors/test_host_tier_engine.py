@@ -144,15 +144,21 @@ def test_a_scale_sets_the_host_tier_up_again_for_the_new_worker_count(tiered):
     engine, reference, reader, cfg = tiered
     stream = DriftingStream(cfg.vocab_size, 48, phase_steps=1000, hot_fraction=0.9, seed=13)
 
-    def set_up_for():
-        return ray.get([w.__ray_call__.remote(lambda self: (self.tier_set_up_for, self.tier_rates_measured is not None))
-                        for w in engine.workers])
+    def set_up():
+        """Per worker: (count it is set up for, id of its rates, every layer on its cold path and pool)."""
+        return ray.get([w.__ray_call__.remote(lambda self: (
+            self.tier_set_up_for, id(self.tier_rates_measured),
+            all(e.host.path is self._cold_path and e.host.pool is self._staging_pool
+                and self._cold_path.rates is self.tier_rates_measured for e in self._slot_experts())))
+            for w in engine.workers])
 
-    assert set_up_for() == [(2, True)] * 2
+    before = set_up()
+    assert [(count, current) for count, _, current in before] == [(2, True)] * 2
     GenerationDriver(engine).scale(1)  # it ends the worker loops first
-    assert set_up_for() == [(1, True)]
+    (count, rates_id, current), = set_up()
+    assert (count, current) == (1, True) and rates_id != before[0][1]  # measured again (the old ones lived on)
     serve_checked(engine, reference, stream, 2)
     GenerationDriver(engine).scale(2)
-    assert set_up_for() == [(2, True)] * 2
+    assert [(count, current) for count, _, current in set_up()] == [(2, True)] * 2
     serve_checked(engine, reference, stream, 2)
     assert_every_slot_holds_its_expert(engine, reader)

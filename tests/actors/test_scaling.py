@@ -89,8 +89,12 @@ def test_scale_up_and_down_while_requests_are_in_flight(ray_cluster, model, step
         version = llm.rebalance()
         # None: no plan was staged; the engine and the coordinator keep why
         assert version is not None, _why_no_plan(llm)
-        out = llm.generate([[7, 8, 9]], PARAMS)[0]
+        for _ in range(200):  # an idle engine still commits it (the driver's step: exactly one step)
+            driver.step()
+            if llm.engine.placement().version == version:
+                break
         assert llm.engine.placement().version == version
+        out = llm.generate([[7, 8, 9]], PARAMS)[0]
         assert list(out.outputs[0].token_ids) == greedy_generate(reference, [7, 8, 9], PARAMS.max_tokens)
 
 

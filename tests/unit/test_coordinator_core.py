@@ -117,6 +117,8 @@ def test_snapshot_wire_round_trip_and_schema_check():
     assert back.tier is None
     tier = {"host_rows": 7, "fetched_rows": 30, "host_s": 0.0125, "copied_bytes": 3 * 2 ** 31}  # past int32
     assert LoadSnapshot.decode(dataclasses.replace(snap, tier=tier).encode()).tier == tier
+    with pytest.raises(ValueError, match="fetched_rows=-2"):  # a worker's differences went backwards
+        dataclasses.replace(snap, tier={**tier, "fetched_rows": -2}).encode()
     import msgpack
 
     bad = msgpack.unpackb(snap.encode())

@@ -215,8 +215,8 @@ def test_host_tier_metrics_come_from_the_coordinators_tier_counts():
         labels = frozenset({("worker", worker)})
         assert values[("moeray:tier_host_rows_total", labels)] == host_rows
         assert values[("moeray:tier_fetched_rows_total", labels)] == 12
-        assert values[("moeray:tier_host_experts_total", labels)] == 1
-        assert values[("moeray:tier_fetched_experts_total", labels)] == 3
+        assert values[("moeray:tier_host_expert_steps_total", labels)] == 1
+        assert values[("moeray:tier_fetched_expert_steps_total", labels)] == 3
         assert values[("moeray:tier_copied_bytes_total", labels)] == 4000
         assert values[("moeray:tier_host_seconds_total", labels)] == 0.25
     assert ("moeray:tier_host_rows_total", frozenset({("worker", "1")})) not in values  # never reported
