@@ -319,53 +319,6 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
                 return None
         return None if self._staged is None else self._staged["version"]
 
-    def stats(self, flush: bool = True) -> dict:
-        """Coordinator view: windowed load [L, E], per-worker load [L, W], imbalance mean/worst,
-        placement version and the log of every rebalance. `flush` ships the workers' pending
-        counts first and waits until the coordinator has them."""
-        if self.coordinator is None:
-            raise RuntimeError("stats need stats.enabled=True")
-        self._coordinator_started(block=True)
-        try:
-            if flush:
-                self._flush_stats()
-            summary = self._get(self.coordinator.summary.remote(), 60, "stats")
-        except (WorkerLost, RayActorError) as exc:
-            if self._coordinator_alive():
-                raise
-            # The coordinator is gone: rebuilt (placement, log, load so far), then asked again.
-            self.restart_coordinator(f"coordinator lost: {type(exc).__name__}")
-            summary = self._get(self.coordinator.summary.remote(), 60, "stats")
-        self._coordinator_records = summary["rebalances"]
-        summary["events"] = list(self.events)
-        summary["epoch"] = self.epoch
-        summary["workers"] = len(self.workers)
-        summary["target_workers"] = self.target_workers
-        summary["rebalance_health"] = self.rebalance_health()
-        p = self._placement
-        summary["worker_load_LW"] = worker_loads(summary["load_LE"], p.phy2log, p.slots_per_worker, p.replica_weights,
-                                                 p.shard_width)
-        return summary
-
-    def _flush_stats(self) -> None:
-        """Workers ship their pending counts; returns once the coordinator has them. With the worker
-        loops running the request is a loop message, so every worker ships at the same step."""
-        if self.loops is not None and self.loops.running:
-            self.loops.flush()
-            return
-        boxes = self._get([w.flush_stats.remote() for w in self.workers], 60, "flush stats")
-        self._get([ref for box in boxes for ref in box], 60, "flush stats")
-
-    def set_stats_recording(self, enabled: bool) -> None:
-        """Switch routing statistics on or off on every worker (e.g. to measure their cost)."""
-        if enabled and self.coordinator is None:
-            raise RuntimeError("stats recording needs stats.enabled=True at start-up")
-        self._get([w.set_stats_recording.remote(enabled) for w in self.workers], 60, "set stats recording")
-        if enabled and self.loops is not None and self.loops.running:
-            # The loops may have been at different steps when counting resumed: one agreed flush
-            # realigns every worker's next step range (the misaligned partial one is dropped).
-            self.loops.flush()
-
     def placement(self) -> Placement:
         """The placement every worker runs now (committed; a staged one is not yet in effect)."""
         return self._placement
@@ -376,7 +329,7 @@ class Engine(RecoveryMixin, CoordinatorLinkMixin):
         return np.sum(counts, axis=0)
 
     def worker_load(self, load_LE: np.ndarray | None = None) -> np.ndarray:
-        """[L, N] pairs each worker computes under the current placement and replica split weights."""
+        """[L, W] pairs each worker computes under the current placement and replica split weights."""
         p = self._placement
         return worker_loads(self.load() if load_LE is None else load_LE, p.phy2log, p.slots_per_worker, p.replica_weights,
                             p.shard_width)
