@@ -22,8 +22,8 @@ from placement.fault_aware import FaultAwareOptions
 from placement import Placement, Topology
 from placement.metrics import imbalance, imbalance_of_worker_loads, worker_loads
 from placement.planner import Plan
-from placement.policy import Decision, PolicyConfig, PolicyState, PolicyStats, decide
-from placement.stats import DecayedLoad, LoadWindow
+from placement.policy import Decision, PolicyConfig, PolicyState, PolicyStats, decide, decision_metric
+from placement.stats import DecayedLoad, LoadWindow, load_shift
 
 from moeray.coordinator_timeline import rows_around_last_commit, step_timeline, sum_rows
 from moeray.rebalance_log import RebalanceRecord
@@ -32,19 +32,6 @@ from moeray.stats_wire import LoadSnapshot
 from moeray.tier_control import TierControl
 
 _HISTORY_LIMIT = 4096  # step ranges kept for stats(); older ones are dropped
-
-
-def load_shift(a_LE: np.ndarray, b_LE: np.ndarray) -> float:
-    """Mean over layers of the total-variation distance between two loads' expert distributions
-    (0: same shape, 1: disjoint). Per-batch noise keeps it small; a drift of hot experts does not."""
-    a = a_LE / np.maximum(a_LE.sum(axis=1, keepdims=True), 1e-12)
-    b = b_LE / np.maximum(b_LE.sum(axis=1, keepdims=True), 1e-12)
-    return float(0.5 * np.abs(a - b).sum(axis=1).mean())
-
-
-def decision_metric(imbalance_L: np.ndarray) -> float:
-    """What the policy's gain compares: (mean over layers + worst layer) / 2."""
-    return 0.5 * (float(np.mean(imbalance_L)) + float(np.max(imbalance_L)))
 
 
 @dataclass

@@ -77,3 +77,8 @@ def decide(state: PolicyState, stats: PolicyStats, now: float, config: PolicyCon
             state, streak=streak
         )
     return Decision(True, f"gain {gain:.3f} >= {config.min_gain}", gain), PolicyState(last_rebalance_s=now, streak=0)
+
+
+def decision_metric(imbalance_L: np.ndarray) -> float:
+    """What the policy's gain compares: (mean over layers + worst layer) / 2."""
+    return 0.5 * (float(np.mean(imbalance_L)) + float(np.max(imbalance_L)))

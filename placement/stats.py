@@ -91,3 +91,10 @@ class DecayedLoad:
             raise ValueError("DecayedLoad has no data yet")
         return self.load
 
+
+def load_shift(a_LE: np.ndarray, b_LE: np.ndarray) -> float:
+    """Mean over layers of the total-variation distance between two loads' expert distributions
+    (0: same shape, 1: disjoint). Per-batch noise keeps it small; a drift of hot experts does not."""
+    a = a_LE / np.maximum(a_LE.sum(axis=1, keepdims=True), 1e-12)
+    b = b_LE / np.maximum(b_LE.sum(axis=1, keepdims=True), 1e-12)
+    return float(0.5 * np.abs(a - b).sum(axis=1).mean())

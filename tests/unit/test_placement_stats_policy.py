@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from placement.policy import PolicyConfig, PolicyState, PolicyStats, decide
-from placement.stats import DecayedLoad, LoadWindow
+from placement.policy import PolicyConfig, PolicyState, PolicyStats, decide, decision_metric
+from placement.stats import DecayedLoad, LoadWindow, load_shift
 
 
 def test_window_keeps_the_last_steps_and_is_immutable():
@@ -55,3 +55,11 @@ def test_policy_hysteresis_cooldown_and_min_tokens():
     assert not d.rebalance and s3.streak == 0
     with pytest.raises(ValueError):
         PolicyConfig(min_gain=0.9)
+
+
+def test_load_shift_is_zero_for_one_shape_and_one_for_disjoint_loads_and_decision_metric_averages():
+    a_LE = np.array([[4.0, 0.0, 0.0], [1.0, 1.0, 2.0]])
+    assert load_shift(a_LE, 10 * a_LE) == 0.0  # the scale does not matter, the shape does
+    assert load_shift(np.array([[1.0, 0.0]]), np.array([[0.0, 3.0]])) == 1.0
+    assert load_shift(a_LE, np.zeros_like(a_LE)) == 0.5  # against no load: half of a's distribution, each layer
+    assert decision_metric(np.array([1.0, 1.5, 2.5])) == 0.5 * (5.0 / 3 + 2.5)
