@@ -6,15 +6,14 @@ leaves when it finishes), and runs other engine calls (placement, metrics, rebal
 between steps, so the engine is never entered twice. The event loop only queues work and reads
 `RequestStream`s, which the loop thread feeds with each step's outputs.
 
-`StreamCursor` turns the driver's cumulative outputs into the deltas a streaming client gets;
-`load_chat_template` / `render_chat` turn chat messages into a prompt as transformers does.
+`StreamCursor` turns the driver's cumulative outputs into the deltas a streaming client gets
+(chat messages become a prompt in serving/chat_template.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import queue
 import socket
@@ -22,7 +21,6 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
-from pathlib import Path
 
 from moeray.errors import CollectiveError, WorkerLost
 from moeray.generation.driver import GenerationDriver
@@ -31,7 +29,6 @@ from moeray.generation.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # newer HF checkpoints keep the template in its own file
 _MEMBERSHIP_POLL_S = 0.05  # how often an idle loop looks at workers that are starting (a scale up)
 _ADMITTED = object()  # the first item of a stream whose requests all joined the scheduler
 
@@ -80,50 +77,6 @@ def held_back(text: str, stops: Sequence[str]) -> int:
                 hold = k
                 break
     return hold
-
-
-def load_chat_template(checkpoint: str | Path, tokenizer=None) -> str | None:
-    """The checkpoint's chat template: the tokenizer's own if it loaded one, else chat_template.jinja,
-    else tokenizer_config.json's "chat_template" (a string, or a list of named templates: "default").
-    None when the checkpoint has none."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str):
-        return template
-    directory = Path(checkpoint)
-    if (directory / CHAT_TEMPLATE_FILE).is_file():
-        return (directory / CHAT_TEMPLATE_FILE).read_text()
-    config_path = directory / "tokenizer_config.json"
-    if not config_path.is_file():
-        return None
-    template = json.loads(config_path.read_text()).get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default", next(iter(named.values()), None))
-    return template if isinstance(template, str) else None
-
-
-def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> str:
-    """The prompt text, as transformers' apply_chat_template renders it (sandboxed jinja2, trimmed
-    blocks, a generation prompt for the assistant's turn). ValueError when the template refuses
-    the messages (its raise_exception) or fails."""
-    try:
-        from jinja2 import TemplateError
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as exc:
-        raise RuntimeError(f"chat templates need jinja2 (pip install jinja2): {exc}") from None
-
-    def raise_exception(message: str):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos_token,
-                                                eos_token=eos_token)
-    except TemplateError as exc:
-        raise ValueError(f"the chat template refused the messages: {exc}") from None
 
 
 class StreamCursor:

@@ -51,15 +51,9 @@ from moeray.metrics import CONTENT_TYPE, ServingMetrics
 from moeray.serving import openai_api as oa
 from moeray.serving import openai_responses as resp
 from moeray.serving import persist
+from moeray.serving.chat_template import load_chat_template, render_chat
 from moeray.serving.config import API_KEY_ENV, LOOPBACK_HOSTS, ServiceConfig
-from moeray.serving.core import (
-    EngineLoop,
-    RequestRejected,
-    RequestStream,
-    check_port_free,
-    load_chat_template,
-    render_chat,
-)
+from moeray.serving.core import EngineLoop, RequestRejected, RequestStream, check_port_free
 from moeray.serving.placement_report import placement_report
 from moeray.serving.replica import NameTheReplica, replica_identity
 from moeray.serving.sse import ENGINE_ERRORS as _ENGINE_ERRORS

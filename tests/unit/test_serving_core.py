@@ -15,16 +15,9 @@ import yaml
 from pydantic import ValidationError
 
 from moeray.generation.outputs import CompletionOutput
+from moeray.serving.chat_template import CHAT_TEMPLATE_FILE, load_chat_template, render_chat
 from moeray.serving.config import API_KEY_ENV, ServeConfig, ServiceConfig
-from moeray.serving.core import (
-    CHAT_TEMPLATE_FILE,
-    PortInUse,
-    StreamCursor,
-    check_port_free,
-    held_back,
-    load_chat_template,
-    render_chat,
-)
+from moeray.serving.core import PortInUse, StreamCursor, check_port_free, held_back
 
 REPO = Path(__file__).resolve().parents[2]
 
