@@ -31,7 +31,7 @@ import torch
 
 from moeray.kernels import expert_mlp
 from moeray.kernels.reference import swiglu
-from moeray.tier_calibration import HostCalibration
+from moeray.tier_calibration import HostCalibration, LayerSpan
 from moeray.tier_config import HostTierConfig
 from moeray.tier_launch import StepLaunches
 from moeray.tier_staging import Prefetch, StagingPool
@@ -48,6 +48,7 @@ class ColdPath:
     prefetch: bool = False  # auto: queue the next layer's sure fetches behind this layer's copies
     # auto: host anything only where the modelled step is this much shorter than fetch-only
     host_margin: float = HostTierConfig.model_fields["host_margin"].default
+    learn_split: bool = True  # auto: weigh host bets by the layer's measured steps (HostCalibration.split_bias)
 
     def __post_init__(self) -> None:
         if self.mode not in ("host", "fetch", "auto"):
@@ -124,7 +125,6 @@ class HostSlots:
         # the worker's pool (one per worker: L layers must not each hold staging slots); its own without one
         self.pool = pool if pool is not None else StagingPool(min(path.fetch_slots, self.num_slots), device)
         self.counts = TierCounts()
-        self._calibration = HostCalibration()
         self._share_X = None  # moving average of the share of this worker's rows each host slot gets
         if layer is not None:  # known to the pool: the layer before it can prefetch for it
             self.pool.register(layer, self)
@@ -138,6 +138,7 @@ class HostSlots:
     def path(self, path: ColdPath) -> None:
         self._path = path
         self._calibration = HostCalibration()  # new rates: what was learnt of the old ones does not carry
+        self._span = LayerSpan(self.device)  # a step timed under the old path is not read
         if hasattr(self, "pool"):
             self.pool.drop(self)
 
@@ -168,6 +169,9 @@ class HostSlots:
         first = self.first_slot
         # host sync: the host slots' row counts size the host work (one [S_w + 1] read per layer step)
         offsets = slot_offsets_S1.tolist()
+        timed = self.path.mode == "auto" and self.path.learn_split
+        if timed:
+            self._span.begin()
         rows_X = np.diff(offsets[first:])
         cold_Y = order_M[offsets[first]:offsets[-1]]  # rows of the host slots, grouped by slot
         pending = self.pool.take(self)  # always: one queued for another layer is dropped here
@@ -180,7 +184,8 @@ class HostSlots:
             planned_X[pending.slots] = 0
             if self.path.rates is not None:  # only auto splits by it
                 busy_s = float(self.path.rates.fetch_costs(rows_X[pending.slots]).sum())
-        host_slots, fetch_slots = self._plan(planned_X, offsets[first], busy_s) if planned_X.sum() else ([], [])
+        host_slots, fetch_slots, modelled_s = self._plan(planned_X, offsets[first], busy_s) \
+            if planned_X.sum() else ([], [], 0.0)
         fetch_slots = prefetched + fetch_slots
         self.counts.add(rows_X, host_slots, fetch_slots, pending.slots if pending is not None else ())
         if self.path.prefetch:
@@ -216,25 +221,35 @@ class HostSlots:
             positions_Y, y_YD = host_results
             self._host_results_join(positions_Y, y_YD)
             y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
+        if timed:
+            measured = self._span.end((modelled_s, bool(host_slots)))
+            if measured is not None:
+                seconds, (modelled, split) = measured
+                self._calibration.observe_step(seconds, modelled, split)
         # last: behind every copy of this layer (its host rows' results too, which would otherwise
         # wait for the next layer's weights)
         self._prefetch_next(offsets[-1])
         return y_MD
 
-    def _plan(self, rows_X: np.ndarray, device_rows: int, busy_s: float = 0.0) -> tuple[list[int], list[int]]:
-        """(host slots, fetched slots), indices into the host slots, touched ones only; busy_s:
-        device time already committed this step (prefetched slots)."""
+    def _plan(self, rows_X: np.ndarray, device_rows: int, busy_s: float = 0.0) -> tuple[list[int], list[int], float]:
+        """(host slots, fetched slots, modelled seconds of the step: auto only, else 0), indices
+        into the host slots, touched ones only; busy_s: device time already committed this step
+        (prefetched slots)."""
         touched = [int(x) for x in np.flatnonzero(rows_X)]
         if self.path.mode == "host":
-            return touched, []
+            return touched, [], 0.0
         if self.path.mode == "fetch":
-            return [], touched
+            return [], touched, 0.0
         rates = self._calibration.rates(self.path.rates)
-        fetch_X = split_cold(rows_X, rates, rates.device_floor_s + device_rows * rates.device_row_s + busy_s,
-                             host_margin=self.path.host_margin)
+        device_s = rates.device_floor_s + device_rows * rates.device_row_s + busy_s
+        fetch_X = split_cold(rows_X, rates, device_s, host_margin=self.path.host_margin, host_bias=self._host_bias())
         if touched and fetch_X[touched].all():
             self._calibration.fade()  # nothing observed this step: what was learnt fades
-        return [x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]]
+        modelled_s = rates.concurrent(device_s + rates.fetch_seconds(rows_X[fetch_X]), rates.host_seconds(rows_X[~fetch_X]))
+        return [x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]], modelled_s
+
+    def _host_bias(self) -> float:
+        return self._calibration.split_bias if self.path.learn_split else 1.0
 
     def _send_rows(self, x_YD: torch.Tensor) -> torch.Tensor:
         """The rows' copy in host memory (on a GPU: a pinned buffer filled on the rows stream, which
@@ -329,7 +344,8 @@ class HostSlots:
         rates = self._calibration.rates(self.path.rates)
         mean_X = self._share_X * worker_rows
         device_s = rates.device_floor_s + max(worker_rows - mean_X.sum(), 0.0) * rates.device_row_s
-        sure_X = split_cold(mean_X, rates, device_s, expected=True, host_margin=self.path.host_margin) & \
+        sure_X = split_cold(mean_X, rates, device_s, expected=True, host_margin=self.path.host_margin,
+                            host_bias=self._host_bias()) & \
             (-np.expm1(-mean_X) >= self.PREFETCH_TOUCH)
         order = [int(x) for x in np.lexsort((np.arange(len(mean_X)), -mean_X)) if sure_X[x]]
         return order[:self.pool.slots]

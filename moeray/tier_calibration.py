@@ -3,13 +3,23 @@ decides by are measured once, alone (moeray.tier_measure); in a step the host ma
 fetch copies, the launch thread and the machine's other threads, and starts only after the
 rows' trip to the host (with the launches before it, measured on one H200 at 1-3 ms of an OLMoE
 layer step, against ~0.3 ms a host expert). HostSlots observes each step that ran host math and splits by `rates(...)`.
+
+What the rates cannot show is how the two parts share the machine inside a step: on one H200 an
+OLMoE prefill layer step that left ~5 of ~32 touched experts on the host took 11.4 ms against
+8.2 ms fetching all (measured at d400736; modelled shorter), because the host math, the launches
+and the copies' CPU work take turns on one thread. So each layer also times its own steps
+(`LayerSpan`: from its host sync to its last result, on the device's clock) and learns the
+measured over the modelled length of the steps that left anything on the host and of those that
+fetched everything; their quotient (`split_bias`) is what split_cold weighs host bets by.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from placement.tiering import TierRates
 
@@ -26,6 +36,8 @@ class HostCalibration:
     def __init__(self, weight: float = 0.25, lowest: float = 0.25, highest: float = 16.0,
                  longest_start_s: float = 0.05, decay: float = 0.02):
         self.scale, self.start_s = 1.0, 0.0
+        # measured over modelled layer step: steps that left anything on the host, steps that fetched all
+        self.split_ratio, self.fetch_ratio = 1.0, 1.0
         self.weight, self.lowest, self.highest = weight, lowest, highest
         self.longest_start_s, self.decay = longest_start_s, decay
         self._learnt = None  # (scale, start_s, base rates) of the rates last handed out
@@ -38,10 +50,27 @@ class HostCalibration:
             self.scale += self.weight * (ratio - self.scale)
             self.start_s += self.weight * (min(max(start_s, 0.0), self.longest_start_s) - self.start_s)
 
+    def observe_step(self, measured_s: float, modelled_s: float, split: bool) -> None:
+        """One layer step's measured length against the model's for the split it ran (split: it
+        left anything on the host)."""
+        if modelled_s > 0 and np.isfinite(measured_s):
+            ratio = min(max(measured_s / modelled_s, self.lowest), self.highest)
+            if split:
+                self.split_ratio += self.weight * (ratio - self.split_ratio)
+            else:
+                self.fetch_ratio += self.weight * (ratio - self.fetch_ratio)
+
+    @property
+    def split_bias(self) -> float:
+        """How much longer than modelled a step with host math runs, relative to a fetch-only one."""
+        return self.split_ratio / self.fetch_ratio
+
     def fade(self) -> None:
-        """A step that computed nothing on the host although it touched host slots."""
+        """A step that computed nothing on the host although it touched host slots (the split's
+        bias fades toward none, so a host that was slow for a while is tried again)."""
         self.scale += self.decay * (1.0 - self.scale)
         self.start_s -= self.decay * self.start_s
+        self.split_ratio += self.decay * (self.fetch_ratio - self.split_ratio)
 
     def rates(self, rates: TierRates) -> TierRates:
         """`rates` with what was learnt (rebuilt only when the scale or the start moved by over 5%)."""
@@ -52,3 +81,42 @@ class HostCalibration:
             self._rates = replace(rates, host_scale=rates.host_scale * self.scale,
                                   host_start_s=rates.host_start_s + self.start_s)
         return self._rates
+
+
+class LayerSpan:
+    """The length of one layer step on one worker, from its host sync (where the device is idle:
+    the sync waited for it) to its last result (the host results' join included). On a GPU two
+    timing events on the main stream, read at the layer's next step, whose host sync has waited
+    for the second one (no sync of its own); on a CPU worker the wall time, at once."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._began = None
+        self._pending = None  # (begin event, end event, tag) of a GPU step not yet read
+
+    def begin(self) -> None:
+        if self.cuda:
+            self._began = torch.cuda.Event(enable_timing=True)
+            self._began.record()
+        else:
+            self._began = time.perf_counter()
+
+    def end(self, tag):
+        """The step's end; returns (seconds, tag) of the last step whose length is known, or None."""
+        if self._began is None:
+            return None
+        began, self._began = self._began, None
+        if not self.cuda:
+            return time.perf_counter() - began, tag
+        ended = torch.cuda.Event(enable_timing=True)
+        ended.record()
+        done, self._pending = self.collect(), (began, ended, tag)
+        return done
+
+    def collect(self):
+        """(seconds, tag) of the GPU step pending, if its end has passed (event query: no sync)."""
+        if self._pending is None or not self._pending[1].query():
+            return None
+        began, ended, tag = self._pending
+        self._pending = None
+        return began.elapsed_time(ended) / 1e3, tag

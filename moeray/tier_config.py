@@ -53,6 +53,11 @@ class HostTierConfig(BaseModel):
         description="cold_path auto: a step leaves experts on the host only where the rates (measured, then "
                     "calibrated by the steps) predict it this fraction shorter than fetching them all (the host's "
                     "speed varies more than the copies')")
+    learn_split: bool = Field(
+        default=True, strict=True,
+        description="cold_path auto: each layer times its own steps and weighs a split that leaves experts on the "
+                    "host by how much longer than modelled such steps ran, against steps that fetched everything "
+                    "(the rates alone miss how host math and launches share the CPU)")
     margin: float = Field(default=0.2, ge=0, allow_inf_nan=False,
                           description="a host-memory expert must carry (1 + margin) x the load of the device expert it replaces")
     max_swaps: int = Field(default=2, ge=1, strict=True, description="promotions per layer, worker and decision")

@@ -139,7 +139,8 @@ class Worker(SlotMigration):
         self._staging_pool = StagingPool(min(tier.fetch_slots, host_slots), self.device,
                                          tier.launch_thread and self.device.type == "cuda")
         self.tier_set_up_for = self.config.parallel.num_workers  # threads and rates hold for this many workers
-        return ColdPath(tier.cold_path, self.tier_rates_measured, tier.fetch_slots, tier.prefetch, tier.host_margin)
+        return ColdPath(tier.cold_path, self.tier_rates_measured, tier.fetch_slots, tier.prefetch, tier.host_margin,
+                        tier.learn_split)
 
     def tier_rates(self):
         """The measured TierRates of this worker's host tier (None without one), for the coordinator."""

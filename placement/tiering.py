@@ -154,12 +154,15 @@ def touched(rows_X: np.ndarray, expected: bool = False) -> float:
 
 
 def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: bool = False,
-               host_margin: float = 0.0) -> np.ndarray:
+               host_margin: float = 0.0, host_bias: float = 1.0) -> np.ndarray:
     """[X] bool: which cold experts to fetch (the rest are computed on the host) so that the step
     (device part + fetches, host part; TierRates.concurrent) is shortest; device_s is the resident
     experts' part. host_margin: anything stays on the host only if that step is this fraction
     shorter than fetching every touched expert (the copies' rate repeats from run to run; the
-    host's does not: a host bet must pay by a margin).
+    host's does not: a host bet must pay by a margin). host_bias: how much longer than modelled a
+    step that leaves anything on the host runs, over the same for a step that fetches everything
+    (the layer's own steps show it: moeray.tier_calibration.HostCalibration.split_bias); such
+    steps are compared at host_bias x their modelled length.
 
     A fetch costs a fixed copy and device rows, a host expert its curve at its rows, which rises
     with rows, so the experts with most rows gain most from fetching: the answer is the k most
@@ -168,6 +171,8 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: 
     calls this between its host sync and its launches, where time is the step's."""
     if not 0.0 <= host_margin < 1.0:
         raise ValueError(f"host_margin must be in [0, 1), got {host_margin}")
+    if not np.isfinite(host_bias) or host_bias <= 0:
+        raise ValueError(f"host_bias must be finite and > 0, got {host_bias}")
     rows_X = np.asarray(rows_X, dtype=np.float64)
     order = np.lexsort((np.arange(len(rows_X)), -rows_X))
     rows_sorted = rows_X[order]
@@ -176,6 +181,8 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: 
     host_K = rates.with_host_start(host_K)  # its start cost, wherever anything is left on the host
     device_K = device_s + fetch_K
     step_K = device_K + host_K - rates.overlap * np.minimum(device_K, host_K)
+    if host_bias != 1.0:
+        step_K = np.where(host_K > 0, host_bias * step_K, step_K)
     step_K[1:][rows_sorted <= 0] = np.inf  # an untouched expert is never fetched
     best = int(np.argmin(step_K))
     every = int((rows_sorted > 0).sum())  # k = every touched expert fetched

@@ -25,7 +25,9 @@ routing counts, grouped kernel, weighted combine; moeray.host_tier for the host 
            and swaps hot host experts into device slots with the slot writes a commit does.
            Starts from the same resident set as fetch/host; the swaps run inline and count in the
            time (in the engine they are staged off the step path).
-  ours_no_prefetch  ours without the prefetch (which part of ours the prefetch is)
+  ours_no_prefetch  ours without the prefetch (which part of ours the prefetch is; the engine's default)
+  ours_unlearnt  ours_no_prefetch splitting by the measured rates alone (tier.learn_split off: what the
+           layers' timing of their own steps adds)
 tokens/s = T x steps / wall time of the steps (CUDA synchronised per step), the adaptation of
 "ours" (and the time of its swaps) included; second_half_tokens_per_s: the steps of the second
 half alone (after adapting). --repeats N runs every configuration N times: the median run (of
@@ -50,7 +52,8 @@ SHAPES = {
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2, trace_model="mistral"),
     "olmoe": dict(hidden=2048, ffn=1024, experts=64, top_k=8, trace_model="olmoe"),
 }
-MODES = ("all", "fetch", "host", "profiled", "ours", "ours_no_prefetch")
+MODES = ("all", "fetch", "host", "profiled", "ours", "ours_no_prefetch", "ours_unlearnt")
+AUTO_MODES = ("ours", "ours_no_prefetch", "ours_unlearnt")
 HOST_MARGIN = HostTierConfig.model_fields["host_margin"].default  # the engine's default
 
 
@@ -172,9 +175,10 @@ class Stack:
             experts.slot_map = DeviceSlotMap.from_placement(self.placement, layer, self.cuda)
             experts.load_E.zero_()
             if experts.host is not None:
-                cold = {"fetch": "fetch", "ours": "auto", "ours_no_prefetch": "auto"}.get(mode, "host")
+                cold = "auto" if mode in AUTO_MODES else mode if mode == "fetch" else "host"
                 experts.host.path = ColdPath(cold, self.rates if cold == "auto" else None, self.fetch_slots,
-                                             prefetch=mode == "ours", host_margin=self.host_margin)
+                                             prefetch=mode == "ours", host_margin=self.host_margin,
+                                             learn_split=mode != "ours_unlearnt")
         sync(self.cuda)
 
 
@@ -262,6 +266,8 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
                    host_ms_per_layer_step=1e3 * sum(h.counts.host_s for h in hosts) / layer_steps,
                    prefetched_per_layer_step=sum(h.counts.prefetched for h in hosts) / layer_steps,
                    prefetch_unused_per_layer_step=sum(h.counts.prefetch_unused for h in hosts) / layer_steps)
+        if mode in AUTO_MODES:  # what the layers learnt of their splits by the end (1: nothing)
+            out.update(split_bias=[round(h._calibration.split_bias, 3) for h in hosts])
     if live is not None:
         out.update(swaps=live.swaps, swap_ms_total=1e3 * live.swap_s, last_tier_reason=live.control.last and live.control.last.reason)
     return out
@@ -342,7 +348,7 @@ def summarise(shapes: list[dict]) -> list[dict]:
             all_ = upper.get((tokens, workload))
             row = dict(shape=entry["shape"]["name"], budget=budget, phase=phase, tokens=tokens, workload=workload,
                        all=all_, **by_mode)
-            for name in ("ours", "ours_no_prefetch"):
+            for name in AUTO_MODES:
                 ours = by_mode.get(name)
                 row[f"{name}_over_all"] = None if ours is None or not all_ else ours / all_
                 row[f"{name}_beats_fetch_and_host"] = None if ours is None else all(

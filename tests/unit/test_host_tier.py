@@ -79,8 +79,9 @@ def fetch_rounds_beside_host_math_against_the_reference(device: torch.device, to
     counts = []
     for budget in (0, 3):
         pool = StagingPool(1, device, launch_thread=launch_thread)
-        w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, budget, device, ColdPath("auto", RATES, fetch_slots=1),
-                                            pool)
+        # the split by the fixed RATES alone: learnt from the steps' wall time it would vary by machine
+        path = ColdPath("auto", RATES, fetch_slots=1, learn_split=False)
+        w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, budget, device, path, pool)
         layer = SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(placement, 0, device),
                             LocalDispatcher(experts), experts, host=host,
                             kernel_impl="reference" if device.type == "cpu" else "auto")
@@ -160,7 +161,7 @@ def test_an_untouched_prefetch_and_the_calibration_through_layer_steps():
     host.pool.prefetched = Prefetch(host, [0], buffer, ready)
     torch.testing.assert_close(layer(x, few, w), dense_reference(x, few, w, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
     assert host.counts.prefetch_unused == 1 and host.counts.host_experts == 3 and host.counts.fetched_experts == 0
-    host.path = ColdPath("auto", RATES)
+    host.path = ColdPath("auto", RATES, learn_split=False)  # the host calibration alone (the split's: below)
     host._calibration.start_s = 1e-6  # small against the slots' costs (tens of microseconds): the split stands
     torch.testing.assert_close(layer(x, few, w), dense_reference(x, few, w, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
     assert host.counts.host_experts == 3 + 2 and host.counts.fetched_experts == 1
@@ -224,6 +225,9 @@ def test_auto_split_fetches_the_slots_with_many_rows():
     assert split_cold(rows, RATES, 5e-6, host_margin=0.3).tolist() == [True, False, True, True, True]
     with pytest.raises(ValueError, match="host_margin.*1.5"):
         split_cold(np.array([1.0]), RATES, 0.0, host_margin=1.5)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"host_bias.*{bad}"):
+            split_cold(np.array([1.0]), RATES, 0.0, host_bias=bad)
     with pytest.raises(ValueError, match="host_margin.*-0.1"):
         ColdPath("auto", RATES, host_margin=-0.1)
     # a host start cost over what the host saves: every touched slot is fetched
@@ -295,6 +299,62 @@ def test_host_calibration_learns_the_measured_ratio_and_resets_with_the_path():
     layer._calibration.scale = 5.0
     layer.path = ColdPath("auto", RATES)
     assert layer._calibration.scale == 1.0
+
+
+def test_split_bias_learns_measured_over_modelled_steps_and_fades():
+    from moeray.tier_calibration import HostCalibration
+
+    calibration = HostCalibration(weight=0.5)
+    assert calibration.split_bias == 1.0
+    for _ in range(30):  # steps with host math run 3x their model, fetch-only ones 1.5x
+        calibration.observe_step(3e-3, 1e-3, split=True)
+        calibration.observe_step(1.5e-3, 1e-3, split=False)
+    assert calibration.split_bias == pytest.approx(2.0, rel=1e-6)
+    calibration.observe_step(1.0, 1e-3, split=True)  # one odd step (a compile) moves it by at most the clip
+    assert calibration.split_ratio == pytest.approx(3.0 + 0.5 * (16.0 - 3.0))
+    before = calibration.split_ratio, calibration.fetch_ratio
+    calibration.observe_step(float("nan"), 1e-3, split=True)  # not a measurement: ignored
+    calibration.observe_step(1e-3, 0.0, split=False)  # nothing modelled (no host slot planned): ignored
+    assert (calibration.split_ratio, calibration.fetch_ratio) == before
+    for _ in range(300):  # steps that fetched everything: the split's bias fades toward none
+        calibration.fade()
+    assert calibration.split_bias == pytest.approx(1.0, abs=0.05) and calibration.fetch_ratio == before[1]
+
+
+def test_layer_span_on_a_cpu_worker_reads_its_step_at_once():
+    from moeray.tier_calibration import LayerSpan
+
+    span = LayerSpan(torch.device("cpu"))
+    assert span.end("none begun") is None
+    span.begin()
+    sum(range(10000))
+    seconds, tag = span.end("step")
+    assert tag == "step" and 0 < seconds < 5
+    assert span.end("again") is None and span.collect() is None  # one reading per begin
+
+
+def test_a_learnt_split_bias_turns_host_bets_into_fetches_and_the_steps_teach_it():
+    """With host math measured slow against its model (split_bias > 1) a split that left slots on
+    the host fetches them all; learn_split off ignores it. Every auto step on a CPU worker is timed
+    and observed (its ratio moves)."""
+    experts = 6
+    w13_EHD, w2_EDF, _ = weights_and_inputs(7, experts, 1, [0], D, F)
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(7))
+    placement = Placement(np.arange(experts)[None], experts, experts)
+    few = torch.tensor([[3], [4], [4], [5]])  # by RATES: fetch the 2-row slot, host the 1-row ones
+    w = torch.ones(4, 1)
+    want = dense_reference(x, few, w, w13_EHD, w2_EDF)
+    for learn_split, fetched, hosted in ((False, 1, 2), (True, 3, 0)):
+        layer = tiered_layer(placement, 0, LocalDispatcher(experts), w13_EHD, w2_EDF, 2,
+                             ColdPath("auto", RATES, learn_split=learn_split))
+        calibration = layer.host._calibration
+        calibration.start_s = 1e-6
+        calibration.split_ratio = 8.0  # as if learnt
+        torch.testing.assert_close(layer(x, few, w), want, rtol=1e-5, atol=1e-5)
+        assert (layer.host.counts.fetched_experts, layer.host.counts.host_experts) == (fetched, hosted), learn_split
+        # the step was timed and observed (fetched all: fetch_ratio moved) only where learning is on
+        assert (calibration.fetch_ratio != 1.0) == learn_split
+    assert split_cold(np.array([0, 2, 1, 1]), RATES, 0.0, host_bias=8.0).tolist() == [False, True, True, True]
 
 
 def test_measured_host_curve_rises_with_rows():

@@ -263,9 +263,10 @@ def test_host_curve_names_the_bad_value(rows, secs, bad):
         dataclasses.replace(RATES, host_start_s=-1e-3)
 
 
-@pytest.mark.parametrize("host_start_s,host_margin", [(0.0, 0.0), (0.01, 0.0), (0.0, 0.15)])
+@pytest.mark.parametrize("host_start_s,host_margin,host_bias",
+                         [(0.0, 0.0, 1.0), (0.01, 0.0, 1.0), (0.0, 0.15, 1.0), (0.0, 0.0, 1.6), (0.002, 0.1, 0.7)])
 @pytest.mark.parametrize("expected", [False, True])
-def test_split_cold_is_the_best_prefix_of_the_slow_reference(expected, host_start_s, host_margin):
+def test_split_cold_is_the_best_prefix_of_the_slow_reference(expected, host_start_s, host_margin, host_bias):
     import dataclasses
 
     rng = np.random.default_rng(5)
@@ -274,11 +275,12 @@ def test_split_cold_is_the_best_prefix_of_the_slow_reference(expected, host_star
     for case in range(40):
         rows = rng.integers(0, 300, size=int(rng.integers(1, 9))).astype(np.float64) * (rng.random(1) < 0.8)
         device_s = float(rng.random() * 0.05)
-        fetch = split_cold(rows, curved, device_s, expected, host_margin=host_margin)
+        fetch = split_cold(rows, curved, device_s, expected, host_margin=host_margin, host_bias=host_bias)
 
         def step(mask):
-            return curved.concurrent(device_s + curved.fetch_seconds(rows[mask], expected),
-                                     curved.host_seconds(rows[~mask], expected))
+            host_s = curved.host_seconds(rows[~mask], expected)
+            modelled = curved.concurrent(device_s + curved.fetch_seconds(rows[mask], expected), host_s)
+            return host_bias * modelled if host_s > 0 else modelled  # a step with host math, weighed
 
         # the slow reference: every prefix of the most-loaded-first order, one at a time
         order = np.lexsort((np.arange(len(rows)), -rows))
