@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from moeray.kernels import expert_mlp
-from moeray.kernels.reference import swiglu
+from moeray.host_math import HostMath
 from moeray.tier_calibration import HostCalibration, LayerSpan
 from moeray.tier_config import HostTierConfig
 from moeray.tier_launch import StepLaunches
@@ -125,6 +125,7 @@ class HostSlots:
         # the worker's pool (one per worker: L layers must not each hold staging slots); its own without one
         self.pool = pool if pool is not None else StagingPool(min(path.fetch_slots, self.num_slots), device)
         self.counts = TierCounts()
+        self._math = HostMath()  # its scratch rows: this layer's host math runs on one thread at a time
         self._share_X = None  # moving average of the share of this worker's rows each host slot gets
         if layer is not None:  # known to the pool: the layer before it can prefetch for it
             self.pool.register(layer, self)
@@ -304,12 +305,9 @@ class HostSlots:
     def _host_math(self, x_cold_YD: torch.Tensor, starts_X: np.ndarray, slots: list[int], out_YD: torch.Tensor,
                    at: int) -> int:
         """Write y of these host slots' rows (in `slots` order) into out_YD from row `at`, from the
-        cold rows (grouped by slot); returns the row after the last written."""
-        for x in slots:
-            lo, hi = int(starts_X[x]), int(starts_X[x + 1])
-            out_YD[at:at + hi - lo] = swiglu(x_cold_YD[lo:hi], self.w13_XHD[x], self.w2_XDF[x])
-            at += hi - lo
-        return at
+        cold rows (grouped by slot); returns the row after the last written (padded shapes:
+        moeray.host_math)."""
+        return self._math.run(x_cold_YD, starts_X, slots, self.w13_XHD, self.w2_XDF, out_YD, at)
 
     def _fetch_rounds(self, rows_X: np.ndarray, slots: list[int], pending) -> list[tuple]:
         """The fetched slots in staging rounds [(slots in staging positions, copies, pending buffer
