@@ -31,7 +31,7 @@ def padded_rows(rows: int) -> int:
 
 class HostMath:
     """One layer's host experts' SwiGLU over padded rows; the padded input is a scratch buffer
-    kept between steps (its rows past a step's own hold finite values from before, or zeros)."""
+    kept between steps (its rows past a step's own hold earlier steps' rows, or zeros: no other row reads them)."""
 
     def __init__(self):
         self._scratch_RD = None
@@ -53,9 +53,9 @@ class HostMath:
         return at
 
     def _scratch(self, rows: int, like_YD: torch.Tensor) -> torch.Tensor:
+        """[rows, D] of the scratch, grown to exactly `rows` when short (padded sizes: few growths)."""
         scratch = self._scratch_RD
-        if scratch is None or scratch.shape[0] < rows or scratch.shape[1] != like_YD.shape[1] \
+        if scratch is None or scratch.shape[0] < rows or scratch.shape[1:] != like_YD.shape[1:] \
                 or scratch.dtype != like_YD.dtype:
-            grown = rows if scratch is None or scratch.shape[1:] != like_YD.shape[1:] else max(rows, 2 * scratch.shape[0])
-            scratch = self._scratch_RD = torch.zeros(grown, like_YD.shape[1], dtype=like_YD.dtype)
+            scratch = self._scratch_RD = torch.zeros(rows, like_YD.shape[1], dtype=like_YD.dtype)
         return scratch[:rows]
