@@ -170,9 +170,6 @@ class HostSlots:
         first = self.first_slot
         # host sync: the host slots' row counts size the host work (one [S_w + 1] read per layer step)
         offsets = slot_offsets_S1.tolist()
-        timed = self.path.mode == "auto" and self.path.learn_split
-        if timed:
-            self._span.begin()
         rows_X = np.diff(offsets[first:])
         cold_Y = order_M[offsets[first]:offsets[-1]]  # rows of the host slots, grouped by slot
         pending = self.pool.take(self)  # always: one queued for another layer is dropped here
@@ -185,6 +182,11 @@ class HostSlots:
             planned_X[pending.slots] = 0
             if self.path.rates is not None:  # only auto splits by it
                 busy_s = float(self.path.rates.fetch_costs(rows_X[pending.slots]).sum())
+        # a step auto splits is timed, from here (its host sync) to its last result: one that plans
+        # nothing (no host rows, or all prefetched) has no modelled length to learn against
+        timed = self.path.mode == "auto" and self.path.learn_split and bool(planned_X.sum())
+        if timed:
+            self._span.begin()
         host_slots, fetch_slots, modelled_s = self._plan(planned_X, offsets[first], busy_s) \
             if planned_X.sum() else ([], [], 0.0)
         fetch_slots = prefetched + fetch_slots
@@ -251,6 +253,11 @@ class HostSlots:
 
     def _host_bias(self) -> float:
         return self._calibration.split_bias if self.path.learn_split else 1.0
+
+    @property
+    def split_bias(self) -> float:
+        """What this layer weighs host bets by now (1: nothing learnt, or learn_split off)."""
+        return self._host_bias()
 
     def _send_rows(self, x_YD: torch.Tensor) -> torch.Tensor:
         """The rows' copy in host memory (on a GPU: a pinned buffer filled on the rows stream, which

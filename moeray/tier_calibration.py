@@ -34,12 +34,16 @@ class HostCalibration:
     keep the split off the host for good."""
 
     def __init__(self, weight: float = 0.25, lowest: float = 0.25, highest: float = 16.0,
-                 longest_start_s: float = 0.05, decay: float = 0.02):
+                 longest_start_s: float = 0.05, decay: float = 0.02, step_clip: float = 4.0, warmup_steps: int = 1):
         self.scale, self.start_s = 1.0, 0.0
         # measured over modelled layer step: steps that left anything on the host, steps that fetched all
         self.split_ratio, self.fetch_ratio = 1.0, 1.0
+        self.split_steps, self.fetch_steps = 0, 0  # layer steps of each kind observed (warm-up ones too)
         self.weight, self.lowest, self.highest = weight, lowest, highest
         self.longest_start_s, self.decay = longest_start_s, decay
+        # a whole step's ratio within [1 / step_clip, step_clip]: tighter than the host math's, since
+        # the bias multiplies every host bet of the layer (a compile step measured ~16x its model)
+        self.step_clip, self.warmup_steps = step_clip, warmup_steps
         self._learnt = None  # (scale, start_s, base rates) of the rates last handed out
         self._rates = None
 
@@ -52,18 +56,36 @@ class HostCalibration:
 
     def observe_step(self, measured_s: float, modelled_s: float, split: bool) -> None:
         """One layer step's measured length against the model's for the split it ran (split: it
-        left anything on the host)."""
-        if modelled_s > 0 and np.isfinite(measured_s):
-            ratio = min(max(measured_s / modelled_s, self.lowest), self.highest)
-            if split:
-                self.split_ratio += self.weight * (ratio - self.split_ratio)
-            else:
-                self.fetch_ratio += self.weight * (ratio - self.fetch_ratio)
+        left anything on the host). The first `warmup_steps` of each kind are counted, not learnt
+        (they build kernels and oneDNN primitives); the next one starts the average at its own
+        ratio (not from the model's 1), moving averages after it."""
+        if not (modelled_s > 0 and np.isfinite(measured_s)):
+            return
+        ratio = min(max(measured_s / modelled_s, 1.0 / self.step_clip), self.step_clip)
+        seen = self.split_steps if split else self.fetch_steps
+        if split:
+            self.split_steps += 1
+        else:
+            self.fetch_steps += 1
+        if seen < self.warmup_steps:
+            return
+        average = self.split_ratio if split else self.fetch_ratio
+        average = ratio if seen == self.warmup_steps else average + self.weight * (ratio - average)
+        if split:
+            self.split_ratio = average
+        else:
+            self.fetch_ratio = average
+
+    def learnt_both(self) -> bool:
+        """Both kinds of step observed past their warm-up (before that the split has no bias)."""
+        return min(self.split_steps, self.fetch_steps) > self.warmup_steps
 
     @property
     def split_bias(self) -> float:
-        """How much longer than modelled a step with host math runs, relative to a fetch-only one."""
-        return self.split_ratio / self.fetch_ratio
+        """How much longer than modelled a step with host math runs, relative to a fetch-only one:
+        1 (none) until both kinds were learnt, since one kind's ratio against the other's prior
+        (the model: 1) would weigh host bets by how far the model is off for that kind alone."""
+        return self.split_ratio / self.fetch_ratio if self.learnt_both() else 1.0
 
     def fade(self) -> None:
         """A step that computed nothing on the host although it touched host slots (the split's
@@ -90,6 +112,7 @@ class LayerSpan:
     for the second one (no sync of its own); on a CPU worker the wall time, at once."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
         self._began = None
         self._pending = None  # (begin event, end event, tag) of a GPU step not yet read
@@ -97,7 +120,7 @@ class LayerSpan:
     def begin(self) -> None:
         if self.cuda:
             self._began = torch.cuda.Event(enable_timing=True)
-            self._began.record()
+            self._began.record(torch.cuda.current_stream(self.device))  # the layer's device, whichever is current
         else:
             self._began = time.perf_counter()
 
@@ -109,7 +132,7 @@ class LayerSpan:
         if not self.cuda:
             return time.perf_counter() - began, tag
         ended = torch.cuda.Event(enable_timing=True)
-        ended.record()
+        ended.record(torch.cuda.current_stream(self.device))
         done, self._pending = self.collect(), (began, ended, tag)
         return done
 

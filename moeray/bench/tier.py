@@ -267,7 +267,7 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
                    prefetched_per_layer_step=sum(h.counts.prefetched for h in hosts) / layer_steps,
                    prefetch_unused_per_layer_step=sum(h.counts.prefetch_unused for h in hosts) / layer_steps)
         if mode in AUTO_MODES:  # what the layers learnt of their splits by the end (1: nothing)
-            out.update(split_bias=[round(h._calibration.split_bias, 3) for h in hosts])
+            out.update(split_bias=[round(h.split_bias, 3) for h in hosts])
     if live is not None:
         out.update(swaps=live.swaps, swap_ms_total=1e3 * live.swap_s, last_tier_reason=live.control.last and live.control.last.reason)
     return out

@@ -172,3 +172,51 @@ def test_host_results_join_the_main_stream_however_late_their_copy(monkeypatch, 
         assert host.counts.host_experts == 4
     finally:
         pool.close()
+
+
+def test_layer_span_times_the_current_stream_and_reads_a_step_at_the_next_one():
+    """The events go on the layer device's current stream (a side stream here: the ~50 ms sleep
+    queued there between begin and end shows in the reading) and a step is read at the next one's
+    end, its tag with it."""
+    from moeray.tier_calibration import LayerSpan
+
+    span = LayerSpan(torch.device("cuda"))
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        span.begin()
+        torch.cuda._sleep(100_000_000)  # cycles: ~50 ms at 2 GHz
+        assert span.end("first") is None  # nothing read before
+        side.synchronize()  # what the next layer step's host sync does
+        span.begin()
+        seconds, tag = span.end("second")
+    assert tag == "first" and 0.01 < seconds < 5
+    side.synchronize()
+    assert span.collect()[1] == "second" and span.collect() is None
+
+
+@pytest.mark.parametrize("launch_thread", [False, True], ids=["inline", "launch_thread"])
+def test_layer_steps_teach_the_split_one_step_late_and_a_new_path_forgets_them(rates, launch_thread):
+    from moeray.tier_staging import StagingPool
+
+    experts, top_k, tokens = 6, 2, 40
+    w13_EHD, w2_EDF, [(x, ids, w)] = weights_and_inputs(13, experts, top_k, [tokens], D, F)
+    want = dense_reference(x, ids, w, w13_EHD, w2_EDF)
+    placement = Placement(np.arange(experts)[None], experts, experts)
+    cuda = torch.device("cuda")
+    pool = StagingPool(2, cuda, launch_thread=launch_thread)
+    try:
+        w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, 2, cuda, ColdPath("auto", rates), pool)
+        layer = SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(placement, 0, cuda), LocalDispatcher(experts),
+                            experts, host=host)
+
+        def step_and_observed() -> int:
+            with torch.no_grad():
+                got = layer(x.to(cuda), ids.to(cuda), w.to(cuda)).cpu()
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+            return host._calibration.split_steps + host._calibration.fetch_steps
+
+        assert [step_and_observed() for _ in range(3)] == [0, 1, 2]  # each step read at the next one's end
+        host.path = ColdPath("auto", rates)
+        assert step_and_observed() == 0  # the step timed under the old path is not read
+    finally:
+        pool.close()
