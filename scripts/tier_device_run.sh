@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for issue 13 on one GPU: the ceilings (scripts/tier_probe.py), the host-tier GPU
+# One device call for issue 13 on one GPU: the ceilings (scripts/tier_probe.py; not with $SKIP_PROBE), the host-tier GPU
 # tests, `moeray bench tier` for the shapes in $SHAPES (default olmoe) with $BENCH_ARGS, then, when
 # $BENCH2_ARGS is set, the same bench again on the same lease with those arguments added (e.g.
 # "--launch thread": a same-lease comparison), then the rest of tests/gpu when $ALL_GPU_TESTS is
@@ -15,7 +15,7 @@ source .device/activate
 export PYTHONPATH=$PWD:$PYTHONPATH
 { echo "commit ${COMMIT:-unknown}"; lscpu | grep -E "Model name|^CPU\(s\)"
   grep -o "amx[a-z_0-9]*\|avx512_bf16" /proc/cpuinfo | sort -u | tr "\n" " "; echo; } | tee "$OUT/lease.txt"
-timeout 60 python3 scripts/tier_probe.py "$OUT/ceilings.json" | tail -20
+[ -n "$SKIP_PROBE" ] || timeout 60 python3 scripts/tier_probe.py "$OUT/ceilings.json" | tail -20
 [ -n "$SKIP_TESTS" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_host_tier_gpu.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tier_tests.log" | tail -8
 bench() {  # bench NAME EXTRA_ARGS...
   local name=$1; shift
