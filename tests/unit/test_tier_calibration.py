@@ -47,18 +47,17 @@ def test_host_calibration_learns_the_measured_ratio_and_resets_with_the_path():
     assert layer._calibration.scale == 1.0
 
 
-def test_split_bias_is_none_until_both_kinds_of_step_are_learnt_past_their_warm_up():
+def test_split_bias_skips_each_kinds_warm_up_and_an_unobserved_kind_keeps_the_models_ratio():
     calibration = HostCalibration(weight=0.5)
     calibration.observe_step(16e-3, 1e-3, split=True)  # a warm-up step (a compile): counted, not learnt
-    calibration.observe_step(3e-3, 1e-3, split=True)  # the first learnt: the average starts at its ratio
-    assert (calibration.split_steps, calibration.split_ratio) == (2, pytest.approx(3.0))
-    for _ in range(10):  # one kind alone, however off its model, leaves the split unbiased
-        calibration.observe_step(3e-3, 1e-3, split=True)
-    assert calibration.split_bias == 1.0
+    assert (calibration.split_steps, calibration.split_ratio, calibration.split_bias) == (1, 1.0, 1.0)
+    calibration.observe_step(3e-3, 1e-3, split=True)
+    # splits run 2x their model, fetch-only steps unobserved (the model's 1): the bias turns toward fetching
+    assert calibration.split_ratio == pytest.approx(2.0) and calibration.split_bias == pytest.approx(2.0)
     calibration.observe_step(0.1e-3, 1e-3, split=False)  # the fetch-only kind's warm-up
-    assert calibration.split_bias == 1.0 and calibration.fetch_ratio == 1.0
-    calibration.observe_step(1.5e-3, 1e-3, split=False)
-    assert calibration.split_bias == pytest.approx(2.0)
+    assert calibration.fetch_ratio == 1.0 and calibration.fetch_steps == 1
+    calibration.observe_step(2e-3, 1e-3, split=False)  # fetching runs long too: the bias falls back
+    assert calibration.fetch_ratio == pytest.approx(1.5) and calibration.split_bias == pytest.approx(2.0 / 1.5)
 
 
 def test_split_bias_learns_measured_over_modelled_steps_within_its_clip_and_fades():
