@@ -28,6 +28,8 @@ routing counts, grouped kernel, weighted combine; moeray.host_tier for the host 
   ours_no_prefetch  ours without the prefetch (which part of ours the prefetch is; the engine's default)
   ours_unlearnt  ours_no_prefetch splitting by the measured rates alone (tier.learn_split off: what the
            layers' timing of their own steps adds)
+  fetch_live  fetch's cold path under ours' live tiering (what the tiering alone adds over fetch; ours
+           over it: what the host split adds)
 tokens/s = T x steps / wall time of the steps (CUDA synchronised per step), the adaptation of
 "ours" (and the time of its swaps) included; second_half_tokens_per_s: the steps of the second
 half alone (after adapting). --repeats N runs every configuration N times: the median run (of
@@ -52,8 +54,9 @@ SHAPES = {
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2, trace_model="mistral"),
     "olmoe": dict(hidden=2048, ffn=1024, experts=64, top_k=8, trace_model="olmoe"),
 }
-MODES = ("all", "fetch", "host", "profiled", "ours", "ours_no_prefetch", "ours_unlearnt")
+MODES = ("all", "fetch", "host", "profiled", "ours", "ours_no_prefetch", "ours_unlearnt", "fetch_live")
 AUTO_MODES = ("ours", "ours_no_prefetch", "ours_unlearnt")
+LIVE_MODES = AUTO_MODES + ("fetch_live",)  # tiered from live statistics
 HOST_MARGIN = HostTierConfig.model_fields["host_margin"].default  # the engine's default
 
 
@@ -175,7 +178,7 @@ class Stack:
             experts.slot_map = DeviceSlotMap.from_placement(self.placement, layer, self.cuda)
             experts.load_E.zero_()
             if experts.host is not None:
-                cold = "auto" if mode in AUTO_MODES else mode if mode == "fetch" else "host"
+                cold = "auto" if mode in AUTO_MODES else "fetch" if mode in ("fetch", "fetch_live") else "host"
                 experts.host.path = ColdPath(cold, self.rates if cold == "auto" else None, self.fetch_slots,
                                              prefetch=mode == "ours", host_margin=self.host_margin,
                                              learn_split=mode != "ours_unlearnt")
@@ -185,12 +188,12 @@ class Stack:
 class LiveTiers:
     """The coordinator's tier control in this process: decayed routing counts in, slot swaps out."""
 
-    def __init__(self, stack: Stack, args, rates):
+    def __init__(self, stack: Stack, args, rates, cold_path: str = "auto"):
         from moeray.tier_control import TierControl
         from placement.stats import DecayedLoad
 
         E = stack.placement.num_experts
-        config = HostTierConfig(device_slots=stack.budget, cold_path="auto", tiering="live", margin=args.margin,
+        config = HostTierConfig(device_slots=stack.budget, cold_path=cold_path, tiering="live", margin=args.margin,
                                 max_swaps=args.max_swaps, cooldown_s=0.0, min_gain=0.02, fetch_slots=args.fetch_slots,
                                 payback_steps=args.payback_steps)
         self.stack, self.control = stack, TierControl(config, E, rates=rates)
@@ -233,7 +236,7 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
     steps = []
     for domain in schedule:
         steps.append(routed(probs[domain], tokens, top_k, rng, stack.cuda))
-    live = LiveTiers(stack, args, rates) if mode.startswith("ours") else None
+    live = LiveTiers(stack, args, rates, "fetch" if mode == "fetch_live" else "auto") if mode in LIVE_MODES else None
     hosts = [e.host for e in stack.layers if e.host is not None]
     for host in hosts:
         host.counts = TierCounts()
