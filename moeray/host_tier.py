@@ -29,8 +29,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from moeray.kernels import expert_mlp
 from moeray.host_math import HostMath
+from moeray.kernels import expert_mlp
 from moeray.tier_calibration import HostCalibration, LayerSpan
 from moeray.tier_config import HostTierConfig
 from moeray.tier_launch import StepLaunches
@@ -182,13 +182,13 @@ class HostSlots:
             planned_X[pending.slots] = 0
             if self.path.rates is not None:  # only auto splits by it
                 busy_s = float(self.path.rates.fetch_costs(rows_X[pending.slots]).sum())
+        planned = bool(planned_X.sum())
         # a step auto splits is timed, from here (its host sync) to its last result: one that plans
         # nothing (no host rows, or all prefetched) has no modelled length to learn against
-        timed = self.path.mode == "auto" and self.path.learn_split and bool(planned_X.sum())
+        timed = planned and self.path.mode == "auto" and self.path.learn_split
         if timed:
             self._span.begin()
-        host_slots, fetch_slots, modelled_s = self._plan(planned_X, offsets[first], busy_s) \
-            if planned_X.sum() else ([], [], 0.0)
+        host_slots, fetch_slots, modelled_s = self._plan(planned_X, offsets[first], busy_s) if planned else ([], [], 0.0)
         fetch_slots = prefetched + fetch_slots
         self.counts.add(rows_X, host_slots, fetch_slots, pending.slots if pending is not None else ())
         if self.path.prefetch:
@@ -245,19 +245,16 @@ class HostSlots:
             return [], touched, 0.0
         rates = self._calibration.rates(self.path.rates)
         device_s = rates.device_floor_s + device_rows * rates.device_row_s + busy_s
-        fetch_X = split_cold(rows_X, rates, device_s, host_margin=self.path.host_margin, host_bias=self._host_bias())
+        fetch_X = split_cold(rows_X, rates, device_s, host_margin=self.path.host_margin, host_bias=self.split_bias)
         if touched and fetch_X[touched].all():
             self._calibration.fade()  # nothing observed this step: what was learnt fades
         modelled_s = rates.concurrent(device_s + rates.fetch_seconds(rows_X[fetch_X]), rates.host_seconds(rows_X[~fetch_X]))
         return [x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]], modelled_s
 
-    def _host_bias(self) -> float:
-        return self._calibration.split_bias if self.path.learn_split else 1.0
-
     @property
     def split_bias(self) -> float:
         """What this layer weighs host bets by now (1: nothing learnt, or learn_split off)."""
-        return self._host_bias()
+        return self._calibration.split_bias if self.path.learn_split else 1.0
 
     def _send_rows(self, x_YD: torch.Tensor) -> torch.Tensor:
         """The rows' copy in host memory (on a GPU: a pinned buffer filled on the rows stream, which
@@ -350,7 +347,7 @@ class HostSlots:
         mean_X = self._share_X * worker_rows
         device_s = rates.device_floor_s + max(worker_rows - mean_X.sum(), 0.0) * rates.device_row_s
         sure_X = split_cold(mean_X, rates, device_s, expected=True, host_margin=self.path.host_margin,
-                            host_bias=self._host_bias()) & \
+                            host_bias=self.split_bias) & \
             (-np.expm1(-mean_X) >= self.PREFETCH_TOUCH)
         order = [int(x) for x in np.lexsort((np.arange(len(mean_X)), -mean_X)) if sure_X[x]]
         return order[:self.pool.slots]

@@ -42,7 +42,7 @@ class HostCalibration:
         self.weight, self.lowest, self.highest = weight, lowest, highest
         self.longest_start_s, self.decay = longest_start_s, decay
         # a whole step's ratio within [1 / step_clip, step_clip]: tighter than the host math's, since
-        # the bias multiplies every host bet of the layer (a compile step measured ~16x its model)
+        # the bias multiplies every host bet of the layer (a first step, compiling, runs many times its model)
         self.step_clip, self.warmup_steps = step_clip, warmup_steps
         self._learnt = None  # (scale, start_s, base rates) of the rates last handed out
         self._rates = None
@@ -57,7 +57,7 @@ class HostCalibration:
     def observe_step(self, measured_s: float, modelled_s: float, split: bool) -> None:
         """One layer step's measured length against the model's for the split it ran (split: it
         left anything on the host). The first `warmup_steps` of each kind are counted, not learnt:
-        they build kernels and oneDNN primitives (a compile step measured ~16x its model)."""
+        they build kernels and oneDNN primitives."""
         if not (modelled_s > 0 and np.isfinite(measured_s)):
             return
         ratio = min(max(measured_s / modelled_s, 1.0 / self.step_clip), self.step_clip)
@@ -73,11 +73,11 @@ class HostCalibration:
     @property
     def split_bias(self) -> float:
         """How much longer than modelled a step with host math runs, relative to a fetch-only one.
-        A kind not yet observed keeps the model's ratio (1): where the other kind runs longer than
-        modelled the bias turns splits toward the unobserved kind, whose steps then teach it;
-        where the other runs shorter, the split keeps to what runs well. (Gated until both kinds
-        were seen, at 6eb7112, the layers that only ever split never learnt: on one H200 lease the
-        learnt split ran 0.99x the rates alone, geomean of 24 cases.)"""
+        Not gated on both kinds having been observed: fetch_ratio starts at the model's 1, so
+        where splits run longer than modelled the bias turns them toward fetching everything,
+        once it outweighs the split's modelled gain, and those steps then teach fetch_ratio; a
+        layer whose splits always win keeps splitting (with a gate, such layers never learnt:
+        docs/benchmarks/tier.md). split_ratio, unobserved, fades toward fetch_ratio (`fade`)."""
         return self.split_ratio / self.fetch_ratio
 
     def fade(self) -> None:

@@ -28,8 +28,9 @@ routing counts, grouped kernel, weighted combine; moeray.host_tier for the host 
   ours_no_prefetch  ours without the prefetch (which part of ours the prefetch is; the engine's default)
   ours_unlearnt  ours_no_prefetch splitting by the measured rates alone (tier.learn_split off: what the
            layers' timing of their own steps adds)
-  fetch_live  fetch's cold path under ours' live tiering (what the tiering alone adds over fetch; ours
-           over it: what the host split adds)
+  fetch_live  fetch's cold path under live tiering, its swaps decided by the fetch path's step model
+           (as the engine's with tier.cold_path fetch): what the tiering adds over fetch; ours over it
+           is what the host split adds, with the swaps ours' own step model picks
 tokens/s = T x steps / wall time of the steps (CUDA synchronised per step), the adaptation of
 "ours" (and the time of its swaps) included; second_half_tokens_per_s: the steps of the second
 half alone (after adapting). --repeats N runs every configuration N times: the median run (of
@@ -54,9 +55,12 @@ SHAPES = {
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2, trace_model="mistral"),
     "olmoe": dict(hidden=2048, ffn=1024, experts=64, top_k=8, trace_model="olmoe"),
 }
-MODES = ("all", "fetch", "host", "profiled", "ours", "ours_no_prefetch", "ours_unlearnt", "fetch_live")
-AUTO_MODES = ("ours", "ours_no_prefetch", "ours_unlearnt")
-LIVE_MODES = AUTO_MODES + ("fetch_live",)  # tiered from live statistics
+# mode: (its host slots' cold path, tiered from live statistics); "all" has no host slots
+MODE_PATHS = {"all": ("host", False), "fetch": ("fetch", False), "host": ("host", False), "profiled": ("host", False),
+              "ours": ("auto", True), "ours_no_prefetch": ("auto", True), "ours_unlearnt": ("auto", True),
+              "fetch_live": ("fetch", True)}
+MODES = tuple(MODE_PATHS)
+AUTO_MODES = tuple(m for m, (cold, _) in MODE_PATHS.items() if cold == "auto")
 HOST_MARGIN = HostTierConfig.model_fields["host_margin"].default  # the engine's default
 
 
@@ -178,7 +182,7 @@ class Stack:
             experts.slot_map = DeviceSlotMap.from_placement(self.placement, layer, self.cuda)
             experts.load_E.zero_()
             if experts.host is not None:
-                cold = "auto" if mode in AUTO_MODES else "fetch" if mode in ("fetch", "fetch_live") else "host"
+                cold = MODE_PATHS[mode][0]
                 experts.host.path = ColdPath(cold, self.rates if cold == "auto" else None, self.fetch_slots,
                                              prefetch=mode == "ours", host_margin=self.host_margin,
                                              learn_split=mode != "ours_unlearnt")
@@ -236,7 +240,8 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
     steps = []
     for domain in schedule:
         steps.append(routed(probs[domain], tokens, top_k, rng, stack.cuda))
-    live = LiveTiers(stack, args, rates, "fetch" if mode == "fetch_live" else "auto") if mode in LIVE_MODES else None
+    cold_path, tiered = MODE_PATHS[mode]
+    live = LiveTiers(stack, args, rates, cold_path) if tiered else None
     hosts = [e.host for e in stack.layers if e.host is not None]
     for host in hosts:
         host.counts = TierCounts()
@@ -361,6 +366,9 @@ def summarise(shapes: list[dict]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    unknown = [m for m in args.modes.split(",") if m not in MODE_PATHS]
+    if unknown:
+        raise SystemExit(f"moeray bench tier: unknown --modes {unknown}; choose from {list(MODES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("moeray bench tier needs a CUDA GPU (--device cpu: a smoke run)")
     if args.host_threads:

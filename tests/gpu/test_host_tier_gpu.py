@@ -8,6 +8,9 @@ Legend: T tokens, K top-k, E experts, D hidden, F expert FFN width.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -145,7 +148,6 @@ def test_host_results_join_the_main_stream_however_late_their_copy(monkeypatch, 
     """The host rows' results come back on the rows stream; held there ~0.1 s (a sleep queued
     before their copy), the combine on the main stream must still wait for them."""
     from moeray.host_tier import HostSlots
-    from moeray.tier_staging import StagingPool
 
     original = HostSlots._host_math
 
@@ -156,20 +158,35 @@ def test_host_results_join_the_main_stream_however_late_their_copy(monkeypatch, 
         return at
 
     monkeypatch.setattr(HostSlots, "_host_math", then_a_busy_rows_stream)
+    with six_expert_layer(11, ColdPath("host", None), launch_thread) as (step, host):
+        step()
+        assert host.counts.host_experts == 4
+
+
+@contextlib.contextmanager
+def six_expert_layer(seed: int, path: ColdPath, launch_thread: bool):
+    """(step: one layer step checked against the dense reference, the layer's host slots): six
+    experts over 40 tokens, top-2, two device slots, a staging pool of two (with or without the
+    launch thread, closed on exit)."""
+    from moeray.tier_staging import StagingPool
+
     experts, top_k, tokens = 6, 2, 40
-    w13_EHD, w2_EDF, [(x, ids, w)] = weights_and_inputs(11, experts, top_k, [tokens], D, F)
+    w13_EHD, w2_EDF, [(x, ids, w)] = weights_and_inputs(seed, experts, top_k, [tokens], D, F)
     want = dense_reference(x, ids, w, w13_EHD, w2_EDF)
     placement = Placement(np.arange(experts)[None], experts, experts)
     cuda = torch.device("cuda")
     pool = StagingPool(2, cuda, launch_thread=launch_thread)
     try:
-        w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, 2, cuda, ColdPath("host", None), pool)
+        w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, 2, cuda, path, pool)
         layer = SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(placement, 0, cuda), LocalDispatcher(experts),
                             experts, host=host)
-        with torch.no_grad():
-            got = layer(x.to(cuda), ids.to(cuda), w.to(cuda)).cpu()
-        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
-        assert host.counts.host_experts == 4
+
+        def step() -> None:
+            with torch.no_grad():
+                got = layer(x.to(cuda), ids.to(cuda), w.to(cuda)).cpu()
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+        yield step, host
     finally:
         pool.close()
 
@@ -196,27 +213,17 @@ def test_layer_span_times_the_current_stream_and_reads_a_step_at_the_next_one():
 
 @pytest.mark.parametrize("launch_thread", [False, True], ids=["inline", "launch_thread"])
 def test_layer_steps_teach_the_split_one_step_late_and_a_new_path_forgets_them(rates, launch_thread):
-    from moeray.tier_staging import StagingPool
+    """Auto splits with copies made slow (1 MB/s), so every step leaves slots on the host and, with
+    the launch thread, queues its launches there beside the host math."""
+    slow_copies = dataclasses.replace(rates, pcie_bytes_per_s=1e6)
+    with six_expert_layer(13, ColdPath("auto", slow_copies), launch_thread) as (step, host):
 
-    experts, top_k, tokens = 6, 2, 40
-    w13_EHD, w2_EDF, [(x, ids, w)] = weights_and_inputs(13, experts, top_k, [tokens], D, F)
-    want = dense_reference(x, ids, w, w13_EHD, w2_EDF)
-    placement = Placement(np.arange(experts)[None], experts, experts)
-    cuda = torch.device("cuda")
-    pool = StagingPool(2, cuda, launch_thread=launch_thread)
-    try:
-        w13_BHD, w2_BDF, host = split_tiers(w13_EHD, w2_EDF, 2, cuda, ColdPath("auto", rates), pool)
-        layer = SlotExperts(w13_BHD, w2_BDF, DeviceSlotMap.from_placement(placement, 0, cuda), LocalDispatcher(experts),
-                            experts, host=host)
-
-        def step_and_observed() -> int:
-            with torch.no_grad():
-                got = layer(x.to(cuda), ids.to(cuda), w.to(cuda)).cpu()
-            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+        def observed_after_a_step() -> int:
+            step()
             return host._calibration.split_steps + host._calibration.fetch_steps
 
-        assert [step_and_observed() for _ in range(3)] == [0, 1, 2]  # each step read at the next one's end
-        host.path = ColdPath("auto", rates)
-        assert step_and_observed() == 0  # the step timed under the old path is not read
-    finally:
-        pool.close()
+        assert [observed_after_a_step() for _ in range(3)] == [0, 1, 2]  # each step read at the next one's end
+        assert host.counts.host_experts >= 3 * 2 and host.counts.fetched_experts == 0
+        assert (host.pool._launcher is not None) == launch_thread  # the launch thread was used
+        host.path = ColdPath("auto", slow_copies)
+        assert observed_after_a_step() == 0  # the step timed under the old path is not read

@@ -1,15 +1,23 @@
 """`moeray bench tier` end to end on the CPU (--device cpu --small: the code paths, not speed)
-over a synthetic trace in the real one's format: every mode runs, the live modes swap, each cold
-path serves as it says."""
+over a synthetic trace in the real one's format, with fixed rates (measured ones on a loaded CPU
+swing by 10x, and the tier policy's gain check with them): each cold path serves as it says, the
+live modes swap, a mode the bench does not know is refused by name."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 
 from moeray.cli import main
+from placement.tiering import TierRates
 from placement.traces import OLMOE_MIXTRAL_FILE
+
+# OLMoE / 16 (D 128, F 64, bf16: 48 KiB an expert): a copy costs 50 host rows, so fetches dominate
+# a step and promoting the hot experts pays
+RATES = TierRates(device_row_s=1e-7, host_row_s=2e-6, pcie_bytes_per_s=5e8, expert_bytes=49152.0, row_bytes=256.0,
+                  device_floor_s=1e-5, host_expert_s=2e-5)
 
 
 def skewed_trace(directory, experts: int = 64, layers: int = 3) -> None:
@@ -25,7 +33,8 @@ def skewed_trace(directory, experts: int = 64, layers: int = 3) -> None:
     (directory / OLMOE_MIXTRAL_FILE).write_text(json.dumps({"models": {"olmoe": {"top_k": 8, "domains": domains}}}))
 
 
-def test_bench_tier_runs_every_cold_path_and_the_live_modes_swap(tmp_path):
+def test_bench_tier_runs_every_cold_path_and_the_live_modes_swap(tmp_path, monkeypatch):
+    monkeypatch.setattr("moeray.tier_measure.measure_rates", lambda *args, **kwargs: RATES)
     skewed_trace(tmp_path)
     out = tmp_path / "tier.json"
     assert main(["bench", "tier", "--device", "cpu", "--small", "--shapes", "olmoe", "--traces", str(tmp_path),
@@ -48,3 +57,8 @@ def test_bench_tier_runs_every_cold_path_and_the_live_modes_swap(tmp_path):
     assert rows[(16, "decode", "stationary", "ours_no_prefetch")]["swaps"] > 0
     summary = [r for r in result["summary"] if r["budget"] == 16]
     assert len(summary) == 4 and all(r["fetch_live"] > 0 and r["ours_no_prefetch_over_all"] > 0 for r in summary)
+
+
+def test_bench_tier_refuses_an_unknown_mode_by_name():
+    with pytest.raises(SystemExit, match="ours_typo"):
+        main(["bench", "tier", "--device", "cpu", "--small", "--modes", "fetch,ours_typo"])

@@ -16,7 +16,7 @@ from moeray.tier_calibration import HostCalibration, LayerSpan
 from placement import Placement
 from placement.tiering import split_cold
 from tests.unit.test_dispatch import dense_reference, weights_and_inputs
-from tests.unit.test_host_tier import D, F, RATES, tiered_layer
+from tests.unit.test_host_tier import RATES, D, F, tiered_layer
 
 
 def test_host_calibration_learns_the_measured_ratio_and_resets_with_the_path():
@@ -91,31 +91,43 @@ def test_layer_span_on_a_cpu_worker_reads_its_step_at_once():
     assert span.end("again") is None and span.collect() is None  # one reading per begin
 
 
-def test_a_learnt_split_bias_turns_host_bets_into_fetches_and_the_steps_teach_it():
+def test_a_learnt_split_bias_turns_host_bets_into_fetches_and_the_steps_teach_it(monkeypatch):
     """With host math measured slow against its model (split_bias > 1) a split that left slots on
     the host fetches them all; learn_split off ignores it. Every auto step on a CPU worker that
-    plans anything is timed and observed; one with nothing on the host tier is not."""
+    plans anything is timed and observed; one that plans nothing (its rows on device slots, or on
+    host slots a prefetch has on the device already) is not timed at all."""
+    from moeray.tier_staging import Prefetch
+
+    begun = []
+    monkeypatch.setattr(LayerSpan, "begin", lambda span, original=LayerSpan.begin: (begun.append(1), original(span)))
     experts = 6
     w13_EHD, w2_EDF, _ = weights_and_inputs(7, experts, 1, [0], D, F)
-    x = torch.randn(4, D, generator=torch.Generator().manual_seed(7))
+    x_TD = torch.randn(4, D, generator=torch.Generator().manual_seed(7))
     placement = Placement(np.arange(experts)[None], experts, experts)
-    few = torch.tensor([[3], [4], [4], [5]])  # by RATES: fetch the 2-row slot, host the 1-row ones
-    resident = torch.tensor([[0], [1], [1], [0]])  # device slots only
-    w = torch.ones(4, 1)
+    few_TK = torch.tensor([[3], [4], [4], [5]])  # by RATES: fetch the 2-row slot, host the 1-row ones
+    on_device_TK = torch.tensor([[0], [1], [1], [0]])  # device slots only
+    on_slot_zero_TK = torch.tensor([[2], [2], [0], [1]])  # host slot 0 (expert 2) and device slots
+    w_TK = torch.ones(4, 1)
     for learn_split, fetched, hosted in ((False, 1, 2), (True, 3, 0)):
+        begun.clear()
         layer = tiered_layer(placement, 0, LocalDispatcher(experts), w13_EHD, w2_EDF, 2,
                              ColdPath("auto", RATES, learn_split=learn_split))
-        calibration = layer.host._calibration
+        host, calibration = layer.host, layer.host._calibration
         calibration.start_s = 1e-6
-        # as if learnt: both kinds past their warm-up, steps with host math 8x slower than modelled
-        calibration.split_steps = calibration.fetch_steps = 2
-        calibration.split_ratio = 8.0
-        assert layer.host.split_bias == (8.0 if learn_split else 1.0)
-        torch.testing.assert_close(layer(x, few, w), dense_reference(x, few, w, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
-        assert (layer.host.counts.fetched_experts, layer.host.counts.host_experts) == (fetched, hosted), learn_split
-        # the step was timed and observed (fetched all: fetch_ratio moved) only where learning is on
-        assert (calibration.fetch_ratio != 1.0, calibration.fetch_steps) == ((True, 3) if learn_split else (False, 2))
-        torch.testing.assert_close(layer(x, resident, w), dense_reference(x, resident, w, w13_EHD, w2_EDF),
+        calibration.fetch_steps = 1  # as if learnt: fetch-only steps past their warm-up,
+        calibration.split_ratio = 8.0  # steps with host math 8x slower than modelled
+        assert host.split_bias == (8.0 if learn_split else 1.0)
+        torch.testing.assert_close(layer(x_TD, few_TK, w_TK), dense_reference(x_TD, few_TK, w_TK, w13_EHD, w2_EDF),
                                    rtol=1e-5, atol=1e-5)
-        assert (calibration.split_steps, calibration.fetch_steps) == (2, 3 if learn_split else 2)  # nothing planned
+        assert (host.counts.fetched_experts, host.counts.host_experts) == (fetched, hosted), learn_split
+        # the step was timed and observed (fetched all: fetch_ratio moved) only where learning is on
+        assert (calibration.fetch_ratio != 1.0, calibration.fetch_steps) == ((True, 2) if learn_split else (False, 1))
+        assert len(begun) == learn_split
+        for routed_TK in (on_device_TK, on_slot_zero_TK):
+            if routed_TK is on_slot_zero_TK:  # host slot 0's weights already on the device: nothing to plan
+                buffer, ready = host.pool.copy_round(host, [(0, 0)])
+                host.pool.prefetched = Prefetch(host, [0], buffer, ready)
+            torch.testing.assert_close(layer(x_TD, routed_TK, w_TK),
+                                       dense_reference(x_TD, routed_TK, w_TK, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
+        assert host.counts.prefetched == 1 and len(begun) == learn_split  # neither step was timed
     assert split_cold(np.array([0, 2, 1, 1]), RATES, 0.0, host_bias=8.0).tolist() == [False, True, True, True]
