@@ -25,7 +25,8 @@ class HostTierConfig(BaseModel):
         default="auto",
         description="how rows routed to a host-memory slot are computed: on the host beside the device (host), by "
                     "copying the expert's weights to a device staging slot on demand (fetch), or per slot and step, "
-                    "whichever the measured rates predict is shorter (auto)")
+                    "whichever the measured rates predict is shorter (auto). On one H200, auto won Mixtral-sized "
+                    "experts' decode and fetch (with live tiering) OLMoE's small experts (docs/benchmarks/tier.md)")
     tiering: Literal["live", "static"] = Field(
         default="live",
         description="live: the coordinator swaps hot host-memory experts into device slots from the routing "
