@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from moeray.cli import main
 from placement.tiering import TierRates
-from placement.traces import OLMOE_MIXTRAL_FILE
+from placement.traces import OLMOE_MIXTRAL_FILE, SyntheticConfig, synthetic_trace
 
 # OLMoE / 16 (D 128, F 64, bf16: 48 KiB an expert): a copy costs 50 host rows, so fetches dominate
 # a step and promoting the hot experts pays
@@ -20,22 +19,18 @@ RATES = TierRates(device_row_s=1e-7, host_row_s=2e-6, pcie_bytes_per_s=5e8, expe
                   device_floor_s=1e-5, host_expert_s=2e-5)
 
 
-def skewed_trace(directory, experts: int = 64, layers: int = 3) -> None:
-    """Zipf-like expert counts, the hot experts elsewhere in each domain (a drift) and never the
-    first in checkpoint order (so live tiering has something to promote)."""
-    rng = np.random.default_rng(0)
-    counts = 1000.0 / np.arange(1, experts + 1) ** 1.2
-    domains = {}
-    for domain in ("arxiv", "github", "book", "wikipedia"):
-        order = [rng.permutation(np.arange(experts // 2, experts)).tolist() + list(range(experts // 2))
-                 for _ in range(layers)]
-        domains[domain] = {"top_k": [np.asarray(counts)[np.argsort(o)].round().tolist() for o in order]}
+def write_synthetic_trace(directory, experts: int = 64, layers: int = 3) -> None:
+    """placement.traces.synthetic_trace's log-normal counts (its four phases as the bench's four
+    default domains), written in the format load_olmoe_mixtral reads."""
+    trace = synthetic_trace(SyntheticConfig(num_layers=layers, num_experts=experts, tokens_per_phase=1e4), seed=0)
+    domains = {domain: {"top_k": load_LE.tolist()}
+               for domain, load_LE in zip(("arxiv", "github", "book", "wikipedia"), trace.workloads.values())}
     (directory / OLMOE_MIXTRAL_FILE).write_text(json.dumps({"models": {"olmoe": {"top_k": 8, "domains": domains}}}))
 
 
 def test_bench_tier_runs_every_cold_path_and_the_live_modes_swap(tmp_path, monkeypatch):
     monkeypatch.setattr("moeray.tier_measure.measure_rates", lambda *args, **kwargs: RATES)
-    skewed_trace(tmp_path)
+    write_synthetic_trace(tmp_path)
     out = tmp_path / "tier.json"
     assert main(["bench", "tier", "--device", "cpu", "--small", "--shapes", "olmoe", "--traces", str(tmp_path),
                  "--budgets", "0.25", "--decode-tokens", "4", "--decode-steps", "6", "--prefill-tokens", "48",
@@ -52,7 +47,7 @@ def test_bench_tier_runs_every_cold_path_and_the_live_modes_swap(tmp_path, monke
             assert host["fetched_experts_per_layer_step"] == 0 < host["host_experts_per_layer_step"]
             assert fetch_live["host_experts_per_layer_step"] == 0 and "swaps" not in fetch
             assert len(ours["split_bias"]) == 3 and "split_bias" not in fetch_live  # one a trace layer
-    # from checkpoint order (the cold half first), the live modes promote hot experts
+    # from checkpoint order, the live modes promote the trace's hot experts
     assert rows[(16, "decode", "stationary", "fetch_live")]["swaps"] > 0
     assert rows[(16, "decode", "stationary", "ours_no_prefetch")]["swaps"] > 0
     summary = [r for r in result["summary"] if r["budget"] == 16]
