@@ -13,7 +13,9 @@ Per layer step, for the rows of each touched host slot, the cold path is
     fetch  the slot's weights are copied into a device staging slot (rounds of `fetch_slots`,
            two rounds in flight) and the device kernel runs them;
     auto   per slot and step, whichever `placement.tiering.split_cold` predicts is shorter from
-           the measured rates (few rows: host; many rows: fetch).
+           the measured rates (few rows: host; many rows: fetch), weighed by what the layer's own
+           steps showed; where it proposes a split, the worker's SplitTrial plays it or fetches
+           everything, by which of the two has measured shorter (moeray.tier_calibration).
 The device part (the resident slots' kernel, the fetch rounds: moeray.tier_launch.StepLaunches)
 is queued before the host math, on this thread, or with `tier.launch_thread` on a GPU worker by
 the worker's launch thread while this thread computes the host slots, so neither waits for the
@@ -24,18 +26,34 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from moeray.host_math import HostMath
 from moeray.kernels import expert_mlp
-from moeray.tier_calibration import HostCalibration, LayerSpan
+from moeray.tier_calibration import HostCalibration, LayerSpan, SplitTrial
 from moeray.tier_config import HostTierConfig
+from moeray.tier_counts import TierCounts
 from moeray.tier_launch import StepLaunches
 from moeray.tier_staging import Prefetch, StagingPool
 from placement.tiering import TierRates, split_cold
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """What an auto layer step planned, read back when its measured length is known."""
+
+    modelled_s: float  # the model's length of the step as played
+    split: bool  # it leaves experts on the host
+    fetch_all_s: float  # the model's length had it fetched every touched slot (the trial's yardstick)
+    proposed: bool  # the model proposed a split: the trial's arms compare on this step
+
+    @property
+    def overruled(self) -> bool:
+        """The trial played fetch-everything where the model proposed a split."""
+        return self.proposed and not self.split
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,7 @@ class ColdPath:
     # auto: host anything only where the modelled step is this much shorter than fetch-only
     host_margin: float = HostTierConfig.model_fields["host_margin"].default
     learn_split: bool = True  # auto: weigh host bets by the layer's measured steps (HostCalibration.split_bias)
+    split_trial: bool = True  # auto: the worker's SplitTrial plays proposed splits or fetch-everything, by measure
 
     def __post_init__(self) -> None:
         if self.mode not in ("host", "fetch", "auto"):
@@ -57,43 +76,6 @@ class ColdPath:
             raise ValueError("cold path 'auto' needs measured TierRates")
         if not 0.0 <= self.host_margin < 1.0:
             raise ValueError(f"cold path host_margin must be in [0, 1), got {self.host_margin}")
-
-
-@dataclass
-class TierCounts:
-    """What one layer's host slots did since the last reset (mutable, read by benches and reports)."""
-
-    steps: int = 0
-    host_experts: int = 0  # touched host slots computed on the host
-    fetched_experts: int = 0  # touched host slots fetched to the device
-    host_rows: int = 0
-    fetched_rows: int = 0
-    host_s: float = 0.0  # wall time of the host math
-
-    prefetched: int = 0  # touched slots whose weights a prefetch had queued
-    prefetch_unused: int = 0  # prefetched slots the step did not touch (a wasted copy)
-
-    def add(self, rows_X: np.ndarray, host_slots: list[int], fetch_slots: list[int], prefetched=()) -> None:
-        self.steps += 1
-        self.prefetched += sum(1 for x in prefetched if rows_X[x])
-        self.prefetch_unused += sum(1 for x in prefetched if not rows_X[x])
-        self.host_experts += len(host_slots)
-        self.fetched_experts += len(fetch_slots)
-        self.host_rows += int(rows_X[host_slots].sum()) if host_slots else 0
-        self.fetched_rows += int(rows_X[fetch_slots].sum()) if fetch_slots else 0
-
-
-def tier_totals(hosts: list[HostSlots]) -> dict[str, float]:
-    """A worker's host-tier counts (TierCounts' fields) summed over its layers since each layer's
-    slots were built, and `copied_bytes`: expert weights its fetches copied to the device (unused
-    prefetches included). What its statistics snapshots ship, as differences."""
-    names = [f.name for f in fields(TierCounts)]
-    totals = dict.fromkeys([*names, "copied_bytes"], 0)
-    for host in hosts:
-        for name in names:
-            totals[name] += getattr(host.counts, name)
-        totals["copied_bytes"] += (host.counts.fetched_experts + host.counts.prefetch_unused) * host.expert_bytes
-    return totals
 
 
 def host_threads(configured: int | None, workers_on_node: int, launch_thread: bool = False) -> int:
@@ -113,7 +95,7 @@ class HostSlots:
     """The host slots of one layer: w13_XHD / w2_XDF in host memory, local slots first_slot + x."""
 
     def __init__(self, w13_XHD: torch.Tensor, w2_XDF: torch.Tensor, first_slot: int, device: torch.device, path: ColdPath,
-                 pool: StagingPool | None = None, layer: int | None = None):
+                 pool: StagingPool | None = None, layer: int | None = None, trial: SplitTrial | None = None):
         pin = device.type == "cuda"
         self.w13_XHD = w13_XHD.cpu().contiguous()
         self.w2_XDF = w2_XDF.cpu().contiguous()
@@ -125,6 +107,7 @@ class HostSlots:
         # the worker's pool (one per worker: L layers must not each hold staging slots); its own without one
         self.pool = pool if pool is not None else StagingPool(min(path.fetch_slots, self.num_slots), device)
         self.counts = TierCounts()
+        self.trial = trial if trial is not None else SplitTrial()  # the worker's, shared by its layers; its own without one
         self._math = HostMath()  # its scratch rows: this layer's host math runs on one thread at a time
         self._share_X = None  # moving average of the share of this worker's rows each host slot gets
         if layer is not None:  # known to the pool: the layer before it can prefetch for it
@@ -185,12 +168,13 @@ class HostSlots:
         planned = bool(planned_X.sum())
         # a step auto splits is timed, from here (its host sync) to its last result: one that plans
         # nothing (no host rows, or all prefetched) has no modelled length to learn against
-        timed = planned and self.path.mode == "auto" and self.path.learn_split
+        timed = planned and self.path.mode == "auto" and (self.path.learn_split or self.path.split_trial)
         if timed:
             self._span.begin()
-        host_slots, fetch_slots, modelled_s = self._plan(planned_X, offsets[first], busy_s) if planned else ([], [], 0.0)
+        host_slots, fetch_slots, tag = self._plan(planned_X, offsets[first], busy_s) if planned else ([], [], None)
         fetch_slots = prefetched + fetch_slots
-        self.counts.add(rows_X, host_slots, fetch_slots, pending.slots if pending is not None else ())
+        self.counts.add(rows_X, host_slots, fetch_slots, pending.slots if pending is not None else (),
+                        overruled=tag is not None and tag.overruled)
         if self.path.prefetch:
             self._learn_shares(rows_X, offsets[-1])
         starts_X = np.concatenate([[0], np.cumsum(rows_X)])
@@ -225,31 +209,39 @@ class HostSlots:
             self._host_results_join(positions_Y, y_YD)
             y_MD.index_copy_(0, cold_Y.index_select(0, positions_Y), y_YD)
         if timed:
-            measured = self._span.end((modelled_s, bool(host_slots)))
-            if measured is not None:
-                seconds, (modelled, split) = measured
-                self._calibration.observe_step(seconds, modelled, split)
+            measured = self._span.end(tag)
+            if measured is not None:  # a GPU's: the layer's previous timed step
+                seconds, done = measured
+                self._calibration.observe_step(seconds, done.modelled_s, done.split)
+                if done.proposed and self.path.split_trial:
+                    self.trial.observe(done.split, seconds, done.fetch_all_s)
         # last: behind every copy of this layer (its host rows' results too, which would otherwise
         # wait for the next layer's weights)
         self._prefetch_next(offsets[-1])
         return y_MD
 
-    def _plan(self, rows_X: np.ndarray, device_rows: int, busy_s: float = 0.0) -> tuple[list[int], list[int], float]:
-        """(host slots, fetched slots, modelled seconds of the step: auto only, else 0), indices
-        into the host slots, touched ones only; busy_s: device time already committed this step
+    def _plan(self, rows_X: np.ndarray, device_rows: int, busy_s: float = 0.0) -> tuple[list[int], list[int], PlannedStep | None]:
+        """(host slots, fetched slots, what auto planned: None in the other modes), indices into
+        the host slots, touched ones only; busy_s: device time already committed this step
         (prefetched slots)."""
         touched = [int(x) for x in np.flatnonzero(rows_X)]
         if self.path.mode == "host":
-            return touched, [], 0.0
+            return touched, [], None
         if self.path.mode == "fetch":
-            return [], touched, 0.0
+            return [], touched, None
         rates = self._calibration.rates(self.path.rates)
         device_s = rates.device_floor_s + device_rows * rates.device_row_s + busy_s
         fetch_X = split_cold(rows_X, rates, device_s, host_margin=self.path.host_margin, host_bias=self.split_bias)
-        if touched and fetch_X[touched].all():
+        fetch_all_s = device_s + rates.fetch_seconds(rows_X)  # the trial's yardstick, whichever arm plays
+        proposed = bool(touched) and not fetch_X[touched].all()
+        if not proposed:
             self._calibration.fade()  # nothing observed this step: what was learnt fades
+        played = proposed and (not self.path.split_trial or self.trial.play_split())
+        if proposed and not played:
+            fetch_X[:] = True  # the trial plays fetch-everything
         modelled_s = rates.concurrent(device_s + rates.fetch_seconds(rows_X[fetch_X]), rates.host_seconds(rows_X[~fetch_X]))
-        return [x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]], modelled_s
+        return ([x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]],
+                PlannedStep(modelled_s, played, fetch_all_s, proposed))
 
     @property
     def split_bias(self) -> float:
@@ -370,14 +362,15 @@ class HostSlots:
 
 
 def split_tiers(w13_SHD: torch.Tensor, w2_SDF: torch.Tensor, budget: int, device: torch.device,
-                path: ColdPath | None, pool: StagingPool | None = None,
-                layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor, HostSlots | None]:
+                path: ColdPath | None, pool: StagingPool | None = None, layer: int | None = None,
+                trial: SplitTrial | None = None) -> tuple[torch.Tensor, torch.Tensor, HostSlots | None]:
     """A layer's S_w slot weights (any device) as (device w13_BHD, device w2_BDF, host slots or
     None): the first `budget` slots go to `device`, the rest to host memory. path None: no host
-    tier. `layer` registers the host slots with the pool, for the previous layer's prefetch."""
+    tier. `layer` registers the host slots with the pool, for the previous layer's prefetch;
+    `trial`: the worker's split trial (the layer's own without one)."""
     if path is None or budget >= w13_SHD.shape[0]:
         return w13_SHD.to(device), w2_SDF.to(device), None
-    host = HostSlots(w13_SHD[budget:], w2_SDF[budget:], budget, device, path, pool, layer)
+    host = HostSlots(w13_SHD[budget:], w2_SDF[budget:], budget, device, path, pool, layer, trial)
     w13_BHD, w2_BDF = w13_SHD[:budget].to(device).clone(), w2_SDF[:budget].to(device).clone()
     if device.type == "cuda" and budget > 0:
         # the resident kernel's tiles at B slots, compiled now (once a process per shape: Triton

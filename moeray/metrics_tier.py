@@ -21,6 +21,8 @@ _COUNTERS = (
     ("copied_bytes", "moeray:tier_copied_bytes",
      "Expert weight bytes fetched from host memory to the device (unused prefetches included)."),
     ("host_s", "moeray:tier_host_seconds", "Wall time of the host tier's expert math."),
+    ("overruled", "moeray:tier_split_trial_fetches",
+     "Layer steps whose proposed host split the split trial played as fetch-everything (tier.split_trial)."),
 )
 
 
@@ -37,7 +39,7 @@ def tier_families(m: str, tier: dict, committed: list[dict]) -> list:
     for key, name, doc in _COUNTERS:
         family = _family(CounterMetricFamily, name, doc, ("worker",))
         for rank, counts in tier["counts_by_worker"].items():
-            family.add_metric([m, str(rank)], counts[key])
+            family.add_metric([m, str(rank)], counts.get(key, 0))  # a key a worker's snapshots lack: none counted
         families.append(family)
     swaps = _family(CounterMetricFamily, "moeray:tier_swap_commits",
                     "Committed placement changes of the live tiering (each swaps experts between device and host slots).")

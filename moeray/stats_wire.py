@@ -11,7 +11,7 @@ Schema 1 (a msgpack map):
     counts    bytes little-endian int32 [L, E], routed (token, k) pairs per logical expert
     rows      bytes little-endian int32 [L, S_w], rows this worker's slots actually computed
     commit_ms float | nil  time the worker spent switching placement in this range, if it did
-    tier      map | nil    a worker with a host tier: its counts over the range (host_tier.tier_totals'
+    tier      map | nil    a worker with a host tier: its counts over the range (tier_counts.tier_totals'
                            keys: rows and experts per cold path, host seconds, copied bytes);
                            optional, so readers of snapshots without it are unaffected
 
@@ -38,7 +38,7 @@ class LoadSnapshot:
     counts_LE: np.ndarray
     rows_LS: np.ndarray
     commit_ms: float | None = None
-    tier: dict | None = None  # host-tier counts over the range (host_tier.tier_totals' keys); None: no tier
+    tier: dict | None = None  # host-tier counts over the range (tier_counts.tier_totals' keys); None: no tier
 
     def encode(self) -> bytes:
         negative = sorted(name for name, value in (self.tier or {}).items() if value < 0)

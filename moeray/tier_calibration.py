@@ -11,6 +11,11 @@ and the copies' CPU work take turns on one thread. So each layer also times its 
 (`LayerSpan`: from its host sync to its last result, on the device's clock) and learns the
 measured over the modelled length of the steps that left anything on the host and of those that
 fetched everything; their quotient (`split_bias`) is what split_cold weighs host bets by.
+
+The bias corrects the model; whether any host bet pays is measured outright (`SplitTrial`, one
+per worker, shared by its layers): where a layer's model proposes a split, the trial plays it or
+fetches everything, and keeps to whichever has run shorter against the model's fetch-everything
+length of the same step (placement.split_trial).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from placement.split_trial import TrialConfig, TrialState, choose, learning, observe
 from placement.tiering import TierRates
 
 
@@ -96,6 +102,31 @@ class HostCalibration:
             self._rates = replace(rates, host_scale=rates.host_scale * self.scale,
                                   host_start_s=rates.host_start_s + self.start_s)
         return self._rates
+
+
+class SplitTrial:
+    """A worker's trial of its host bets (placement.split_trial), shared by its layers (their
+    steps are of one shape: 16 layers learn it 16 times as fast as one). Steps run on one thread
+    at a time (the worker's), so no lock."""
+
+    def __init__(self, config: TrialConfig = TrialConfig(), seed: int = 0):
+        self.config, self.state = config, TrialState()
+        self._rng = np.random.default_rng(seed)
+
+    def play_split(self) -> bool:
+        """Whether a step whose model proposes a split plays it (else it fetches everything)."""
+        return choose(self.state, float(self._rng.random()), self.config)
+
+    def observe(self, split: bool, measured_s: float, fetch_all_s: float) -> None:
+        """A played step's measured length against the model's fetch-everything length of it."""
+        if fetch_all_s > 0:
+            self.state = observe(self.state, split, measured_s / fetch_all_s, self.config)
+
+    def view(self) -> dict:
+        state = self.state
+        return {"learning": learning(state, self.config), "prefer_split": state.prefer_split,
+                "split_median": state.median(True), "fetch_median": state.median(False),
+                "split_seen": state.split_seen, "fetch_seen": state.fetch_seen}
 
 
 class LayerSpan:

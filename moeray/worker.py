@@ -31,6 +31,7 @@ from moeray.models.decoder import MoECausalLM
 from moeray.models.kv_cache import PagedKVCache
 from moeray.slot_loading import layer_routings, read_slots
 from moeray.slot_transfer import SlotStaging, lower_thread_priority
+from moeray.tier_calibration import SplitTrial
 from moeray.tier_measure import measure_rates
 from moeray.tier_staging import StagingPool
 from moeray.worker_loop import LoopMessage, LoopReport, WorkerLoop
@@ -126,6 +127,7 @@ class Worker(SlotMigration, StatsShipping):
         if getattr(self, "_staging_pool", None) is not None:
             self._staging_pool.close()  # a rebuilt tier (reconfigure) replaces it: its thread ends
             self._staging_pool = None
+        self._split_trial = None
         if not tier.enabled or tier.device_slots_of(self.config.slots_per_worker) >= self.config.slots_per_worker:
             self.tier_rates_measured = None
             self.tier_set_up_for = self.config.parallel.num_workers
@@ -139,8 +141,9 @@ class Worker(SlotMigration, StatsShipping):
         self._staging_pool = StagingPool(min(tier.fetch_slots, host_slots), self.device,
                                          tier.launch_thread and self.device.type == "cuda")
         self.tier_set_up_for = self.config.parallel.num_workers  # threads and rates hold for this many workers
+        self._split_trial = SplitTrial(seed=self.rank)  # one for all layers, as the pool
         return ColdPath(tier.cold_path, self.tier_rates_measured, tier.fetch_slots, tier.prefetch, tier.host_margin,
-                        tier.learn_split)
+                        tier.learn_split, tier.split_trial)
 
     def tier_rates(self):
         """The measured TierRates of this worker's host tier (None without one), for the coordinator."""
@@ -152,7 +155,8 @@ class Worker(SlotMigration, StatsShipping):
         routing = self._routings[layer]
         budget = self.config.tier.device_slots_of(self.config.slots_per_worker)
         w13_BHD, w2_BDF, host = split_tiers(w13_SHD, w2_SDF, budget, self.device, self._cold_path,
-                                            self._staging_pool if self._cold_path is not None else None, layer)
+                                            self._staging_pool if self._cold_path is not None else None, layer,
+                                            self._split_trial if self._cold_path is not None else None)
         return SlotExperts(w13_BHD, w2_BDF, routing.slot_map, self.dispatcher, self.config.model.num_experts,
                            overlap_chunks=self.config.parallel.overlap_chunks, width_S=routing.width_S,
                            batch_split=routing.batch_split, host=host)

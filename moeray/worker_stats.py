@@ -12,7 +12,7 @@ import numpy as np
 import ray
 import torch
 
-from moeray.host_tier import tier_totals
+from moeray.tier_counts import tier_totals
 from moeray.stats_wire import LoadSnapshot
 
 

@@ -28,6 +28,8 @@ routing counts, grouped kernel, weighted combine; moeray.host_tier for the host 
   ours_no_prefetch  ours without the prefetch (which part of ours the prefetch is; the engine's default)
   ours_unlearnt  ours_no_prefetch splitting by the measured rates alone (tier.learn_split off: what the
            layers' timing of their own steps adds)
+  ours_untried  ours_no_prefetch without the split trial (tier.split_trial off: every proposed split
+           is played; what the trial between split and fetch-everything adds)
   fetch_live  fetch's cold path under live tiering, its swaps decided by the fetch path's step model
            (as the engine's with tier.cold_path fetch): what the tiering adds over fetch; ours over it
            is what the host split adds, with the swaps ours' own step model picks
@@ -48,7 +50,7 @@ import numpy as np
 import torch
 
 from moeray.bench import standalone, write_json
-from moeray.host_tier import TierCounts
+from moeray.tier_counts import TierCounts
 from moeray.tier_config import HostTierConfig
 
 SHAPES = {
@@ -58,6 +60,7 @@ SHAPES = {
 # mode: (its host slots' cold path, tiered from live statistics); "all" has no host slots
 MODE_PATHS = {"all": ("host", False), "fetch": ("fetch", False), "host": ("host", False), "profiled": ("host", False),
               "ours": ("auto", True), "ours_no_prefetch": ("auto", True), "ours_unlearnt": ("auto", True),
+              "ours_untried": ("auto", True),
               "fetch_live": ("fetch", True)}
 MODES = tuple(MODE_PATHS)
 AUTO_MODES = tuple(m for m, (cold, _) in MODE_PATHS.items() if cold == "auto")
@@ -172,10 +175,12 @@ class Stack:
     def reset(self, phy2log_LS: np.ndarray, mode: str) -> None:
         from moeray.comm.slot_map import DeviceSlotMap
         from moeray.host_tier import ColdPath
+        from moeray.tier_calibration import SplitTrial
         from placement import Placement
 
         E = self.placement.num_experts
         self.placement = Placement(np.asarray(phy2log_LS), E, E)
+        trial = SplitTrial()  # one for all layers (a worker's), learnt afresh each run
         for layer, experts in enumerate(self.layers):
             for slot, expert in enumerate(self.placement.phy2log[layer]):
                 experts.write_slot(slot, self.w13_LEHD[layer][expert], self.w2_LEDF[layer][expert])
@@ -185,7 +190,8 @@ class Stack:
                 cold = MODE_PATHS[mode][0]
                 experts.host.path = ColdPath(cold, self.rates if cold == "auto" else None, self.fetch_slots,
                                              prefetch=mode == "ours", host_margin=self.host_margin,
-                                             learn_split=mode != "ours_unlearnt")
+                                             learn_split=mode != "ours_unlearnt", split_trial=mode != "ours_untried")
+                experts.host.trial = trial
         sync(self.cuda)
 
 
@@ -275,7 +281,9 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
                    prefetched_per_layer_step=sum(h.counts.prefetched for h in hosts) / layer_steps,
                    prefetch_unused_per_layer_step=sum(h.counts.prefetch_unused for h in hosts) / layer_steps)
         if mode in AUTO_MODES:  # what the layers learnt of their splits by the end (1: nothing)
-            out.update(split_bias=[round(h.split_bias, 3) for h in hosts])
+            out.update(split_bias=[round(h.split_bias, 3) for h in hosts],
+                       overruled_per_layer_step=sum(h.counts.overruled for h in hosts) / layer_steps,
+                       split_trial=hosts[0].trial.view())
     if live is not None:
         out.update(swaps=live.swaps, swap_ms_total=1e3 * live.swap_s, last_tier_reason=live.control.last and live.control.last.reason)
     return out

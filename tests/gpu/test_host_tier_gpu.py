@@ -216,7 +216,7 @@ def test_layer_steps_teach_the_split_one_step_late_and_a_new_path_forgets_them(r
     """Auto splits with copies made slow (1 MB/s), so every step leaves slots on the host and, with
     the launch thread, queues its launches there beside the host math."""
     slow_copies = dataclasses.replace(rates, pcie_bytes_per_s=1e6)
-    with six_expert_layer(13, ColdPath("auto", slow_copies), launch_thread) as (step, host):
+    with six_expert_layer(13, ColdPath("auto", slow_copies, split_trial=False), launch_thread) as (step, host):
 
         def observed_after_a_step() -> int:
             step()
@@ -225,5 +225,5 @@ def test_layer_steps_teach_the_split_one_step_late_and_a_new_path_forgets_them(r
         assert [observed_after_a_step() for _ in range(3)] == [0, 1, 2]  # each step read at the next one's end
         assert host.counts.host_experts >= 3 * 2 and host.counts.fetched_experts == 0
         assert (host.pool._launcher is not None) == launch_thread  # the launch thread was used
-        host.path = ColdPath("auto", slow_copies)
+        host.path = ColdPath("auto", slow_copies, split_trial=False)
         assert observed_after_a_step() == 0  # the step timed under the old path is not read

@@ -15,7 +15,8 @@ from moeray.comm import local_ranks
 from moeray.comm.dispatcher import AllToAllDispatcher, LocalDispatcher
 from moeray.comm.slot_map import DeviceSlotMap
 from moeray.expert_parallel import SlotExperts
-from moeray.host_tier import ColdPath, HostSlots, tier_totals
+from moeray.host_tier import ColdPath, HostSlots
+from moeray.tier_counts import tier_totals
 from moeray.tier_measure import measure_rates
 from placement import Placement
 from placement.tiering import TierRates, split_cold
@@ -161,7 +162,7 @@ def test_an_untouched_prefetch_and_the_calibration_through_layer_steps():
     host.pool.prefetched = Prefetch(host, [0], buffer, ready)
     torch.testing.assert_close(layer(x, few, w), dense_reference(x, few, w, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
     assert host.counts.prefetch_unused == 1 and host.counts.host_experts == 3 and host.counts.fetched_experts == 0
-    host.path = ColdPath("auto", RATES, learn_split=False)  # the host calibration alone (the split's: below)
+    host.path = ColdPath("auto", RATES, learn_split=False, split_trial=False)  # the host calibration alone (the split's: below)
     host._calibration.start_s = 1e-6  # small against the slots' costs (tens of microseconds): the split stands
     torch.testing.assert_close(layer(x, few, w), dense_reference(x, few, w, w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
     assert host.counts.host_experts == 3 + 2 and host.counts.fetched_experts == 1

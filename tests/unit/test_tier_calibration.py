@@ -111,7 +111,7 @@ def test_a_learnt_split_bias_turns_host_bets_into_fetches_and_the_steps_teach_it
     for learn_split, fetched, hosted in ((False, 1, 2), (True, 3, 0)):
         begun.clear()
         layer = tiered_layer(placement, 0, LocalDispatcher(experts), w13_EHD, w2_EDF, 2,
-                             ColdPath("auto", RATES, learn_split=learn_split))
+                             ColdPath("auto", RATES, learn_split=learn_split, split_trial=False))
         host, calibration = layer.host, layer.host._calibration
         calibration.start_s = 1e-6
         calibration.fetch_steps = 1  # as if learnt: fetch-only steps past their warm-up,
