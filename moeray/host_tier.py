@@ -174,7 +174,7 @@ class HostSlots:
         host_slots, fetch_slots, tag = self._plan(planned_X, offsets[first], busy_s) if planned else ([], [], None)
         fetch_slots = prefetched + fetch_slots
         self.counts.add(rows_X, host_slots, fetch_slots, pending.slots if pending is not None else (),
-                        overruled=tag is not None and tag.overruled)
+                        proposed=tag is not None and tag.proposed, overruled=tag is not None and tag.overruled)
         if self.path.prefetch:
             self._learn_shares(rows_X, offsets[-1])
         starts_X = np.concatenate([[0], np.cumsum(rows_X)])

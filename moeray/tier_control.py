@@ -11,6 +11,9 @@ boundary). Two ways in:
     worker's hottest experts take its device slots, moving as few slots as it can;
   - between rebalances, `placement_tiers` swaps a host expert that out-carries a device one by
     the margin, after the cooldown, where the modelled step (rates measured on a worker) gains.
+The step model is the cold path the workers run: with cold_path auto, where the workers' split
+trials (moeray.tier_calibration.SplitTrial) have lately played fewer than half of the splits
+their models proposed, their steps are fetch's and are modelled so.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ class TierControl:
     last: TierPlan | None = None  # the last live decision, for the stats view
     # worker rank -> its host-tier counts since this coordinator started (summed snapshot ranges)
     counts_by_worker: dict = field(default_factory=dict)
+    # moving average over snapshots (those with proposed splits) of the share of proposed splits the
+    # workers' split trials played; None: none proposed yet
+    played_share: float | None = None
+    PLAYED_WEIGHT = 0.3  # of a snapshot's share in the average
 
     @property
     def budget(self) -> int:
@@ -50,11 +57,18 @@ class TierControl:
     def live(self) -> bool:
         return self.config.live(self.slots_per_worker)
 
+    @property
+    def modelled_path(self) -> str:
+        """The cold path the gain check models: the configured one, except auto whose workers'
+        trials lately fetched everything at most proposed splits (their steps are fetch's)."""
+        if self.config.cold_path == "auto" and self.played_share is not None and self.played_share < 0.5:
+            return "fetch"
+        return self.config.cold_path
+
     def policy(self) -> TierConfig:
         c = self.config
-        # cold_path "auto" is modelled as such; the gain check needs a mode step_seconds knows
         return TierConfig(budget=self.budget, margin=c.margin, max_swaps=c.max_swaps, cooldown_s=c.cooldown_s,
-                          min_gain=c.min_gain, mode=c.cold_path, host_margin=c.host_margin,
+                          min_gain=c.min_gain, mode=self.modelled_path, host_margin=c.host_margin,
                           payback_steps=c.payback_steps)
 
     def arrange(self, plan: Plan, current: Placement, load_LE: np.ndarray, topology, now: float) -> Plan:
@@ -83,10 +97,16 @@ class TierControl:
         totals = self.counts_by_worker.setdefault(worker, dict.fromkeys(counts, 0))
         for name, value in counts.items():
             totals[name] = totals.get(name, 0) + value
+        proposed = counts.get("proposed", 0)
+        if proposed > 0:
+            share = 1.0 - counts.get("overruled", 0) / proposed
+            self.played_share = share if self.played_share is None else \
+                self.played_share + self.PLAYED_WEIGHT * (share - self.played_share)
 
     def view(self) -> dict:
         return {"device_slots": self.budget, "slots_per_worker": self.slots_per_worker,
-                "cold_path": self.config.cold_path, "tiering": self.config.tiering,
+                "cold_path": self.config.cold_path, "modelled_path": self.modelled_path,
+                "played_share": self.played_share, "tiering": self.config.tiering,
                 "rates": None if self.rates is None else vars(self.rates),
                 "last": None if self.last is None else self.last.reason,
                 "counts_by_worker": {rank: dict(totals) for rank, totals in sorted(self.counts_by_worker.items())}}

@@ -27,11 +27,13 @@ class TierCounts:
 
     prefetched: int = 0  # touched slots whose weights a prefetch had queued
     prefetch_unused: int = 0  # prefetched slots the step did not touch (a wasted copy)
-    overruled: int = 0  # steps whose proposed split the split trial played as fetch-everything
+    proposed: int = 0  # auto steps whose model proposed a split (leaving touched slots on the host)
+    overruled: int = 0  # ... of them, those the split trial played as fetch-everything
 
     def add(self, rows_X: np.ndarray, host_slots: list[int], fetch_slots: list[int], prefetched=(),
-            overruled: bool = False) -> None:
+            proposed: bool = False, overruled: bool = False) -> None:
         self.steps += 1
+        self.proposed += int(proposed)
         self.overruled += int(overruled)
         self.prefetched += sum(1 for x in prefetched if rows_X[x])
         self.prefetch_unused += sum(1 for x in prefetched if not rows_X[x])

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from moeray.bench import standalone, write_json
-from moeray.tier_counts import TierCounts
+from moeray.tier_counts import TierCounts, tier_totals
 from moeray.tier_config import HostTierConfig
 
 SHAPES = {
@@ -209,6 +209,7 @@ class LiveTiers:
         self.stack, self.control = stack, TierControl(config, E, rates=rates)
         self.recent = DecayedLoad(2.0 * args.check_every)
         self.last_LE = np.zeros((len(stack.layers), E), dtype=np.int64)
+        self.last_totals = {}  # the layers' tier counts at the last decision (a worker's shipped snapshot)
         self.swaps, self.swap_s = 0, 0.0
 
     def after(self, steps: int, now: float) -> None:
@@ -219,6 +220,9 @@ class LiveTiers:
         load_LE = torch.stack([e.load_E for e in self.stack.layers]).cpu().numpy()  # host sync
         self.recent = self.recent.update(load_LE - self.last_LE, steps=steps)
         self.last_LE = load_LE
+        totals = tier_totals([e.host for e in self.stack.layers if e.host is not None])
+        self.control.observe(0, {k: v - self.last_totals.get(k, 0) for k, v in totals.items()})  # as a snapshot's range
+        self.last_totals = totals
         current = self.stack.placement
         new = self.control.decide(current, self.recent.load_LE, self.recent.effective_steps, now)
         if new is None:
@@ -285,7 +289,8 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
                        overruled_per_layer_step=sum(h.counts.overruled for h in hosts) / layer_steps,
                        split_trial=hosts[0].trial.view())
     if live is not None:
-        out.update(swaps=live.swaps, swap_ms_total=1e3 * live.swap_s, last_tier_reason=live.control.last and live.control.last.reason)
+        out.update(swaps=live.swaps, swap_ms_total=1e3 * live.swap_s, last_tier_reason=live.control.last and live.control.last.reason,
+                   modelled_path=live.control.modelled_path)
     return out
 
 

@@ -269,3 +269,22 @@ def test_host_tier_counts_are_summed_per_worker_from_every_snapshot_of_the_epoch
     assert by_worker == {0: {k: 2 * v for k, v in counts.items()}, 1: counts}
     assert core.summary()["tier"]["counts_by_worker"] == by_worker
     assert make_core().view(False)["tier"] is None  # no host tier
+
+
+def test_auto_is_modelled_as_fetch_while_the_workers_trials_overrule_most_proposed_splits():
+    control = TierControl(HostTierConfig(device_slots=1, cold_path="auto"), SPW)
+    assert control.modelled_path == "auto" and control.policy().mode == "auto"  # nothing proposed yet
+    control.observe(0, {"proposed": 0, "overruled": 0, "host_rows": 4})  # a range without proposals: no evidence
+    assert control.played_share is None
+    control.observe(0, {"proposed": 10, "overruled": 9})
+    assert control.played_share == pytest.approx(0.1) and control.policy().mode == "fetch"
+    assert control.view()["modelled_path"] == "fetch"
+    shares = []
+    for _ in range(3):  # the trials play the splits again: back to auto once the average passes half
+        control.observe(1, {"proposed": 8, "overruled": 0})
+        shares.append(control.modelled_path)
+    assert shares == ["fetch", "auto", "auto"]  # 0.37, 0.56, 0.69
+    fetch = TierControl(HostTierConfig(device_slots=1, cold_path="fetch"), SPW)
+    fetch.observe(0, {"proposed": 10, "overruled": 0})  # only auto's model changes
+    assert fetch.modelled_path == "fetch"
+    assert TierControl(HostTierConfig(device_slots=1, cold_path="host"), SPW).modelled_path == "host"
