@@ -227,3 +227,39 @@ def test_layer_steps_teach_the_split_one_step_late_and_a_new_path_forgets_them(r
         assert (host.pool._launcher is not None) == launch_thread  # the launch thread was used
         host.path = ColdPath("auto", slow_copies, split_trial=False)
         assert observed_after_a_step() == 0  # the step timed under the old path is not read
+
+
+@pytest.mark.parametrize("slow", ["host", "fetch"])
+def test_the_split_trial_keeps_to_the_arm_whose_gpu_steps_ran_shorter(rates, slow):
+    """Copies modelled slow (1 MB/s), so the model proposes leaving every touched slot on the host;
+    then either the host math is made slow (a 20 ms sleep on this thread) or the fetch rounds (a
+    ~10 ms device sleep a fetched slot, queued on the main stream, which the layer's timing events
+    see). Read one step late from the CUDA events, the trial learns to fetch everything or to keep
+    the split; every step equals the reference either way."""
+    import time
+
+    from moeray.host_tier import HostSlots
+    from moeray.tier_calibration import SplitTrial
+    from placement.split_trial import TrialConfig
+
+    original_host, original_rounds = HostSlots._host_math, HostSlots._fetch_rounds
+
+    def slow_host(self, *args):
+        time.sleep(0.02)
+        return original_host(self, *args)
+
+    def slow_rounds(self, rows_X, slots, pending):
+        torch.cuda._sleep(int(2e7 * len(slots)))  # cycles: ~10 ms a slot at 2 GHz
+        return original_rounds(self, rows_X, slots, pending)
+
+    slow_copies = dataclasses.replace(rates, pcie_bytes_per_s=1e6)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HostSlots, "_host_math" if slow == "host" else "_fetch_rounds",
+                      slow_host if slow == "host" else slow_rounds)
+        with six_expert_layer(17, ColdPath("auto", slow_copies, learn_split=False), False) as (step, host):
+            host.trial = SplitTrial(TrialConfig(window=7, min_observed=4, warmup=1, explore_every=8), seed=3)
+            for _ in range(30):
+                step()
+            view = host.trial.view()
+            assert not view["learning"] and view["prefer_split"] == (slow == "fetch"), view
+            assert host.counts.proposed == 30 and (host.counts.overruled > 15) == (slow == "host"), host.counts
