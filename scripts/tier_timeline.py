@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from moeray.bench.tier import SHAPES, Stack, random_layer_weights, routed, sync
-from moeray.host_tier import ColdPath, HostSlots, TierCounts
+from moeray.host_tier import ColdPath, HostSlots
+from moeray.tier_counts import TierCounts
 from moeray.tier_launch import LaunchThread
 from moeray.tier_measure import measure_rates
 from placement.traces import load_olmoe_mixtral

@@ -60,7 +60,9 @@ def test_every_budget_and_cold_path_equals_the_dense_reference(rates, mode, fetc
 
 
 def test_measured_rates_are_plausible_for_a_gpu(rates):
-    assert rates.pcie_bytes_per_s > 1e9  # pinned copies, PCIe 4/5: tens of GB/s
+    # a copy of this tiny expert (73 KB) is bound by its latency, not the link's tens of GB/s: an
+    # H100 lease measured 0.47 GB/s (0.16 ms), so only the bound of a working pinned copy is checked
+    assert 0 < rates.fetch_expert_s < 5e-3
     # per row at the most rows measured (compute-bound on both): the device is not slower than the host
     assert rates.device_row_s < rates.host_curve_s[-1] / rates.host_curve_rows[-1]
     assert list(rates.host_curve_s) == sorted(rates.host_curve_s)
