@@ -38,7 +38,7 @@ from moeray.tier_config import HostTierConfig
 from moeray.tier_counts import TierCounts
 from moeray.tier_launch import StepLaunches
 from moeray.tier_staging import Prefetch, StagingPool
-from placement.tiering import TierRates, split_cold
+from placement.tiering import TierRates, split_cold, split_cold_steps
 
 
 @dataclass(frozen=True)
@@ -231,17 +231,17 @@ class HostSlots:
             return [], touched, None
         rates = self._calibration.rates(self.path.rates)
         device_s = rates.device_floor_s + device_rows * rates.device_row_s + busy_s
-        fetch_X = split_cold(rows_X, rates, device_s, host_margin=self.path.host_margin, host_bias=self.split_bias)
-        fetch_all_s = device_s + rates.fetch_seconds(rows_X)  # the trial's yardstick, whichever arm plays
+        split = split_cold_steps(rows_X, rates, device_s, host_margin=self.path.host_margin, host_bias=self.split_bias)
+        fetch_X = split.fetch_X
         proposed = bool(touched) and not fetch_X[touched].all()
         if not proposed:
             self._calibration.fade()  # nothing observed this step: what was learnt fades
         played = proposed and (not self.path.split_trial or self.trial.play_split())
         if proposed and not played:
             fetch_X[:] = True  # the trial plays fetch-everything
-        modelled_s = rates.concurrent(device_s + rates.fetch_seconds(rows_X[fetch_X]), rates.host_seconds(rows_X[~fetch_X]))
+        # fetch_all_s: the trial's yardstick, whichever arm plays
         return ([x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]],
-                PlannedStep(modelled_s, played, fetch_all_s, proposed))
+                PlannedStep(split.step_s if played else split.fetch_all_s, played, split.fetch_all_s, proposed))
 
     @property
     def split_bias(self) -> float:

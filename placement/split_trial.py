@@ -51,10 +51,13 @@ class TrialState:
     split_seen: int = 0  # observations of each arm, warm-up ones included
     fetch_seen: int = 0
     prefer_split: bool = True  # the model's choice until the medians say otherwise
+    # the medians of the two windows, kept as they change (choose runs between a layer's host sync
+    # and its launches, where the device waits: it reads them, it does not sort)
+    split_median: float | None = None
+    fetch_median: float | None = None
 
     def median(self, split: bool) -> float | None:
-        ratios = self.split_ratios if split else self.fetch_ratios
-        return float(np.median(ratios)) if ratios else None
+        return self.split_median if split else self.fetch_median
 
 
 def observe(state: TrialState, split: bool, ratio: float, config: TrialConfig = TrialConfig()) -> TrialState:
@@ -66,10 +69,11 @@ def observe(state: TrialState, split: bool, ratio: float, config: TrialConfig = 
     ratios = state.split_ratios if split else state.fetch_ratios
     if seen > config.warmup:
         ratios = (ratios + (float(ratio),))[-config.window:]
+    median = float(np.median(ratios)) if ratios else None
     if split:
-        new = replace(state, split_seen=seen, split_ratios=ratios)
+        new = replace(state, split_seen=seen, split_ratios=ratios, split_median=median)
     else:
-        new = replace(state, fetch_seen=seen, fetch_ratios=ratios)
+        new = replace(state, fetch_seen=seen, fetch_ratios=ratios, fetch_median=median)
     return _preference(new, config)
 
 

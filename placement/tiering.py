@@ -153,6 +153,15 @@ def touched(rows_X: np.ndarray, expected: bool = False) -> float:
     return float((-np.expm1(-rows_X)).sum()) if expected else float((rows_X > 0).sum())
 
 
+@dataclass(frozen=True)
+class ColdSplit:
+    """One step's split of its cold experts (split_cold_steps) and the modelled steps it weighed."""
+
+    fetch_X: np.ndarray  # [X] bool: fetch (else compute on the host)
+    step_s: float  # the modelled step of this split (the bias not applied)
+    fetch_all_s: float  # the modelled step had every touched cold expert been fetched
+
+
 def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: bool = False,
                host_margin: float = 0.0, host_bias: float = 1.0) -> np.ndarray:
     """[X] bool: which cold experts to fetch (the rest are computed on the host) so that the step
@@ -169,6 +178,13 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: 
     loaded for some k. Every k is tried at once (prefix sums of the fetch costs, suffix sums of the
     host costs; the smallest k of the shortest steps): a few array operations, because the layer
     calls this between its host sync and its launches, where time is the step's."""
+    return split_cold_steps(rows_X, rates, device_s, expected, host_margin, host_bias).fetch_X
+
+
+def split_cold_steps(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: bool = False,
+                     host_margin: float = 0.0, host_bias: float = 1.0) -> ColdSplit:
+    """split_cold's answer with the modelled steps it compared (the layer's planning reads them
+    instead of modelling the split again: it runs between the host sync and the launches)."""
     if not 0.0 <= host_margin < 1.0:
         raise ValueError(f"host_margin must be in [0, 1), got {host_margin}")
     if not np.isfinite(host_bias) or host_bias <= 0:
@@ -180,9 +196,8 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: 
     host_K = np.concatenate([np.cumsum(rates.host_costs(rows_sorted, expected)[::-1])[::-1], [0.0]])  # host the rest
     host_K = rates.with_host_start(host_K)  # its start cost, wherever anything is left on the host
     device_K = device_s + fetch_K
-    step_K = device_K + host_K - rates.overlap * np.minimum(device_K, host_K)
-    if host_bias != 1.0:
-        step_K = np.where(host_K > 0, host_bias * step_K, step_K)
+    modelled_K = device_K + host_K - rates.overlap * np.minimum(device_K, host_K)
+    step_K = np.where(host_K > 0, host_bias * modelled_K, modelled_K) if host_bias != 1.0 else modelled_K.copy()
     step_K[1:][rows_sorted <= 0] = np.inf  # an untouched expert is never fetched
     best = int(np.argmin(step_K))
     every = int((rows_sorted > 0).sum())  # k = every touched expert fetched
@@ -190,7 +205,7 @@ def split_cold(rows_X: np.ndarray, rates: TierRates, device_s: float, expected: 
         best = every
     fetch_X = np.zeros(len(rows_X), dtype=bool)
     fetch_X[order[:best]] = True
-    return fetch_X
+    return ColdSplit(fetch_X, float(modelled_K[best]), float(modelled_K[every]))
 
 
 def step_seconds(rows_X: np.ndarray, resident_X: np.ndarray, rates: TierRates, mode: str = "host",
@@ -206,9 +221,7 @@ def step_seconds(rows_X: np.ndarray, resident_X: np.ndarray, rates: TierRates, m
     if mode == "fetch":
         return device + rates.fetch_seconds(cold, expected=True)
     if mode == "auto":
-        fetch = split_cold(cold, rates, device, expected=True, host_margin=host_margin)
-        return rates.concurrent(device + rates.fetch_seconds(cold[fetch], expected=True),
-                                rates.host_seconds(cold[~fetch], expected=True))
+        return split_cold_steps(cold, rates, device, expected=True, host_margin=host_margin).step_s
     if mode != "host":
         raise ValueError(f"mode must be 'host', 'fetch' or 'auto', got {mode!r}")
     return rates.concurrent(device, rates.host_seconds(cold, expected=True))

@@ -20,6 +20,7 @@ from placement.tiering import (
     placement_tiers,
     slot_loads,
     split_cold,
+    split_cold_steps,
     step_seconds,
     swap_slots,
 )
@@ -296,3 +297,22 @@ def test_split_cold_is_the_best_prefix_of_the_slow_reference(expected, host_star
         assert step(fetch) == pytest.approx(best, rel=1e-9), case
         assert fetch.tolist() == best_mask.tolist(), case
         assert not fetch[rows == 0].any()
+
+
+@pytest.mark.parametrize("host_bias,host_margin", [(1.0, 0.0), (2.5, 0.0), (1.0, 0.3), (0.5, 0.1)])
+def test_split_cold_steps_are_the_modelled_steps_of_its_split_and_of_fetching_all(host_bias, host_margin):
+    """The steps split_cold_steps hands back equal the split's and fetch-everything's modelled by
+    hand (TierRates.concurrent of the two parts), awkward rows included (untouched, one row, many)."""
+    rates = TierRates(device_row_s=1e-6, host_row_s=3e-6, pcie_bytes_per_s=1e9, expert_bytes=6e3, row_bytes=48,
+                      host_expert_s=2e-6, overlap=0.7, host_start_s=1e-6)
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        rows_X = rng.choice([0, 0, 1, 2, 5, 40], size=int(rng.integers(1, 9)))
+        device_s = float(rng.uniform(0, 1e-4))
+        split = split_cold_steps(rows_X, rates, device_s, host_margin=host_margin, host_bias=host_bias)
+        assert split.fetch_X.tolist() == split_cold(rows_X, rates, device_s, host_margin=host_margin,
+                                                    host_bias=host_bias).tolist()
+        fetch_X = split.fetch_X
+        want = rates.concurrent(device_s + rates.fetch_seconds(rows_X[fetch_X]), rates.host_seconds(rows_X[~fetch_X]))
+        assert split.step_s == pytest.approx(want, rel=1e-9, abs=1e-15)
+        assert split.fetch_all_s == pytest.approx(device_s + rates.fetch_seconds(rows_X), rel=1e-9, abs=1e-15)
