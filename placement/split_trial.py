@@ -27,8 +27,11 @@ import numpy as np
 @dataclass(frozen=True)
 class TrialConfig:
     window: int = 15  # ratios each arm's median is taken over (its latest)
-    min_observed: int = 5  # per arm, before the medians decide: until then the arms alternate
-    warmup: int = 2  # first ratios of each arm not kept (the first shapes build kernels)
+    # per arm, before the medians decide (until then the arms are played at even odds): few, since
+    # every step of the losing arm costs (on one H100, Mixtral's fetch-everything steps ran 1.8x
+    # its splits) and a median of three already outvotes one odd step
+    min_observed: int = 3
+    warmup: int = 1  # first ratios of each arm not kept (the first shapes build kernels)
     explore_every: int = 32  # about one decision in this many plays the other arm
     explore_clear_every: int = 128  # ... where the other arm's median is over `clear` worse
     clear: float = 0.25

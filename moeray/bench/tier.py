@@ -215,9 +215,12 @@ def run_shape(name: str, args, trace_dir) -> dict:
         identity = np.tile(np.arange(E), (L, 1))
         phases = [("decode", int(t), args.decode_steps) for t in str(args.decode_tokens).split(",")]
         for phase, tokens, steps in phases + [("prefill", args.prefill_tokens, args.prefill_steps)]:
-            # warm-up: compiles the kernels for this token count on every path
+            # warm-up: compiles the kernels for this token count on every path, and (auto) builds the
+            # pinned buffers and oneDNN shapes a split's first steps would (a process's once: on one
+            # H100 the first auto mode of a configuration ran its first step at 52-58 ms, the next
+            # auto mode at 17-22, fetch_live at 14)
             warm = domain_schedule(probs, domains, 2, False)
-            for mode in (["all"] if budget == E else ["fetch", "host"]):
+            for mode in (["all"] if budget == E else ["fetch", "host", "ours_untried"]):
                 run_config(stack, mode, identity, warm, probs, tokens, K, args, rates)
             for drifting in (False, True):
                 schedule = domain_schedule(probs, domains, steps, drifting)
