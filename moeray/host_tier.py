@@ -67,7 +67,7 @@ class ColdPath:
     # auto: host anything only where the modelled step is this much shorter than fetch-only
     host_margin: float = HostTierConfig.model_fields["host_margin"].default
     learn_split: bool = True  # auto: weigh host bets by the layer's measured steps (HostCalibration.split_bias)
-    split_trial: bool = True  # auto: the worker's SplitTrial plays proposed splits or fetch-everything, by measure
+    split_trial: bool = False  # auto: the worker's SplitTrial plays proposed splits or fetch-everything, by measure
 
     def __post_init__(self) -> None:
         if self.mode not in ("host", "fetch", "auto"):

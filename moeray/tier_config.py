@@ -60,11 +60,13 @@ class HostTierConfig(BaseModel):
                     "host by how much longer than modelled such steps ran, against steps that fetched everything "
                     "(the rates alone miss how host math and launches share the CPU)")
     split_trial: bool = Field(
-        default=True, strict=True,
+        default=False, strict=True,
         description="cold_path auto: where a layer's model proposes leaving experts on the host, the worker plays "
                     "that split or fetches everything, and keeps to whichever has run shorter against the model's "
-                    "fetch-everything length of the same steps (trying the other now and then): the model's "
-                    "splits lost to fetching on OLMoE's small experts on one H200 and won Mixtral's")
+                    "fetch-everything length of the same steps (trying the other now and then). Off by default: on "
+                    "one H100 it learnt to fetch at OLMoE decode and to split at Mixtral's, and gained nothing over "
+                    "playing every split (OLMoE 1.01x and 0.99x, two runs; Mixtral 0.96x: its learning steps; "
+                    "docs/benchmarks/tier.md)")
     margin: float = Field(default=0.2, ge=0, allow_inf_nan=False,
                           description="a host-memory expert must carry (1 + margin) x the load of the device expert it replaces")
     max_swaps: int = Field(default=2, ge=1, strict=True, description="promotions per layer, worker and decision")

@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=32)
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--steps", type=int, default=48)
-    p.set_defaults(modes="fetch_live,ours_no_prefetch,ours_untried")
+    p.set_defaults(modes="fetch_live,ours_no_prefetch,ours_trial")
     args = p.parse_args()
     shape = bench.SHAPES["olmoe"]
     trace = load_olmoe_mixtral(args.traces, shape["trace_model"])

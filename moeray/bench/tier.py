@@ -28,8 +28,9 @@ routing counts, grouped kernel, weighted combine; moeray.host_tier for the host 
   ours_no_prefetch  ours without the prefetch (which part of ours the prefetch is; the engine's default)
   ours_unlearnt  ours_no_prefetch splitting by the measured rates alone (tier.learn_split off: what the
            layers' timing of their own steps adds)
-  ours_untried  ours_no_prefetch without the split trial (tier.split_trial off: every proposed split
-           is played; what the trial between split and fetch-everything adds)
+  ours_trial  ours_no_prefetch with the split trial (tier.split_trial on: each proposed split is
+           played or replaced by fetch-everything, by which has measured shorter; what the trial
+           adds. Until 8982186 the trial was on by default and `ours_untried` ran it off)
   fetch_live  fetch's cold path under live tiering, its swaps decided by the fetch path's step model
            (as the engine's with tier.cold_path fetch): what the tiering adds over fetch; ours over it
            is what the host split adds, with the swaps ours' own step model picks
@@ -220,7 +221,7 @@ def run_shape(name: str, args, trace_dir) -> dict:
             # H100 the first auto mode of a configuration ran its first step at 52-58 ms, the next
             # auto mode at 17-22, fetch_live at 14)
             warm = domain_schedule(probs, domains, 2, False)
-            for mode in (["all"] if budget == E else ["fetch", "host", "ours_untried"]):
+            for mode in (["all"] if budget == E else ["fetch", "host", "ours_no_prefetch"]):
                 run_config(stack, mode, identity, warm, probs, tokens, K, args, rates)
             for drifting in (False, True):
                 schedule = domain_schedule(probs, domains, steps, drifting)

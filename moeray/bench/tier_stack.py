@@ -16,7 +16,7 @@ from moeray.tier_counts import tier_totals
 # mode: (its host slots' cold path, tiered from live statistics); "all" has no host slots
 MODE_PATHS = {"all": ("host", False), "fetch": ("fetch", False), "host": ("host", False), "profiled": ("host", False),
               "ours": ("auto", True), "ours_no_prefetch": ("auto", True), "ours_unlearnt": ("auto", True),
-              "ours_untried": ("auto", True),
+              "ours_trial": ("auto", True),
               "fetch_live": ("fetch", True)}
 MODES = tuple(MODE_PATHS)
 AUTO_MODES = tuple(m for m, (cold, _) in MODE_PATHS.items() if cold == "auto")
@@ -77,7 +77,7 @@ class Stack:
                 cold = MODE_PATHS[mode][0]
                 experts.host.path = ColdPath(cold, self.rates if cold == "auto" else None, self.fetch_slots,
                                              prefetch=mode == "ours", host_margin=self.host_margin,
-                                             learn_split=mode != "ours_unlearnt", split_trial=mode != "ours_untried")
+                                             learn_split=mode != "ours_unlearnt", split_trial=mode == "ours_trial")
                 experts.host.trial = trial
         sync(self.cuda)
 

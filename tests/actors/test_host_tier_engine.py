@@ -33,7 +33,7 @@ def tiered(ray_cluster, tmp_path_factory):
         # the rebalance policy off: live tier swaps run on their own (check_interval_steps apart)
         rebalance=RebalanceConfig(enabled=False, window_steps=8, check_interval_steps=2),
         tier=HostTierConfig(device_slots=BUDGET, cold_path="auto", tiering="live", margin=0.2, cooldown_s=0,
-                            min_gain=0, max_swaps=2),
+                            min_gain=0, max_swaps=2, split_trial=True),
     )
     assert config.slots_per_worker == SPW
     with Engine(config, ckpt) as engine:
@@ -97,6 +97,9 @@ def test_live_tiering_promotes_the_hot_experts_and_follows_a_drift(tiered):
     stats = engine.stats()
     assert stats["tier"]["device_slots"] == BUDGET
     assert stats["tier"]["rates"] is None  # CPU workers: the margin alone decides (no step model)
+    # the split trial's counts reach the coordinator with the rest (what it played, every step exact)
+    counts = stats["tier"]["counts_by_worker"]
+    assert sorted(counts) == [0, 1] and all(0 <= c["overruled"] <= c["proposed"] <= c["steps"] for c in counts.values())
     assert_device_slots_carry_more(engine)
 
 

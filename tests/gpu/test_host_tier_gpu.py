@@ -258,7 +258,7 @@ def test_the_split_trial_keeps_to_the_arm_whose_gpu_steps_ran_shorter(rates, slo
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(HostSlots, "_host_math" if slow == "host" else "_fetch_rounds",
                       slow_host if slow == "host" else slow_rounds)
-        with six_expert_layer(17, ColdPath("auto", slow_copies, learn_split=False), False) as (step, host):
+        with six_expert_layer(17, ColdPath("auto", slow_copies, learn_split=False, split_trial=True), False) as (step, host):
             host.trial = SplitTrial(TrialConfig(window=7, min_observed=4, warmup=1, explore_every=8), seed=3)
             for _ in range(30):
                 step()

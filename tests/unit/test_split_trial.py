@@ -109,7 +109,7 @@ def test_a_workers_layers_keep_to_the_arm_that_measured_shorter_and_stay_exact(m
     layers = []
     for _ in range(3):
         layer = tiered_layer(placement, 0, LocalDispatcher(experts), w13_EHD, w2_EDF, 2,
-                             ColdPath("auto", SLOW_COPIES, learn_split=False))
+                             ColdPath("auto", SLOW_COPIES, learn_split=False, split_trial=True))
         layer.host.trial = trial
         layers.append(layer)
     for _ in range(16):
