@@ -14,8 +14,9 @@ Per layer step, for the rows of each touched host slot, the cold path is
            two rounds in flight) and the device kernel runs them;
     auto   per slot and step, whichever `placement.tiering.split_cold` predicts is shorter from
            the measured rates (few rows: host; many rows: fetch), weighed by what the layer's own
-           steps showed; where it proposes a split, the worker's SplitTrial plays it or fetches
-           everything, by which of the two has measured shorter (moeray.tier_calibration).
+           steps showed; where it proposes a split and `tier.split_trial` is on (off by default),
+           the worker's SplitTrial plays it or fetches everything, by which of the two has
+           measured shorter (moeray.tier_calibration).
 The device part (the resident slots' kernel, the fetch rounds: moeray.tier_launch.StepLaunches)
 is queued before the host math, on this thread, or with `tier.launch_thread` on a GPU worker by
 the worker's launch thread while this thread computes the host slots, so neither waits for the
@@ -49,6 +50,7 @@ class PlannedStep:
     split: bool  # it leaves experts on the host
     fetch_all_s: float  # the model's length had it fetched every touched slot (the trial's yardstick)
     proposed: bool  # the model proposed a split: the trial's arms compare on this step
+    bucket: int = 0  # the split trial's bucket of this step (SplitTrial.bucket of its rows)
 
     @property
     def overruled(self) -> bool:
@@ -212,9 +214,10 @@ class HostSlots:
             measured = self._span.end(tag)
             if measured is not None:  # a GPU's: the layer's previous timed step
                 seconds, done = measured
-                self._calibration.observe_step(seconds, done.modelled_s, done.split)
+                if self.path.learn_split:
+                    self._calibration.observe_step(seconds, done.modelled_s, done.split)
                 if done.proposed and self.path.split_trial:
-                    self.trial.observe(done.split, seconds, done.fetch_all_s)
+                    self.trial.observe(done.bucket, done.split, seconds, done.fetch_all_s)
         # last: behind every copy of this layer (its host rows' results too, which would otherwise
         # wait for the next layer's weights)
         self._prefetch_next(offsets[-1])
@@ -236,12 +239,13 @@ class HostSlots:
         proposed = bool(touched) and not fetch_X[touched].all()
         if not proposed:
             self._calibration.fade()  # nothing observed this step: what was learnt fades
-        played = proposed and (not self.path.split_trial or self.trial.play_split())
+        bucket = SplitTrial.bucket(device_rows + int(rows_X.sum()))
+        played = proposed and (not self.path.split_trial or self.trial.play_split(bucket))
         if proposed and not played:
-            fetch_X[:] = True  # the trial plays fetch-everything
+            fetch_X = np.ones_like(fetch_X)  # the trial plays fetch-everything
         # fetch_all_s: the trial's yardstick, whichever arm plays
         return ([x for x in touched if not fetch_X[x]], [x for x in touched if fetch_X[x]],
-                PlannedStep(split.step_s if played else split.fetch_all_s, played, split.fetch_all_s, proposed))
+                PlannedStep(split.step_s if played else split.fetch_all_s, played, split.fetch_all_s, proposed, bucket))
 
     @property
     def split_bias(self) -> float:

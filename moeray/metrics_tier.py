@@ -21,6 +21,8 @@ _COUNTERS = (
     ("copied_bytes", "moeray:tier_copied_bytes",
      "Expert weight bytes fetched from host memory to the device (unused prefetches included)."),
     ("host_s", "moeray:tier_host_seconds", "Wall time of the host tier's expert math."),
+    ("proposed", "moeray:tier_split_proposals",
+     "Layer steps whose step model proposed leaving touched host-slot experts on the host (cold_path auto)."),
     ("overruled", "moeray:tier_split_trial_fetches",
      "Layer steps whose proposed host split the split trial played as fetch-everything (tier.split_trial)."),
 )

@@ -12,7 +12,8 @@ Schema 1 (a msgpack map):
     rows      bytes little-endian int32 [L, S_w], rows this worker's slots actually computed
     commit_ms float | nil  time the worker spent switching placement in this range, if it did
     tier      map | nil    a worker with a host tier: its counts over the range (tier_counts.tier_totals'
-                           keys: rows and experts per cold path, host seconds, copied bytes);
+                           keys: rows and experts per cold path, host seconds, copied bytes,
+                           prefetch use, proposed and overruled splits);
                            optional, so readers of snapshots without it are unaffected
 
 int32 keeps a 58 x 256 snapshot at 59 KiB; counts over a snapshot interval fit easily.

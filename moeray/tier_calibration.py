@@ -12,10 +12,11 @@ and the copies' CPU work take turns on one thread. So each layer also times its 
 measured over the modelled length of the steps that left anything on the host and of those that
 fetched everything; their quotient (`split_bias`) is what split_cold weighs host bets by.
 
-The bias corrects the model; whether any host bet pays is measured outright (`SplitTrial`, one
-per worker, shared by its layers): where a layer's model proposes a split, the trial plays it or
-fetches everything, and keeps to whichever has run shorter against the model's fetch-everything
-length of the same step (placement.split_trial).
+The bias corrects the model; with `tier.split_trial` (off by default: no gain measured) whether
+any host bet pays is measured outright (`SplitTrial`, one per worker, shared by its layers):
+where a layer's model proposes a split, the trial plays it or fetches everything, and keeps to
+whichever has run shorter against the model's fetch-everything length of the same step
+(placement.split_trial).
 """
 
 from __future__ import annotations
@@ -105,28 +106,38 @@ class HostCalibration:
 
 
 class SplitTrial:
-    """A worker's trial of its host bets (placement.split_trial), shared by its layers (their
-    steps are of one shape: 16 layers learn it 16 times as fast as one). Steps run on one thread
-    at a time (the worker's), so no lock."""
+    """A worker's trial of its host bets (placement.split_trial, with `tier.split_trial`), shared
+    by its layers (one shape: 16 layers learn it 16 times as fast as one), one trial a bucket of
+    the layer step's rows on this worker (an octave: decode's tens of rows and prefill's thousands
+    favour different arms, measured: docs/benchmarks/tier.md). Steps run on one thread at a time
+    (the worker's step lock), so no lock here."""
 
     def __init__(self, config: TrialConfig = TrialConfig(), seed: int = 0):
-        self.config, self.state = config, TrialState()
+        self.config = config
+        self.states: dict[int, TrialState] = {}  # rows bucket -> its trial
         self._rng = np.random.default_rng(seed)
 
-    def play_split(self) -> bool:
-        """Whether a step whose model proposes a split plays it (else it fetches everything)."""
-        return choose(self.state, float(self._rng.random()), self.config)
+    @staticmethod
+    def bucket(rows: int) -> int:
+        """The bucket of a layer step with this many rows on the worker: its octave."""
+        return int(rows).bit_length()
 
-    def observe(self, split: bool, measured_s: float, fetch_all_s: float) -> None:
+    def play_split(self, bucket: int) -> bool:
+        """Whether a step whose model proposes a split plays it (else it fetches everything)."""
+        return choose(self.states.get(bucket, TrialState()), float(self._rng.random()), self.config)
+
+    def observe(self, bucket: int, split: bool, measured_s: float, fetch_all_s: float) -> None:
         """A played step's measured length against the model's fetch-everything length of it."""
         if fetch_all_s > 0:
-            self.state = observe(self.state, split, measured_s / fetch_all_s, self.config)
+            self.states[bucket] = observe(self.states.get(bucket, TrialState()), split, measured_s / fetch_all_s,
+                                          self.config)
 
     def view(self) -> dict:
-        state = self.state
-        return {"learning": learning(state, self.config), "prefer_split": state.prefer_split,
-                "split_median": state.median(True), "fetch_median": state.median(False),
-                "split_seen": state.split_seen, "fetch_seen": state.fetch_seen}
+        """Per bucket (rows up to 2^bucket - 1): what the trial learnt."""
+        return {bucket: {"learning": learning(state, self.config), "prefer_split": state.prefer_split,
+                         "split_median": state.median(True), "fetch_median": state.median(False),
+                         "split_seen": state.split_seen, "fetch_seen": state.fetch_seen}
+                for bucket, state in sorted(self.states.items())}
 
 
 class LayerSpan:

@@ -12,8 +12,9 @@ boundary). Two ways in:
   - between rebalances, `placement_tiers` swaps a host expert that out-carries a device one by
     the margin, after the cooldown, where the modelled step (rates measured on a worker) gains.
 The step model is the cold path the workers run: with cold_path auto, where the workers' split
-trials (moeray.tier_calibration.SplitTrial) have lately played fewer than half of the splits
-their models proposed, their steps are fetch's and are modelled so.
+trials (moeray.tier_calibration.SplitTrial, tier.split_trial) have lately played few of the
+splits their models proposed, their steps are fetch's and are modelled so (below 40% played;
+back to auto above 60%: a learning trial plays about half, and must not flip the model).
 """
 
 from __future__ import annotations
@@ -39,10 +40,17 @@ class TierControl:
     last: TierPlan | None = None  # the last live decision, for the stats view
     # worker rank -> its host-tier counts since this coordinator started (summed snapshot ranges)
     counts_by_worker: dict = field(default_factory=dict)
-    # moving average over snapshots (those with proposed splits) of the share of proposed splits the
-    # workers' split trials played; None: none proposed yet
-    played_share: float | None = None
-    PLAYED_WEIGHT = 0.3  # of a snapshot's share in the average
+    # decayed counts of the splits the workers' models proposed and their trials played (each
+    # snapshot's weighs by its proposals); played_share their quotient, None: none proposed yet
+    proposed_decayed: float = 0.0
+    played_decayed: float = 0.0
+    fetch_modelled: bool = False  # auto modelled as fetch now (hysteresis between the two shares)
+    KEEP = 0.7  # of the decayed counts at each snapshot
+    FETCH_BELOW, AUTO_ABOVE = 0.4, 0.6
+
+    @property
+    def played_share(self) -> float | None:
+        return self.played_decayed / self.proposed_decayed if self.proposed_decayed > 0 else None
 
     @property
     def budget(self) -> int:
@@ -61,9 +69,7 @@ class TierControl:
     def modelled_path(self) -> str:
         """The cold path the gain check models: the configured one, except auto whose workers'
         trials lately fetched everything at most proposed splits (their steps are fetch's)."""
-        if self.config.cold_path == "auto" and self.played_share is not None and self.played_share < 0.5:
-            return "fetch"
-        return self.config.cold_path
+        return "fetch" if self.config.cold_path == "auto" and self.fetch_modelled else self.config.cold_path
 
     def policy(self) -> TierConfig:
         c = self.config
@@ -99,9 +105,13 @@ class TierControl:
             totals[name] = totals.get(name, 0) + value
         proposed = counts.get("proposed", 0)
         if proposed > 0:
-            share = 1.0 - counts.get("overruled", 0) / proposed
-            self.played_share = share if self.played_share is None else \
-                self.played_share + self.PLAYED_WEIGHT * (share - self.played_share)
+            self.proposed_decayed = self.KEEP * self.proposed_decayed + proposed
+            self.played_decayed = self.KEEP * self.played_decayed + proposed - counts.get("overruled", 0)
+            share = self.played_share
+            if share < self.FETCH_BELOW:
+                self.fetch_modelled = True
+            elif share > self.AUTO_ABOVE:
+                self.fetch_modelled = False
 
     def view(self) -> dict:
         return {"device_slots": self.budget, "slots_per_worker": self.slots_per_worker,

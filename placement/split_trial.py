@@ -19,7 +19,7 @@ oneDNN primitive runs several times its model and must not decide the trial on i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -54,10 +54,15 @@ class TrialState:
     split_seen: int = 0  # observations of each arm, warm-up ones included
     fetch_seen: int = 0
     prefer_split: bool = True  # the model's choice until the medians say otherwise
-    # the medians of the two windows, kept as they change (choose runs between a layer's host sync
-    # and its launches, where the device waits: it reads them, it does not sort)
-    split_median: float | None = None
-    fetch_median: float | None = None
+    # the medians of the two windows, derived from them whenever a state is made (choose runs
+    # between a layer's host sync and its launches, where the device waits: it reads them, it
+    # does not sort)
+    split_median: float | None = field(init=False, default=None)
+    fetch_median: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        for name, ratios in (("split_median", self.split_ratios), ("fetch_median", self.fetch_ratios)):
+            object.__setattr__(self, name, float(np.median(ratios)) if ratios else None)
 
     def median(self, split: bool) -> float | None:
         return self.split_median if split else self.fetch_median
@@ -72,11 +77,10 @@ def observe(state: TrialState, split: bool, ratio: float, config: TrialConfig = 
     ratios = state.split_ratios if split else state.fetch_ratios
     if seen > config.warmup:
         ratios = (ratios + (float(ratio),))[-config.window:]
-    median = float(np.median(ratios)) if ratios else None
     if split:
-        new = replace(state, split_seen=seen, split_ratios=ratios, split_median=median)
+        new = replace(state, split_seen=seen, split_ratios=ratios)
     else:
-        new = replace(state, fetch_seen=seen, fetch_ratios=ratios, fetch_median=median)
+        new = replace(state, fetch_seen=seen, fetch_ratios=ratios)
     return _preference(new, config)
 
 

@@ -62,11 +62,10 @@ def main() -> None:
     device = torch.device(args.device)
     w13, w2 = bench.random_layer_weights(trace.shape[0], E, D, F, device, args.seed)
     rates = measure_rates(D, F, torch.bfloat16, device)
-    stack = bench.Stack(w13, w2, args.budget, rates, args.fetch_slots, device, args.host_margin)
+    stack = bench.Stack(w13, w2, args.budget, rates, args.fetch_slots, device, args.host_margin, args.launch,
+                        args.switch_interval)
     identity = np.tile(np.arange(E), (trace.shape[0], 1))
-    for mode in ("fetch", "host"):  # the bench's warm-up
-        bench.run_config(stack, mode, identity, bench.domain_schedule(probs, domains, 2, False), probs, args.tokens, K,
-                         args, rates)
+    bench.warm_up(stack, identity, probs, domains, args.tokens, K, args, rates)  # the bench's
     for owner, name, label in ((HostSlots, "_plan", "plan"), (HostSlots, "compute", "compute"),
                                (LayerSpan, "begin", "span.begin"), (LayerSpan, "end", "span.end"),
                                (SplitTrial, "play_split", "trial.play"), (SplitTrial, "observe", "trial.observe"),

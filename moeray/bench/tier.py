@@ -30,7 +30,8 @@ routing counts, grouped kernel, weighted combine; moeray.host_tier for the host 
            layers' timing of their own steps adds)
   ours_trial  ours_no_prefetch with the split trial (tier.split_trial on: each proposed split is
            played or replaced by fetch-everything, by which has measured shorter; what the trial
-           adds. Until 8982186 the trial was on by default and `ours_untried` ran it off)
+           adds. Before 2d786b3 (the 221dcdb result files) the trial was on by default, so
+           ours_no_prefetch ran it, and `ours_untried` ran it off)
   fetch_live  fetch's cold path under live tiering, its swaps decided by the fetch path's step model
            (as the engine's with tier.cold_path fetch): what the tiering adds over fetch; ours over it
            is what the host split adds, with the swaps ours' own step model picks
@@ -181,6 +182,17 @@ def run_config(stack: Stack, mode: str, phy2log_LS, schedule, probs: dict, token
     return out
 
 
+def warm_up(stack: Stack, phy2log_LS, probs: dict, domains: list[str], tokens: int, top_k: int, args, rates) -> None:
+    """Two untimed steps of every path at this token count: compiles the kernels and (auto) builds
+    the pinned buffers and oneDNN shapes a split's first steps would (a process's once: on one
+    H100 the first auto mode of a configuration ran its first step at up to 58 ms, the next auto
+    mode at 17-22, fetch_live at 14)."""
+    warm = domain_schedule(probs, domains, 2, False)
+    E = stack.placement.num_experts
+    for mode in (["all"] if stack.budget == E else ["fetch", "host", "ours_no_prefetch"]):
+        run_config(stack, mode, phy2log_LS, warm, probs, tokens, top_k, args, rates)
+
+
 def hottest_first(probs_LE: np.ndarray, budget: int) -> np.ndarray:
     """[L, E] slot order with each layer's `budget` hottest experts in the first slots."""
     order_LE = np.argsort(-probs_LE, axis=1, kind="stable")
@@ -216,13 +228,7 @@ def run_shape(name: str, args, trace_dir) -> dict:
         identity = np.tile(np.arange(E), (L, 1))
         phases = [("decode", int(t), args.decode_steps) for t in str(args.decode_tokens).split(",")]
         for phase, tokens, steps in phases + [("prefill", args.prefill_tokens, args.prefill_steps)]:
-            # warm-up: compiles the kernels for this token count on every path, and (auto) builds the
-            # pinned buffers and oneDNN shapes a split's first steps would (a process's once: on one
-            # H100 the first auto mode of a configuration ran its first step at 52-58 ms, the next
-            # auto mode at 17-22, fetch_live at 14)
-            warm = domain_schedule(probs, domains, 2, False)
-            for mode in (["all"] if budget == E else ["fetch", "host", "ours_no_prefetch"]):
-                run_config(stack, mode, identity, warm, probs, tokens, K, args, rates)
+            warm_up(stack, identity, probs, domains, tokens, K, args, rates)
             for drifting in (False, True):
                 schedule = domain_schedule(probs, domains, steps, drifting)
                 for mode in modes:

@@ -100,6 +100,10 @@ def test_live_tiering_promotes_the_hot_experts_and_follows_a_drift(tiered):
     # the split trial's counts reach the coordinator with the rest (what it played, every step exact)
     counts = stats["tier"]["counts_by_worker"]
     assert sorted(counts) == [0, 1] and all(0 <= c["overruled"] <= c["proposed"] <= c["steps"] for c in counts.values())
+    proposed, overruled = (sum(c[k] for c in counts.values()) for k in ("proposed", "overruled"))
+    # the trial was consulted: its learning phase plays each arm at even odds, so some were overruled
+    # (how many the model proposes rests on the CPU rates the workers measured: 35 of 192 layer steps here)
+    assert proposed > 0 and (overruled > 0 or proposed < 10), counts
     assert_device_slots_carry_more(engine)
 
 

@@ -205,7 +205,7 @@ def test_host_tier_metrics_come_from_the_coordinators_tier_counts():
         counts = {"steps": 2, "host_experts": 1, "fetched_experts": 3, "host_rows": host_rows, "fetched_rows": 12,
                   "host_s": 0.25, "prefetched": 0, "prefetch_unused": 1, "copied_bytes": 4000}
         if worker == 2:
-            counts["overruled"] = 5  # worker 0 as one whose snapshots lack the key (none counted)
+            counts.update(proposed=7, overruled=5)  # worker 0 as one whose snapshots lack the keys (none counted)
         core.ingest(LoadSnapshot(worker, core.epoch, 16, 20, core.placement.version, np.zeros((L, E), dtype=np.int64),
                                  rows_LS, tier=counts))
     core.records[-1].planner = "tiering"  # the committed rebalance, as if the live tiering had made it
@@ -222,6 +222,7 @@ def test_host_tier_metrics_come_from_the_coordinators_tier_counts():
         assert values[("moeray:tier_copied_bytes_total", labels)] == 4000
         assert values[("moeray:tier_host_seconds_total", labels)] == 0.25
         assert values[("moeray:tier_split_trial_fetches_total", labels)] == (5 if worker == "2" else 0)
+        assert values[("moeray:tier_split_proposals_total", labels)] == (7 if worker == "2" else 0)
     assert ("moeray:tier_host_rows_total", frozenset({("worker", "1")})) not in values  # never reported
     assert values[("moeray:tier_swap_commits_total", one)] == 1
     # without a host tier there are none

@@ -14,7 +14,7 @@ import torch
 
 from moeray.comm.dispatcher import LocalDispatcher
 from moeray.host_tier import ColdPath, HostSlots
-from moeray.tier_calibration import SplitTrial
+from moeray.tier_calibration import LayerSpan, SplitTrial
 from placement import Placement
 from placement.split_trial import TrialConfig, TrialState, choose, learning, observe
 from tests.unit.test_dispatch import dense_reference, weights_and_inputs
@@ -84,20 +84,18 @@ def test_a_bad_trial_config_is_refused_by_name(bad, named):
 @pytest.mark.parametrize("slow", ["host", "fetch"])
 def test_a_workers_layers_keep_to_the_arm_that_measured_shorter_and_stay_exact(monkeypatch, slow):
     """Three layers of one worker share a SplitTrial; the rates propose a split every step (all 3
-    touched slots on the host); its host math or the fetch rounds are made slow (a sleep on the
-    real path: the CPU worker times its steps by the wall clock)."""
-    original_host, original_rounds = HostSlots._host_math, HostSlots._fetch_rounds
+    touched slots on the host). The steps' readings are made up (LayerSpan.end, the CPU path's
+    clock): the slow arm's steps measure 2x the model's fetch-everything length, the other's
+    0.5x, so the test does not hang on a loaded machine's wall clock (the GPU test times real
+    steps). A step with many more rows is another bucket: it learns apart."""
 
-    def slow_host(self, *args):
-        time.sleep(0.02)
-        return original_host(self, *args)
+    def made_up_end(span, tag):
+        if span._began is None:
+            return None
+        span._began = None
+        return tag.fetch_all_s * (2.0 if tag.split == (slow == "host") else 0.5), tag
 
-    def slow_rounds(self, rows_X, slots, pending):
-        time.sleep(0.004 * len(slots))  # fetching everything: 12 ms (the split fetches none)
-        return original_rounds(self, rows_X, slots, pending)
-
-    monkeypatch.setattr(HostSlots, "_host_math" if slow == "host" else "_fetch_rounds",
-                        slow_host if slow == "host" else slow_rounds)
+    monkeypatch.setattr(LayerSpan, "end", made_up_end)
     experts = 6
     w13_EHD, w2_EDF, _ = weights_and_inputs(7, experts, 1, [0], D, F)
     x_TD = torch.randn(4, D, generator=torch.Generator().manual_seed(7))
@@ -115,8 +113,8 @@ def test_a_workers_layers_keep_to_the_arm_that_measured_shorter_and_stay_exact(m
     for _ in range(16):
         for layer in layers:
             torch.testing.assert_close(layer(x_TD, few_TK, w_TK), want_TD, rtol=1e-5, atol=1e-5)
-    assert not trial.view()["learning"]
-    assert trial.state.prefer_split == (slow == "fetch"), trial.view()
+    (bucket, view), = trial.view().items()
+    assert bucket == SplitTrial.bucket(4) and not view["learning"] and view["prefer_split"] == (slow == "fetch"), view
     for layer in layers:
         layer.host.counts = type(layer.host.counts)()
     for _ in range(8):
@@ -129,6 +127,14 @@ def test_a_workers_layers_keep_to_the_arm_that_measured_shorter_and_stay_exact(m
     assert (overruled >= 18) if slow == "host" else (overruled <= 6), overruled
     if slow == "host":  # the steps the trial overruled fetched every touched slot
         assert sum(layer.host.counts.fetched_experts for layer in layers) >= 3 * overruled
+    learnt = trial.view()[bucket]
+    many_TK = torch.tensor([[2 + t % 4] for t in range(40)])  # 40 rows on the host slots: another octave
+    x40_TD = torch.randn(40, D, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(layers[0](x40_TD, many_TK, torch.ones(40, 1)),
+                               dense_reference(x40_TD, many_TK, torch.ones(40, 1), w13_EHD, w2_EDF), rtol=1e-5, atol=1e-5)
+    views = trial.view()
+    assert sorted(views) == [bucket, SplitTrial.bucket(40)] and views[bucket] == learnt
+    assert views[SplitTrial.bucket(40)]["learning"]
 
 
 def test_a_layer_without_the_trial_plays_every_proposed_split():
@@ -141,4 +147,4 @@ def test_a_layer_without_the_trial_plays_every_proposed_split():
         layer(x_TD, few_TK, w_TK)
     counts = layer.host.counts
     assert counts.overruled == 0 and counts.host_experts == 3 * 12 and counts.fetched_experts == 0
-    assert layer.host.trial.state == TrialState()  # never consulted nor taught
+    assert layer.host.trial.view() == {}  # never consulted nor taught
