@@ -239,8 +239,9 @@ class HostSlots:
         proposed = bool(touched) and not fetch_X[touched].all()
         if not proposed:
             self._calibration.fade()  # nothing observed this step: what was learnt fades
-        bucket = SplitTrial.bucket(device_rows + int(rows_X.sum()))
-        played = proposed and (not self.path.split_trial or self.trial.play_split(bucket))
+        consult = proposed and self.path.split_trial
+        bucket = SplitTrial.bucket(device_rows + int(rows_X.sum())) if consult else 0  # read only if consulted
+        played = proposed and (not consult or self.trial.play_split(bucket))
         if proposed and not played:
             fetch_X = np.ones_like(fetch_X)  # the trial plays fetch-everything
         # fetch_all_s: the trial's yardstick, whichever arm plays
